@@ -1,0 +1,36 @@
+"""jlora: LoRA-family parameter-efficient fine-tuning for JAX, as pure functions.
+
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"attn": {"query": {"kernel": jnp.ones((8, 8))}}}
+    >>> spec = jlora.Spec({"**/query/kernel": jlora.LoRA(rank=2, alpha=4)})
+    >>> adapted = jlora.apply(params, spec, key=jax.random.key(0))
+    >>> trainable, frozen = jlora.split(adapted)
+    >>> served = jlora.merge(jlora.combine(trainable, frozen))
+"""
+
+from jlora import linen, nnx
+from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
+from jlora.methods import AdapterNode, Config, Full, LoRA
+from jlora.spec import Spec
+from jlora.tree import is_node, path_str
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterNode",
+    "Config",
+    "Full",
+    "LoRA",
+    "Spec",
+    "apply",
+    "combine",
+    "count_trainable",
+    "is_node",
+    "linen",
+    "merge",
+    "nnx",
+    "path_str",
+    "split",
+    "summary",
+    "unmerge",
+]

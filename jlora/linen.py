@@ -1,0 +1,213 @@
+"""The factorized fast path for Flax Linen models.
+
+``jlora.linen.apply(model, variables, *args, **kwargs)`` runs ``model.apply``
+under ``flax.linen.intercept_methods``. Every ``Dense``, ``DenseGeneral``,
+``Conv``, ``Embed`` and ``Einsum`` whose parameter is an adapter node computes
+its output itself, through the node's factorized ``dot``:
+
+    y = x·K0 + s·(x·a)·b (+ bias)            (LoRA)
+
+so the ``in×out`` weight is never formed and the backward pass computes no
+``in×out`` weight gradient. Any adapter node the interceptor does not consume
+(a custom layer, a ``nn.scan``-stacked kernel, ``Embed.attend``, axes that do
+not line up with the layer's contraction) is served from ``jlora.merge``'d
+weights instead, so results never silently differ. Under ``jit`` the merged
+copies of consumed nodes are dead code and XLA removes them.
+
+Dropout on the adapter branch (``LoRA(dropout=...)``) is active only when a
+``dropout_key`` is passed, i.e. in training.
+
+Example::
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
+    >>> model = nn.Dense(4)
+    >>> x = jnp.ones((2, 8))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> adapted = jlora.apply(params, jlora.Spec({"kernel": jlora.LoRA(rank=2)}),
+    ...                       key=jax.random.key(1))
+    >>> y = jlora.linen.apply(model, {"params": adapted}, x)
+    >>> bool(jnp.allclose(y, model.apply({"params": params}, x), atol=1e-6))
+    True
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jlora.core import merge
+from jlora.tree import is_node, leaves_with_paths
+
+_local = threading.local()
+
+
+def _sub_apply(module: nn.Module, kernel: jax.Array, x: jax.Array, **updates) -> jax.Array:
+    """Run ``module``'s own forward (dtype promotion, precision, dot_general) on
+    ``kernel`` with no bias, as an unbound clone."""
+    clone = module.clone(parent=None, name=None, use_bias=False, **updates)
+    return clone.apply({"params": {"kernel": kernel}}, x)
+
+
+def _bias(module: nn.Module, y: jax.Array, shape: tuple[int, ...] | None = None) -> jax.Array:
+    if not getattr(module, "use_bias", False):
+        return y
+    bias = jnp.asarray(module.get_variable("params", "bias"))
+    if module.dtype is not None:
+        bias = bias.astype(module.dtype)
+    if shape is not None:
+        bias = bias.reshape(shape)
+    return y + bias.astype(y.dtype)
+
+
+def _dense(module: nn.Dense, node, method, args, kwargs, key):
+    (x,) = args
+    op = lambda x, k: _sub_apply(module, k, x, features=k.shape[-1])
+    return _bias(module, node.dot(x, op, dropout_key=key))
+
+
+def _dense_general(module: nn.DenseGeneral, node, method, args, kwargs, key):
+    (x,) = args
+    axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+    if module.batch_dims or len(node.in_axes) != len(axis):
+        return NotImplemented
+    n_in = len(axis)
+    op = lambda x, k: _sub_apply(module, k, x, features=tuple(k.shape[n_in:]))
+    return _bias(module, node.dot(x, op, dropout_key=key))
+
+
+def _conv(module: nn.Conv, node, method, args, kwargs, key):
+    (x,) = args
+    if module.feature_group_count != 1 or len(node.in_axes) != len(node.shape) - 1:
+        return NotImplemented
+    op = lambda x, k: _sub_apply(module, k, x, features=k.shape[-1])
+    return _bias(module, node.dot(x, op, dropout_key=key))
+
+
+def _embed(module: nn.Embed, node, method, args, kwargs, key):
+    if method != "__call__" or node.in_axes != (0,):
+        return NotImplemented  # Embed.attend contracts the feature axis: merged path
+    (ids,) = args
+    if not jnp.issubdtype(jnp.asarray(ids).dtype, jnp.integer):
+        raise ValueError(f"Embed {'/'.join(module.path)}: input must be integer ids")
+
+    def op(ids, table):
+        if module.dtype is not None:
+            table = table.astype(module.dtype)
+        return jnp.take(table, ids, axis=0)
+
+    return node.dot(ids, op, dropout_key=None)  # no dropout on ids (as PEFT)
+
+
+def _einsum(module: nn.Einsum, node, method, args, kwargs, key):
+    x = args[0]
+    eq = args[1] if len(args) > 1 else kwargs.get("einsum_str", module.einsum_str)
+    eq = eq.replace(" ", "")
+    lhs, out_sub = eq.split("->")
+    x_sub, k_sub = lhs.split(",")
+    if "." in eq or len(k_sub) != len(node.shape):
+        return NotImplemented
+    in_axes = tuple(i for i, c in enumerate(k_sub) if c in x_sub)
+    out_letters = [c for c in k_sub if c not in x_sub]
+    if node.in_axes != in_axes or any(c not in out_sub for c in out_letters):
+        return NotImplemented
+    in_letters = "".join(k_sub[i] for i in in_axes)
+    rest = "".join(c for c in out_sub if c not in out_letters)
+    unused = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
+
+    def op(x, k):
+        tail = "".join(unused[: k.ndim - len(in_letters)])
+        sub_eq = f"{x_sub},{in_letters}{tail}->{rest}{tail}"
+        clone = module.clone(parent=None, name=None, use_bias=False, shape=tuple(k.shape),
+                             einsum_str=None)
+        return clone.apply({"params": {"kernel": k}}, x, einsum_str=sub_eq)
+
+    y = node.dot(x, op, dropout_key=key)  # axes: rest + out_letters
+    now = rest + "".join(out_letters)
+    y = jnp.transpose(y, [now.index(c) for c in out_sub])
+    if module.use_bias:
+        k = jnp.zeros(node.shape, y.dtype)
+        _, bshape = module._get_bias_shape(eq, x, k)
+        return _bias(module, y, bshape)
+    return y
+
+
+_HANDLERS: dict[type, tuple[str, Callable]] = {
+    nn.Dense: ("kernel", _dense),
+    nn.DenseGeneral: ("kernel", _dense_general),
+    nn.Conv: ("kernel", _conv),
+    nn.Embed: ("embedding", _embed),
+    nn.Einsum: ("kernel", _einsum),
+}
+
+
+def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None = None,
+          _consumed: list | None = None, **kwargs):
+    """``model.apply(variables, *args, **kwargs)`` with adapters computed factorized.
+
+    Args:
+      model: a Linen module.
+      variables: ``{"params": adapted, ...}``; ``adapted`` from ``jlora.apply``
+        (or ``jlora.combine(trainable, frozen)``).
+      *args, **kwargs: passed to ``model.apply`` (``method=``, ``rngs=``,
+        ``mutable=`` included).
+      dropout_key: enables adapter dropout (training); ``None`` at eval.
+    """
+    variables = dict(variables)
+    params = variables.get("params")
+    if params is None:
+        raise ValueError("jlora.linen.apply: variables has no 'params' collection")
+    nodes = {path: node for path, node in leaves_with_paths(params) if is_node(node)}
+    variables["params"] = merge(params)
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+        module = context.module
+        entry = _HANDLERS.get(type(module))
+        if getattr(_local, "busy", False) or entry is None:
+            return next_fun(*call_args, **call_kwargs)
+        name, handler = entry
+        path = "/".join(map(str, module.path + (name,)))
+        node = nodes.get(path)
+        if (
+            node is None
+            or context.method_name not in ("__call__", "attend")
+            or not module.has_variable("params", name)
+            or tuple(jnp.shape(module.get_variable("params", name))) != tuple(node.shape)
+        ):
+            return next_fun(*call_args, **call_kwargs)
+        key = None
+        if dropout_key is not None:
+            key = jax.random.fold_in(dropout_key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        _local.busy = True
+        try:
+            y = handler(module, node, context.method_name, call_args, call_kwargs, key)
+        finally:
+            _local.busy = False
+        if y is NotImplemented:
+            return next_fun(*call_args, **call_kwargs)
+        if _consumed is not None:
+            _consumed.append(path)
+        return y
+
+    with nn.intercept_methods(interceptor):
+        return model.apply(variables, *args, **kwargs)
+
+
+def consumed(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, list[str]]:
+    """Which adapter paths the fast path computes factorized, and which it merges.
+
+    Traces the model abstractly (``jax.eval_shape``, no FLOPs) and returns
+    ``{"factorized": [...], "merged": [...]}``, so you can check your model's
+    layers hit the fast path.
+    """
+    hits: list[str] = []
+    jax.eval_shape(lambda v: apply(model, v, *args, _consumed=hits, **kwargs), variables)
+    nodes = [p for p, x in leaves_with_paths(variables["params"]) if is_node(x)]
+    return {
+        "factorized": [p for p in nodes if p in hits],
+        "merged": [p for p in nodes if p not in hits],
+    }

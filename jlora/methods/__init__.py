@@ -1,0 +1,7 @@
+"""One module per method; each a config (what a Spec maps to) and an adapter node."""
+
+from jlora.methods.base import AdapterNode, Config
+from jlora.methods.full import Full, FullNode
+from jlora.methods.lora import LoRA, LoRANode
+
+__all__ = ["AdapterNode", "Config", "Full", "FullNode", "LoRA", "LoRANode"]

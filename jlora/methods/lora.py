@@ -1,0 +1,238 @@
+"""LoRA (Hu et al. 2021), rsLoRA, PiSSA, OLoRA and LoRA-FA.
+
+In jlora's orientation a kernel ``K0`` is viewed as ``(fan_in, fan_out)`` and
+
+    K = K0 + s · a · b,     a: (fan_in, rank),  b: (rank, fan_out)
+
+with ``s = alpha / rank`` (LoRA) or ``s = alpha / sqrt(rank)`` (rsLoRA,
+Kalajdzievski 2023). The factorized forward is ``y = x·K0 + s·(drop(x)·a)·b``:
+dropout acts on the adapter branch only, and only when the fast path is given a
+dropout key (training).
+
+Initialisations (``init=``):
+
+* ``"kaiming"`` (default, as microsoft/LoRA and PEFT): ``a ~ U(±1/√fan_in)``
+  (PyTorch's kaiming-uniform with ``a=√5``), ``b = 0``.
+* ``"gaussian"`` (PEFT's ``"gaussian"``): ``a ~ N(0, 1/rank²)``, ``b = 0``.
+* ``"pissa"`` (Meng et al. 2024): float32 SVD ``K0 = U·diag(S)·Vᵀ``;
+  ``a = U_r·diag(√(S_r/s))``, ``b = diag(√(S_r/s))·V_rᵀ``; the base becomes the
+  residual ``K0 − s·a·b`` so the merged weight equals ``K0`` at init.
+* ``"pissa_fast"``: the same from a randomized SVD (Halko et al. subspace
+  iteration with ``niter`` power iterations and a sketch of ``rank + 8``
+  columns), for large matrices.
+* ``"olora"`` (PEFT ``olora_init``): QR of the PyTorch-orientation weight
+  ``W = K0ᵀ = Q·R``; ``a = R[:rank]ᵀ``, ``b = Q[:, :rank]ᵀ``; base ``K0 − s·a·b``.
+
+For embedding tables (a leaf named ``embedding``, Flax ``Embed``) the zero
+factor is swapped, as loralib and PEFT do: ``a = 0``, ``b ~ N(0, 1)``.
+
+``train_a=False`` is LoRA-FA / FFA-LoRA: ``a`` stays frozen at its random init
+and only ``b`` trains (``jlora.split`` puts ``a`` in the frozen half).
+
+PiSSA and OLoRA nodes keep their initial factors ``a0``, ``b0`` (frozen) so that
+``delta()`` is measured against the *original* weight: ``merge`` gives
+``K0 + s·(a·b − a0·b0)`` and an adapter can be exported for an unmodified base.
+
+Example::
+
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+    >>> spec = jlora.Spec({"dense/kernel": jlora.LoRA(rank=2, alpha=4)})
+    >>> adapted = jlora.apply(params, spec, key=jax.random.key(0))
+    >>> adapted["dense"]["kernel"].a.shape, adapted["dense"]["kernel"].scale
+    ((4, 2), 2.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jlora.methods.base import (
+    AdapterNode,
+    Array,
+    Config,
+    LinearOp,
+    factor_dtype,
+    from_matrix,
+    leading_in_axes,
+    resolve_in_axes,
+    strict_options,
+    to_matrix,
+)
+
+INITS = ("kaiming", "gaussian", "pissa", "pissa_fast", "olora")
+_SKETCH_OVERSAMPLE = 8
+
+
+@strict_options
+@dataclasses.dataclass(frozen=True)
+class LoRA(Config):
+    """Low-rank adapter config. See the module docstring for the math.
+
+    Args:
+      rank: the rank ``r`` of ``a·b``; at most ``min(fan_in, fan_out)``.
+      alpha: scale numerator; default ``rank`` (so ``s = 1`` for plain LoRA).
+      init: ``"kaiming"``, ``"gaussian"``, ``"pissa"``, ``"pissa_fast"``, ``"olora"``.
+      rslora: use ``s = alpha/√rank`` instead of ``alpha/rank``.
+      train_a: ``False`` freezes ``a`` (LoRA-FA / FFA-LoRA).
+      dropout: dropout rate on the adapter branch input (fast path, training only).
+      dtype: factor dtype; default float32 (or the base dtype if wider).
+      niter: power iterations for ``"pissa_fast"``.
+      in_axes: which kernel axes are inputs; default all but the last.
+    """
+
+    rank: int
+    alpha: float | None = None
+    init: str = "kaiming"
+    rslora: bool = False
+    train_a: bool = True
+    dropout: float = 0.0
+    dtype: Any = None
+    niter: int = 4
+    in_axes: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError(f"LoRA: rank must be a positive int, got {self.rank!r}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"LoRA: alpha must be positive, got {self.alpha!r}")
+        if self.init not in INITS:
+            raise ValueError(f"LoRA: unknown init {self.init!r}; choose one of {INITS}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA: dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.niter, int) or self.niter < 0:
+            raise ValueError(f"LoRA: niter must be a non-negative int, got {self.niter!r}")
+        if self.in_axes is not None:
+            object.__setattr__(self, "in_axes", tuple(self.in_axes))
+
+    @property
+    def scale(self) -> float:
+        alpha = self.rank if self.alpha is None else self.alpha
+        return alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def init_factors(self, key: Array, base: Array, *, path: str):
+        """Return ``(in_axes, base, a, b, a0, b0)`` for a leaf; shared with DoRA."""
+        self.check_leaf(base, path)
+        in_axes = resolve_in_axes(base.shape, self.in_axes, path)
+        k0 = to_matrix(base, in_axes)
+        fan_in, fan_out = k0.shape
+        if self.rank > min(fan_in, fan_out):
+            raise ValueError(
+                f"{path}: rank {self.rank} exceeds min(fan_in, fan_out) = "
+                f"{min(fan_in, fan_out)} for a leaf of shape {base.shape}"
+            )
+        dt = factor_dtype(base.dtype, self.dtype)
+        r, s = self.rank, self.scale
+        a0 = b0 = None
+        if self.init in ("kaiming", "gaussian"):
+            if self.init == "kaiming":
+                bound = 1.0 / math.sqrt(fan_in)
+                rand = jax.random.uniform(key, (fan_in, r), dt, -bound, bound)
+            else:
+                rand = jax.random.normal(key, (fan_in, r), dt) / r
+            if path.rsplit("/", 1)[-1] == "embedding" and self.train_a:
+                a = jnp.zeros((fan_in, r), dt)
+                b = jax.random.normal(key, (r, fan_out), dt)
+            else:
+                a, b = rand, jnp.zeros((r, fan_out), dt)
+        else:
+            m = k0.astype(jnp.float32)
+            if self.init == "pissa":
+                u, sv, vt = jnp.linalg.svd(m, full_matrices=False)
+                u, sv, vt = u[:, :r], sv[:r], vt[:r]
+            elif self.init == "pissa_fast":
+                u, sv, vt = randomized_svd(key, m, r, niter=self.niter)
+            if self.init in ("pissa", "pissa_fast"):
+                root = jnp.sqrt(sv / s)
+                a, b = u * root, root[:, None] * vt
+            else:  # olora: QR of the (out, in) PyTorch weight
+                q, rr = jnp.linalg.qr(m.T)
+                a, b = rr[:r].T, q[:, :r].T
+            a, b = a.astype(dt), b.astype(dt)
+            base = from_matrix(m - s * (a.astype(jnp.float32) @ b.astype(jnp.float32)),
+                               base.shape, in_axes).astype(base.dtype)
+            a0, b0 = a, b
+        return in_axes, base, a, b, a0, b0
+
+    def build(self, key: Array, base: Array, *, path: str) -> "LoRANode":
+        in_axes, base, a, b, a0, b0 = self.init_factors(key, base, path=path)
+        return LoRANode(base=base, a=a, b=b, a0=a0, b0=b0, config=self,
+                        shape=tuple(base.shape), in_axes=in_axes)
+
+
+def randomized_svd(key: Array, m: Array, rank: int, *, niter: int):
+    """Top-``rank`` SVD of ``m`` by randomized subspace iteration (Halko et al. 2011)."""
+    q = min(rank + _SKETCH_OVERSAMPLE, *m.shape)
+    omega = jax.random.normal(key, (m.shape[1], q), m.dtype)
+    basis, _ = jnp.linalg.qr(m @ omega)
+    for _ in range(niter):
+        basis, _ = jnp.linalg.qr(m.T @ basis)
+        basis, _ = jnp.linalg.qr(m @ basis)
+    u_small, sv, vt = jnp.linalg.svd(basis.T @ m, full_matrices=False)
+    return (basis @ u_small)[:, :rank], sv[:rank], vt[:rank]
+
+
+def lowrank_dot(x: Array, op: LinearOp, node, a: Array, b: Array, scale: float,
+                *, dropout_key: Array | None, dropout: float) -> Array:
+    """``s·op(drop(x), a)·b`` with ``a`` laid out as an ``in_shape + (r,)`` kernel."""
+    if dropout_key is not None and dropout > 0.0:
+        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+    r = a.shape[-1]
+    h = op(x, a.reshape(node.in_shape + (r,)))
+    return jnp.tensordot(h * scale, b.reshape((r,) + node.out_shape).astype(h.dtype), axes=1)
+
+
+@struct.dataclass
+class LoRANode(AdapterNode):
+    """``K = base + s·a·b``; trainable ``a`` and ``b`` (only ``b`` under LoRA-FA)."""
+
+    base: Array
+    a: Array
+    b: Array
+    a0: Array | None = None
+    b0: Array | None = None
+    config: LoRA = struct.field(pytree_node=False, default=None)
+    shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
+    in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
+
+    method = "LoRA"
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        return ("a", "b") if self.config.train_a else ("b",)
+
+    @property
+    def scale(self) -> float:
+        return self.config.scale
+
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    def _product(self, a, b) -> Array:
+        return from_matrix(self.scale * (a @ b), self.shape, self.in_axes)
+
+    def materialize(self) -> Array:
+        ab = self._product(self.a, self.b)
+        return (self.base.astype(ab.dtype) + ab).astype(self.base.dtype)
+
+    def delta(self) -> Array:
+        d = self._product(self.a, self.b)
+        if self.a0 is not None:
+            d = d - self._product(self.a0, self.b0)
+        return d
+
+    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None) -> Array:
+        if not leading_in_axes(self):
+            return op(x, self.materialize())
+        y = op(x, self.base)
+        lo = lowrank_dot(x, op, self, self.a, self.b, self.scale,
+                         dropout_key=dropout_key, dropout=self.config.dropout)
+        return y + lo.astype(y.dtype)

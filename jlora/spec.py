@@ -1,0 +1,153 @@
+"""``Spec``: ordered rules mapping leaf paths to method configs.
+
+Patterns are globs over the whole ``/``-joined path:
+
+* ``*`` matches within one segment, ``?`` one character of a segment,
+* ``**`` any number of whole segments (including none: ``**/kernel`` matches a
+  root-level ``kernel``),
+* ``{a,b}`` alternates (alternatives may hold globs themselves),
+
+or compiled regular expressions (``re.compile(...)``), matched against the full
+path. The first rule that matches a leaf wins; leaves no rule matches stay
+frozen and untouched.
+
+Example::
+
+    >>> import jlora
+    >>> spec = jlora.Spec({"**/attn/{query,value}/kernel": jlora.LoRA(rank=8)})
+    >>> spec.match("encoder/layers_0/attn/query/kernel").rank
+    8
+    >>> spec.match("encoder/layers_0/attn/key/kernel") is None
+    True
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Mapping
+
+from jlora.methods.base import Config
+
+
+def glob_to_regex(pattern: str) -> str:
+    """Translate a jlora glob into an (unanchored) regular expression."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+        elif pattern.startswith("/**", i) and i + 3 == n:
+            out.append("(?:/.*)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "{":
+            depth, j = 1, i + 1
+            while j < n and depth:
+                depth += {"{": 1, "}": -1}.get(pattern[j], 0)
+                j += 1
+            if depth:
+                raise ValueError(f"Spec pattern {pattern!r}: unbalanced '{{'")
+            alts = _split_top_level(pattern[i + 1 : j - 1])
+            out.append("(?:" + "|".join(glob_to_regex(a) for a in alts) + ")")
+            i = j
+        elif c == "}":
+            raise ValueError(f"Spec pattern {pattern!r}: unbalanced '}}'")
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return "".join(out)
+
+
+def _split_top_level(body: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for j, c in enumerate(body):
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(body[start:j])
+            start = j + 1
+    parts.append(body[start:])
+    return parts
+
+
+class Rule:
+    """One ``pattern -> config`` rule."""
+
+    def __init__(self, pattern: str | re.Pattern, config: Config):
+        if isinstance(pattern, re.Pattern):
+            self.regex = pattern
+        elif isinstance(pattern, str):
+            if not pattern:
+                raise ValueError("Spec: empty pattern")
+            self.regex = re.compile(glob_to_regex(pattern))
+        else:
+            raise ValueError(
+                f"Spec: pattern {pattern!r} must be a glob string or re.compile(...)"
+            )
+        if not isinstance(config, Config):
+            raise ValueError(
+                f"Spec: pattern {self.describe(pattern)} maps to {config!r}, "
+                "which is not a jlora method config (e.g. jlora.LoRA(rank=8))"
+            )
+        self.pattern = pattern
+        self.config = config
+
+    @staticmethod
+    def describe(pattern) -> str:
+        return repr(pattern.pattern if isinstance(pattern, re.Pattern) else pattern)
+
+    def matches(self, path: str) -> bool:
+        return self.regex.fullmatch(path) is not None
+
+    def __repr__(self) -> str:
+        return f"{self.describe(self.pattern)}: {self.config!r}"
+
+
+class Spec:
+    """Ordered ``pattern -> config`` rules; the first match wins.
+
+    Args:
+      rules: a mapping (insertion order is rule order) or a sequence of
+        ``(pattern, config)`` pairs.
+    """
+
+    def __init__(self, rules: Mapping[Any, Config] | Iterable[tuple[Any, Config]]):
+        items = rules.items() if isinstance(rules, Mapping) else rules
+        self.rules = tuple(Rule(p, c) for p, c in items)
+        if not self.rules:
+            raise ValueError("Spec: no rules given")
+
+    def match_rule(self, path: str) -> Rule | None:
+        for rule in self.rules:
+            if rule.matches(path):
+                return rule
+        return None
+
+    def match(self, path: str) -> Config | None:
+        """The config of the first rule matching ``path``, or ``None``."""
+        rule = self.match_rule(path)
+        return None if rule is None else rule.config
+
+    def __repr__(self) -> str:
+        return "Spec({" + ", ".join(map(repr, self.rules)) + "})"
+
+    # Specs travel with checkpoints; two specs are equal when their rules are.
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Spec) and [
+            (r.describe(r.pattern), type(r.pattern), r.config) for r in self.rules
+        ] == [(r.describe(r.pattern), type(r.pattern), r.config) for r in other.rules]
+
+    def __hash__(self) -> int:
+        return hash(tuple((Rule.describe(r.pattern), r.config) for r in self.rules))
