@@ -67,7 +67,11 @@ def _bias(module: nn.Module, y: jax.Array, shape: tuple[int, ...] | None = None)
 def _dense(module: nn.Dense, node, method, args, kwargs, key):
     (x,) = args
     op = lambda x, k: _sub_apply(module, k, x, features=k.shape[-1])
-    return _bias(module, node.dot(x, op, dropout_key=key))
+    # XLA:CPU runs the rank-r weight-gradient contractions far faster as 2-D
+    # matmuls than over several contracting axes: flatten the batch axes.
+    x2 = x.reshape(-1, x.shape[-1])
+    y = node.dot(x2, op, dropout_key=key)
+    return _bias(module, y.reshape(x.shape[:-1] + y.shape[-1:]))
 
 
 def _dense_general(module: nn.DenseGeneral, node, method, args, kwargs, key):

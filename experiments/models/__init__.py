@@ -1,0 +1,1 @@
+"""Flax models used by the experiments (the user's side: jlora never imports these)."""
