@@ -1,0 +1,147 @@
+"""apply / split / combine / merge / unmerge / summary."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlora
+from helpers import f64, lora_merged_ref, perturb
+
+
+def make_params():
+    rng = np.random.default_rng(0)
+    return {
+        "enc": {
+            "layers_0": {"attn": {"query": {"kernel": jnp.asarray(rng.normal(size=(8, 8)), jnp.float32),
+                                            "bias": jnp.zeros(8)},
+                                  "value": {"kernel": jnp.asarray(rng.normal(size=(8, 8)), jnp.float32)}},
+                         "ln": {"scale": jnp.ones(8)}},
+        },
+        "head": {"kernel": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)},
+    }
+
+
+SPEC = jlora.Spec({
+    "**/attn/{query,value}/kernel": jlora.LoRA(rank=2, alpha=4),
+    "head/kernel": jlora.Full(),
+})
+
+
+def test_apply_is_pure_and_keeps_structure():
+    params = make_params()
+    before = jax.tree.map(np.asarray, params)
+    adapted = jlora.apply(params, SPEC, key=jax.random.key(0))
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, params))
+    node = adapted["enc"]["layers_0"]["attn"]["query"]["kernel"]
+    assert node.base is params["enc"]["layers_0"]["attn"]["query"]["kernel"] or np.array_equal(node.base, before["enc"]["layers_0"]["attn"]["query"]["kernel"])
+    assert node.a.shape == (8, 2) and node.b.shape == (2, 8)
+    # unmatched leaves stay plain arrays
+    assert isinstance(adapted["enc"]["layers_0"]["ln"]["scale"], jax.Array)
+    # static config is metadata, not leaves: only arrays are visible to jax
+    for leaf in jax.tree.leaves(adapted):
+        assert isinstance(leaf, jax.Array)
+
+
+def test_split_combine_roundtrip_and_trainable_content():
+    adapted = jlora.apply(make_params(), SPEC, key=jax.random.key(0))
+    trainable, frozen = jlora.split(adapted)
+    shapes = sorted(x.shape for x in jax.tree.leaves(trainable))
+    assert shapes == [(2, 8), (2, 8), (8, 2), (8, 2), (8, 3)]  # factors + Full head
+    assert all(x.shape != (8, 8) for x in jax.tree.leaves(trainable))
+    back = jlora.combine(trainable, frozen)
+    assert jax.tree.structure(back, is_leaf=jlora.is_node) == jax.tree.structure(adapted, is_leaf=jlora.is_node)
+    jax.tree.map(np.testing.assert_array_equal, back, adapted)
+
+
+def test_optimizer_state_exists_only_for_trainable():
+    adapted = jlora.apply(make_params(), SPEC, key=jax.random.key(0))
+    trainable, frozen = jlora.split(adapted)
+    opt_state = optax.adam(1e-3).init(trainable)
+    n_state = sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim > 0)
+    assert n_state == 2 * jlora.count_trainable(trainable) == 2 * (4 * 16 + 24)
+
+
+def test_gradients_flow_only_to_trainable():
+    params = make_params()
+    adapted = perturb(jlora.apply(params, SPEC, key=jax.random.key(0)))
+    trainable, frozen = jlora.split(adapted)
+    x = jnp.ones((2, 8))
+
+    def loss(t):
+        p = jlora.merge(jlora.combine(t, frozen))
+        h = x @ p["enc"]["layers_0"]["attn"]["query"]["kernel"] @ p["enc"]["layers_0"]["attn"]["value"]["kernel"]
+        return jnp.sum((h @ p["head"]["kernel"]) ** 2)
+
+    grads = jax.grad(loss)(trainable)
+    assert jax.tree.structure(grads) == jax.tree.structure(trainable)
+    assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_merge_reference_and_unmerge_roundtrip():
+    params = make_params()
+    adapted = perturb(jlora.apply(params, SPEC, key=jax.random.key(0)))
+    merged = jlora.merge(adapted)
+    q = adapted["enc"]["layers_0"]["attn"]["query"]["kernel"]
+    np.testing.assert_allclose(f64(merged["enc"]["layers_0"]["attn"]["query"]["kernel"]),
+                               lora_merged_ref(q.base, q.a, q.b, 2.0), atol=1e-5)
+    np.testing.assert_array_equal(merged["head"]["kernel"], adapted["head"]["kernel"].value)
+    restored = jlora.unmerge(merged, adapted)
+    for path in ("query", "value"):
+        np.testing.assert_allclose(f64(restored["enc"]["layers_0"]["attn"][path]["kernel"]),
+                                   f64(params["enc"]["layers_0"]["attn"][path]["kernel"]), atol=1e-5)
+
+
+def test_task_switching_on_merged_weights():
+    params = make_params()
+    spec = jlora.Spec({"**/attn/{query,value}/kernel": jlora.LoRA(rank=2)})
+    task1 = perturb(jlora.apply(params, spec, key=jax.random.key(1)), seed=10)
+    task2 = perturb(jlora.apply(params, spec, key=jax.random.key(2)), seed=20)
+    served = jlora.merge(task1)
+    switched = jlora.merge(task2, onto=jlora.unmerge(served, task1))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), switched, jlora.merge(task2))
+
+
+def test_unmerge_reports_missing_paths():
+    adapted = jlora.apply(make_params(), SPEC, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="enc/layers_0/attn/query/kernel"):
+        jlora.unmerge({"head": {"kernel": jnp.zeros((8, 3))}}, adapted)
+
+
+def test_combine_mismatch_is_a_clear_error():
+    a = jlora.apply(make_params(), SPEC, key=jax.random.key(0))
+    t, _ = jlora.split(a)
+    _, f2 = jlora.split(jlora.apply(make_params(), jlora.Spec({"head/kernel": jlora.Full()}), key=jax.random.key(0)))
+    with pytest.raises(ValueError, match="same structure"):
+        jlora.combine(t, f2)
+
+
+def test_summary_table():
+    adapted = jlora.apply(make_params(), SPEC, key=jax.random.key(0))
+    text = jlora.summary(adapted)
+    lines = text.splitlines()
+    assert lines[0].split() == ["path", "method", "shape", "rank", "trainable"]
+    row = next(l for l in lines if l.startswith("enc/layers_0/attn/query/kernel"))
+    assert row.split() == ["enc/layers_0/attn/query/kernel", "LoRA", "8x8", "2", "32"]
+    assert next(l for l in lines if l.startswith("head/kernel")).split()[1:] == ["Full", "8x3", "-", "24"]
+    # base: 64+8+64+8+24 = 168 plus 64 factor params
+    assert lines[-1] == "trainable 88 of 232 parameters (37.93%)"
+
+
+def test_jit_merge_and_no_retrace():
+    import chex
+
+    adapted = perturb(jlora.apply(make_params(), SPEC, key=jax.random.key(0)))
+    trainable, frozen = jlora.split(adapted)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(t, fr):
+        return jlora.merge(jlora.combine(t, fr))
+
+    out1 = f(trainable, frozen)
+    trainable2 = jax.tree.map(lambda x: x + 1.0, trainable)
+    out2 = f(trainable2, frozen)  # new values, same structure: no retrace
+    assert not np.allclose(out1["enc"]["layers_0"]["attn"]["query"]["kernel"],
+                           out2["enc"]["layers_0"]["attn"]["query"]["kernel"])

@@ -1,0 +1,197 @@
+"""The factorized fast path against float64 references and the merged path."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+from helpers import f64, perturb
+
+
+class Zoo(nn.Module):
+    """One of each supported layer."""
+
+    @nn.compact
+    def __call__(self, x, ids):
+        h = nn.Dense(16, name="dense")(x)                                   # (B, T, 16)
+        h = nn.DenseGeneral((2, 8), name="dg")(h)                           # (B, T, 2, 8)
+        h = nn.Einsum((2, 8, 6), "bthd,hdo->bto", name="ein")(h)            # (B, T, 6)
+        h = h + nn.Embed(10, 6, name="emb")(ids)
+        h = nn.Conv(5, (3,), name="conv")(h)                                # (B, T, 5)
+        return h
+
+
+SPEC = jlora.Spec({
+    "dense/kernel": jlora.LoRA(rank=2, alpha=4),
+    "dg/kernel": jlora.LoRA(rank=3, in_axes=(0,)),
+    "ein/kernel": jlora.LoRA(rank=2, in_axes=(0, 1), rslora=True),
+    "emb/embedding": jlora.LoRA(rank=2),
+    "conv/kernel": jlora.LoRA(rank=2, init="gaussian"),
+})
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    model = Zoo()
+    x = jax.random.normal(jax.random.key(0), (2, 7, 8))
+    ids = jax.random.randint(jax.random.key(1), (2, 7), 0, 10)
+    params = model.init(jax.random.key(2), x, ids)["params"]
+    adapted = perturb(jlora.apply(params, SPEC, key=jax.random.key(3)))
+    return model, x, ids, params, adapted
+
+
+def test_every_layer_is_consumed(zoo):
+    model, x, ids, _, adapted = zoo
+    report = jlora.linen.consumed(model, {"params": adapted}, x, ids)
+    assert report["merged"] == []
+    assert sorted(report["factorized"]) == sorted(
+        ["dense/kernel", "dg/kernel", "ein/kernel", "emb/embedding", "conv/kernel"])
+
+
+def test_fast_path_equals_merged_path(zoo):
+    model, x, ids, _, adapted = zoo
+    fast = jax.jit(lambda p: jlora.linen.apply(model, {"params": p}, x, ids))(adapted)
+    slow = model.apply({"params": jlora.merge(adapted)}, x, ids)
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_equal_merged_path(zoo):
+    model, x, ids, _, adapted = zoo
+    trainable, frozen = jlora.split(adapted)
+    fast = jax.jit(jax.grad(lambda t: jnp.sum(jlora.linen.apply(
+        model, {"params": jlora.combine(t, frozen)}, x, ids) ** 2)))(trainable)
+    slow = jax.grad(lambda t: jnp.sum(model.apply(
+        {"params": jlora.merge(jlora.combine(t, frozen))}, x, ids) ** 2))(trainable)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), fast, slow)
+
+
+def test_dense_forward_against_numpy():
+    model = nn.Dense(6)
+    x = jax.random.normal(jax.random.key(0), (3, 5))
+    params = model.init(jax.random.key(1), x)["params"]
+    params = {"kernel": params["kernel"], "bias": jnp.arange(6.0)}
+    adapted = perturb(jlora.apply(params, jlora.Spec({"kernel": jlora.LoRA(rank=2, alpha=6)}),
+                                  key=jax.random.key(2)))
+    node = adapted["kernel"]
+    y = jlora.linen.apply(model, {"params": adapted}, x)
+    ref = f64(x) @ f64(node.base) + 3.0 * (f64(x) @ f64(node.a)) @ f64(node.b) + np.arange(6.0)
+    np.testing.assert_allclose(f64(y), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_embed_forward_against_numpy_and_attend_falls_back():
+    class Tied(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            emb = nn.Embed(12, 4, name="emb")
+            return emb.attend(emb(ids))
+
+    model = Tied()
+    ids = jnp.array([[1, 5, 11]])
+    params = model.init(jax.random.key(0), ids)["params"]
+    adapted = perturb(jlora.apply(params, jlora.Spec({"emb/embedding": jlora.LoRA(rank=2)}),
+                                  key=jax.random.key(1)))
+    node = adapted["emb"]["embedding"]
+    table = f64(node.base) + f64(node.a) @ f64(node.b)
+    ref = table[np.asarray(ids)] @ table.T
+    y = jlora.linen.apply(model, {"params": adapted}, ids)
+    np.testing.assert_allclose(f64(y), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_layers_fall_back_to_merged_weights():
+    class Custom(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            w = self.param("w", nn.initializers.normal(), (x.shape[-1], 3))
+            return nn.Dense(3, name="d")(x) + x @ w
+
+    model = Custom()
+    x = jnp.ones((2, 4))
+    params = model.init(jax.random.key(0), x)["params"]
+    spec = jlora.Spec({"w": jlora.LoRA(rank=2), "d/kernel": jlora.LoRA(rank=2)})
+    adapted = perturb(jlora.apply(params, spec, key=jax.random.key(1)))
+    report = jlora.linen.consumed(model, {"params": adapted}, x)
+    assert report == {"factorized": ["d/kernel"], "merged": ["w"]}
+    y = jlora.linen.apply(model, {"params": adapted}, x)
+    m = jlora.merge(adapted)
+    ref = f64(x) @ f64(m["d"]["kernel"]) + f64(m["d"]["bias"]) + f64(x) @ f64(m["w"])
+    np.testing.assert_allclose(f64(y), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mismatched_in_axes_falls_back_and_stays_correct():
+    model = nn.DenseGeneral((2, 3), name="q")
+    x = jnp.ones((2, 4))
+    params = model.init(jax.random.key(0), x)["params"]
+    # default in_axes (all but last) do not match the layer's contraction (axis 0 only)
+    adapted = perturb(jlora.apply(params, jlora.Spec({"kernel": jlora.LoRA(rank=2)}),
+                                  key=jax.random.key(1)))
+    assert jlora.linen.consumed(model, {"params": adapted}, x)["merged"] == ["kernel"]
+    np.testing.assert_allclose(jlora.linen.apply(model, {"params": adapted}, x),
+                               model.apply({"params": jlora.merge(adapted)}, x), atol=1e-6)
+
+
+def test_bf16_base_with_f32_factors():
+    model = nn.Dense(8)
+    x = jax.random.normal(jax.random.key(0), (4, 16))
+    params = model.init(jax.random.key(1), x)["params"]
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    adapted = perturb(jlora.apply(params, jlora.Spec({"kernel": jlora.LoRA(rank=4)}),
+                                  key=jax.random.key(2)))
+    node = adapted["kernel"]
+    assert node.base.dtype == jnp.bfloat16 and node.a.dtype == jnp.float32
+    y = jax.jit(lambda p: jlora.linen.apply(model, {"params": p}, x))(adapted)
+    ref = f64(x) @ f64(node.base) + (f64(x) @ f64(node.a)) @ f64(node.b) + f64(params["bias"])
+    np.testing.assert_allclose(f64(y), ref, rtol=2e-2, atol=2e-2)
+    trainable, frozen = jlora.split(adapted)
+    g = jax.grad(lambda t: jlora.linen.apply(model, {"params": jlora.combine(t, frozen)}, x).astype(jnp.float32).sum())(trainable)
+    assert g["kernel"].a.dtype == jnp.float32 and g["kernel"].b.dtype == jnp.float32
+
+
+def test_dropout_only_with_a_key():
+    model = nn.Dense(8)
+    x = jax.random.normal(jax.random.key(0), (64, 16))
+    params = model.init(jax.random.key(1), x)["params"]
+    adapted = perturb(jlora.apply(params, jlora.Spec({"kernel": jlora.LoRA(rank=4, dropout=0.5)}),
+                                  key=jax.random.key(2)))
+    eval_y = jlora.linen.apply(model, {"params": adapted}, x)
+    np.testing.assert_allclose(eval_y, model.apply({"params": jlora.merge(adapted)}, x), atol=1e-5)
+    k1 = jlora.linen.apply(model, {"params": adapted}, x, dropout_key=jax.random.key(5))
+    k1b = jlora.linen.apply(model, {"params": adapted}, x, dropout_key=jax.random.key(5))
+    k2 = jlora.linen.apply(model, {"params": adapted}, x, dropout_key=jax.random.key(6))
+    np.testing.assert_array_equal(k1, k1b)
+    assert not np.allclose(k1, k2)
+    # dropout touches the adapter branch only: with b = 0 it changes nothing
+    zero_b = jax.tree.map(lambda n: n.replace(b=jnp.zeros_like(n.b)) if jlora.is_node(n) else n,
+                          adapted, is_leaf=jlora.is_node)
+    np.testing.assert_allclose(
+        jlora.linen.apply(model, {"params": zero_b}, x, dropout_key=jax.random.key(5)),
+        model.apply({"params": params}, x), atol=1e-5)
+    # inverted dropout keeps the expectation: the mean over many keys approaches eval
+    keys = jax.random.split(jax.random.key(7), 400)
+    mean = jax.vmap(lambda k: jlora.linen.apply(model, {"params": adapted}, x, dropout_key=k))(keys).mean(0)
+    lora_part = eval_y - model.apply({"params": params}, x)
+    assert float(jnp.abs(mean - eval_y).mean()) < 0.15 * float(jnp.abs(lora_part).mean())
+
+
+def test_training_step_does_not_retrace():
+    import optax
+
+    model = nn.Dense(4)
+    x = jnp.ones((2, 8))
+    params = model.init(jax.random.key(0), x)["params"]
+    adapted = jlora.apply(params, jlora.Spec({"kernel": jlora.LoRA(rank=2)}), key=jax.random.key(1))
+    trainable, frozen = jlora.split(adapted)
+    tx = optax.sgd(0.1)
+    opt = tx.init(trainable)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(t, opt):
+        g = jax.grad(lambda t: jnp.sum(jlora.linen.apply(model, {"params": jlora.combine(t, frozen)}, x) ** 2))(t)
+        u, opt = tx.update(g, opt)
+        return optax.apply_updates(t, u), opt
+
+    for _ in range(3):
+        trainable, opt = step(trainable, opt)
