@@ -8,7 +8,7 @@
     >>> served = jlora.merge(jlora.combine(trainable, frozen))
 """
 
-from jlora import linen, nnx
+from jlora import linen, nnx, sharding
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.methods import AdapterNode, Config, Full, LoRA
 from jlora.spec import Spec
@@ -30,6 +30,7 @@ __all__ = [
     "merge",
     "nnx",
     "path_str",
+    "sharding",
     "split",
     "summary",
     "unmerge",

@@ -41,6 +41,11 @@ class AdapterNode:
 
     trainable: ClassVar[tuple[str, ...]] = ()
     method: ClassVar[str] = "?"
+    # How each array field is laid out relative to the base weight, so that
+    # sharding can derive a factor's PartitionSpec from its base's:
+    # "base" (the base's own axes), "in_rank" ((fan_in, r)), "rank_out"
+    # ((r, fan_out)), "out" ((fan_out,)), "in" ((fan_in,)), "replicated".
+    field_axes: ClassVar[dict[str, str]] = {}
 
     # Every subclass defines these two static fields.
     shape: tuple[int, ...]

@@ -43,6 +43,7 @@ class FullNode(AdapterNode):
 
     trainable = ("value",)
     method = "Full"
+    field_axes = {"value": "base"}
 
     def materialize(self) -> Array:
         return self.value

@@ -203,6 +203,8 @@ class LoRANode(AdapterNode):
     in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
     method = "LoRA"
+    field_axes = {"base": "base", "a": "in_rank", "b": "rank_out", "a0": "in_rank",
+                  "b0": "rank_out"}
 
     @property
     def trainable(self) -> tuple[str, ...]:

@@ -1,0 +1,138 @@
+"""Adapters that shard like their base weights.
+
+``specs(adapted, base_specs)`` derives every adapter field's ``PartitionSpec``
+from its base weight's: for LoRA, ``a (fan_in, r)`` takes the spec of the base's
+input axes, ``b (r, fan_out)`` that of its output axes, and the rank axis is
+replicated. A flattened axis that several sharded axes fold into is sharded over
+all of their mesh axes (major to minor), which is exactly the layout of the
+reshape. Method vectors follow the axis they scale (``"out"``/``"in"`` in a node
+class's ``field_axes``).
+
+Example::
+
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> from jax.sharding import PartitionSpec as P
+    >>> params = {"q": {"kernel": jnp.ones((8, 8))}}
+    >>> adapted = jlora.apply(params, jlora.Spec({"q/kernel": jlora.LoRA(rank=2)}),
+    ...                       key=jax.random.key(0))
+    >>> s = jlora.sharding.specs(adapted, {"q": {"kernel": P("fsdp", "tensor")}})
+    >>> s["q"]["kernel"].a, s["q"]["kernel"].b
+    (PartitionSpec('fsdp', None), PartitionSpec(None, 'tensor'))
+
+Under ``jax.jit`` with ``NamedSharding`` over any ``Mesh`` this gives data,
+FSDP and tensor parallelism with no change to the model code; on several hosts
+call ``jax.distributed.initialize()`` first and build the mesh from
+``jax.devices()`` as usual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jlora.core import apply as _apply
+from jlora.spec import Spec
+from jlora.tree import is_node, map_with_paths, path_str
+
+PyTree = Any
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P) or x is None
+
+
+def _fold(entries) -> Any:
+    """Mesh axes of several array axes flattened into one (major to minor)."""
+    axes: list = []
+    for e in entries:
+        if e is None:
+            continue
+        axes.extend(e if isinstance(e, tuple) else (e,))
+    if not axes:
+        return None
+    return axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def node_specs(node, base_spec: P | None):
+    """The node with each array field replaced by its ``PartitionSpec``."""
+    ndim = len(node.shape)
+    entries = tuple(base_spec or ()) + (None,) * (ndim - len(tuple(base_spec or ())))
+    if len(entries) > ndim:
+        raise ValueError(f"PartitionSpec {base_spec} has more entries than the base's {ndim} axes")
+    ins = _fold(entries[i] for i in node.in_axes)
+    outs = _fold(entries[i] for i in range(ndim) if i not in node.in_axes)
+    layout = {
+        "base": P(*entries),
+        "in_rank": P(ins, None),
+        "rank_out": P(None, outs),
+        "out": P(outs),
+        "in": P(ins),
+        "replicated": P(),
+    }
+    changes = {}
+    for f in fields(node):
+        if not f.metadata.get("pytree_node", True) or getattr(node, f.name) is None:
+            continue
+        role = type(node).field_axes.get(f.name)
+        if role is None:
+            raise ValueError(f"{type(node).__name__}.{f.name} has no sharding role in field_axes")
+        changes[f.name] = layout[role]
+    return node.replace(**changes)
+
+
+def specs(adapted: PyTree, base_specs: PyTree) -> PyTree:
+    """``PartitionSpec`` tree for ``adapted``, given the specs of the original params.
+
+    ``base_specs`` has the structure of the original params (one ``PartitionSpec``
+    or ``None`` per leaf); a tree with the adapted tree's structure whose nodes
+    hold the bases' specs is accepted too. Leaves that are not adapted keep
+    their own spec.
+    """
+    by_path = {}
+    for path, s in leaves_with_paths_specs(base_specs):
+        by_path[path] = s.base if is_node(s) else s
+
+    def one(path, leaf):
+        if path not in by_path:
+            raise ValueError(f"jlora.sharding.specs: base_specs has no entry for {path}")
+        s = by_path[path]
+        return node_specs(leaf, s) if is_node(leaf) else s
+
+    return map_with_paths(one, adapted)
+
+
+def leaves_with_paths_specs(tree: PyTree):
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: _is_spec(x) or is_node(x))
+    return [(path_str(kp), x) for kp, x in flat]
+
+
+def named(tree_of_specs: PyTree, mesh: Mesh) -> PyTree:
+    """``PartitionSpec`` tree -> ``NamedSharding`` tree on ``mesh``."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s if s is not None else P()),
+                        tree_of_specs, is_leaf=_is_spec)
+
+
+def place(adapted: PyTree, mesh: Mesh, base_specs: PyTree) -> PyTree:
+    """Put an adapted tree on ``mesh``, every factor sharded like its base."""
+    return jax.device_put(adapted, named(specs(adapted, base_specs), mesh))
+
+
+def apply(params: PyTree, spec: Spec, *, key: jax.Array, mesh: Mesh, base_specs: PyTree) -> PyTree:
+    """``jlora.apply`` whose factors are created directly sharded on ``mesh``.
+
+    Runs the init under ``jit`` with the derived output shardings, so random
+    factors are generated shard by shard and no device ever holds a full-size
+    gathered weight (place ``params`` on the mesh first, e.g. with
+    ``jax.device_put(params, named(base_specs, mesh))``). The SVD of
+    ``init="pissa"`` and the QR of ``"olora"`` are not distributed by XLA: each
+    such kernel is gathered to every device for its decomposition (one kernel at
+    a time inside the compiled init); use ``"pissa_fast"``, whose matmuls stay
+    sharded and whose decompositions are only ``(fan, rank+8)``-sized.
+    """
+    shapes = jax.eval_shape(lambda p: _apply(p, spec, key=key), params)
+    out = named(specs(shapes, base_specs), mesh)
+    return jax.jit(lambda p, k: _apply(p, spec, key=k), out_shardings=out)(params, key)

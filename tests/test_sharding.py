@@ -1,0 +1,128 @@
+"""Sharded LoRA on 8 simulated CPU devices (set in conftest.py before jax is imported)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jlora
+from experiments import train
+from experiments.models.decoder import DecoderLM
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+
+
+def test_specs_follow_the_base():
+    params = {"q": {"kernel": jnp.ones((8, 8))}, "c": {"kernel": jnp.ones((3, 3, 4, 8))},
+              "h": {"kernel": jnp.ones((8, 2))}, "n": {"scale": jnp.ones(8)}}
+    spec = jlora.Spec({"{q,c}/kernel": jlora.LoRA(rank=2), "h/kernel": jlora.Full(),
+                       "n/scale": jlora.Full()})
+    adapted = jlora.apply(params, spec, key=jax.random.key(0))
+    base = {"q": {"kernel": P("fsdp", "tensor")}, "c": {"kernel": P(None, "x", "y", "z")},
+            "h": {"kernel": P("fsdp")}, "n": {"scale": None}}
+    s = jlora.sharding.specs(adapted, base)
+    assert (s["q"]["kernel"].base, s["q"]["kernel"].a, s["q"]["kernel"].b) == (
+        P("fsdp", "tensor"), P("fsdp", None), P(None, "tensor"))
+    # the HWI axes fold into fan_in: sharded over both of their mesh axes, major first
+    assert s["c"]["kernel"].a == P(("x", "y"), None) and s["c"]["kernel"].b == P(None, "z")
+    assert s["h"]["kernel"].value == P("fsdp", None)
+    assert s["n"]["scale"].value == P(None)
+    with pytest.raises(ValueError, match="no entry for q/kernel"):
+        jlora.sharding.specs(adapted, {"c": base["c"], "h": base["h"], "n": base["n"]})
+
+
+def small_model():
+    model = DecoderLM(vocab=64, d_model=64, n_layers=2, n_heads=2, max_len=16)
+    tokens = train.counting_batch(jax.random.key(0), 16, 16, 64)
+    params = model.init(jax.random.key(1), tokens)["params"]
+    return model, params, tokens
+
+
+def run_steps(model, params, tokens, mesh, n=2):
+    step, t, opt, frozen, batch_sh = train.build(model, params, mesh, lr=1e-2)
+    losses = []
+    for i in range(n):
+        t, opt, loss = step(t, opt, frozen, jax.device_put(tokens, batch_sh))
+        losses.append(float(loss))
+    return t, losses, step, frozen, opt, batch_sh
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model, params, tokens = small_model()
+    mesh = train.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    t, losses, *_ = run_steps(model, params, tokens, mesh)
+    return model, params, tokens, jax.device_get(t), losses
+
+
+@pytest.mark.parametrize("shape", [
+    {"data": 8, "fsdp": 1, "tensor": 1},
+    {"data": 4, "fsdp": 1, "tensor": 2},
+    {"data": 2, "fsdp": 1, "tensor": 4},
+    {"data": 2, "fsdp": 4, "tensor": 1},  # FSDP
+    {"data": 2, "fsdp": 2, "tensor": 2},
+])
+def test_sharded_step_equals_single_device(reference, shape):
+    model, params, tokens, t_ref, loss_ref = reference
+    mesh = train.make_mesh(shape)
+    t, losses, step, frozen, opt, batch_sh = run_steps(model, params, tokens, mesh)
+    np.testing.assert_allclose(losses, loss_ref, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=2e-4, atol=2e-5),
+                 t, t_ref)
+    # every factor is laid out as specs() promised
+    adapted_specs = jlora.sharding.specs(jlora.combine(t, frozen), train.decoder_specs(params))
+    want, _ = jlora.split(jlora.sharding.named(adapted_specs, mesh))
+    jax.tree.map(lambda arr, sh: _assert_sharding(arr, sh), t, want)
+
+
+def _assert_sharding(arr, sharding):
+    assert arr.sharding.is_equivalent_to(sharding, arr.ndim), (arr.sharding, sharding)
+
+
+@pytest.mark.parametrize("shape", [{"data": 2, "fsdp": 1, "tensor": 4},
+                                   {"data": 1, "fsdp": 1, "tensor": 8}])
+def test_tensor_parallel_step_never_gathers_a_base_weight(shape):
+    model, params, tokens = small_model()
+    mesh = train.make_mesh(shape)
+    step, t, opt, frozen, batch_sh = train.build(model, params, mesh)
+    hlo = step.lower(t, opt, frozen, jax.device_put(tokens, batch_sh)).compile().as_text()
+    gathered = re.findall(r"= (f32\[[\d,]+\])[^=]*? all-gather\(", hlo)
+    full_shapes = {f"f32[{','.join(map(str, x.shape))}]" for x in jax.tree.leaves(params) if x.ndim == 2}
+    assert not set(gathered) & full_shapes, set(gathered) & full_shapes
+
+
+def test_sharded_apply_creates_sharded_factors():
+    model, params, tokens = small_model()
+    mesh = train.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    base_specs = train.decoder_specs(params)
+    placed = jax.device_put(params, jlora.sharding.named(base_specs, mesh))
+    adapted = jlora.sharding.apply(placed, train.LORA_SPEC, key=jax.random.key(3), mesh=mesh,
+                                   base_specs=base_specs)
+    q = adapted["layers_0"]["query"]["kernel"]
+    assert q.a.sharding.spec == P("fsdp", None) and q.b.sharding.spec == P(None, "tensor")
+    assert q.base.sharding.spec == P("fsdp", "tensor")
+    # same values as the unsharded init
+    plain = jlora.apply(params, train.LORA_SPEC, key=jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(q.a), np.asarray(plain["layers_0"]["query"]["kernel"].a))
+
+
+def test_pmap_step_equals_single_device(reference):
+    model, params, tokens, t_ref, loss_ref = reference
+    step, t, opt, frozen = train.build_pmap(model, params, lr=1e-2)
+    n = jax.local_device_count()
+    for _ in range(2):
+        t, opt, loss = step(t, opt, frozen, tokens.reshape(n, -1, tokens.shape[-1]))
+    np.testing.assert_allclose(float(loss[0]), loss_ref[-1], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a[0]), b, rtol=2e-4, atol=2e-5),
+                 t, t_ref)
+
+
+def test_train_script_lowers_the_loss():
+    first = train.main(["--mesh", "data=2,tensor=4", "--d-model", "64", "--layers", "1",
+                        "--vocab", "64", "--seq", "16", "--steps", "1"])
+    last = train.main(["--mesh", "data=2,tensor=4", "--d-model", "64", "--layers", "1",
+                       "--vocab", "64", "--seq", "16", "--steps", "30", "--lr", "1e-2"])
+    assert last < first
