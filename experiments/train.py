@@ -97,7 +97,8 @@ def build(model, params, mesh: Mesh, *, lr=1e-3, full=False, key=None):
     params = jax.device_put(params, named(base_specs))
     tx = optax.adamw(lr)
     if full:
-        trainable, frozen = params, None
+        # the step donates its trainable input: never hand it the caller's arrays
+        trainable, frozen = jax.tree.map(jnp.copy, params), None
         t_specs, f_specs = base_specs, None
     else:
         adapted = jlora.sharding.apply(params, LORA_SPEC, key=key, mesh=mesh, base_specs=base_specs)

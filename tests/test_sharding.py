@@ -126,3 +126,14 @@ def test_train_script_lowers_the_loss():
     last = train.main(["--mesh", "data=2,tensor=4", "--d-model", "64", "--layers", "1",
                        "--vocab", "64", "--seq", "16", "--steps", "30", "--lr", "1e-2"])
     assert last < first
+
+
+def test_place_puts_factors_where_specs_say():
+    model, params, tokens = small_model()
+    mesh = train.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+    adapted = jlora.apply(params, train.LORA_SPEC, key=jax.random.key(0))
+    placed = jlora.sharding.place(adapted, mesh, train.decoder_specs(params))
+    out = placed["layers_1"]["out"]["kernel"]  # row-parallel: inputs sharded over tensor
+    assert out.base.sharding.spec == P("tensor", "fsdp")
+    assert out.a.sharding.spec == P("tensor", None) and out.b.sharding.spec == P(None, "fsdp")
+    assert len(out.a.addressable_shards) == 8 and out.a.addressable_shards[0].data.shape == (16, 8)

@@ -61,31 +61,27 @@ def make_steps(model, params, tokens, rank):
         upd, opt = tx.update(g, opt, t)
         return optax.apply_updates(t, upd), opt, loss
 
-    def merged_step(t, opt, tokens, frozen=frozen):
-        def loss_fn(t):
-            p = jlora.merge(jlora.combine(t, frozen))
-            return lm_loss(model.apply({"params": p}, tokens), tokens)
+    def merged_step_for(frozen):
+        """A step that merges adapters (or Full leaves) inside the loss: the generic path."""
 
-        loss, g = jax.value_and_grad(loss_fn)(t)
-        upd, opt = tx.update(g, opt, t)
-        return optax.apply_updates(t, upd), opt, loss
+        def merged_step(t, opt, tokens):
+            def loss_fn(t):
+                p = jlora.merge(jlora.combine(t, frozen))
+                return lm_loss(model.apply({"params": p}, tokens), tokens)
+
+            loss, g = jax.value_and_grad(loss_fn)(t)
+            upd, opt = tx.update(g, opt, t)
+            return optax.apply_updates(t, upd), opt, loss
+
+        return merged_step
 
     steps["lora"] = (lora_step, trainable, tx.init(trainable))
-    steps["lora_merged"] = (merged_step, trainable, tx.init(trainable))
+    steps["lora_merged"] = (merged_step_for(frozen), trainable, tx.init(trainable))
 
     ln = jlora.apply(params, jlora.Spec({"**/ln*/*": jlora.Full()}), key=jax.random.key(2))
     ln_train, ln_frozen = jlora.split(ln)
 
-    def floor_step(t, opt, tokens, frozen=ln_frozen):
-        def loss_fn(t):
-            p = jlora.merge(jlora.combine(t, frozen))
-            return lm_loss(model.apply({"params": p}, tokens), tokens)
-
-        loss, g = jax.value_and_grad(loss_fn)(t)
-        upd, opt = tx.update(g, opt, t)
-        return optax.apply_updates(t, upd), opt, loss
-
-    steps["floor"] = (floor_step, ln_train, tx.init(ln_train))
+    steps["floor"] = (merged_step_for(ln_frozen), ln_train, tx.init(ln_train))
     return steps
 
 
