@@ -17,7 +17,7 @@ Example::
     ...                       key=jax.random.key(0))
     >>> s = jlora.sharding.specs(adapted, {"q": {"kernel": P("fsdp", "tensor")}})
     >>> s["q"]["kernel"].a, s["q"]["kernel"].b
-    (PartitionSpec('fsdp', None), PartitionSpec(None, 'tensor'))
+    (P('fsdp', None), P(None, 'tensor'))
 
 Under ``jax.jit`` with ``NamedSharding`` over any ``Mesh`` this gives data,
 FSDP and tensor parallelism with no change to the model code; on several hosts
