@@ -10,7 +10,7 @@
 
 from jlora import linen, nnx, sharding
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
-from jlora.methods import AdapterNode, Config, Full, LoRA
+from jlora.methods import AdapterNode, Config, DoRA, Full, LoRA
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterNode",
     "Config",
+    "DoRA",
     "Full",
     "LoRA",
     "Spec",

@@ -137,3 +137,10 @@ def test_place_puts_factors_where_specs_say():
     assert out.base.sharding.spec == P("tensor", "fsdp")
     assert out.a.sharding.spec == P("tensor", None) and out.b.sharding.spec == P(None, "fsdp")
     assert len(out.a.addressable_shards) == 8 and out.a.addressable_shards[0].data.shape == (16, 8)
+
+
+def test_dora_magnitude_follows_the_output_axis():
+    params = {"q": {"kernel": jnp.ones((8, 8))}}
+    adapted = jlora.apply(params, jlora.Spec({"q/kernel": jlora.DoRA(rank=2)}), key=jax.random.key(0))
+    s = jlora.sharding.specs(adapted, {"q": {"kernel": P("fsdp", "tensor")}})
+    assert s["q"]["kernel"].m == P("tensor") and s["q"]["kernel"].a == P("fsdp", None)

@@ -1,0 +1,135 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv 2402.09353).
+
+In jlora's orientation, with the kernel viewed as ``(fan_in, fan_out)``:
+
+    V = K0 + s·a·b,    n_j = ‖V[:, j]‖₂ (per output feature),    K' = V ⊙ (m / n)
+
+``m (fan_out,)`` starts at the column norms of the initial ``V`` (so the model is
+unchanged at init) and trains together with ``a`` and ``b``.
+
+``detach_norm=True`` (default, as the official code and PEFT) treats ``n`` as a
+constant in the backward pass: gradients reach ``m`` and ``a·b`` through the
+numerator only. This is the paper's memory-saving choice (section 4.3): the
+backward needs no ``∂n/∂(a, b)`` path, at a negligible accuracy cost. Set it to
+``False`` for the exact gradient of ``K'``.
+
+The fast path never forms the dense ``V`` (PEFT does, every forward): with
+dropout on the adapter branch,
+
+    y = (m/n) ⊙ (x·K0 + s·(drop(x)·a)·b) + bias
+
+and the norm comes from ``n_j² = ‖K0[:, j]‖² + 2s·((K0ᵀ·a) ⊙ bᵀ).sum(-1)_j +
+s²·(bᵀ·(aᵀa)·b)_jj``, which costs one ``(out, in) × (in, r)`` product and an
+``r × r`` Gram matrix (ALGORITHMS.md, "do better than PEFT").
+
+Example::
+
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+    >>> adapted = jlora.apply(params, jlora.Spec({"dense/kernel": jlora.DoRA(rank=2)}),
+    ...                       key=jax.random.key(0))
+    >>> adapted["dense"]["kernel"].m.shape
+    (3,)
+    >>> bool(jnp.allclose(jlora.merge(adapted)["dense"]["kernel"], 1.0))  # identity at init
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jlora.methods.base import (
+    AdapterNode,
+    Array,
+    LinearOp,
+    from_matrix,
+    leading_in_axes,
+    strict_options,
+    to_matrix,
+)
+from jlora.methods.lora import LoRA, lowrank_dot
+
+
+@strict_options
+@dataclasses.dataclass(frozen=True)
+class DoRA(LoRA):
+    """DoRA config: every ``LoRA`` option, plus ``detach_norm`` (default True)."""
+
+    detach_norm: bool = True
+
+    def build(self, key: Array, base: Array, *, path: str) -> "DoRANode":
+        in_axes, base, a, b, a0, b0 = self.init_factors(key, base, path=path)
+        node = DoRANode(base=base, a=a, b=b, m=jnp.zeros(()), a0=a0, b0=b0, config=self,
+                        shape=tuple(base.shape), in_axes=in_axes)
+        return node.replace(m=node.column_norms())
+
+
+@struct.dataclass
+class DoRANode(AdapterNode):
+    """``K' = (base + s·a·b) ⊙ m / ‖base + s·a·b‖``; trainable ``a``, ``b``, ``m``."""
+
+    base: Array
+    a: Array
+    b: Array
+    m: Array
+    a0: Array | None = None
+    b0: Array | None = None
+    config: DoRA = struct.field(pytree_node=False, default=None)
+    shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
+    in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
+
+    method = "DoRA"
+    field_axes = {"base": "base", "a": "in_rank", "b": "rank_out", "m": "out",
+                  "a0": "in_rank", "b0": "rank_out"}
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        return ("a", "b", "m") if self.config.train_a else ("b", "m")
+
+    @property
+    def scale(self) -> float:
+        return self.config.scale
+
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    def column_norms(self) -> Array:
+        """``‖(K0 + s·a·b)[:, j]‖`` for every output feature, without forming ``a·b``."""
+        k0 = to_matrix(self.base, self.in_axes).astype(self.a.dtype)
+        a, b, s = self.a, self.b, self.scale
+        sq = (jnp.sum(k0 * k0, axis=0)
+              + 2 * s * jnp.sum((k0.T @ a) * b.T, axis=-1)
+              + s * s * jnp.sum(((a.T @ a) @ b) * b, axis=0))
+        return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+    def _ratio(self) -> Array:
+        n = self.column_norms()
+        if self.config.detach_norm:
+            n = jax.lax.stop_gradient(n)
+        return self.m / n
+
+    def materialize(self) -> Array:
+        v = to_matrix(self.base, self.in_axes).astype(self.a.dtype) + self.scale * (self.a @ self.b)
+        k = from_matrix(v * self._ratio(), self.shape, self.in_axes)
+        return k.astype(self.base.dtype)
+
+    def delta(self) -> Array:
+        original = to_matrix(self.base, self.in_axes).astype(self.a.dtype)
+        if self.a0 is not None:
+            original = original + self.scale * (self.a0 @ self.b0)
+        return self.materialize().astype(original.dtype) - from_matrix(
+            original, self.shape, self.in_axes)
+
+    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None) -> Array:
+        if not leading_in_axes(self):
+            return op(x, self.materialize())
+        y = op(x, self.base)
+        lo = lowrank_dot(x, op, self, self.a, self.b, self.scale,
+                         dropout_key=dropout_key, dropout=self.config.dropout)
+        ratio = self._ratio().reshape(self.out_shape)
+        return ((y + lo.astype(y.dtype)) * ratio.astype(y.dtype)).astype(y.dtype)
