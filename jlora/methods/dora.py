@@ -43,7 +43,6 @@ import jax.numpy as jnp
 from flax import struct
 
 from jlora.methods.base import (
-    AdapterNode,
     Array,
     LinearOp,
     from_matrix,
@@ -51,7 +50,7 @@ from jlora.methods.base import (
     strict_options,
     to_matrix,
 )
-from jlora.methods.lora import LoRA, lowrank_dot
+from jlora.methods.lora import LoRA, LoRANode, lowrank_dot
 
 
 @strict_options
@@ -69,34 +68,21 @@ class DoRA(LoRA):
 
 
 @struct.dataclass
-class DoRANode(AdapterNode):
-    """``K' = (base + s·a·b) ⊙ m / ‖base + s·a·b‖``; trainable ``a``, ``b``, ``m``."""
+class DoRANode(LoRANode):
+    """``K' = (base + s·a·b) ⊙ m / ‖base + s·a·b‖``; trainable ``a``, ``b``, ``m``.
 
-    base: Array
-    a: Array
-    b: Array
-    m: Array
-    a0: Array | None = None
-    b0: Array | None = None
-    config: DoRA = struct.field(pytree_node=False, default=None)
-    shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
-    in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
+    Shares LoRANode's fields (``base``, ``a``, ``b``, ``a0``, ``b0``, static
+    config and axes) and adds the magnitude ``m (fan_out,)``.
+    """
+
+    m: Array = None
 
     method = "DoRA"
-    field_axes = {"base": "base", "a": "in_rank", "b": "rank_out", "m": "out",
-                  "a0": "in_rank", "b0": "rank_out"}
+    field_axes = {**LoRANode.field_axes, "m": "out"}
 
     @property
     def trainable(self) -> tuple[str, ...]:
         return ("a", "b", "m") if self.config.train_a else ("b", "m")
-
-    @property
-    def scale(self) -> float:
-        return self.config.scale
-
-    @property
-    def rank(self) -> int:
-        return self.config.rank
 
     def column_norms(self) -> Array:
         """``‖(K0 + s·a·b)[:, j]‖`` for every output feature, without forming ``a·b``."""
