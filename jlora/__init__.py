@@ -8,7 +8,7 @@
     >>> served = jlora.merge(jlora.combine(trainable, frozen))
 """
 
-from jlora import linen, nnx, sharding
+from jlora import checkpoint, linen, nnx, sharding
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.methods import AdapterNode, Config, DoRA, Full, LoRA
 from jlora.spec import Spec
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterNode",
+    "checkpoint",
     "Config",
     "DoRA",
     "Full",

@@ -98,7 +98,7 @@ def specs(adapted: PyTree, base_specs: PyTree) -> PyTree:
     def one(path, leaf):
         if path not in by_path:
             raise ValueError(f"jlora.sharding.specs: base_specs has no entry for {path}")
-        s = by_path[path]
+        s = P() if by_path[path] is None else by_path[path]
         return node_specs(leaf, s) if is_node(leaf) else s
 
     return map_with_paths(one, adapted)
@@ -111,8 +111,11 @@ def leaves_with_paths_specs(tree: PyTree):
 
 
 def named(tree_of_specs: PyTree, mesh: Mesh) -> PyTree:
-    """``PartitionSpec`` tree -> ``NamedSharding`` tree on ``mesh``."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, s if s is not None else P()),
+    """``PartitionSpec`` tree -> ``NamedSharding`` tree on ``mesh``.
+
+    ``None`` entries stay ``None``: in a ``jlora.split`` half they are holes.
+    """
+    return jax.tree.map(lambda s: None if s is None else NamedSharding(mesh, s),
                         tree_of_specs, is_leaf=_is_spec)
 
 

@@ -151,3 +151,24 @@ class Spec:
 
     def __hash__(self) -> int:
         return hash(tuple((Rule.describe(r.pattern), r.config) for r in self.rules))
+
+
+def spec_to_json(spec: Spec) -> list:
+    """Rules as JSON: ``[{"glob" | "regex": pattern, "config": {...}}]``."""
+    from jlora.methods import config_to_dict
+
+    return [
+        {("regex" if isinstance(r.pattern, re.Pattern) else "glob"):
+             (r.pattern.pattern if isinstance(r.pattern, re.Pattern) else r.pattern),
+         "config": config_to_dict(r.config)}
+        for r in spec.rules
+    ]
+
+
+def spec_from_json(rules: list) -> Spec:
+    from jlora.methods import config_from_dict
+
+    return Spec([
+        (re.compile(r["regex"]) if "regex" in r else r["glob"], config_from_dict(r["config"]))
+        for r in rules
+    ])
