@@ -8,7 +8,9 @@ Offline, CPU-friendly (about 5 minutes on 2 cores):
 2. **linear probe**: train only a linear head on the frozen mean-pooled encoder;
 3. **LoRA**: rank-8 adapters on every attention query/value kernel, starting
    from the probe's head, trained through jlora's factorized fast path;
-4. print both held-out accuracies, the trainable share, and save the adapter.
+4. print both held-out accuracies and the trainable share; save an Orbax
+   checkpoint (``jlora.checkpoint``) and a PEFT adapter (``jlora.peft``) that
+   PyTorch's ``BertModel`` + PEFT loads.
 
     python experiments/quickstart.py [--train 4000 --test 2000 --epochs 2]
 """
@@ -30,7 +32,8 @@ from tqdm import tqdm
 
 import jlora
 from experiments.data import LABELS, load_tweets, tokenize
-from experiments.models.bert import SentenceClassifier, load_pretrained, minilm_dir
+from experiments.models.bert import (SentenceClassifier, load_pretrained, minilm_dir,
+                                     torch_module_name)
 
 SPEC = jlora.Spec({
     "bert/**/self_attn/{query,value}/kernel": jlora.LoRA(rank=8, alpha=16),
@@ -153,15 +156,14 @@ def main(argv=None):
     logits_fn = jax.jit(lambda i, m: jlora.linen.apply(model, {"params": tuned}, i, m))
     lora_acc = accuracy(logits_fn, test_ids, test_mask, test_y, args.batch, "LoRA: evaluate")
 
-    # ---- 3. report and save
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "adapter.npz")
-    arrays = {}
-    for p, node in jlora.tree.leaves_with_paths(trainable):
-        if jlora.is_node(node):
-            for field in node.trainable:
-                arrays[f"{p}/{field}"] = np.asarray(getattr(node, field))
-    np.savez(path, **arrays)
+    # ---- 3. report and save: an Orbax checkpoint of everything trained, and the
+    # encoder adapters as a Hugging Face PEFT adapter for PyTorch's BertModel
+    ckpt = jlora.checkpoint.save(os.path.join(args.out, "checkpoint"), trainable, step=steps,
+                                 opt_state=opt, spec=SPEC, overwrite=True)
+    peft_dir = os.path.join(args.out, "peft_adapter")
+    jlora.peft.save(peft_dir, tuned["bert"], name_map=torch_module_name,
+                    base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2",
+                    task_type="FEATURE_EXTRACTION")
     n_train = jlora.count_trainable(trainable)
     n_total = sum(x.size for x in jax.tree.leaves(params)) + sum(
         x.size for x in jax.tree.leaves(trainable)) - head["kernel"].size - head["bias"].size
@@ -170,7 +172,8 @@ def main(argv=None):
     print(f"{'linear probe (frozen encoder)':<32} {probe_acc:>13.3f}")
     print(f"{'LoRA r=8 on query/value + head':<32} {lora_acc:>13.3f}")
     print(f"trainable: {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.2f}%)")
-    print(f"adapter saved to {os.path.abspath(path)} ({os.path.getsize(path) / 1024:.0f} KiB)")
+    print(f"checkpoint (factors, head, optimizer state, spec): {ckpt}")
+    print(f"PEFT adapter for BertModel (query/value LoRA): {os.path.abspath(peft_dir)}")
     print(f"total time {time.time() - t_start:.0f}s")
     return {"probe_acc": probe_acc, "lora_acc": lora_acc}
 

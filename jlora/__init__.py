@@ -8,7 +8,7 @@
     >>> served = jlora.merge(jlora.combine(trainable, frozen))
 """
 
-from jlora import checkpoint, linen, nnx, sharding
+from jlora import checkpoint, linen, nnx, peft, sharding
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.methods import AdapterNode, Config, DoRA, Full, LoRA
 from jlora.spec import Spec
@@ -32,6 +32,7 @@ __all__ = [
     "merge",
     "nnx",
     "path_str",
+    "peft",
     "sharding",
     "split",
     "summary",

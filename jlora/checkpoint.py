@@ -70,7 +70,8 @@ def _unpack(arrays: dict, meta: dict) -> PyTree:
 
 
 def save(directory: str, trainable: PyTree, *, step: int, opt_state: PyTree | None = None,
-         spec: Spec | None = None, frozen: PyTree | None = None, keep: int | None = None) -> str:
+         spec: Spec | None = None, frozen: PyTree | None = None, keep: int | None = None,
+         overwrite: bool = False) -> str:
     """Write step ``step`` under ``directory`` atomically; returns the step's path.
 
     Args:
@@ -80,9 +81,17 @@ def save(directory: str, trainable: PyTree, *, step: int, opt_state: PyTree | No
       spec: the ``jlora.Spec`` the adapters came from (restored as a Spec).
       frozen: also write the frozen half (base weights); off by default.
       keep: keep only the newest ``keep`` checkpoints in ``directory``.
+      overwrite: replace an existing checkpoint of the same step (otherwise a
+        ``ValueError``). Orbax cannot rename over an existing step, so the old
+        step is deleted before the new one is written.
     """
-    Manager(directory, keep=keep).save(step, trainable, opt_state=opt_state, spec=spec,
-                                       frozen=frozen, force=True)
+    mgr = Manager(directory, keep=keep)
+    if step in mgr.all_steps():
+        if not overwrite:
+            raise ValueError(f"{mgr.directory}: a checkpoint for step {step} already exists "
+                             "(pass overwrite=True to replace it)")
+        mgr._mgr.delete(step)
+    mgr.save(step, trainable, opt_state=opt_state, spec=spec, frozen=frozen, force=True)
     return os.path.join(os.path.abspath(directory), str(step))
 
 
@@ -141,6 +150,8 @@ class Manager:
             raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
         if not force and step % self.every:
             return False
+        if step in self._mgr.all_steps():
+            raise ValueError(f"{self.directory}: a checkpoint for step {step} already exists")
         ocp = _ocp()
         arrays, meta = {}, {"format": FORMAT, "step": int(step),
                             "spec": None if spec is None else spec_to_json(spec)}

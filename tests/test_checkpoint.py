@@ -142,3 +142,13 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path):
     assert latest is not None and latest >= saved
     state = mgr.restore(latest)  # the newest complete checkpoint loads
     assert state["step"] == latest and state["trainable"] is not None
+
+
+def test_existing_step_is_not_silently_replaced(tmp_path):
+    spec, trainable, _, opt = small()
+    jlora.checkpoint.save(tmp_path, trainable, step=1)
+    with pytest.raises(ValueError, match="step 1 already exists"):
+        jlora.checkpoint.save(tmp_path, trainable, step=1)
+    bumped = jax.tree.map(lambda x: x + 1, trainable)
+    jlora.checkpoint.save(tmp_path, bumped, step=1, overwrite=True)
+    assert_trees_equal(jlora.checkpoint.restore(tmp_path)["trainable"], bumped)

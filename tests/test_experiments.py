@@ -1,6 +1,7 @@
 """The experiments' real-model plumbing: MiniLM weights, tweet data, the quickstart."""
 
 import importlib.util
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -52,6 +53,10 @@ def test_quickstart_runs_end_to_end(tmp_path):
     out = quickstart.main(["--train", "64", "--test", "32", "--epochs", "1", "--batch", "16",
                            "--max-len", "16", "--out", str(tmp_path)])
     assert 0.0 <= out["probe_acc"] <= 1.0 and 0.0 <= out["lora_acc"] <= 1.0
-    saved = np.load(tmp_path / "adapter.npz")
-    assert "bert/layer_0/self_attn/query/kernel/a" in saved.files
-    assert saved["bert/layer_0/self_attn/query/kernel/a"].shape == (384, 8)
+    import jlora
+
+    state = jlora.checkpoint.restore(tmp_path / "checkpoint")
+    assert state["spec"] == quickstart.SPEC
+    assert state["trainable"]["bert"]["layer_0"]["self_attn"]["query"]["kernel"].a.shape == (384, 8)
+    cfg = json.load(open(tmp_path / "peft_adapter" / "adapter_config.json"))
+    assert "encoder.layer.5.attention.self.value" in cfg["target_modules"] and cfg["r"] == 8

