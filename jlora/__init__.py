@@ -10,7 +10,7 @@
 
 from jlora import checkpoint, linen, nnx, peft, sharding
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
-from jlora.methods import AdapterNode, Config, DoRA, Full, LoRA
+from jlora.methods import AdapterNode, Config, DoRA, Full, LoRA, VeRA
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
@@ -24,6 +24,7 @@ __all__ = [
     "Full",
     "LoRA",
     "Spec",
+    "VeRA",
     "apply",
     "combine",
     "count_trainable",

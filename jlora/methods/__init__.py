@@ -4,8 +4,9 @@ from jlora.methods.base import AdapterNode, Config
 from jlora.methods.dora import DoRA, DoRANode
 from jlora.methods.full import Full, FullNode
 from jlora.methods.lora import LoRA, LoRANode
+from jlora.methods.vera import VeRA, VeRANode
 
-__all__ = ["AdapterNode", "Config", "DoRA", "DoRANode", "Full", "FullNode", "LoRA", "LoRANode"]
+__all__ = ["AdapterNode", "Config", "DoRA", "DoRANode", "Full", "FullNode", "LoRA", "LoRANode", "VeRA", "VeRANode"]
 
 import dataclasses as _dc
 
@@ -16,6 +17,7 @@ REGISTRY = {
     "LoRA": (LoRA, LoRANode),
     "DoRA": (DoRA, DoRANode),
     "Full": (Full, FullNode),
+    "VeRA": (VeRA, VeRANode),
 }
 
 
