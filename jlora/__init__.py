@@ -8,15 +8,16 @@
     >>> served = jlora.merge(jlora.combine(trainable, frozen))
 """
 
-from jlora import checkpoint, linen, nnx, peft, sharding
+from jlora import checkpoint, linen, nnx, optim, peft, sharding
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
-from jlora.methods import AdapterNode, Config, DoRA, Full, LoRA, VeRA
+from jlora.methods import AdaLoRA, AdapterNode, Config, DoRA, Full, LoRA, VeRA
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoRA",
     "AdapterNode",
     "checkpoint",
     "Config",
@@ -32,6 +33,7 @@ __all__ = [
     "linen",
     "merge",
     "nnx",
+    "optim",
     "path_str",
     "peft",
     "sharding",

@@ -1,12 +1,13 @@
 """One module per method; each a config (what a Spec maps to) and an adapter node."""
 
+from jlora.methods.adalora import AdaLoRA, AdaLoRANode
 from jlora.methods.base import AdapterNode, Config
 from jlora.methods.dora import DoRA, DoRANode
 from jlora.methods.full import Full, FullNode
 from jlora.methods.lora import LoRA, LoRANode
 from jlora.methods.vera import VeRA, VeRANode
 
-__all__ = ["AdapterNode", "Config", "DoRA", "DoRANode", "Full", "FullNode", "LoRA", "LoRANode", "VeRA", "VeRANode"]
+__all__ = ["AdaLoRA", "AdaLoRANode", "AdapterNode", "Config", "DoRA", "DoRANode", "Full", "FullNode", "LoRA", "LoRANode", "VeRA", "VeRANode"]
 
 import dataclasses as _dc
 
@@ -18,6 +19,7 @@ REGISTRY = {
     "DoRA": (DoRA, DoRANode),
     "Full": (Full, FullNode),
     "VeRA": (VeRA, VeRANode),
+    "AdaLoRA": (AdaLoRA, AdaLoRANode),
 }
 
 
