@@ -8,9 +8,9 @@
     >>> served = jlora.merge(jlora.combine(trainable, frozen))
 """
 
-from jlora import checkpoint, linen, nnx, optim, peft, sharding
+from jlora import checkpoint, glora, linen, nnx, optim, peft, sharding
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
-from jlora.methods import AdaLoRA, AdapterNode, Config, DoRA, Full, LoRA, VeRA
+from jlora.methods import AdaLoRA, AdapterNode, Config, DoRA, Full, GLoRA, LoRA, VeRA
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
@@ -23,12 +23,14 @@ __all__ = [
     "Config",
     "DoRA",
     "Full",
+    "GLoRA",
     "LoRA",
     "Spec",
     "VeRA",
     "apply",
     "combine",
     "count_trainable",
+    "glora",
     "is_node",
     "linen",
     "merge",

@@ -71,7 +71,26 @@ def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
                 "that an earlier rule already claims (first match wins)"
             )
 
+    # Some methods adapt a layer, not one leaf (GLoRA also rewrites the bias):
+    # their config names the sibling leaf it builds a companion node for.
+    by_path = dict(leaves)
+    companions = {}
+    for path, leaf in leaves:
+        config = spec.match(path)
+        sibling = getattr(config, "companion", lambda p: None)(path)
+        if sibling is None:
+            continue
+        if sibling in by_path and spec.match(sibling) is not None:
+            raise ValueError(f"{sibling}: adapted by the {type(config).__name__} rule of {path} "
+                             "and also matched by a rule of its own")
+        node = config.build_companion(path_key(key, sibling), by_path.get(sibling), leaf,
+                                      path=sibling)
+        if node is not None:
+            companions[sibling] = node
+
     def adapt(path: str, leaf):
+        if path in companions:
+            return companions[path]
         config = spec.match(path)
         if config is None:
             return leaf

@@ -71,6 +71,9 @@ def node_specs(node, base_spec: P | None):
         "out": P(outs),
         "in": P(ins),
         "replicated": P(),
+        # a frozen copy of a sibling kernel held by a bias node: its output axis
+        # is the bias's axis; its input axis is not known here, so replicated
+        "kernel": P(None, outs),
     }
     changes = {}
     for f in fields(node):

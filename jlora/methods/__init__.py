@@ -4,10 +4,11 @@ from jlora.methods.adalora import AdaLoRA, AdaLoRANode
 from jlora.methods.base import AdapterNode, Config
 from jlora.methods.dora import DoRA, DoRANode
 from jlora.methods.full import Full, FullNode
+from jlora.methods.glora import GLoRA, GLoRABiasNode, GLoRANode
 from jlora.methods.lora import LoRA, LoRANode
 from jlora.methods.vera import VeRA, VeRANode
 
-__all__ = ["AdaLoRA", "AdaLoRANode", "AdapterNode", "Config", "DoRA", "DoRANode", "Full", "FullNode", "LoRA", "LoRANode", "VeRA", "VeRANode"]
+__all__ = ["AdaLoRA", "AdaLoRANode", "AdapterNode", "Config", "DoRA", "DoRANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoRA", "LoRANode", "VeRA", "VeRANode"]
 
 import dataclasses as _dc
 
@@ -20,6 +21,7 @@ REGISTRY = {
     "Full": (Full, FullNode),
     "VeRA": (VeRA, VeRANode),
     "AdaLoRA": (AdaLoRA, AdaLoRANode),
+    "GLoRA": (GLoRA, GLoRANode),
 }
 
 

@@ -57,8 +57,11 @@ class AdapterNode:
     def delta(self) -> Array:
         raise NotImplementedError
 
-    def dot(self, x: Array, op: LinearOp) -> Array:
-        """Default: apply the layer to the materialized weight (always correct)."""
+    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None) -> Array:
+        """Default: apply the layer to the materialized weight (always correct).
+
+        ``dropout_key`` is for methods with adapter-branch dropout; others ignore it.
+        """
         return op(x, self.materialize())
 
     @property
