@@ -60,3 +60,18 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert state["trainable"]["bert"]["layer_0"]["self_attn"]["query"]["kernel"].a.shape == (384, 8)
     cfg = json.load(open(tmp_path / "peft_adapter" / "adapter_config.json"))
     assert "encoder.layer.5.attention.self.value" in cfg["target_modules"] and cfg["r"] == 8
+
+
+@needs_minilm
+def test_methods_study_runs_end_to_end(tmp_path):
+    import json as _json
+
+    from experiments import methods_study
+
+    methods_study.main(["--train", "32", "--test", "16", "--val", "16", "--batch", "16",
+                        "--max-len", "12", "--glora-population", "2", "--glora-generations", "1",
+                        "--methods", "DoRA r8", "GLoRA r4", "--out", str(tmp_path)])
+    out = _json.load(open(tmp_path / "methods_study.json"))
+    assert [r["method"] for r in out["results"]] == ["DoRA r8", "GLoRA r4"]
+    assert (tmp_path / "methods_study.png").stat().st_size > 0
+    assert "| DoRA r8 |" in (tmp_path / "methods_study.md").read_text()

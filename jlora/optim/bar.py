@@ -1,0 +1,142 @@
+"""Balancedness of LoRA factors: SAM, BAR and the exact balancing projection (BaLoRA).
+
+The balancedness of a factor pair is ``B = ‖a‖²_F − ‖b‖²_F``. Gradient flow on
+any loss of the product ``a·b`` conserves it; SAM (sharpness-aware
+minimisation) drives it towards 0 (Li, Zhang, He, NeurIPS 2024, arXiv 2410.14802).
+
+**BAR, as derived here** (the authors publish no code and ALGORITHMS.md marks
+the rule unconfirmed, so jlora derives it from SAM and says so). For
+``L = f(a·b)`` with ``G = ∇f(a·b)``, ``∇_a = G·bᵀ``, ``∇_b = aᵀ·G``. SAM takes
+the gradient at ``θ + ε``, ``ε = c·∇``, ``c = ρ/‖∇‖``. Taking the Hessian of
+``f`` as the identity (exact for ``½‖a·b − M‖²``), ``G(θ+ε) = G + ε_a·b + a·ε_b
++ ε_a·ε_b`` and the balancedness change of one SGD step of size ``η`` is
+``ΔB_SAM = −2η·D`` with
+
+    D = c·(‖∇_b‖² − ‖∇_a‖²) + c²·(⟨aᵀa, ∇_b∇_bᵀ⟩ − ⟨bbᵀ, ∇_aᵀ∇_a⟩)
+        + c³·(⟨∇_aᵀa, ∇_b∇_bᵀ⟩ − ⟨∇_aᵀ∇_a, b∇_bᵀ⟩)
+
+(the Hessian terms linear in ``ε`` cancel between ``a`` and ``b``). The first
+term alone is SAM's small-``ρ`` limit; near a minimum, where ``‖∇‖`` is small
+against ``ρ``, the ``c²`` term is what keeps balancing, so BAR keeps all three.
+BAR reproduces this drift with the gradients already in hand (one gradient
+call, no second forward/backward): it adds ``μ·a`` to ``∇_a`` and ``−μ·b`` to
+``∇_b`` with ``μ = D / (‖a‖² + ‖b‖²)``, whose own drift is
+``−2ημ·(‖a‖² + ‖b‖²) = ΔB_SAM``. Every term is an ``r×r`` contraction:
+``O((in + out)·r²)`` per pair, against SAM's second forward and backward.
+
+**BaLoRA** (Castin et al. 2026): replace ``(a, b)`` after each step by the
+balanced factorisation of the same product: QR of ``a`` and ``bᵀ``, SVD of
+the small ``r×r`` core, ``a' = Q_a·U·√S``, ``b' = √S·Vᵀ·Q_bᵀ``, so
+``a'ᵀa' = b'b'ᵀ`` and ``B = 0`` exactly, with ``a'·b' = a·b``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jlora.tree import is_node
+
+
+def _is_pair(x) -> bool:
+    """A node whose trainable ``a`` and ``b`` are both present (LoRA, DoRA)."""
+    return (is_node(x) and {"a", "b"} <= set(x.trainable)
+            and getattr(x, "a", None) is not None and getattr(x, "b", None) is not None)
+
+
+def _pairs(tree) -> list:
+    return [x for x in jax.tree.leaves(tree, is_leaf=is_node) if _is_pair(x)]
+
+
+def balancedness(tree) -> jax.Array:
+    """``‖a‖² − ‖b‖²`` of every trainable LoRA pair, stacked (a ``(n_pairs,)`` vector)."""
+    return jnp.stack([jnp.sum(n.a ** 2) - jnp.sum(n.b ** 2) for n in _pairs(tree)])
+
+
+def _map_pairs(fn, updates, params):
+    """Apply ``fn(update_node, param_node) -> update_node`` to every LoRA pair."""
+    flat_u, treedef = jax.tree.flatten(updates, is_leaf=is_node)
+    flat_p = jax.tree.leaves(params, is_leaf=is_node)
+    out = [fn(u, p) if _is_pair(u) else u for u, p in zip(flat_u, flat_p)]
+    return jax.tree.unflatten(treedef, out)
+
+
+def sam_drift(a, b, ga, gb, c) -> jax.Array:
+    """``D`` with ``ΔB_SAM = −2η·D``: SAM's balancedness drift for one pair, ``c = ρ/‖∇‖``.
+
+    Exact for a loss quadratic in ``a·b`` with identity Hessian, a Gauss–Newton
+    style approximation otherwise; every term is an ``r×r`` contraction.
+    """
+    first = jnp.sum(gb ** 2) - jnp.sum(ga ** 2)
+    second = jnp.sum((a.T @ a) * (gb @ gb.T)) - jnp.sum((b @ b.T) * (ga.T @ ga))
+    third = jnp.sum((ga.T @ a) * (gb @ gb.T)) - jnp.sum((ga.T @ ga) * (b @ gb.T))
+    return c * first + c ** 2 * second + c ** 3 * third
+
+
+def bar(rho: float = 0.05) -> optax.GradientTransformation:
+    """BAR: the explicit balancedness term matching SAM's drift (put it before the optimizer).
+
+    ``optax.chain(jlora.optim.bar(0.05), optax.sgd(lr))``; ``update`` needs ``params``.
+    """
+
+    def init(params):
+        return optax.EmptyState()
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("jlora.optim.bar needs params in update()")
+        gnorm = optax.tree.norm(grads)
+
+        def one(g, p):
+            mu = sam_drift(p.a, p.b, g.a, g.b, rho / (gnorm + 1e-12)) / (
+                jnp.sum(p.a ** 2) + jnp.sum(p.b ** 2) + 1e-12)
+            return g.replace(a=g.a + mu * p.a, b=g.b - mu * p.b)
+
+        return _map_pairs(one, grads, params), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def sam_gradient(loss_fn: Callable, params: Any, *args, rho: float = 0.05):
+    """``(loss, grads)`` of SAM: the gradient at ``θ + ρ·∇/‖∇‖`` (two gradient calls)."""
+    loss, g = jax.value_and_grad(loss_fn)(params, *args)
+    scale = rho / (optax.tree.norm(g) + 1e-12)
+    perturbed = jax.tree.map(lambda p, gg: p + scale * gg, params, g)
+    return loss, jax.grad(loss_fn)(perturbed, *args)
+
+
+def balance(tree) -> Any:
+    """Every trainable LoRA pair replaced by the balanced factorisation of its product."""
+
+    def one(node):
+        qa, ra = jnp.linalg.qr(node.a)
+        qb, rb = jnp.linalg.qr(node.b.T)
+        u, s, vt = jnp.linalg.svd(ra @ rb.T)
+        root = jnp.sqrt(s)
+        return node.replace(a=(qa @ u) * root, b=(root[:, None] * vt) @ qb.T)
+
+    return jax.tree.map(lambda x: one(x) if _is_pair(x) else x, tree,
+                        is_leaf=is_node)
+
+
+class _Balanced(NamedTuple):
+    inner: Any
+
+
+def balora(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Wrap ``inner`` so that every step lands on the balanced factorisation (BaLoRA)."""
+
+    def init(params):
+        return _Balanced(inner.init(params))
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("jlora.optim.balora needs params in update()")
+        updates, inner_state = inner.update(grads, state.inner, params)
+        stepped = balance(optax.apply_updates(params, updates))
+        return jax.tree.map(lambda new, old: new - old, stepped, params), _Balanced(inner_state)
+
+    return optax.GradientTransformation(init, update)

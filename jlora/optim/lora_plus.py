@@ -1,0 +1,49 @@
+"""LoRA+ (Hayou et al. 2024, arXiv 2402.12354): a larger learning rate for ``b``.
+
+``b`` factors and, as in PEFT's ``create_loraplus_optimizer``, every 1-D adapter
+vector (DoRA's ``m``, VeRA's scales, AdaLoRA's ``λ``) use ``lr·ratio``; every
+other trainable leaf (``a`` factors, ``Full()`` leaves) uses ``lr``.
+
+Example::
+
+    >>> import jax, jax.numpy as jnp, optax, jlora
+    >>> params = {"w": {"kernel": jnp.ones((4, 4))}}
+    >>> trainable, _ = jlora.split(jlora.apply(params, jlora.Spec({"w/kernel": jlora.LoRA(rank=2)}),
+    ...                                        key=jax.random.key(0)))
+    >>> tx = jlora.optim.lora_plus(optax.sgd, lr=0.1, ratio=16)
+    >>> grads = jax.tree.map(jnp.ones_like, trainable)
+    >>> updates, _ = tx.update(grads, tx.init(trainable), trainable)
+    >>> round(float(updates["w"]["kernel"].a[0, 0]), 4), round(float(updates["w"]["kernel"].b[0, 0]), 4)
+    (-0.1, -1.6)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import optax
+
+from jlora.tree import is_node
+
+FAST_FIELDS = frozenset({"b"})
+
+
+def labels(trainable) -> object:
+    """``"fast"`` for ``b`` factors and 1-D adapter vectors, ``"base"`` for the rest."""
+    import jax
+
+    def label(x):
+        if not is_node(x):
+            return "base"
+        return x.replace(**{
+            f: ("fast" if f in FAST_FIELDS or getattr(x, f).ndim == 1 else "base")
+            for f in x.trainable if getattr(x, f) is not None})
+
+    return jax.tree.map(label, trainable, is_leaf=is_node)
+
+
+def lora_plus(make_optimizer: Callable[[float], optax.GradientTransformation], lr: float,
+              ratio: float = 16.0) -> optax.GradientTransformation:
+    """``make_optimizer(lr)`` for ``a``-side leaves, ``make_optimizer(lr·ratio)`` for ``b``-side."""
+    return optax.partition({"base": make_optimizer(lr), "fast": make_optimizer(lr * ratio)},
+                           labels)
