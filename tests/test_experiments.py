@@ -75,3 +75,17 @@ def test_methods_study_runs_end_to_end(tmp_path):
     assert [r["method"] for r in out["results"]] == ["DoRA r8", "GLoRA r4"]
     assert (tmp_path / "methods_study.png").stat().st_size > 0
     assert "| DoRA r8 |" in (tmp_path / "methods_study.md").read_text()
+
+
+@needs_minilm
+def test_optim_study_runs_end_to_end(tmp_path):
+    import json as _json
+
+    from experiments import optim_study
+
+    optim_study.main(["--train", "32", "--test", "16", "--batch", "16", "--max-len", "12",
+                      "--variants", "BAR", "MeZO", "--out", str(tmp_path)])
+    out = _json.load(open(tmp_path / "optim_study.json"))
+    res = {r["variant"]: r for r in out["results"]}
+    assert res["MeZO"]["opt_state_bytes"] == 0 < res["BAR"]["opt_state_bytes"]
+    assert (tmp_path / "optim_study.png").stat().st_size > 0
