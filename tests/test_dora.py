@@ -61,6 +61,7 @@ def test_fast_path_forward_and_grads_match_merged():
     assert jlora.linen.consumed(model, {"params": adapted}, x)["factorized"] == ["kernel"]
     trainable, frozen = jlora.split(adapted)
     assert sorted(k for k in ("a", "b", "m") if getattr(trainable["kernel"], k) is not None) == ["a", "b", "m"]
+    assert jlora.count_trainable(trainable) == 3 * (12 + 7) + 7  # LoRA factors + magnitude
     loss = lambda f: lambda t: jnp.sum(f(jlora.combine(t, frozen)) ** 2)
     g_fast = jax.grad(loss(lambda p: jlora.linen.apply(model, {"params": p}, x)))(trainable)
     g_slow = jax.grad(loss(lambda p: model.apply({"params": jlora.merge(p)}, x)))(trainable)
