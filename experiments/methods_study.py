@@ -17,7 +17,6 @@ and the training-loss curves.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,6 +34,7 @@ import jlora
 from experiments.data import LABELS, load_tweets, tokenize
 from experiments.models.bert import SentenceClassifier, load_pretrained, minilm_dir
 from experiments.quickstart import accuracy, batches, pad_batch
+from experiments.report import write_study
 
 QV = "bert/**/self_attn/{query,value}/kernel"
 HEAD = {"classifier/{kernel,bias}": jlora.Full()}
@@ -167,39 +167,15 @@ def main(argv=None):
 
 
 def write(results, args):
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "methods_study.json"), "w") as f:
-        json.dump({"args": vars(args), "device": jax.devices()[0].device_kind,
-                   "jax": jax.__version__, "results": results}, f, indent=1)
-    lines = [f"all-MiniLM-L6-v2 on tweet sentiment: {args.train} train / {args.test} test tweets, "
+    intro = (f"all-MiniLM-L6-v2 on tweet sentiment: {args.train} train / {args.test} test tweets, "
              f"max {args.max_len} tokens, batch {args.batch}, {args.epochs} epoch(s), AdamW "
-             f"{args.lr} (warm-up + cosine), seed {args.seed}; {jax.devices()[0].device_kind}, "
-             f"jax {jax.__version__}.", "",
-             "| method | test accuracy | trainable params | step (ms) | peak MiB | final loss (mean of last 20) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in results:
-        lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {r['trainable']:,} | "
-                     f"{r['step_ms']:.0f} | {r['peak_mib']:.0f} | {np.mean(r['losses'][-20:]):.3f} |")
-    with open(os.path.join(args.out, "methods_study.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in results:
-        l = np.asarray(r["losses"])
-        k = min(10, len(l))
-        smooth = np.convolve(l, np.ones(k) / k, mode="valid")
-        ax.plot(np.arange(len(smooth)) + k - 1, smooth, label=f"{r['method']} ({r['accuracy']:.3f})")
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"training loss (moving average of 10)")
-    ax.set_title("all-MiniLM-L6-v2, tweet sentiment: query/value adapters + head")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "methods_study.png"), dpi=110)
-    print("\n".join(lines))
+             f"{args.lr} (warm-up + cosine), seed {args.seed}")
+    print(write_study(args.out, "methods_study", results, args, label="method", intro=intro,
+                      columns=[("test accuracy", lambda r: f"{r['accuracy']:.3f}"),
+                               ("trainable params", lambda r: f"{r['trainable']:,}"),
+                               ("step (ms)", lambda r: f"{r['step_ms']:.0f}"),
+                               ("peak MiB", lambda r: f"{r['peak_mib']:.0f}")],
+                      title="all-MiniLM-L6-v2, tweet sentiment: query/value adapters + head"))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ training-loss curves.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,6 +33,7 @@ import jlora
 from experiments.data import LABELS, load_tweets, tokenize
 from experiments.models.bert import SentenceClassifier, load_pretrained, minilm_dir
 from experiments.quickstart import accuracy, batches, pad_batch
+from experiments.report import write_study
 
 SPEC = jlora.Spec({"bert/**/self_attn/{query,value}/kernel": jlora.LoRA(rank=8, alpha=16),
                    "classifier/{kernel,bias}": jlora.Full()})
@@ -135,39 +135,16 @@ def main(argv=None):
 
 
 def write(results, args):
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "optim_study.json"), "w") as f:
-        json.dump({"args": vars(args), "device": jax.devices()[0].device_kind,
-                   "jax": jax.__version__, "results": results}, f, indent=1)
-    lines = [f"all-MiniLM-L6-v2 on tweet sentiment, LoRA r8 (alpha 16) on query/value + head: "
+    intro = (f"all-MiniLM-L6-v2 on tweet sentiment, LoRA r8 (alpha 16) on query/value + head: "
              f"{args.train} train / {args.test} test tweets, max {args.max_len} tokens, batch "
              f"{args.batch}, {args.epochs} epoch(s), lr {args.lr} (MeZO {args.mezo_lr}, eps "
-             f"{args.mezo_eps}); {jax.devices()[0].device_kind}, jax {jax.__version__}.", "",
-             "| optimiser | test accuracy | wall time (s) | step (ms) | optimizer state | final loss (mean of last 20) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in results:
-        lines.append(f"| {r['variant']} | {r['accuracy']:.3f} | {r['wall_s']:.0f} | {r['step_ms']:.0f} | "
-                     f"{r['opt_state_bytes'] / 1024:.0f} KiB | {np.mean(r['losses'][-20:]):.3f} |")
-    with open(os.path.join(args.out, "optim_study.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in results:
-        l = np.asarray(r["losses"])
-        k = min(10, len(l))
-        ax.plot(np.arange(len(l) - k + 1) + k - 1, np.convolve(l, np.ones(k) / k, mode="valid"),
-                label=f"{r['variant']} ({r['accuracy']:.3f})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (moving average of 10)")
-    ax.set_title("all-MiniLM-L6-v2, tweet sentiment: optimisers for LoRA r8")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "optim_study.png"), dpi=110)
-    print("\n".join(lines))
+             f"{args.mezo_eps})")
+    print(write_study(args.out, "optim_study", results, args, label="variant", intro=intro,
+                      columns=[("test accuracy", lambda r: f"{r['accuracy']:.3f}"),
+                               ("wall time (s)", lambda r: f"{r['wall_s']:.0f}"),
+                               ("step (ms)", lambda r: f"{r['step_ms']:.0f}"),
+                               ("optimizer state", lambda r: f"{r['opt_state_bytes'] / 1024:.0f} KiB")],
+                      title="all-MiniLM-L6-v2, tweet sentiment: optimisers for LoRA r8"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Shared test helpers: float64 numpy references and small fixtures."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jlora

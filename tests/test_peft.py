@@ -193,15 +193,7 @@ def test_mixed_rslora_is_refused(tmp_path):
 def torch_tiny(params):
     import torch
 
-    class TorchTiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(20, 8)
-            self.fc1 = torch.nn.Linear(8, 16)
-            self.fc2 = torch.nn.Linear(16, 4)
-
-        def forward(self, ids):
-            return self.fc2(torch.relu(self.fc1(self.emb(ids))))
+    from fixtures.make_peft_fixtures import Tiny as TorchTiny
 
     m = TorchTiny()
     sd = {"emb.weight": params["emb"]["embedding"], "fc1.weight": params["fc1"]["kernel"].T,

@@ -28,7 +28,6 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import jlora

@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 

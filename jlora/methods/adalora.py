@@ -35,7 +35,9 @@ from jlora.methods.base import (
     Array,
     Config,
     LinearOp,
+    check_positive_int,
     factor_dtype,
+    freeze_in_axes,
     from_matrix,
     leading_in_axes,
     resolve_in_axes,
@@ -65,13 +67,11 @@ class AdaLoRA(Config):
     in_axes: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if not isinstance(self.init_rank, int) or self.init_rank < 1:
-            raise ValueError(f"AdaLoRA: init_rank must be a positive int, got {self.init_rank!r}")
+        check_positive_int("AdaLoRA", "init_rank", self.init_rank)
         if not isinstance(self.target_rank, int) or not 0 <= self.target_rank <= self.init_rank:
             raise ValueError(f"AdaLoRA: target_rank must be an int in [0, init_rank], "
                              f"got {self.target_rank!r}")
-        if self.in_axes is not None:
-            object.__setattr__(self, "in_axes", tuple(self.in_axes))
+        freeze_in_axes(self)
 
     @property
     def scale(self) -> float:
@@ -120,9 +120,6 @@ class AdaLoRANode(AdapterNode):
     def delta(self) -> Array:
         return from_matrix(self.scale * ((self.p * self.lam) @ self.q), self.shape, self.in_axes)
 
-    def materialize(self) -> Array:
-        d = self.delta()
-        return (self.base.astype(d.dtype) + d).astype(self.base.dtype)
 
     def dot(self, x: Array, op: LinearOp, **_) -> Array:
         if not leading_in_axes(self):

@@ -52,7 +52,9 @@ class AdapterNode:
     in_axes: tuple[int, ...]
 
     def materialize(self) -> Array:
-        raise NotImplementedError
+        """``base + delta()`` in the delta's precision, cast back to the base dtype."""
+        d = self.delta()
+        return (self.base.astype(d.dtype) + d).astype(self.base.dtype)
 
     def delta(self) -> Array:
         raise NotImplementedError
@@ -171,6 +173,17 @@ class Config:
                 f"{path}: {type(self).__name__} needs a floating-point leaf, "
                 f"got dtype {base.dtype}"
             )
+
+
+def check_positive_int(method: str, name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{method}: {name} must be a positive int, got {value!r}")
+
+
+def freeze_in_axes(config) -> None:
+    """Store a config's ``in_axes`` as a tuple (configs are hashable static metadata)."""
+    if config.in_axes is not None:
+        object.__setattr__(config, "in_axes", tuple(config.in_axes))
 
 
 def factor_dtype(base_dtype, dtype) -> jnp.dtype:

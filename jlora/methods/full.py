@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 from flax import struct
 
 from jlora.methods.base import AdapterNode, Array, Config, LinearOp, strict_options

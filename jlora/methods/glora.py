@@ -190,9 +190,6 @@ class GLoRANode(AdapterNode):
         A, B = self._ab()
         return self.base.astype(A.dtype) * A + B
 
-    def materialize(self) -> Array:
-        d = self.delta()
-        return (self.base.astype(d.dtype) + d).astype(self.base.dtype)
 
 
 @struct.dataclass
@@ -234,9 +231,6 @@ class GLoRABiasNode(AdapterNode):
         b0 = self.base.astype(D.dtype)
         return b0 * D + E + c @ self.kernel.astype(c.dtype)
 
-    def materialize(self) -> Array:
-        d = self.delta()
-        return (self.base.astype(d.dtype) + d).astype(self.base.dtype)
 
 
 def support_params(codes, ranks, fan_in: int, fan_out: int) -> int:

@@ -58,7 +58,9 @@ from jlora.methods.base import (
     Array,
     Config,
     LinearOp,
+    check_positive_int,
     factor_dtype,
+    freeze_in_axes,
     from_matrix,
     leading_in_axes,
     resolve_in_axes,
@@ -98,8 +100,7 @@ class LoRA(Config):
     in_axes: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ValueError(f"LoRA: rank must be a positive int, got {self.rank!r}")
+        check_positive_int(type(self).__name__, "rank", self.rank)
         if self.alpha is not None and not self.alpha > 0:
             raise ValueError(f"LoRA: alpha must be positive, got {self.alpha!r}")
         if self.init not in INITS:
@@ -108,8 +109,7 @@ class LoRA(Config):
             raise ValueError(f"LoRA: dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.niter, int) or self.niter < 0:
             raise ValueError(f"LoRA: niter must be a non-negative int, got {self.niter!r}")
-        if self.in_axes is not None:
-            object.__setattr__(self, "in_axes", tuple(self.in_axes))
+        freeze_in_axes(self)
 
     @property
     def scale(self) -> float:

@@ -42,7 +42,9 @@ from jlora.methods.base import (
     Array,
     Config,
     LinearOp,
+    check_positive_int,
     factor_dtype,
+    freeze_in_axes,
     from_matrix,
     leading_in_axes,
     resolve_in_axes,
@@ -71,10 +73,8 @@ class VeRA(Config):
     in_axes: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"VeRA: rank must be a positive int, got {self.rank!r}")
-        if self.in_axes is not None:
-            object.__setattr__(self, "in_axes", tuple(self.in_axes))
+        check_positive_int("VeRA", "rank", self.rank)
+        freeze_in_axes(self)
 
     def build(self, key: Array, base: Array, *, path: str) -> "VeRANode":
         self.check_leaf(base, path)
@@ -123,9 +123,6 @@ class VeRANode(AdapterNode):
         return from_matrix(((self.a * self.lambda_d) @ self.b) * self.lambda_b,
                            self.shape, self.in_axes)
 
-    def materialize(self) -> Array:
-        d = self.delta()
-        return (self.base.astype(d.dtype) + d).astype(self.base.dtype)
 
     def dot(self, x: Array, op: LinearOp, **_) -> Array:
         if not leading_in_axes(self):

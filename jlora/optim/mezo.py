@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 
 
 def perturbation(key: jax.Array, params: Any) -> Any:
