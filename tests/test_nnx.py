@@ -65,3 +65,30 @@ def test_nnx_training_lowers_the_loss():
     _, frozen_after = jlora.split(jlora.combine(trainable, frozen))
     np.testing.assert_array_equal(frozen_after["fc1"]["kernel"].get_value().base,
                                   state["fc1"]["kernel"].get_value())
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("config", [
+    jlora.DoRA(rank=2), jlora.VeRA(rank=8), jlora.AdaLoRA(init_rank=3, target_rank=1),
+    jlora.GLoRA(rank=2), jlora.LoRA(rank=2, init="pissa"),
+])
+def test_every_method_on_nnx_state(config):
+    model = MLP(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    x = jax.random.normal(jax.random.key(2), (5, 6))
+    adapted = jlora.apply(state, jlora.Spec({"fc1/kernel": config}), key=jax.random.key(1))
+    # identity at init, through nnx.merge of the merged state
+    np.testing.assert_allclose(f64(jlora.nnx.merge(graphdef, adapted)(x)), f64(model(x)),
+                               rtol=1e-5, atol=1e-5)
+    # after moving every trainable field, the module computes with the merged weights
+    trainable, frozen = jlora.split(adapted)
+    moved = jlora.combine(jax.tree.map(lambda t: t + 0.05, trainable), frozen)
+    merged = jlora.merge(moved)
+    w1, b1 = f64(merged["fc1"]["kernel"].get_value()), f64(merged["fc1"]["bias"].get_value())
+    w2, b2 = f64(state["fc2"]["kernel"].get_value()), f64(state["fc2"]["bias"].get_value())
+    ref = np.maximum(f64(x) @ w1 + b1, 0) @ w2 + b2
+    y = jax.jit(lambda t: jlora.nnx.merge(graphdef, jlora.combine(t, frozen))(x))(
+        jax.tree.map(lambda t: t + 0.05, trainable))
+    np.testing.assert_allclose(f64(y), ref, rtol=1e-5, atol=1e-5)
