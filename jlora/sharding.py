@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jlora.core import apply as _apply
 from jlora.spec import Spec
-from jlora.tree import is_node, map_with_paths, path_str
+from jlora.tree import is_node, leaves_with_paths, map_with_paths
 
 PyTree = Any
 
@@ -95,7 +95,7 @@ def specs(adapted: PyTree, base_specs: PyTree) -> PyTree:
     their own spec.
     """
     by_path = {}
-    for path, s in leaves_with_paths_specs(base_specs):
+    for path, s in leaves_with_paths(base_specs, is_leaf=_is_spec):
         by_path[path] = s.base if is_node(s) else s
 
     def one(path, leaf):
@@ -105,12 +105,6 @@ def specs(adapted: PyTree, base_specs: PyTree) -> PyTree:
         return node_specs(leaf, s) if is_node(leaf) else s
 
     return map_with_paths(one, adapted)
-
-
-def leaves_with_paths_specs(tree: PyTree):
-    flat, _ = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: _is_spec(x) or is_node(x))
-    return [(path_str(kp), x) for kp, x in flat]
 
 
 def named(tree_of_specs: PyTree, mesh: Mesh) -> PyTree:

@@ -42,9 +42,11 @@ def path_str(keypath: tuple) -> str:
     return "/".join(p for p in parts if p is not None)
 
 
-def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
-    """``[(path, leaf)]`` in traversal order; adapter nodes count as leaves."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
+def leaves_with_paths(tree: Any, *, is_leaf: Callable[[Any], bool] | None = None
+                      ) -> list[tuple[str, Any]]:
+    """``[(path, leaf)]`` in traversal order; adapter nodes (and ``is_leaf`` hits) are leaves."""
+    stop = is_node if is_leaf is None else (lambda x: is_node(x) or is_leaf(x))
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=stop)
     return [(path_str(kp), leaf) for kp, leaf in flat]
 
 

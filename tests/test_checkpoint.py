@@ -45,13 +45,12 @@ def test_round_trip_is_exact_and_base_is_not_written(tmp_path):
     assert "frozen" not in state
     # the restored halves recombine with the frozen half
     jlora.merge(jlora.combine(state["trainable"], frozen))
-    # nothing of the 8x8 base weight's size was written
-    total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(tmp_path) for f in fs)
+    # no array of the 8x8 base weight's shape was written, only factors and moments
+    assert all(x.shape != (8, 8) for x in jax.tree.leaves((state["trainable"], state["opt_state"])))
     jlora.checkpoint.save(tmp_path / "with_base", trainable, step=7, frozen=frozen)
     with_base = jlora.checkpoint.restore(tmp_path / "with_base")
     assert_trees_equal(with_base["frozen"], frozen)
     assert with_base["opt_state"] is None
-    assert total > 0
 
 
 def test_keep_last_n_and_every(tmp_path):

@@ -50,7 +50,7 @@ from jlora.methods.base import (
     strict_options,
     to_matrix,
 )
-from jlora.methods.lora import LoRA, LoRANode, lowrank_dot
+from jlora.methods.lora import LoRA, LoRANode
 
 
 @strict_options
@@ -114,8 +114,6 @@ class DoRANode(LoRANode):
     def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None) -> Array:
         if not leading_in_axes(self):
             return op(x, self.materialize())
-        y = op(x, self.base)
-        lo = lowrank_dot(x, op, self, self.a, self.b, self.scale,
-                         dropout_key=dropout_key, dropout=self.config.dropout)
-        ratio = self._ratio().reshape(self.out_shape)
-        return ((y + lo.astype(y.dtype)) * ratio.astype(y.dtype)).astype(y.dtype)
+        # (m/n) ⊙ (x·K0 + s·(drop(x)·a)·b): LoRA's factorized product, rescaled
+        y = LoRANode.dot(self, x, op, dropout_key=dropout_key)
+        return (y * self._ratio().reshape(self.out_shape).astype(y.dtype)).astype(y.dtype)
