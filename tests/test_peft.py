@@ -134,7 +134,7 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path):
     d = copy_fixture(tmp_path)
     f = d / "adapter_model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors: unreadable"):
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: .*truncated"):
         jlora.peft.load(d, base_params())
 
 
