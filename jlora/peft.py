@@ -157,10 +157,15 @@ def _selects(rule, module: str) -> bool:
     return any(module == t or module.endswith("." + t) for t in rule)
 
 
+def _pattern_hit(key: str, module: str) -> bool:
+    """PEFT's ``get_pattern_key`` test: ``re.match(rf"(.*\\.)?({key})$", module)``."""
+    return re.match(rf"(.*\.)?({key})$", module) is not None
+
+
 def _pattern_value(patterns: dict, module: str, default):
-    r"""PEFT's ``get_pattern_key``: the first key ``k`` with ``(.*\.)?(k)$`` matching wins."""
+    """The value of the first ``rank_pattern``/``alpha_pattern`` key that hits ``module``."""
     for k, v in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({k})$", module):
+        if _pattern_hit(k, module):
             return v
     return default
 
@@ -674,6 +679,12 @@ def _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped) -
         elif isinstance(rule, str) and rule != "all-linear" and not any(
                 _selects(rule, m) for m in by_module):
             raise ValueError(f"{cfg_path}: key {key!r} = {rule!r} matches no module of params")
+    adapted = [m for m, parts in grouped.items() if any(s.startswith("lora_") for s in parts)]
+    for key in ("rank_pattern", "alpha_pattern"):
+        for k in config.get(key) or {}:
+            if not any(_pattern_hit(k, m) for m in adapted):
+                raise ValueError(f"{cfg_path}: key '{key}.{k}' matches no adapted module "
+                                 f"(adapted: {sorted(adapted)[:5]})")
     target = config.get("target_modules")
     for module, mpath in by_module.items():
         join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
