@@ -8,8 +8,9 @@
     >>> served = jlora.merge(jlora.combine(trainable, frozen))
 """
 
-from jlora import checkpoint, glora, linen, nnx, optim, peft, sharding
+from jlora import checkpoint, glora, linen, nnx, optim, peft, quant, sharding
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
+from jlora.quant import dequantize, quantize
 from jlora.methods import AdaLoRA, AdapterNode, Config, DoRA, Full, GLoRA, LoRA, VeRA
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
@@ -30,6 +31,7 @@ __all__ = [
     "apply",
     "combine",
     "count_trainable",
+    "dequantize",
     "glora",
     "is_node",
     "linen",
@@ -38,6 +40,8 @@ __all__ = [
     "optim",
     "path_str",
     "peft",
+    "quant",
+    "quantize",
     "sharding",
     "split",
     "summary",
