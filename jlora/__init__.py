@@ -11,7 +11,7 @@
 from jlora import checkpoint, glora, linen, nnx, optim, peft, quant, sharding
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.quant import dequantize, quantize
-from jlora.methods import AdaLoRA, AdapterNode, Config, DoRA, Full, GLoRA, LoRA, VeRA
+from jlora.methods import AdaLoRA, AdapterNode, Config, DoRA, Full, GLoRA, LoRA, QLoRA, VeRA
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
@@ -26,6 +26,7 @@ __all__ = [
     "Full",
     "GLoRA",
     "LoRA",
+    "QLoRA",
     "Spec",
     "VeRA",
     "apply",

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 import jlora
 from jlora import quant as Q
+from quant_ref import near_midpoint, ref_quantize
 
 # bitsandbytes get_4bit_type("nf4"), as printed in the QLoRA code.
 NF4_REF = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -15,50 +16,6 @@ NF4_REF = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
            0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
            0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
            0.7229568362236023, 1.0]
-
-
-def nearest(v, code):
-    """float64 nearest code index, ties to the lower index (over the sorted code)."""
-    code = np.asarray(code, np.float64)
-    order = np.argsort(code, kind="stable")
-    d = np.abs(v[:, None] - code[order][None, :])
-    return order[np.argmin(d, axis=1)]  # argmin takes the first (lower) on ties
-
-
-def ref_blockwise(flat, code, bs):
-    """float64 reference: per-block absmax, nearest code of clip(x/absmax)."""
-    flat = np.asarray(flat, np.float64)
-    n = flat.size
-    nb = -(-n // bs)
-    pad = np.zeros(nb * bs)
-    pad[:n] = flat
-    absmax = np.abs(pad.reshape(nb, bs)).max(1)
-    scaled = np.clip(pad.reshape(nb, bs) / np.maximum(absmax, 1e-38)[:, None], -1, 1)
-    return nearest(scaled.reshape(-1), code)[:n], absmax, scaled.reshape(-1)[:n]
-
-
-def ref_quantize(k, quant, bs, dq):
-    """float64 reference of bnb's quantize_4bit(Kᵀ) (+ compress_statistics) and
-    its dequantization."""
-    code = {"nf4": Q.NF4, "fp4": Q.FP4}[quant]
-    flat = np.asarray(k, np.float64).T.reshape(-1)
-    q, absmax, scaled = ref_blockwise(flat, code, bs)
-    out = {"q": q, "absmax": absmax, "scaled": scaled}
-    if dq:
-        offset = absmax.mean()
-        q2, absmax2, scaled2 = ref_blockwise(absmax - offset, Q.dynamic_map(), 256)
-        out.update(q2=q2, absmax2=absmax2, offset=offset, scaled2=scaled2)
-        absmax = (np.asarray(Q.dynamic_map(), np.float64)[q2]
-                  * np.repeat(absmax2, 256)[: absmax.size] + offset)
-    deq = np.asarray(code, np.float64)[q] * np.repeat(absmax, bs)[: flat.size]
-    out["deq"] = deq.reshape(np.asarray(k).T.shape).T
-    return out
-
-
-def near_midpoint(scaled, code, tol=1e-6):
-    c = np.sort(np.asarray(code, np.float64))
-    mids = (c[:-1] + c[1:]) / 2
-    return np.min(np.abs(scaled[:, None] - mids[None, :]), axis=1) < tol
 
 
 def test_nf4_codebook_is_bitsandbytes():
