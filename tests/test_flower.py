@@ -194,3 +194,52 @@ def test_strategy_refuses_bad_replies_naming_the_client():
                          reply_to=instruction(10))
     with pytest.raises(ValueError, match="client 10: reply has no MetricRecord"):
         st.aggregate_train(1, [good, no_metrics])
+
+
+# ---------------------------------------------------------------- with jlora.federated's rules
+
+
+def replies_of(trees, sizes, first=21):
+    return [jf.reply(instruction(first + i), t, num_examples=n)
+            for i, (t, n) in enumerate(zip(trees, sizes))]
+
+
+def exact_sum(trees, sizes, path=("enc", "q", "kernel")):
+    p = np.asarray(sizes, float) / sum(sizes)
+    node = lambda t: t[path[0]][path[1]][path[2]]
+    return sum(w * lora_delta(node(t)) for w, t in zip(p, trees))
+
+
+def test_strategy_default_rule_is_fedavg_of_factors():
+    clients, sizes = [client_tree(4, s) for s in (1, 2)], [1, 3]
+    st = jf.Strategy(client_tree(4, 0))
+    arrays, _ = st.aggregate_train(1, replies_of(clients, sizes))
+    got = jf.from_records(arrays, client_tree(4, 0))
+    ref = 0.25 * f64(clients[0]["enc"]["v"]["kernel"].a) + 0.75 * f64(clients[1]["enc"]["v"]["kernel"].a)
+    np.testing.assert_allclose(f64(got["enc"]["v"]["kernel"].a), ref, rtol=1e-6)
+    np.testing.assert_allclose(f64(got["head"]["bias"].value), 0.25 * f64(clients[0]["head"]["bias"].value)
+                               + 0.75 * f64(clients[1]["head"]["bias"].value), rtol=1e-6, atol=1e-7)
+
+
+def test_strategy_flora_mixed_ranks_is_exact():
+    from jlora import federated
+    clients, sizes = [client_tree(r, r, alpha=a) for r, a in ((2, 4.0), (4, 3.0), (8, 16.0))], [5, 2, 3]
+    st = jf.Strategy(client_tree(4, 0), rule=federated.flora)
+    arrays, _ = st.aggregate_train(1, replies_of(clients, sizes))
+    assert arrays["enc/q/kernel/a"].shape == (10, 14)       # ranks stacked: 2 + 4 + 8
+    got = jf.from_records(arrays, client_tree(4, 0), config=jf.describe(st.model))
+    node = got["enc"]["q"]["kernel"]
+    np.testing.assert_allclose(lora_delta(node), exact_sum(clients, sizes), rtol=2e-5, atol=1e-6)
+
+
+def test_strategy_flexlora_mixed_ranks_sends_each_client_its_truncation():
+    from jlora import federated
+    ranks, sizes = (2, 4, 8), [5, 2, 3]
+    clients = [client_tree(r, r, alpha=2.0 * r) for r in ranks]
+    st = jf.Strategy(client_tree(4, 0), rule=federated.flexlora)
+    st.aggregate_train(1, replies_of(clients, sizes))
+    u, s, vt = np.linalg.svd(exact_sum(clients, sizes))
+    for i, r in enumerate(ranks):
+        node = st.per_client[21 + i]["enc"]["q"]["kernel"]
+        assert node.rank == r
+        np.testing.assert_allclose(lora_delta(node), (u[:, :r] * s[:r]) @ vt[:r], rtol=1e-4, atol=1e-5)
