@@ -8,7 +8,7 @@
     >>> served = jlora.merge(jlora.combine(trainable, frozen))
 """
 
-from jlora import checkpoint, glora, linen, nnx, optim, peft, sharding
+from jlora import checkpoint, federated, glora, linen, nnx, optim, peft, sharding
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.methods import AdaLoRA, AdapterNode, Config, DoRA, Full, GLoRA, LoRA, VeRA
 from jlora.spec import Spec
@@ -30,6 +30,7 @@ __all__ = [
     "apply",
     "combine",
     "count_trainable",
+    "federated",
     "glora",
     "is_node",
     "linen",

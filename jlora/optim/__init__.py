@@ -14,12 +14,22 @@ and re-exported here once; import it from ``jlora.optim``.
 * ``flora``: FLORA momentum compressed by random projections (``_flora.py``).
 * ``glora_sample``, ``glora_search``, ``glora_fix``, ...: GLoRA's supernet
   sampling and evolutionary configuration search (``_glora.py``).
+* ``fedadam`` / ``fedyogi`` / ``fedadagrad``, ``mime_client`` / ``mime_server``,
+  ``fedlada_client`` / ``fedlada_server``, ``fedsps`` / ``feddecsps``: federated
+  optimizers over the pseudo-gradient (``server_step``, ``communication_bytes``;
+  ``_fedopt.py``).
 
 The math and source paper of each is in ``docs/methods.md``.
 """
 
 from jlora.optim._adalora import AdaLoRAState, adalora, adalora_orthogonality, budget
 from jlora.optim._bar import balance, balancedness, balora, bar, sam_drift, sam_gradient
+from jlora.optim._fedopt import (Communication, FedDecSPSState, FedLADAServerState,
+                                 FedLADAState, MimeState, ScaleByFedOptState,
+                                 communication_bytes, fedadagrad, fedadam, feddecsps,
+                                 fedlada_client, fedlada_offset, fedlada_server, fedsps,
+                                 fedyogi, mime_client, mime_gradient, mime_server,
+                                 pseudo_gradient, scale_by_fedopt, server_step, tree_bytes)
 from jlora.optim._flat_lora import flat_lora, noise_scale
 from jlora.optim._flora import FloraState, flora, projection
 from jlora.optim._glora import (GLoRASearchResult, glora_current, glora_describe, glora_fix,
@@ -33,4 +43,9 @@ __all__ = ["AdaLoRAState", "FloraState", "GLoRASearchResult", "adalora",
            "flat_lora", "flora", "glora_current", "glora_describe", "glora_fix",
            "glora_layers", "glora_param_count", "glora_sample", "glora_search", "lora_plus",
            "lora_plus_labels", "mezo_gradient", "mezo_sgd", "noise_scale", "perturbation",
-           "projected_gradient", "projection", "sam_drift", "sam_gradient"]
+           "projected_gradient", "projection", "sam_drift", "sam_gradient",
+           "Communication", "FedDecSPSState", "FedLADAServerState", "FedLADAState", "MimeState",
+           "ScaleByFedOptState", "communication_bytes", "fedadagrad", "fedadam", "feddecsps",
+           "fedlada_client", "fedlada_offset", "fedlada_server", "fedsps", "fedyogi",
+           "mime_client", "mime_gradient", "mime_server", "pseudo_gradient", "scale_by_fedopt",
+           "server_step", "tree_bytes"]

@@ -9,7 +9,8 @@ import pytest
 import jlora
 import jlora.optim
 
-PRIVATE = ("_adalora", "_bar", "_flat_lora", "_flora", "_glora", "_lora_plus", "_mezo")
+PRIVATE = ("_adalora", "_bar", "_fedopt", "_flat_lora", "_flora", "_glora", "_lora_plus",
+           "_mezo")
 
 
 def test_private_modules_import_and_nothing_is_shadowed():
