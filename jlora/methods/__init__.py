@@ -6,9 +6,10 @@ from jlora.methods.dora import DoRA, DoRANode
 from jlora.methods.full import Full, FullNode
 from jlora.methods.glora import GLoRA, GLoRABiasNode, GLoRANode
 from jlora.methods.lora import LoRA, LoRANode
+from jlora.methods.qlora import QLoRA, QLoRANode
 from jlora.methods.vera import VeRA, VeRANode
 
-__all__ = ["AdaLoRA", "AdaLoRANode", "AdapterNode", "Config", "DoRA", "DoRANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoRA", "LoRANode", "VeRA", "VeRANode"]
+__all__ = ["AdaLoRA", "AdaLoRANode", "AdapterNode", "Config", "DoRA", "DoRANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoRA", "LoRANode", "QLoRA", "QLoRANode", "VeRA", "VeRANode"]
 
 import dataclasses as _dc
 
@@ -22,6 +23,7 @@ REGISTRY = {
     "VeRA": (VeRA, VeRANode),
     "AdaLoRA": (AdaLoRA, AdaLoRANode),
     "GLoRA": (GLoRA, GLoRANode),
+    "QLoRA": (QLoRA, QLoRANode),
 }
 
 
