@@ -10,7 +10,8 @@
 
 from jlora import checkpoint, federated, glora, linen, nnx, optim, peft, sharding
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
-from jlora.methods import AdaLoRA, AdapterNode, Config, DoRA, Full, GLoRA, LoRA, VeRA
+from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
+                           PF2LoRA, VeRA)
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
@@ -22,9 +23,11 @@ __all__ = [
     "checkpoint",
     "Config",
     "DoRA",
+    "FedDPA",
     "Full",
     "GLoRA",
     "LoRA",
+    "PF2LoRA",
     "Spec",
     "VeRA",
     "apply",

@@ -1017,3 +1017,89 @@ def fedlrt_correction(grads: PyTree, weights) -> PyTree:
     leaves = jax.tree.leaves(grads)
     p = _weights(weights, leaves[0].shape[0], "fedlrt_correction")
     return jax.tree.map(lambda g: jnp.tensordot(p, g, axes=1)[None] - g, grads)
+
+
+# ---------------------------------------------------------------- personalized clients
+
+
+def pf2lora_client(loss: Callable, *, personal_steps: int = 1, personal_lr: float = 1e-2,
+                   shared_opt: optax.GradientTransformation, paths=None):
+    """PF2LoRA's client update (Hao et al. 2025, Alg. 1) as a first-order bilevel step.
+
+    The paper's bilevel problem: ``min_{a,b} Σ_k p_k f_k(a, b, c_k*(a,b), d_k*(a,b))``
+    with ``(c_k*, d_k*) = argmin_{c,d} f_k(a, b, c, d)``; its algorithm runs SGD on
+    the lower level and AdamW on the upper. jlora's step is the first-order
+    approximation (the second-order terms of the hypergradient dropped):
+    ``personal_steps`` SGD steps on the personal partition at fixed shared
+    factors, then one ``shared_opt`` step on the shared partition at the updated
+    personal point. The partition is :func:`personal` / :func:`shared` (with
+    ``paths`` for whole personal leaves such as a head).
+
+    Returns ``(init, step)``: ``init(trainable) -> opt_state`` and
+    ``step(trainable, opt_state, *args) -> (trainable, opt_state, loss)`` with
+    ``loss(trainable, *args) -> scalar``; both pure and jit-friendly.
+    """
+    from jlora._validate import positive_int, real
+
+    positive_int("jlora.federated.pf2lora_client", "personal_steps", personal_steps)
+    real("jlora.federated.pf2lora_client", "personal_lr", personal_lr, gt=0.0)
+
+    def init(trainable):
+        return shared_opt.init(shared(trainable, paths=paths))
+
+    def step(trainable, opt_state, *args):
+        sh, pe = shared(trainable, paths=paths), personal(trainable, paths=paths)
+        for _ in range(personal_steps):
+            g = jax.grad(lambda q: loss(combine(sh, q), *args))(pe)
+            pe = jax.tree.map(lambda x, gx: x - personal_lr * gx, pe, g)
+        value, g = jax.value_and_grad(lambda q: loss(combine(q, pe), *args))(sh)
+        upd, opt_state = shared_opt.update(g, opt_state, sh)
+        return combine(optax.apply_updates(sh, upd), pe), opt_state, value
+
+    return init, step
+
+
+def pfedlora_phase(trainable: PyTree, phase: str, *, paths) -> tuple[PyTree, PyTree]:
+    """pFedLoRA's alternating phases (Yi et al. 2023, arXiv 2310.13283) as a partition.
+
+    ``phase="personal"`` returns ``(train, hold) = (personal(t), shared(t))``:
+    train the client's personal block (its own LoRA and head, named by
+    ``paths``) with the shared adapter frozen; ``phase="shared"`` swaps them.
+    Train ``train`` with any optimizer, ``combine(train, hold)`` after; only
+    ``shared(t)`` is uploaded and averaged (:func:`fedavg`).
+    """
+    from jlora._validate import choice
+
+    choice("jlora.federated.pfedlora_phase", "phase", phase, ("personal", "shared"))
+    sh, pe = shared(trainable, paths=paths), personal(trainable, paths=paths)
+    return (pe, sh) if phase == "personal" else (sh, pe)
+
+
+def feddpa_weight(emb: jax.Array, reference: jax.Array, *, beta: float = 0.5) -> jax.Array:
+    """FedDPA's instance-wise weight ``w(x) = β·(1/N)·Σ_j cos(e(x), e(x_j))``.
+
+    ``emb (B, D)``: the test inputs' embeddings; ``reference (N, D)``: those of
+    N of the client's training instances (the official code embeds both with
+    the base model plus the local adapter, N = 5, β = 0.5). Returns ``(B,)``.
+    The official code multiplies the *global* adapter by ``w(x)``; pass
+    ``branch=`` to :func:`feddpa_set_weight` to choose.
+    """
+    unit = lambda e: e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+    return beta * jnp.mean(unit(emb) @ unit(reference).T, axis=-1)
+
+
+def feddpa_set_weight(tree: PyTree, weight, *, branch: str = "global") -> PyTree:
+    """Set every FedDPA node's mixing weight: ``w`` on the global branch (``1 − w`` on the
+    local one) with ``branch="global"``, the reverse with ``branch="local"``.
+
+    ``weight`` is a scalar (training phases: 0.5 local phase, 1.0 global phase)
+    or ``(B,)`` per-example weights from :func:`feddpa_weight`.
+    """
+    from jlora._validate import choice
+    from jlora.methods.feddpa import FedDPANode
+
+    choice("jlora.federated.feddpa_set_weight", "branch", branch, ("global", "local"))
+    w = jnp.asarray(weight, jnp.float32)
+    w = w if branch == "global" else 1.0 - w
+    return jax.tree.map(lambda n: n.replace(weight=w) if isinstance(n, FedDPANode) else n,
+                        tree, is_leaf=_is_hole_or_node)
