@@ -8,9 +8,10 @@ from jlora.methods.full import Full, FullNode
 from jlora.methods.glora import GLoRA, GLoRABiasNode, GLoRANode
 from jlora.methods.lora import LoRA, LoRANode
 from jlora.methods.pf2lora import PF2LoRA, PF2LoRANode
+from jlora.methods.qlora import QLoRA, QLoRANode
 from jlora.methods.vera import VeRA, VeRANode
 
-__all__ = ["AdaLoRA", "AdaLoRANode", "AdapterNode", "Config", "DoRA", "DoRANode", "FedDPA", "FedDPANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoRA", "LoRANode", "PF2LoRA", "PF2LoRANode", "VeRA", "VeRANode"]
+__all__ = ["AdaLoRA", "AdaLoRANode", "AdapterNode", "Config", "DoRA", "DoRANode", "FedDPA", "FedDPANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoRA", "LoRANode", "PF2LoRA", "PF2LoRANode", "QLoRA", "QLoRANode", "VeRA", "VeRANode"]
 
 import dataclasses as _dc
 
@@ -26,6 +27,7 @@ REGISTRY = {
     "GLoRA": (GLoRA, GLoRANode),
     "PF2LoRA": (PF2LoRA, PF2LoRANode),
     "FedDPA": (FedDPA, FedDPANode),
+    "QLoRA": (QLoRA, QLoRANode),
 }
 
 
