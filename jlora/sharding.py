@@ -71,6 +71,8 @@ def node_specs(node, base_spec: P | None):
         # a frozen copy of a sibling kernel held by a bias node: its output axis
         # is the bias's axis; its input axis is not known here, so replicated
         Role.KERNEL: P(None, outs),
+        # one spec for the whole quantized pytree (a prefix of codes and scales)
+        Role.QUANTIZED: P(),
     }
     changes = {}
     for f in fields(node):

@@ -48,6 +48,7 @@ class Role(str, enum.Enum):
     IN = "in"                  # (fan_in,)
     REPLICATED = "replicated"  # small arrays every device holds whole
     KERNEL = "kernel"          # a bias node's frozen copy of its sibling kernel (in, out)
+    QUANTIZED = "quantized"    # a quantized base (a pytree of codes and scales), replicated
 
     def __str__(self) -> str:
         return self.value

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 
 from jlora.methods.base import from_matrix, to_matrix
-from jlora.methods.full import FullNode
 from jlora.tree import is_node, map_with_paths
 
 
@@ -47,7 +46,7 @@ def flat_lora(adapted: Any, key: jax.Array, *, step, total_steps: int, rho: floa
     import zlib
 
     def perturb(path, x):
-        if not is_node(x) or isinstance(x, FullNode) or getattr(x, "base", None) is None \
+        if not is_node(x) or getattr(x, "base", None) is None \
                 or tuple(x.base.shape) != tuple(x.shape) or len(x.shape) < 2:
             return x
         sigma = noise_scale(x, step=step, total_steps=total_steps, rho=rho)
