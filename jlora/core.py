@@ -40,8 +40,9 @@ def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
         >>> params = {"attn": {"query": {"kernel": jnp.ones((8, 8))}}}
         >>> spec = jlora.Spec({"**/query/kernel": jlora.LoRA(rank=2)})
         >>> adapted = jlora.apply(params, spec, key=jax.random.key(0))
-        >>> type(adapted["attn"]["query"]["kernel"]).__name__
-        'LoRANode'
+        >>> node = adapted["attn"]["query"]["kernel"]
+        >>> node.method, node.a.shape, node.b.shape
+        ('LoRA', (8, 2), (2, 8))
     """
     if not isinstance(spec, Spec):
         raise ValueError(f"jlora.apply: spec must be a jlora.Spec, got {type(spec).__name__}")

@@ -13,6 +13,13 @@ numerator only. This is the paper's memory-saving choice (section 4.3): the
 backward needs no ``∂n/∂(a, b)`` path, at a negligible accuracy cost. Set it to
 ``False`` for the exact gradient of ``K'``.
 
+Norms carry an epsilon: ``n_j = sqrt(‖V[:, j]‖² + 1e-24)``. PEFT (0.21) has
+none, so a kernel with an all-zero output column gives ``0/0 = NaN`` there;
+with the epsilon such a column starts at ``m_j = n_j = 1e-12``, a ratio of
+exactly 1, and stays finite in the forward and in both gradient modes. For
+any column with ``‖V[:, j]‖² ≫ 1e-24`` (every non-degenerate float32 or
+float64 weight) the epsilon is below rounding and values match PEFT.
+
 The fast path never forms the dense ``V`` (PEFT does, every forward): with
 dropout on the adapter branch,
 
@@ -54,6 +61,9 @@ from jlora.methods.base import (
 )
 from jlora.methods.lora import LoRA, LoRANode
 
+#: added to every squared column norm (see the module docstring)
+NORM_EPS = 1e-24
+
 
 @strict_options
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +100,13 @@ class DoRANode(LoRANode):
         return ("a", "b", "m") if self.config.train_a else ("b", "m")
 
     def column_norms(self) -> Array:
-        """``‖(K0 + s·a·b)[:, j]‖`` for every output feature, without forming ``a·b``."""
+        """``sqrt(‖(K0 + s·a·b)[:, j]‖² + NORM_EPS)`` per output feature, without forming ``a·b``."""
         k0 = to_matrix(self.base, self.in_axes).astype(self.a.dtype)
         a, b, s = self.a, self.b, self.scale
         sq = (jnp.sum(k0 * k0, axis=0)
               + 2 * s * jnp.sum((k0.T @ a) * b.T, axis=-1)
               + s * s * jnp.sum(((a.T @ a) @ b) * b, axis=0))
-        return jnp.sqrt(jnp.maximum(sq, 0.0))
+        return jnp.sqrt(jnp.maximum(sq, 0.0) + NORM_EPS)
 
     def _ratio(self) -> Array:
         n = self.column_norms()

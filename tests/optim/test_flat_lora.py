@@ -9,7 +9,7 @@ import numpy as np
 import optax
 
 import jlora
-from helpers import f64, perturb
+from tests._refs import f64, perturb
 
 
 def test_flat_lora_noise_scale_and_statistics():

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 
 import jlora
-from helpers import f64
+from tests._refs import f64
 
 from ._trees import small_tree
 

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 
 import jlora
-from helpers import f64
+from tests._refs import f64
 
 
 def test_mezo_one_step_against_numpy():
