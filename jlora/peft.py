@@ -614,12 +614,12 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
     complete or a ``ValueError`` names the file and key at fault.
     """
     folder = _adapter_folder(directory, adapter_name)
+    namer = _module_namer(name_map)
     cfg_path = os.path.join(folder, CONFIG_FILE)
     weights_path = os.path.join(folder, WEIGHTS_FILE)
     config = _read_config(cfg_path)
     tensors = _read_safetensors(weights_path)
 
-    namer = _module_namer(name_map)
     leaves = dict(leaves_with_paths(params))
     for p, x in leaves.items():
         if is_node(x):
@@ -635,7 +635,7 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
     for key, value in tensors.items():
         m = re.fullmatch(r"(.+?)\.(" + "|".join(map(re.escape, _SUFFIXES)) + ")",
                          key[len(PREFIX):]) if key.startswith(PREFIX) else None
-        if m is None:
+        if m is None or re.search(r"(^|\.)lora_", m.group(1)):
             raise ValueError(f"{weights_path}: tensor {key!r} is not a LoRA tensor name jlora "
                              f"knows ({PREFIX}<module>.lora_A.weight, ...)")
         module, suffix = m.groups()
