@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jlora._validate import function, real, transformation
 from jlora.tree import is_node
 
 
@@ -80,7 +81,9 @@ def bar(rho: float = 0.05) -> optax.GradientTransformation:
     """BAR: the explicit balancedness term matching SAM's drift (put it before the optimizer).
 
     ``optax.chain(jlora.optim.bar(0.05), optax.sgd(lr))``; ``update`` needs ``params``.
+    ``rho >= 0`` is SAM's neighbourhood radius whose drift BAR reproduces (0: no term).
     """
+    real("jlora.optim.bar", "rho", rho, ge=0.0)
 
     def init(params):
         return optax.EmptyState()
@@ -102,6 +105,8 @@ def bar(rho: float = 0.05) -> optax.GradientTransformation:
 
 def sam_gradient(loss_fn: Callable, params: Any, *args, rho: float = 0.05):
     """``(loss, grads)`` of SAM: the gradient at ``θ + ρ·∇/‖∇‖`` (two gradient calls)."""
+    function("jlora.optim.sam_gradient", "loss_fn", loss_fn)
+    real("jlora.optim.sam_gradient", "rho", rho, ge=0.0)
     loss, g = jax.value_and_grad(loss_fn)(params, *args)
     scale = rho / (optax.tree.norm(g) + 1e-12)
     perturbed = jax.tree.map(lambda p, gg: p + scale * gg, params, g)
@@ -128,6 +133,7 @@ class _Balanced(NamedTuple):
 
 def balora(inner: optax.GradientTransformation) -> optax.GradientTransformation:
     """Wrap ``inner`` so that every step lands on the balanced factorisation (BaLoRA)."""
+    transformation("jlora.optim.balora", "inner", inner)
 
     def init(params):
         return _Balanced(inner.init(params))
