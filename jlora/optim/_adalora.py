@@ -1,7 +1,9 @@
 """The AdaLoRA rank allocator as an Optax wrapper, and its orthogonality regulariser.
 
-After each step of the wrapped optimizer, for every element ``w`` of every
-AdaLoRA ``p``, ``λ``, ``q`` (ALGORITHMS.md, from the official code):
+Zhang et al. ICLR 2023 (arXiv 2303.10512): importance scores §3.2, budget
+scheduler §3.3, regulariser §3.1; details as the official code
+(QingruZhang/AdaLoRA). See docs/methods.md. After each step of the wrapped
+optimizer, for every element ``w`` of every AdaLoRA ``p``, ``λ``, ``q``:
 
     I = |w ⊙ ∇w|;   Ī ← β1·Ī + (1−β1)·I;   Ū ← β2·Ū + (1−β2)·|I − Ī|;   s = Ī·Ū
 

@@ -4,8 +4,8 @@ The balancedness of a factor pair is ``B = ‖a‖²_F − ‖b‖²_F``. Gradie
 any loss of the product ``a·b`` conserves it; SAM (sharpness-aware
 minimisation) drives it towards 0 (Li, Zhang, He, NeurIPS 2024, arXiv 2410.14802).
 
-**BAR, as derived here** (the authors publish no code and ALGORITHMS.md marks
-the rule unconfirmed, so jlora derives it from SAM and says so). For
+**BAR, as derived here** (the authors publish no code, so jlora derives the
+explicit term from SAM's balancedness dynamics and says so; docs/methods.md). For
 ``L = f(a·b)`` with ``G = ∇f(a·b)``, ``∇_a = G·bᵀ``, ``∇_b = aᵀ·G``. SAM takes
 the gradient at ``θ + ε``, ``ε = c·∇``, ``c = ρ/‖∇‖``. Taking the Hessian of
 ``f`` as the identity (exact for ``½‖a·b − M‖²``), ``G(θ+ε) = G + ε_a·b + a·ε_b
