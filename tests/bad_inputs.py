@@ -16,6 +16,9 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+import jax
+import optax
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DOC = os.path.join(ROOT, "docs", "bad-inputs.md")
@@ -706,6 +709,48 @@ def _(tmp):
         x: object
 
     _jl().checkpoint.save(tmp, {"opt": Mine(jnp.ones(2))}, step=1)
+
+
+# ---------------------------------------------------------------- optim
+
+
+def _optim_case(what, match, call):
+    case("optim", what, match)(lambda tmp: call(_jl().optim))
+
+
+_optim_case("`lora_plus(ratio=0)`", r"jlora.optim.lora_plus: ratio must be a finite number > 0.0, got 0",
+            lambda o: o.lora_plus(optax.adamw, 1e-3, ratio=0))
+_optim_case("`lora_plus(ratio=nan)`", r"jlora.optim.lora_plus: ratio must be a finite number",
+            lambda o: o.lora_plus(optax.adamw, 1e-3, ratio=float("nan")))
+_optim_case("`lora_plus` with a negative learning rate", r"jlora.optim.lora_plus: lr must be a finite number > 0.0",
+            lambda o: o.lora_plus(optax.adamw, -1e-3))
+_optim_case("`lora_plus` given something that is not an optimizer factory",
+            r"jlora.optim.lora_plus: make_optimizer must be callable, got 3",
+            lambda o: o.lora_plus(3, 1e-3))
+_optim_case("`bar(rho=-1)`", r"jlora.optim.bar: rho must be a finite number >= 0.0, got -1.0",
+            lambda o: o.bar(-1.0))
+_optim_case("`bar(rho=inf)`", r"jlora.optim.bar: rho must be a finite number >= 0.0, got inf",
+            lambda o: o.bar(float("inf")))
+_optim_case("`flora(rank=0)`", r"jlora.optim.flora: rank must be an int >= 1, got 0",
+            lambda o: o.flora(rank=0))
+_optim_case("`flora(beta=2)`", r"jlora.optim.flora: beta must be a finite number >= 0.0 and < 1.0",
+            lambda o: o.flora(beta=2.0))
+_optim_case("`flora(kappa=True)`", r"jlora.optim.flora: kappa must be an int >= 1, got True",
+            lambda o: o.flora(kappa=True))
+_optim_case("`flat_lora(total_steps=0)` (a division by zero before)",
+            r"jlora.optim.flat_lora: total_steps must be an int >= 1, got 0",
+            lambda o: o.flat_lora(adapted(), jax.random.key(0), step=0, total_steps=0))
+_optim_case("`flat_lora(rho=-1)`", r"jlora.optim.flat_lora: rho must be a finite number >= 0.0",
+            lambda o: o.flat_lora(adapted(), jax.random.key(0), step=0, total_steps=10,
+                                  rho=-1.0))
+_optim_case("`mezo_sgd(eps=0)`", r"jlora.optim.mezo_sgd: eps must be a finite number > 0.0",
+            lambda o: o.mezo_sgd(lambda p: 0.0, adapted(), jax.random.key(0), lr=1e-3,
+                                 eps=0.0))
+_optim_case("`sam_gradient(rho=-1)`", r"jlora.optim.sam_gradient: rho must be a finite number >= 0.0",
+            lambda o: o.sam_gradient(lambda p: 0.0, adapted(), rho=-1.0))
+_optim_case("`balora` wrapping something that is not an Optax transformation",
+            r"jlora.optim.balora: inner must be an optax.GradientTransformation",
+            lambda o: o.balora(3))
 
 
 # ---------------------------------------------------------------- the page
