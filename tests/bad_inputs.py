@@ -627,6 +627,17 @@ def _(tmp):
     _jl().checkpoint.save(d, trainable, step=1)
 
 
+@case("checkpoint", "restoring `step=True`", r"jlora.checkpoint: step must be an int >= 0, got True")
+def _(tmp):
+    d, _, _ = _saved(tmp)
+    _jl().checkpoint.restore(d, step=True)
+
+
+@case("checkpoint", "saving `None` as the trainable tree", r"jlora.checkpoint: trainable must be a tree of arrays, got None")
+def _(tmp):
+    _jl().checkpoint.save(tmp, None, step=1)
+
+
 @case("checkpoint", "restoring a missing directory", r"no checkpoint directory at")
 def _(tmp):
     _jl().checkpoint.restore(os.path.join(tmp, "missing"))
