@@ -592,6 +592,28 @@ def _(tmp):
     jlora.peft.save(tmp, adapted({"fc2/bias": jlora.Full()}))
 
 
+@case("peft.save", "LoRA on a 3-D `DenseGeneral` kernel", r"w/kernel: a kernel of shape \(4, 2, 3\) with in_axes \(0,\) has no PEFT layout")
+def _(tmp):
+    import jax.numpy as jnp
+
+    jlora = _jl()
+    tree = jlora.apply({"w": {"kernel": jnp.ones((4, 2, 3))}},
+                       jlora.Spec({"w/kernel": jlora.LoRA(rank=2, in_axes=(0,))}), key=jax.random.key(0))
+    jlora.peft.save(tmp, tree)
+
+
+@case("peft.save", "a target path that is a file", r"adapter: exists and is not a directory")
+def _(tmp):
+    path = os.path.join(tmp, "adapter")
+    open(path, "w").write("x")
+    _jl().peft.save(path, adapted())
+
+
+@case("peft.load", "`params` that are already adapted", r"jlora.peft.load: fc1/kernel is already adapted")
+def _(tmp):
+    _jl().peft.load(adapter_copy(tmp), adapted())
+
+
 # ---------------------------------------------------------------- checkpoint
 
 
@@ -636,6 +658,28 @@ def _(tmp):
 @case("checkpoint", "saving `None` as the trainable tree", r"jlora.checkpoint: trainable must be a tree of arrays, got None")
 def _(tmp):
     _jl().checkpoint.save(tmp, None, step=1)
+
+
+@case("checkpoint", "a `spec` that is not a `Spec`", r"jlora.checkpoint: spec must be a jlora.Spec, got dict")
+def _(tmp):
+    _jl().checkpoint.save(tmp, {"w": params()["fc1"]["kernel"]}, step=1, spec={"w": 1})
+
+
+@case("checkpoint", "a dict key that is not a str or int", r"\('a', 1\): checkpoint dict keys must be str or int")
+def _(tmp):
+    _jl().checkpoint.save(tmp, {("a", 1): params()["fc1"]["kernel"]}, step=1)
+
+
+@case("checkpoint", "a file given as the checkpoint directory", r"notes.txt: not a directory, so not a jlora checkpoint")
+def _(tmp):
+    path = os.path.join(tmp, "notes.txt")
+    open(path, "w").write("x")
+    _jl().checkpoint.restore(path)
+
+
+@case("checkpoint", "a directory that is not a path", r"jlora.checkpoint: directory must be a path, got 3")
+def _(tmp):
+    _jl().checkpoint.Manager(3)
 
 
 @case("checkpoint", "restoring a missing directory", r"no checkpoint directory at")
