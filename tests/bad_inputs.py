@@ -728,7 +728,7 @@ def _(tmp):
 def _(tmp):
     d, _, _ = _saved(tmp)
     meta = os.path.join(d, "1", "meta", "metadata")
-    text = open(meta).read().replace('"node": "LoRANode"', '"node": "os.system"')
+    text = open(meta).read().replace('"node": "LoRA"', '"node": "os.system"')
     open(meta, "w").write(text)
     _jl().checkpoint.restore(d)
 
