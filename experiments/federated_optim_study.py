@@ -11,8 +11,9 @@ the same rounds, clients, local steps and batches, with two aggregations:
   in factor space;
 * ``flora``: FLoRA's exact stacking (``jlora.federated.flora``) merged into the
   base, clients restarting from the same fresh adapter every round
-  (``merge_and_restart``); FedAdam then steps the merged weights (its
-  pseudo-gradient is minus the exact aggregated delta), MIME/FedLADA keep
+  (``merge_and_restart``); FedAdam then steps the merged weights
+  (``jlora.optim.merged_step``: its pseudo-gradient is minus the exact
+  aggregated delta), MIME/FedLADA keep
   their statistics in the fresh adapter's coordinates.
 
 Clients (one jitted ``vmap`` per round): FedAvg/FedAdam local SGD with
@@ -202,14 +203,14 @@ def run(method, aggregation, setup, args):
             x, sstate = fo.server_step(server_opt, sstate, x, agg, **kw)
             return x, frozen, sstate, cstates
         stacked = fl.flora(clients, weights)
+        if dense:   # FedAdam on the merged weights: g = −(exact Σ p_k ΔK_k), then restart
+            x, frozen, sstate = fo.merged_step(server_opt, sstate, x, frozen, stacked, spec=SPEC,
+                                               key=restart_key)
+            return x, frozen, sstate, cstates
         bases = jax.tree.map(lambda n: n.base if jlora.is_node(n) and hasattr(n, "base") else n,
                              frozen, is_leaf=jlora.is_node)
         merged = jlora.merge(stacked, onto=bases)          # base + exact Σ p_k ΔK_k, head mean
-        if dense:
-            cur = jlora.merge(jlora.combine(x, frozen))      # fresh adapter: delta 0
-            u, sstate = server_opt.update(fo.pseudo_gradient(cur, merged), sstate, cur)
-            merged = optax.apply_updates(cur, u)
-        elif server_opt is not None:   # statistics only: the FLoRA merge is the model step
+        if server_opt is not None:   # statistics only: the FLoRA merge is the model step
             _, sstate = server_opt.update(jax.tree.map(jnp.zeros_like, x), sstate, x, **kw)
         x, frozen = jlora.split(jlora.apply(merged, SPEC, key=restart_key))
         return x, frozen, sstate, cstates

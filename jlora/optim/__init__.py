@@ -8,7 +8,8 @@
 * ``flora``: FLORA momentum compressed by random projections.
 * ``fedadam`` / ``fedyogi`` / ``fedadagrad``, ``mime_client`` / ``mime_server``,
   ``fedlada_client`` / ``fedlada_server``, ``fedsps`` / ``feddecsps``: federated
-  optimizers over the pseudo-gradient (``server_step``, ``communication_bytes``).
+  optimizers over the pseudo-gradient (``server_step``, ``merged_step``,
+  ``communication_bytes``).
 """
 
 from jlora.optim.adalora import AdaLoRAState, adalora, adalora_orthogonality, budget
@@ -17,8 +18,8 @@ from jlora.optim._fedopt import (Communication, FedDecSPSState, FedLADAServerSta
                                  FedLADAState, MimeState, ScaleByFedOptState,
                                  communication_bytes, fedadagrad, fedadam, feddecsps,
                                  fedlada_client, fedlada_offset, fedlada_server, fedsps,
-                                 fedyogi, mime_client, mime_gradient, mime_server,
-                                 pseudo_gradient, scale_by_fedopt, server_step, tree_bytes)
+                                 fedyogi, merged_step, mime_client, mime_gradient,
+                                 mime_server, pseudo_gradient, scale_by_fedopt, server_step, tree_bytes)
 from jlora.optim.flat_lora import flat_lora, noise_scale
 from jlora.optim.flora import FloraState, flora, projection
 from jlora.optim.lora_plus import lora_plus
@@ -32,5 +33,5 @@ __all__ = ["AdaLoRAState", "FloraState", "adalora", "adalora_orthogonality", "ba
            "Communication", "FedDecSPSState", "FedLADAServerState", "FedLADAState", "MimeState",
            "ScaleByFedOptState", "communication_bytes", "fedadagrad", "fedadam", "feddecsps",
            "fedlada_client", "fedlada_offset", "fedlada_server", "fedsps", "fedyogi",
-           "mime_client", "mime_gradient", "mime_server", "pseudo_gradient", "scale_by_fedopt",
+           "merged_step", "mime_client", "mime_gradient", "mime_server", "pseudo_gradient", "scale_by_fedopt",
            "server_step", "tree_bytes"]
