@@ -344,6 +344,8 @@ class Manager:
              spec: Spec | None = None, frozen: PyTree | None = None, force: bool = False) -> bool:
         """Save if ``step`` is a multiple of ``every`` (or ``force``); True if written."""
         positive_int("jlora.checkpoint", "step", step, minimum=0)
+        if trainable is None:
+            raise ValueError("jlora.checkpoint: trainable must be a tree of arrays, got None")
         if spec is not None and not isinstance(spec, Spec):
             raise ValueError(f"jlora.checkpoint: spec must be a jlora.Spec, got {type(spec).__name__}")
         if not force and step % self.every:
@@ -382,8 +384,8 @@ class Manager:
         steps = self.all_steps()
         if not steps:
             raise self._not_a_checkpoint()
-        if step is None:
-            step = steps[-1]
+        step = steps[-1] if step is None else positive_int("jlora.checkpoint", "step", step,
+                                                           minimum=0)
         if step not in steps:
             raise ValueError(f"no checkpoint for step {step} in {self.directory}; have {steps}")
         where = os.path.join(self.directory, str(step))
