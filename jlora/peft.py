@@ -333,6 +333,9 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
                              f"the PyTorch tensor {name!r} (check name_map)")
         owner[name] = path
         tensors[name] = np.ascontiguousarray(value, np.float32)
+        if not np.isfinite(tensors[name]).all():
+            raise ValueError(f"jlora.peft.save: {path} holds NaN or infinite values (for "
+                             f"{name!r}); refusing to write a corrupt adapter")
 
     for path, node in leaves_with_paths(adapted):
         if not is_node(node):

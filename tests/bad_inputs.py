@@ -602,6 +602,15 @@ def _(tmp):
     jlora.peft.save(tmp, tree)
 
 
+@case("peft.save", "an adapter holding NaN", r"jlora.peft.save: fc1/kernel holds NaN or infinite values")
+def _(tmp):
+    import jax.numpy as jnp
+
+    tree = adapted()
+    tree["fc1"]["kernel"] = tree["fc1"]["kernel"].replace(b=jnp.full_like(tree["fc1"]["kernel"].b, jnp.nan))
+    _jl().peft.save(tmp, tree)
+
+
 @case("peft.save", "a target path that is a file", r"adapter: exists and is not a directory")
 def _(tmp):
     path = os.path.join(tmp, "adapter")
@@ -719,7 +728,7 @@ def _(tmp):
 def _(tmp):
     d, _, _ = _saved(tmp)
     meta = os.path.join(d, "1", "meta", "metadata")
-    text = open(meta).read().replace('"node": "LoRANode"', '"node": "os.system"')
+    text = open(meta).read().replace('"node": "LoRA"', '"node": "os.system"')
     open(meta, "w").write(text)
     _jl().checkpoint.restore(d)
 
