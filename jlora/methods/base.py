@@ -184,7 +184,13 @@ class AdapterNode(struct.PyTreeNode, NodeBase, kw_only=True):
 
     @property
     def rank(self) -> int | None:
-        return None
+        """The config's ``rank`` (``None`` for methods without one)."""
+        return getattr(self.config, "rank", None)
+
+    @property
+    def scale(self) -> float:
+        """The config's ``scale`` (1 for methods without one)."""
+        return getattr(self.config, "scale", 1.0)
 
     @property
     def in_shape(self) -> tuple[int, ...]:

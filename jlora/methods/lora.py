@@ -186,14 +186,6 @@ class LoRANode(AdapterNode):
     def trainable(self) -> tuple[str, ...]:
         return ("a", "b") if self.config.train_a else ("b",)
 
-    @property
-    def scale(self) -> float:
-        return self.config.scale
-
-    @property
-    def rank(self) -> int:
-        return self.config.rank
-
     def _product(self, a, b) -> Array:
         return from_matrix(self.scale * (a @ b), self.shape, self.in_axes)
 

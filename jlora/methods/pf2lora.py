@@ -137,16 +137,8 @@ class PF2LoRANode(AdapterNode):
                   "d": "rank_out"}
 
     @property
-    def scale(self) -> float:
-        return self.config.scale
-
-    @property
     def personal_scale(self) -> float:
         return self.config.personal_scale
-
-    @property
-    def rank(self) -> int:
-        return self.config.rank
 
     def branch_weights(self):
         """Multipliers of the shared and personal branches (1 and 1 here)."""

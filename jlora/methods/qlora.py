@@ -171,14 +171,6 @@ class QLoRANode(AdapterNode):
     field_axes = {"quantized": "quantized", "a": "in_rank", "b": "rank_out"}
 
     @property
-    def scale(self) -> float:
-        return self.config.scale
-
-    @property
-    def rank(self) -> int:
-        return self.config.rank
-
-    @property
     def compute_dtype(self):
         return jnp.dtype(self.config.compute_dtype or self.quantized.dtype)
 
