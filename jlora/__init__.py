@@ -8,7 +8,7 @@
     >>> served = jlora.merge(jlora.combine(trainable, frozen))
 """
 
-from jlora import checkpoint, glora, linen, nnx, optim, peft, sharding
+from jlora import checkpoint, compose, glora, linen, nnx, optim, peft, sharding
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.methods import AdaLoRA, AdapterNode, Config, DoRA, Full, GLoRA, LoRA, VeRA
 from jlora.spec import Spec
@@ -29,6 +29,7 @@ __all__ = [
     "VeRA",
     "apply",
     "combine",
+    "compose",
     "count_trainable",
     "glora",
     "is_node",
