@@ -53,7 +53,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import numbers
+import functools
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -137,6 +138,12 @@ def zip_adapters(fn: str, adapters: Sequence[PyTree]) -> list[tuple[str, list]]:
     return out
 
 
+def _group(adapters) -> list[tuple[str, list]]:
+    """``zip_adapters`` without checks, adapted paths only (inside ``jit``)."""
+    flat = [leaves_with_paths(t) for t in adapters]
+    return [(p, [f[j][1] for f in flat]) for j, (p, x) in enumerate(flat[0]) if is_node(x)]
+
+
 def _rebuild(adapters, combined: dict[str, Any]) -> PyTree:
     return map_with_paths(lambda p, x: combined.get(p, x), adapters[0])
 
@@ -204,10 +211,14 @@ def cat(adapters: Sequence[PyTree], weights) -> PyTree:
     LoRA adapter; its base is the shared original weight.
     """
     w = _weights("cat", adapters, weights)
+    zip_adapters("cat", adapters)
+    return _cat(adapters, w)
+
+
+@jax.jit
+def _cat(adapters, w):
     out = {}
-    for path, nodes in zip_adapters("cat", adapters):
-        if not is_node(nodes[0]):
-            continue
+    for path, nodes in _group(adapters):
         fs = [factors(path, n, "cat") for n in nodes]
         a = jnp.concatenate([w[i] * f[0] for i, f in enumerate(fs)], axis=1)
         b = jnp.concatenate([f[1] for f in fs], axis=0)
@@ -230,22 +241,32 @@ def linear(adapters: Sequence[PyTree], weights, *, peft_compat: bool = False) ->
     **inexact** (``a'·b'`` has the cross terms ``i ≠ j``); use it only to match PEFT.
     """
     w = _weights("linear", adapters, weights)
-    if not peft_compat:
-        summed = cat(adapters, w)
-        out = {}
-        for path, node in leaves_with_paths(summed):
-            if not is_node(node) or node is None:
-                continue
-            u, s, vt = _lowrank_svd(node.a, node.b)
-            fan = max(to_matrix(node.base, node.in_axes).shape)
-            k = max(int(jnp.sum(s > s[0] * fan * jnp.finfo(F32).eps)), 1) if s.size else 1
-            if k < node.rank:
-                out[path] = lora_node(node, node.base, *_truncate(u, s, vt, k))
-        return _rebuild([summed], out)
+    zip_adapters("linear", adapters)
+    if peft_compat:
+        return _peft_linear(adapters, w)
+    summed = _cat(adapters, w)
+    svds = _svds(summed)
     out = {}
-    for path, nodes in zip_adapters("linear", adapters):
-        if not is_node(nodes[0]):
+    for path, node in leaves_with_paths(summed):
+        if path not in svds:
             continue
+        u, s, vt = svds[path]
+        fan = max(to_matrix(node.base, node.in_axes).shape)
+        k = max(int(jnp.sum(s > s[0] * fan * jnp.finfo(F32).eps)), 1)
+        if k < node.rank:
+            out[path] = lora_node(node, node.base, *_truncate(u, s, vt, k))
+    return _rebuild([summed], out)
+
+
+@jax.jit
+def _svds(tree):
+    return {p: _lowrank_svd(n.a, n.b) for p, n in leaves_with_paths(tree) if is_node(n)}
+
+
+@jax.jit
+def _peft_linear(adapters, w):
+    out = {}
+    for path, nodes in _group(adapters):
         if any(type(n) is not LoRANode or n.a0 is not None for n in nodes):
             raise ValueError(f"{path}: peft_compat combines plain LoRA/rsLoRA adapters only")
         if len({n.rank for n in nodes}) > 1:
@@ -271,11 +292,16 @@ def svd(adapters: Sequence[PyTree], weights, rank: int) -> PyTree:
     """
     w = _weights("svd", adapters, weights)
     rank = positive_int("jlora.compose.svd", "rank", rank)
-    out = {}
     for path, nodes in zip_adapters("svd", adapters):
-        if not is_node(nodes[0]):
-            continue
-        _check_rank(path, nodes[0], rank)
+        if is_node(nodes[0]):
+            _dense_rank_check(path, nodes[0], rank)
+    return _svd(adapters, w, rank)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _svd(adapters, w, rank):
+    out = {}
+    for path, nodes in _group(adapters):
         try:
             fs = [factors(path, n, "svd") for n in nodes]
         except ValueError:
@@ -291,18 +317,25 @@ def svd(adapters: Sequence[PyTree], weights, rank: int) -> PyTree:
 # ------------------------------------------------------------------ dense merges
 
 
-def _delta(path, node) -> jax.Array:
+def _delta_check(path, node) -> None:
     if not hasattr(node, "base"):
         raise ValueError(f"{path}: a {node.method} leaf has no delta against an original weight; "
                          "drop it from the adapters before combining")
+
+
+def _delta(path, node) -> jax.Array:
+    _delta_check(path, node)
     return node.delta().astype(F32)
 
 
-def _dense_adapter(path, node, merged, rank):
+def _dense_rank_check(path, node, rank):
     if len(node.shape) < 2:
         raise ValueError(f"{path}: rank={rank} needs a kernel; this {node.method} leaf has "
                          f"shape {node.shape} (use rank=None for merged weights)")
     _check_rank(path, node, rank)
+
+
+def _dense_adapter(path, node, merged, rank):
     u, s, vt = jnp.linalg.svd(to_matrix(merged, node.in_axes), full_matrices=False)
     return lora_node(node, original(node), *_truncate(u, s, vt, rank))
 
@@ -336,7 +369,18 @@ def _dense_merge(fn, adapters, weights, density, *, rank, prune, elect, key=None
     w = _weights(fn, adapters, weights)
     if rank is not None:
         rank = positive_int(f"jlora.compose.{fn}", "rank", rank)
-    zipped = [(p, ns) for p, ns in zip_adapters(fn, adapters) if is_node(ns[0])]
+    for path, nodes in zip_adapters(fn, adapters):
+        if is_node(nodes[0]):
+            _delta_check(path, nodes[0])
+            if rank is not None:
+                _dense_rank_check(path, nodes[0], rank)
+    return _dense(adapters, w, key, density=density, rank=rank, prune=prune, elect=elect,
+                  scope=scope)
+
+
+@functools.partial(jax.jit, static_argnames=("density", "rank", "prune", "elect", "scope"))
+def _dense(adapters, w, key, *, density, rank, prune, elect, scope):
+    zipped = _group(adapters)
     deltas = {p: jnp.stack([_delta(p, n) for n in ns]) for p, ns in zipped}
     if prune == "random":
         deltas = {p: jnp.stack([
@@ -555,8 +599,8 @@ def lorahub(adapters: Sequence[PyTree], loss_fn: Callable[[PyTree], float], *, b
                              f"{[(x.rank, x.scale) for x in nodes]}")
         stacks[path] = (nodes[0], jnp.stack([x.a for x in nodes]), jnp.stack([x.b for x in nodes]))
 
+    @jax.jit
     def compose(w):
-        w = jnp.asarray(w, F32)
         return _rebuild(adapters, {p: node.replace(a=jnp.tensordot(w, a, 1).astype(node.a.dtype),
                                                    b=jnp.tensordot(w, b, 1).astype(node.b.dtype))
                                    for p, (node, a, b) in stacks.items()})
@@ -567,14 +611,20 @@ def lorahub(adapters: Sequence[PyTree], loss_fn: Callable[[PyTree], float], *, b
     opt = ng.optimizers.NGOpt(parametrization=param, budget=budget)
     history = []
     for step in range(budget):
-        cand = opt.ask()
+        with warnings.catch_warnings():  # NGOpt's inner solvers warn about their own defaults
+            warnings.simplefilter("ignore")
+            cand = opt.ask()
         w = np.asarray(cand.value, np.float64)
-        loss = float(loss_fn(compose(w)))
+        loss = float(loss_fn(compose(jnp.asarray(w, F32))))
         objective = loss + l1 * float(np.mean(np.abs(w)))
-        opt.tell(cand, objective if np.isfinite(objective) else np.inf)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.tell(cand, objective if np.isfinite(objective) else np.inf)
         history.append({"step": step, "weights": w.tolist(), "loss": loss,
                         "objective": objective})
         if callback is not None:
             callback(step, w, loss)
-    best = np.asarray(opt.provide_recommendation().value, np.float64)
-    return LoraHubResult(weights=best, composed=compose(best), history=history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        best = np.asarray(opt.provide_recommendation().value, np.float64)
+    return LoraHubResult(weights=best, composed=compose(jnp.asarray(best, F32)), history=history)

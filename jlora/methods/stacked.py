@@ -103,6 +103,7 @@ class _StackedBase(AdapterNode):
         return self.delta()
 
     def _ids(self, adapter_ids):
+        adapter_ids = self.ids if adapter_ids is None else adapter_ids
         if adapter_ids is None:
             raise ValueError(f"a stacked {self.config.method} node ({self.n} adapters) needs "
                              "adapter_ids: jlora.linen.apply(model, variables, x, adapter_ids=ids)")
@@ -157,13 +158,15 @@ class StackedLoRANode(_StackedBase):
     a: Array
     b: Array
     scale: Array
+    ids: Array | None = None
     config: Stacked = struct.field(pytree_node=False, default=None)
     shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
     in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
     trainable = ("a", "b")
     method = "StackedLoRA"
-    field_axes = {"base": "base", "a": "replicated", "b": "replicated", "scale": "replicated"}
+    field_axes = {"base": "base", "a": "replicated", "b": "replicated", "scale": "replicated",
+                  "ids": "replicated"}
 
     def _coef(self, idx, valid):
         s = jnp.where(valid, jnp.take(self.scale, idx), 0.0)
@@ -220,6 +223,7 @@ class StackedVeRANode(_StackedBase):
     b: Array
     lambda_d: Array
     lambda_b: Array
+    ids: Array | None = None
     config: Stacked = struct.field(pytree_node=False, default=None)
     shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
     in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
@@ -227,7 +231,7 @@ class StackedVeRANode(_StackedBase):
     trainable = ("lambda_d", "lambda_b")
     method = "StackedVeRA"
     field_axes = {"base": "base", "a": "in_rank", "b": "rank_out", "lambda_d": "replicated",
-                  "lambda_b": "replicated"}
+                  "lambda_b": "replicated", "ids": "replicated"}
 
     def dot(self, x: Array, op: LinearOp, *, adapter_ids=None, **_) -> Array:
         idx, valid, ids = self._ids(adapter_ids)
@@ -261,6 +265,26 @@ def check_ids(adapter_ids, n: int, path: str = "") -> None:
     if bad.size:
         raise ValueError(f"{path}: adapter_ids {sorted(set(bad.tolist()))[:5]} out of range "
                          f"[-1, {n}) for a stack of {n} adapters")
+
+
+def bind_adapter_ids(nodes: dict, adapter_ids) -> set[str]:
+    """Give every stacked node of ``{path: node}`` the batch's ids (in place); their paths.
+
+    Concrete ids are range-checked here; ids without a stacked node are refused.
+    """
+    stacked = {p for p, x in nodes.items() if isinstance(x, _StackedBase)}
+    if not stacked:
+        if adapter_ids is not None:
+            raise ValueError("adapter_ids given, but the params hold no stacked adapter "
+                             "(build one with jlora.compose.stack)")
+        return stacked
+    for p in sorted(stacked):
+        if adapter_ids is None:
+            raise ValueError(f"{p}: a stacked node of {nodes[p].n} adapters needs adapter_ids: "
+                             "jlora.linen.apply(model, variables, x, adapter_ids=ids)")
+        check_ids(adapter_ids, nodes[p].n, p)
+        nodes[p] = nodes[p].replace(ids=jnp.asarray(adapter_ids))
+    return stacked
 
 
 def _lora_parts(path, node):
