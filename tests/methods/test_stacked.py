@@ -73,46 +73,44 @@ def family(name):
     return _CACHE[name]
 
 
-@jax.jit
-def single(tree, tokens):
-    return jlora.linen.apply(MODEL, {"params": tree}, tokens)
-
-
 def per_example(adapters, ids=IDS):
     """Row j from a run of the whole batch with adapter ids[j] alone (examples are independent)."""
     runs = {g: np.asarray(MODEL.apply({"params": PARAMS}, TOKENS) if g < 0 else
-                          single(adapters[g], TOKENS)) for g in set(ids.tolist())}
+                          single_run(*jlora.split(adapters[g]), COT)[0])
+            for g in set(ids.tolist())}
     return np.stack([runs[g][j] for j, g in enumerate(ids.tolist())])
 
 
+COT = jnp.asarray(np.random.default_rng(1).normal(size=(N, T, 5)), jnp.float32)
+
+
+@jax.jit
+def mixed_run(trainable, frozen, ids, cot):
+    """The mixed batch's output and the gradient of ``Σ y·cot`` for every stacked adapter."""
+    f = lambda t: jlora.linen.apply(MODEL, {"params": jlora.combine(t, frozen)}, TOKENS,
+                                    adapter_ids=ids)
+    return f(trainable), jax.grad(lambda t: jnp.sum(f(t) * cot))(trainable)
+
+
+@jax.jit
+def single_run(tr, fr, cot):
+    """One adapter on the whole batch; the gradient sums the examples ``cot`` keeps."""
+    f = lambda t: jlora.linen.apply(MODEL, {"params": jlora.combine(t, fr)}, TOKENS)
+    return f(tr), jax.grad(lambda t: jnp.sum(f(t) * cot))(tr)
+
+
 @pytest.mark.parametrize("name,mode", [("lora", "gather"), ("lora", "onehot"), ("lora", "ragged"),
-                                       ("dora", "gather"), ("dora", "onehot"), ("vera", "gather")])
-def test_mixed_batch_equals_per_example_runs(name, mode):
-    adapters = family(name)
-    stacked = jlora.compose.stack(adapters, mode=mode)
-    got = jax.jit(lambda s, x, i: jlora.linen.apply(MODEL, {"params": s}, x, adapter_ids=i))(
-        stacked, TOKENS, jnp.asarray(IDS))
-    np.testing.assert_allclose(np.asarray(got), per_example(adapters), atol=2e-5, rtol=2e-5)
-    hits = jlora.linen.consumed(MODEL, {"params": stacked}, TOKENS, adapter_ids=IDS)
-    assert not hits["merged"] and len(hits["factorized"]) == 5
-
-
-@pytest.mark.parametrize("name,mode", [("lora", "gather"), ("lora", "ragged"), ("dora", "gather"),
-                                       ("vera", "gather")])
-def test_mixed_batch_gradients_are_sums_of_per_example_gradients(name, mode):
+                                       ("dora", "gather"), ("vera", "onehot")])
+def test_mixed_batch_equals_per_example_runs_and_gradients_add_up(name, mode):
     adapters = family(name)
     stacked = jlora.compose.stack(adapters, mode=mode)
     trainable, frozen = jlora.split(stacked)
-    cot = jnp.asarray(np.random.default_rng(1).normal(size=(N, T, 5)), jnp.float32)
-
-    def loss(t):
-        y = jlora.linen.apply(MODEL, {"params": jlora.combine(t, frozen)}, TOKENS, adapter_ids=IDS)
-        return jnp.sum(y * cot)
-
-    grads = jax.jit(jax.grad(loss))(trainable)
+    y, grads = mixed_run(trainable, frozen, jnp.asarray(IDS), COT)
+    want_y = np.asarray(MODEL.apply({"params": PARAMS}, TOKENS))  # rows with id -1
     for g, adapter in enumerate(adapters):
-        tr, fr = jlora.split(adapter)
-        ref = grad_single(tr, fr, cot * (IDS == g)[:, None, None])
+        keep = (IDS == g)[:, None, None]
+        y_g, ref = single_run(*jlora.split(adapter), COT * keep)
+        want_y = np.where(keep, np.asarray(y_g), want_y)  # each row from its own adapter's run
         for path, node in jlora.tree.leaves_with_paths(ref):
             if not jlora.is_node(node):
                 continue
@@ -128,12 +126,9 @@ def test_mixed_batch_gradients_are_sums_of_per_example_gradients(name, mode):
                     mine = np.take(mine, np.arange(r), axis=ax)
                 np.testing.assert_allclose(mine, want, atol=1e-4 * (1 + np.abs(want).max()),
                                            err_msg=f"{name} {path}.{f} adapter {g}")
-
-
-@jax.jit
-def grad_single(tr, fr, cot):
-    """Per-example gradients of one adapter summed over the examples ``cot`` keeps."""
-    return jax.grad(lambda t: jnp.sum(single(jlora.combine(t, fr), TOKENS) * cot))(tr)
+    np.testing.assert_allclose(np.asarray(y), want_y, atol=2e-5, rtol=2e-5)
+    hits = jlora.linen.consumed(MODEL, {"params": stacked}, TOKENS, adapter_ids=IDS)
+    assert not hits["merged"] and len(hits["factorized"]) == 5
 
 
 def test_hot_swap_of_stacked_adapters_and_ids_never_retraces():
@@ -170,3 +165,28 @@ def test_bad_ids_and_merging_a_stack_are_refused():
         jlora.compose.stack([adapters[0], trained(jlora.DoRA(rank=2), 5)])
     with pytest.raises(ValueError, match="frozen pairs"):
         jlora.compose.stack([trained(jlora.VeRA(rank=6), 0), trained(jlora.VeRA(rank=6, seed=1), 1)])
+
+
+def test_nnx_mixed_batch_equals_per_example_runs():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(20, 8, rngs=rngs)
+            self.fc = nnx.Linear(8, 5, rngs=rngs)
+
+        def __call__(self, tokens):
+            return self.fc(jnp.tanh(self.embed(tokens)))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    trees = [jlora.apply(state, jlora.Spec({"*/{kernel,embedding}": c}), key=jax.random.key(i))
+             for i, c in enumerate(FAMILIES["lora"])]
+    trees = [jax.tree.map(lambda n, i=i: n.replace(b=n.b + 0.3 * jax.random.normal(
+        jax.random.key(i), n.b.shape), a=n.a + 0.1) if jlora.is_node(n) else n, t,
+        is_leaf=jlora.is_node) for i, t in enumerate(trees)]
+    run = jax.jit(lambda s, i: jlora.nnx.apply(graphdef, s, TOKENS, adapter_ids=i))
+    got = np.asarray(run(jlora.compose.stack(trees), jnp.asarray(IDS)))
+    for j, g in enumerate(IDS):
+        want = (nnx.merge(graphdef, state) if g < 0 else jlora.nnx.merge(graphdef, trees[g]))(
+            TOKENS[j:j + 1])
+        np.testing.assert_allclose(got[j], np.asarray(want)[0], atol=2e-5, rtol=2e-5)
