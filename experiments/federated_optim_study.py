@@ -122,6 +122,25 @@ def cache_hidden(cfg, bert, ids, mask, batch=64):
     return np.concatenate(out)
 
 
+NAMES = {"FedAvg": "fedavg", "FedAdam": "fedadam", "MimeLite": "mimelite", "MIME": "mime",
+         "FedLADA": "fedlada", "FedSPS": "fedsps", "FedDecSPS": "feddecsps"}
+
+
+def round_bytes(method, aggregation, x0, frozen0, clients):
+    """Bytes per client per round, from the trees each side sends (shapes only)."""
+    shapes = jax.eval_shape(lambda t: t, x0)
+    if aggregation == "fedavg":
+        down = shapes
+    elif method == "FedAdam":   # the merged weights' change: dense adapted kernels + head
+        down = jax.eval_shape(lambda t, f: [n.delta() if n.rank else n.value for _, n in
+                                            leaves_with_paths(jlora.combine(t, f))
+                                            if jlora.is_node(n)], x0, frozen0)
+    else:   # FLoRA's stacked factors of all clients
+        down = jax.eval_shape(lambda t: fl.flora([t] * clients, jnp.ones(clients) / clients), x0)
+    return fo.communication_bytes(NAMES[method], shapes, download=down,
+                                  base_optimizer=optax.sgd(0.1, momentum=0.9))
+
+
 def run(method, aggregation, setup, args):
     model, params, pool, table, counts, test = setup
     h_pool, m_pool, y_pool = pool
@@ -246,19 +265,7 @@ def run(method, aggregation, setup, args):
                  for s in range(0, len(y_te), 200)]
         return float((np.concatenate(preds) == y_te).mean())
 
-    # bytes per client per round, from the trees each side sends
-    shapes = jax.eval_shape(lambda t: t, x0)
-    if aggregation == "fedavg":
-        down = shapes
-    elif dense:   # the merged weights' change: dense deltas of the adapted kernels + head
-        down = jax.eval_shape(lambda t, f: [n.delta() if n.rank else n.value for _, n in
-                                            leaves_with_paths(jlora.combine(t, f))
-                                            if jlora.is_node(n)], x0, frozen0)
-    else:
-        down = jax.eval_shape(lambda t: fl.flora([t] * K, jnp.ones(K) / K), x0)
-    name = {"FedAvg": "fedavg", "FedAdam": "fedadam", "MimeLite": "mimelite", "MIME": "mime",
-            "FedLADA": "fedlada", "FedSPS": "fedsps", "FedDecSPS": "feddecsps"}[method]
-    com = fo.communication_bytes(name, shapes, download=down, base_optimizer=sgdm)
+    com = round_bytes(method, aggregation, x0, frozen0, K)
 
     x, frozen = x0, frozen0
     accs = [accuracy(x, frozen)]
