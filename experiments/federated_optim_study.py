@@ -25,7 +25,7 @@ client's state across rounds). Writes ``experiments/results/
 federated_optim_study.{md,json,png}``: test accuracy per round and bytes
 exchanged per round (``jlora.optim.communication_bytes``).
 
-    python experiments/federated_optim_study.py [--rounds 10 --clients 10]
+    python experiments/federated_optim_study.py [--rounds 8 --clients 10]
 """
 
 from __future__ import annotations
@@ -287,12 +287,12 @@ def run(method, aggregation, setup, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train", type=int, default=2000)
-    ap.add_argument("--test", type=int, default=600)
+    ap.add_argument("--train", type=int, default=1500)
+    ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--max-len", type=int, default=24)
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--dirichlet", type=float, default=0.1)
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--local-steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--full-batch", type=int, default=32)
