@@ -41,8 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.core import merge
-from jlora.methods.stacked import bind_adapter_ids
-from jlora.tree import is_node, leaves_with_paths, map_with_paths
+from jlora.tree import is_node, leaves_with_paths
 
 _local = threading.local()
 
@@ -151,7 +150,7 @@ _HANDLERS: dict[type, tuple[str, Callable]] = {
 
 
 def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None = None,
-          adapter_ids: Any = None, _consumed: list | None = None, **kwargs):
+          _consumed: list | None = None, **kwargs):
     """``model.apply(variables, *args, **kwargs)`` with adapters computed factorized.
 
     Args:
@@ -161,18 +160,13 @@ def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None
       *args, **kwargs: passed to ``model.apply`` (``method=``, ``rngs=``,
         ``mutable=`` included).
       dropout_key: enables adapter dropout (training); ``None`` at eval.
-      adapter_ids: ``(batch,)`` ints for a tree from ``jlora.compose.stack``:
-        example ``j`` runs with adapter ``adapter_ids[j]`` (``-1``: the base alone).
     """
     variables = dict(variables)
     params = variables.get("params")
     if params is None:
         raise ValueError("jlora.linen.apply: variables has no 'params' collection")
     nodes = {path: node for path, node in leaves_with_paths(params) if is_node(node)}
-    stacked = bind_adapter_ids(nodes, adapter_ids)
-    variables["params"] = merge(params) if not stacked else merge(map_with_paths(
-        lambda p, x: x.base if p in stacked else x, params))
-    hits = [] if _consumed is None else _consumed
+    variables["params"] = merge(params)
 
     def interceptor(next_fun, call_args, call_kwargs, context):
         module = context.module
@@ -199,16 +193,12 @@ def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None
             _local.busy = False
         if y is NotImplemented:
             return next_fun(*call_args, **call_kwargs)
-        hits.append(path)
+        if _consumed is not None:
+            _consumed.append(path)
         return y
 
     with nn.intercept_methods(interceptor):
-        out = model.apply(variables, *args, **kwargs)
-    missed = [p for p in stacked if p not in hits]
-    if missed:
-        raise ValueError(f"{missed[0]}: a stacked adapter runs only on the fast path, and this "
-                         "layer is not on it (jlora.linen.consumed lists what is)")
-    return out
+        return model.apply(variables, *args, **kwargs)
 
 
 def consumed(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, list[str]]:
