@@ -105,6 +105,10 @@ class AdaLoRANode(AdapterNode):
     def rank(self) -> int:
         return self.config.init_rank
 
+    @property
+    def scale(self) -> float:
+        return self.config.scale
+
     def delta(self) -> Array:
         return from_matrix(self.scale * ((self.p * self.lam) @ self.q), self.shape, self.in_axes)
 

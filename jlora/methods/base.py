@@ -188,11 +188,6 @@ class AdapterNode(struct.PyTreeNode, NodeBase, kw_only=True):
         return getattr(self.config, "rank", None)
 
     @property
-    def scale(self) -> float:
-        """The config's ``scale`` (1 for methods without one)."""
-        return getattr(self.config, "scale", 1.0)
-
-    @property
     def in_shape(self) -> tuple[int, ...]:
         return tuple(self.shape[i] for i in self.in_axes)
 

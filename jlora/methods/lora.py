@@ -186,6 +186,10 @@ class LoRANode(AdapterNode):
     def trainable(self) -> tuple[str, ...]:
         return ("a", "b") if self.config.train_a else ("b",)
 
+    @property
+    def scale(self) -> float:
+        return self.config.scale
+
     def _product(self, a, b) -> Array:
         return from_matrix(self.scale * (a @ b), self.shape, self.in_axes)
 

@@ -137,6 +137,10 @@ class PF2LoRANode(AdapterNode):
                   "d": "rank_out"}
 
     @property
+    def scale(self) -> float:
+        return self.config.scale
+
+    @property
     def personal_scale(self) -> float:
         return self.config.personal_scale
 

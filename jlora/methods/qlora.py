@@ -171,6 +171,10 @@ class QLoRANode(AdapterNode):
     field_axes = {"quantized": "quantized", "a": "in_rank", "b": "rank_out"}
 
     @property
+    def scale(self) -> float:
+        return self.config.scale
+
+    @property
     def compute_dtype(self):
         return jnp.dtype(self.config.compute_dtype or self.quantized.dtype)
 
