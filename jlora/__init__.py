@@ -8,7 +8,7 @@
     >>> served = jlora.merge(jlora.combine(trainable, frozen))
 """
 
-from jlora import checkpoint, glora, linen, nnx, optim, peft, sharding
+from jlora import checkpoint, glora, linen, nnx, optim, peft, presets, sharding
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.methods import AdaLoRA, AdapterNode, Config, DoRA, Full, GLoRA, LoRA, VeRA
 from jlora.spec import Spec
@@ -38,6 +38,7 @@ __all__ = [
     "optim",
     "path_str",
     "peft",
+    "presets",
     "sharding",
     "split",
     "summary",

@@ -96,6 +96,8 @@ def _kind(path: str, node) -> str:
         return "embedding"
     if len(node.shape) == 2 and node.in_axes == (0,):
         return "linear"
+    if len(node.shape) == 2 and node.in_axes == (1,):
+        return "linear_t"  # kernel stored (out, in): PEFT's fan_in_fan_out layers
     if len(node.shape) == 4 and node.in_axes == (0, 1, 2):
         return "conv"
     raise ValueError(
@@ -170,7 +172,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         if kind == "embedding":
             tensors[f"{key}.lora_embedding_A"] = a.T
             tensors[f"{key}.lora_embedding_B"] = b.T
-        elif kind == "linear":
+        elif kind in ("linear", "linear_t"):
             tensors[f"{key}.lora_A.weight"] = a.T
             tensors[f"{key}.lora_B.weight"] = b.T
         else:
@@ -178,12 +180,12 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
             tensors[f"{key}.lora_A.weight"] = a.reshape(kh, kw, cin, rank).transpose(3, 2, 0, 1)
             tensors[f"{key}.lora_B.weight"] = b.T.reshape(-1, rank, 1, 1)
         if isinstance(node, DoRANode):
-            if kind != "linear":
+            if kind not in ("linear", "linear_t"):
                 raise ValueError(f"{path}: jlora exports DoRA for Linear layers only")
             tensors[f"{key}.lora_magnitude_vector"] = np.asarray(node.m, np.float32)
         modules[module] = {"r": rank, "alpha": alpha, "rslora": node.config.rslora,
                            "dora": isinstance(node, DoRANode), "dropout": node.config.dropout,
-                           "path": path}
+                           "path": path, "transposed": kind == "linear_t"}
     if not modules:
         raise ValueError("jlora.peft.save: the tree holds no LoRA/DoRA adapter")
     for flag in ("rslora", "dora"):
@@ -206,7 +208,9 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         "lora_dropout": _most_common(m["dropout"] for m in modules.values()),
         "bias": "none",
         "lora_bias": False,
-        "fan_in_fan_out": False,
+        # PEFT applies fan_in_fan_out to its Conv1D-style layers (GPT-2) and forces
+        # it off for nn.Linear ones, so one flag describes a mixed model.
+        "fan_in_fan_out": any(m["transposed"] for m in modules.values()),
         "modules_to_save": to_save or None,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -254,7 +258,10 @@ def _read_config(path: str) -> dict:
             continue
         raise ValueError(f"{path}: key {key!r} is set to {value!r}, which jlora does not "
                          "implement; refusing to load rather than ignore it")
-    checks = {"fan_in_fan_out": False, "lora_bias": False, "bias": "none"}
+    if config.get("fan_in_fan_out") not in (True, False, None):
+        raise ValueError(f"{path}: key 'fan_in_fan_out' must be true or false, got "
+                         f"{config['fan_in_fan_out']!r}")
+    checks = {"lora_bias": False, "bias": "none"}
     for key, ok in checks.items():
         if config.get(key, ok) not in (ok, None):
             raise ValueError(f"{path}: key {key!r} = {config[key]!r} is not supported "
@@ -272,12 +279,20 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def load(directory: str, params: Any, *, name_map: NameMap = None,
-         adapter_name: str = "default") -> Any:
+         adapter_name: str = "default", in_axes: dict | None = None) -> Any:
     """Read a PEFT LoRA adapter directory into an adapted tree over ``params``.
 
     Honours ``r``/``lora_alpha`` with ``rank_pattern``/``alpha_pattern``,
-    ``use_rslora``, ``use_dora`` and ``modules_to_save``. ``params`` is not
-    modified; the returned tree is complete or an error is raised.
+    ``use_rslora``, ``use_dora``, ``fan_in_fan_out`` and ``modules_to_save``.
+    ``params`` is not modified; the returned tree is complete or an error is raised.
+
+    Orientation of a 2-D kernel: PEFT's ``lora_A`` is ``(r, in)`` and ``lora_B``
+    ``(out, r)``, so a non-square kernel of shape ``(in, out)`` gets
+    ``in_axes=(0,)`` and one of shape ``(out, in)`` (Hugging Face Flax GPT-2's
+    ``FlaxConv1D``) ``in_axes=(1,)``. A square kernel follows ``in_axes``
+    (``{kernel path: in_axes}``, e.g. from ``jlora.linen.resolve(...)`` configs)
+    when given, else the file's ``fan_in_fan_out`` (true: the Flax port of a
+    ``Conv1D`` model, stored ``(out, in)``).
     """
     from safetensors.numpy import load_file
 
@@ -323,7 +338,8 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
         mpath = flax_module(module, f"{key}.{sorted(parts)[0]}")
         join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
         if "lora_A.weight" in parts or "lora_embedding_A" in parts:
-            nodes.update(_lora_node(config, module, parts, join, leaves, weights_path, key))
+            nodes.update(_lora_node(config, module, parts, join, leaves, weights_path, key,
+                                    in_axes or {}))
         else:  # modules_to_save: whole tensors
             for suffix, value in parts.items():
                 for leaf in (("kernel", "embedding", "scale") if suffix == "weight" else ("bias",)):
@@ -344,7 +360,26 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
     return map_with_paths(lambda p, x: nodes.get(p, x), params)
 
 
-def _lora_node(config, module, parts, join, leaves, weights_path, key):
+def _linear_in_axes(path, shape, a_t, b_t, config, given, where):
+    """``(0,)`` for an ``(in, out)`` kernel, ``(1,)`` for ``(out, in)``; see :func:`load`."""
+    fan_in, fan_out = a_t.shape[1], b_t.shape[0]
+    if path in given:
+        axes = tuple(given[path])
+        if axes not in ((0,), (1,)):
+            raise ValueError(f"jlora.peft.load: in_axes[{path!r}] = {given[path]!r}; a 2-D "
+                             "kernel takes (0,) or (1,)")
+        return axes
+    if fan_in != fan_out:
+        if shape == (fan_in, fan_out):
+            return (0,)
+        if shape == (fan_out, fan_in):
+            return (1,)
+        raise ValueError(f"{where}: factors {a_t.shape}/{b_t.shape} do not fit {path} of "
+                         f"shape {shape}")
+    return (1,) if config.get("fan_in_fan_out") else (0,)
+
+
+def _lora_node(config, module, parts, join, leaves, weights_path, key, given):
     embedding = "lora_embedding_A" in parts
     leaf_name = "embedding" if embedding else "kernel"
     path = join(leaf_name)
@@ -366,6 +401,10 @@ def _lora_node(config, module, parts, join, leaves, weights_path, key):
         a = a_t.transpose(2, 3, 1, 0).reshape(kh * kw * cin, r_file)
         b = b_t.reshape(cout, r_file).T
         in_axes = (0, 1, 2)
+    elif base.ndim == 2 and not embedding:
+        a, b = a_t.T, b_t.T
+        in_axes = _linear_in_axes(path, tuple(base.shape), a_t, b_t, config, given,
+                                  f"{weights_path}: {key}")
     else:
         a, b, in_axes = a_t.T, b_t.T, (0,)
     fan_in = math.prod(base.shape[i] for i in in_axes)
