@@ -75,7 +75,7 @@ def run_method(name, rules, model, params, data, args):
         return loss + reg, loss  # curves report the task loss only
 
     def step(t, opt, ids, mask, y, valid, key):
-        fr = jlora.glora.sample(key, frozen) if is_glora else frozen
+        fr = jlora.optim.glora_sample(key, frozen) if is_glora else frozen
         (_, loss), g = jax.value_and_grad(loss_fn, has_aux=True)(t, fr, ids, mask, y, valid)
         u, opt = tx.update(g, opt, t)
         return optax.apply_updates(t, u), opt, loss
@@ -105,18 +105,25 @@ def run_method(name, rules, model, params, data, args):
     if is_glora:  # evolutionary search on a validation split, inherited supernet weights
         @jax.jit
         def logits_with(choices, ids, mask):
-            p = jlora.combine(trainable, jlora.glora.fix(frozen, choices))
+            p = jlora.combine(trainable, jlora.optim.glora_fix(frozen, choices))
             return jlora.linen.apply(model, {"params": p}, ids, mask)
 
         def evaluate(choices):
             c = {k: jnp.asarray(v, jnp.int32) for k, v in choices.items()}
             return accuracy(lambda i, m: logits_with(c, i, m), va_ids, va_mask, va_y, b, "val")
 
-        res = jlora.glora.search(evaluate, adapted, seed=args.seed, population=args.glora_population,
-                                 generations=args.glora_generations, parents=4,
-                                 mutants=args.glora_population // 2,
-                                 crossovers=args.glora_population // 2)
-        frozen = jlora.glora.fix(frozen, res.best)
+        with tqdm(total=args.glora_generations, desc="GLoRA evolutionary search") as sbar:
+            def on_generation(generation, best):
+                sbar.update()
+                sbar.set_postfix(best=f"{best:.4f}")
+
+            res = jlora.optim.glora_search(evaluate, adapted, seed=args.seed,
+                                           population=args.glora_population,
+                                           generations=args.glora_generations, parents=4,
+                                           mutants=args.glora_population // 2,
+                                           crossovers=args.glora_population // 2,
+                                           callback=on_generation)
+        frozen = jlora.optim.glora_fix(frozen, res.best)
         extra = {"glora_val_acc": res.fitness, "glora_params": res.params,
                  "glora_evaluations": res.evaluations}
     tuned = jlora.combine(trainable, frozen)

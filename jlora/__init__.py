@@ -8,9 +8,12 @@
     >>> served = jlora.merge(jlora.combine(trainable, frozen))
 """
 
-from jlora import checkpoint, glora, linen, nnx, optim, peft, presets, sharding
+from jlora import (checkpoint, federated, glora, linen, nnx, optim, peft, presets, quant,
+                   sharding)
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
-from jlora.methods import AdaLoRA, AdapterNode, Config, DoRA, Full, GLoRA, LoRA, VeRA
+from jlora.quant import dequantize, quantize
+from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
+                           PF2LoRA, QLoRA, VeRA)
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
@@ -22,14 +25,19 @@ __all__ = [
     "checkpoint",
     "Config",
     "DoRA",
+    "FedDPA",
     "Full",
     "GLoRA",
     "LoRA",
+    "PF2LoRA",
+    "QLoRA",
     "Spec",
     "VeRA",
     "apply",
     "combine",
     "count_trainable",
+    "dequantize",
+    "federated",
     "glora",
     "is_node",
     "linen",
@@ -39,6 +47,8 @@ __all__ = [
     "path_str",
     "peft",
     "presets",
+    "quant",
+    "quantize",
     "sharding",
     "split",
     "summary",

@@ -9,3 +9,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Fixture generators (they need torch and peft and write files) are scripts, not tests.
+collect_ignore_glob = ["fixtures/*"]

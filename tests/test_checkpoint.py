@@ -1,10 +1,15 @@
 """Orbax checkpoints: round trip, keep-N, atomic saves, exact resume, meshes, bad input."""
 
+import base64
+import json
 import os
+import pickle
+import re
 import signal
 import subprocess
 import sys
 import time
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -151,3 +156,171 @@ def test_existing_step_is_not_silently_replaced(tmp_path):
     bumped = jax.tree.map(lambda x: x + 1, trainable)
     jlora.checkpoint.save(tmp_path, bumped, step=1, overwrite=True)
     assert_trees_equal(jlora.checkpoint.restore(tmp_path)["trainable"], bumped)
+
+
+# ---------------------------------------------------------------- trust: no code from a file
+
+
+def _rewrite_meta(step_dir, **changes):
+    path = os.path.join(step_dir, "meta", "metadata")
+    with open(path) as f:
+        meta = json.load(f)
+    meta.update(changes)
+    with open(path, "w") as f:
+        json.dump(meta, f)
+
+
+class _CreatesAFile:
+    """Unpickling this calls open(path, "w"): the file appears iff the pickle is loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_crafted_old_format_checkpoint_runs_no_code(tmp_path):
+    _, trainable, _, _ = small()
+    ckpt = tmp_path / "ckpt"
+    jlora.checkpoint.save(ckpt, trainable, step=1)
+    marker = tmp_path / "pwned"
+    payload = base64.b64encode(pickle.dumps(_CreatesAFile(str(marker)))).decode()
+    _rewrite_meta(ckpt / "1", format="jlora-checkpoint/1",
+                  trainable={"treedef": payload, "leaves": [[[8, 2], "float32"]]})
+    with pytest.raises(ValueError, match=re.escape(str(ckpt / "1")) + ".*0.1.0.*upgrade"):
+        jlora.checkpoint.restore(ckpt)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("node", "os.system"), ("node", "builtins.eval"), ("namedtuple", "posix.system"),
+    ("namedtuple", "collections.OrderedDict"),
+])
+def test_crafted_types_in_the_structure_are_refused(tmp_path, field, value):
+    _, trainable, _, opt = small()
+    jlora.checkpoint.save(tmp_path, trainable, step=1, opt_state=opt)
+    with open(tmp_path / "1" / "meta" / "metadata") as f:
+        text = f.read()
+    key = '"node": "LoRANode"' if field == "node" else '"namedtuple": "optax._src.transform.ScaleByAdamState"'
+    assert key in text
+    with open(tmp_path / "1" / "meta" / "metadata", "w") as f:
+        f.write(text.replace(key, json.dumps({field: value})[1:-1]))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "1")) + ": malformed.*unknown"):
+        jlora.checkpoint.restore(tmp_path)
+
+
+def _save_like_0_1_0(directory, trainable, opt_state, step):
+    """What jlora 0.1.0 wrote: arrays by flattening index, structure as a pickled treedef."""
+    import orbax.checkpoint as ocp
+
+    arrays, meta = {}, {"format": "jlora-checkpoint/1", "step": step, "spec": None}
+    for name, tree in (("trainable", trainable), ("opt_state", opt_state)):
+        leaves, treedef = jax.tree.flatten(tree)
+        arrays[name] = {str(i): x for i, x in enumerate(leaves)}
+        meta[name] = {"treedef": base64.b64encode(pickle.dumps(treedef)).decode(),
+                      "leaves": [[list(x.shape), str(x.dtype)] for x in leaves]}
+    with ocp.CheckpointManager(os.path.abspath(directory)) as mgr:
+        mgr.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                               meta=ocp.args.JsonSave(meta)))
+
+
+def test_upgrade_resaves_a_0_1_0_checkpoint_without_unpickling(tmp_path):
+    spec, trainable, frozen, opt = small()
+    _save_like_0_1_0(tmp_path / "old", trainable, opt, step=5)
+    with pytest.raises(ValueError, match="0.1.0"):
+        jlora.checkpoint.restore(tmp_path / "old")
+    zeros = jax.tree.map(jnp.zeros_like, (trainable, opt))
+    wrong = jax.tree.map(lambda x: jnp.zeros((3,) + x.shape, x.dtype), trainable)
+    with pytest.raises(ValueError, match=r"trainable array #0 is float32\[8\], the tree given has float32\[3, 8\]"):
+        jlora.checkpoint.upgrade(tmp_path / "old", tmp_path / "new", trainable=wrong, opt_state=opt)
+    jlora.checkpoint.upgrade(tmp_path / "old", tmp_path / "new", trainable=zeros[0], opt_state=zeros[1])
+    state = jlora.checkpoint.restore(tmp_path / "new")
+    assert state["step"] == 5
+    assert_trees_equal(state["trainable"], trainable)
+    assert_trees_equal(state["opt_state"], opt)
+
+
+def test_optimiser_states_round_trip(tmp_path):
+    _, trainable, _, _ = small()
+    for i, tx in enumerate([optax.adamw(1e-3), jlora.optim.lora_plus(optax.adamw, 1e-3),
+                            optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1e-2, momentum=0.9))]):
+        state = tx.update(trainable, tx.init(trainable), trainable)[1]
+        jlora.checkpoint.save(tmp_path / str(i), trainable, step=1, opt_state=state)
+        assert_trees_equal(jlora.checkpoint.restore(tmp_path / str(i))["opt_state"], state)
+
+
+def test_unstorable_types_are_named_at_save(tmp_path):
+    class Mine(typing.NamedTuple):
+        x: jax.Array
+
+    with pytest.raises(ValueError, match=r"opt/0: cannot store a .*Mine"):
+        jlora.checkpoint.save(tmp_path, {"opt": [Mine(jnp.ones(2))]}, step=1)
+    with pytest.raises(ValueError, match=r"w: cannot store a object"):
+        jlora.checkpoint.save(tmp_path, {"w": object()}, step=1)
+
+
+# ---------------------------------------------------------------- options, mismatches, directories
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"keep": 0}, "keep must be an int >= 1, got 0"), ({"keep": -2}, "keep must be"),
+    ({"keep": True}, "keep must be"), ({"keep": 1.5}, "keep must be"),
+    ({"every": 0}, "every must be an int >= 1, got 0"), ({"every": -5}, "every must be"),
+    ({"every": "10"}, "every must be"),
+])
+def test_manager_options_are_validated(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        jlora.checkpoint.Manager(tmp_path, **kwargs)
+    assert not os.listdir(tmp_path)
+
+
+def test_bad_steps_are_refused(tmp_path):
+    _, trainable, _, _ = small()
+    mgr = jlora.checkpoint.Manager(tmp_path)
+    for step in (-1, 1.0, True, "3"):
+        with pytest.raises(ValueError, match="step must be an int >= 0"):
+            mgr.save(step, trainable)
+    mgr.save(2, trainable)
+    mgr.delete(2)
+    assert mgr.all_steps() == []
+    with pytest.raises(ValueError, match="no checkpoint for step 2"):
+        mgr.delete(2)
+
+
+def test_restore_onto_another_spec_or_base_names_the_path(tmp_path):
+    spec, trainable, frozen, opt = small()
+    jlora.checkpoint.save(tmp_path, trainable, step=1, opt_state=opt, spec=spec)
+    other = jlora.Spec({"q/kernel": jlora.LoRA(rank=3, alpha=4), "ln/scale": jlora.Full()})
+    with pytest.raises(ValueError, match=r"different spec: at q/kernel the checkpoint holds LoRA\(rank=2"):
+        jlora.checkpoint.restore(tmp_path, spec=other)
+    state = jlora.checkpoint.restore(tmp_path, spec=spec, onto=frozen)
+    assert_trees_equal(state["adapted"], jlora.combine(trainable, frozen))
+    bigger = {"q": {"kernel": jnp.ones((16, 8))}, "ln": {"scale": jnp.ones(8)}}
+    _, frozen16 = jlora.split(jlora.apply(bigger, spec, key=jax.random.key(0)))
+    with pytest.raises(ValueError, match=r"at q/kernel the checkpoint has shape \(8, 8\), the tree "
+                                         r"to restore onto has \(16, 8\)"):
+        jlora.checkpoint.restore(tmp_path, onto=frozen16)
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"))
+    wrong = {"q": {"kernel": NamedSharding(mesh, P())}}
+    with pytest.raises(ValueError, match=r"trainable shardings do not match .* 'q/kernel'"):
+        jlora.checkpoint.restore(tmp_path, shardings=wrong)
+
+
+def test_directories_that_are_not_checkpoints_are_named(tmp_path):
+    _, trainable, _, _ = small()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "notes")) + " is not a jlora checkpoint directory"):
+        jlora.checkpoint.restore(tmp_path / "notes")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no checkpoint in .*empty"):
+        jlora.checkpoint.restore(tmp_path / "empty")
+    with pytest.raises(ValueError, match="todo.txt: not a directory"):
+        jlora.checkpoint.restore(tmp_path / "notes" / "todo.txt")
+    jlora.checkpoint.save(tmp_path / "ck", trainable, step=3)
+    with pytest.raises(ValueError, match=r"is one step of a jlora checkpoint: restore .*ck' with step=3"):
+        jlora.checkpoint.restore(tmp_path / "ck" / "3")
+    _rewrite_meta(tmp_path / "ck" / "3", format="something-else/1")
+    with pytest.raises(ValueError, match=r"ck/3: not a jlora checkpoint \(format 'something-else/1'\)"):
+        jlora.checkpoint.restore(tmp_path / "ck")

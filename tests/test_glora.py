@@ -1,13 +1,12 @@
-"""GLoRA against float64 numpy references written from ALGORITHMS.md (official-code form)."""
+"""GLoRA's layer math against float64 numpy references written from the official-code form
+(docs/methods.md); the supernet sampling and search: tests/optim/test_glora.py."""
 
 import itertools
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import jlora
@@ -63,7 +62,7 @@ assert len(ALL) == 432
 @pytest.mark.parametrize("codes", ALL[::37] + [ALL[-1]])
 def test_merged_weight_and_bias_match_reference(codes):
     params, adapted = layer()
-    adapted = jlora.glora.fix(randomize(adapted), {"fc": codes})
+    adapted = jlora.optim.glora_fix(randomize(adapted), {"fc": codes})
     merged = jlora.merge(adapted)
     kn, bn = adapted["fc"]["kernel"], adapted["fc"]["bias"]
     k_ref, b_ref = ref(params["fc"]["kernel"], params["fc"]["bias"], kn, bn, codes, (R,) * 5)
@@ -73,7 +72,7 @@ def test_merged_weight_and_bias_match_reference(codes):
 
 def test_identity_at_init_for_every_configuration():
     params, adapted = layer()
-    fixed = jax.jit(lambda t, c: jlora.merge(jlora.glora.fix(t, {"fc": c})))
+    fixed = jax.jit(lambda t, c: jlora.merge(jlora.optim.glora_fix(t, {"fc": c})))
     for codes in ALL[::7]:
         merged = fixed(adapted, codes)
         np.testing.assert_array_equal(np.asarray(merged["fc"]["kernel"]), np.asarray(params["fc"]["kernel"]))
@@ -92,78 +91,9 @@ def test_forward_fast_path_equals_merged_and_numpy():
     np.testing.assert_allclose(f64(y), f64(x) @ k_ref + b_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_parameter_counts_follow_the_paper():
-    params, adapted = layer(jlora.GLoRA(a="lowrank:2", b="vector", c="lowrank:3", d="scalar",
-                                        e="none", rank=3))
-    # A: 2·(6+5); B: 5; C: 3·(6+1); D: 1; E: 0
-    assert jlora.glora.param_count(adapted, jlora.glora.current(adapted)) == 22 + 5 + 21 + 1
-    assert jlora.glora.param_count(adapted, {"fc": (0, 0, 0, 0, 0)}) == 0
+def test_config_and_apply_errors():
     with pytest.raises(ValueError, match="not one of"):
         jlora.GLoRA(d="lowrank:2")
     with pytest.raises(ValueError, match="needs the layer's bias"):
         jlora.apply({"fc": {"kernel": jnp.ones((6, 5))}}, jlora.Spec({"fc/kernel": jlora.GLoRA(rank=2)}),
                     key=jax.random.key(0))
-
-
-def test_supernet_sampling_inside_jit_without_retracing():
-    params, adapted = layer()
-    adapted = randomize(adapted)
-
-    @jax.jit
-    @chex.assert_max_traces(n=1)
-    def forward(tree, key):
-        tree = jlora.glora.sample(key, tree)
-        return jlora.merge(tree), tree["fc"]["kernel"].choice, tree["fc"]["bias"].choice
-
-    seen = set()
-    for i in range(12):
-        _, ck, cb = forward(adapted, jax.random.key(i))
-        np.testing.assert_array_equal(ck, cb)  # kernel and bias agree on the layer's choice
-        assert all(int(c) in ALLOWED[s] for s, c in zip(SUPPORTS, ck))
-        seen.add(tuple(int(c) for c in ck))
-    assert len(seen) > 6
-
-
-def test_search_finds_the_best_configuration_under_a_budget():
-    params = {f"l{i}": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)} for i in range(3)}
-    adapted = jlora.apply(params, jlora.Spec({"*/kernel": jlora.GLoRA(rank=2)}), key=jax.random.key(0))
-    budget = 3 * (2 * 16 + 8)  # room for lowrank A and a vector E in every layer, not more
-
-    def evaluate(choices):  # a known optimum: A lowrank and E vector everywhere, the rest none
-        score = 0.0
-        for c in choices.values():
-            score += (c[0] == 3) + (c[4] == 2) - 0.1 * sum(x != 0 for x in c[1:4])
-        return score
-
-    res = jlora.glora.search(evaluate, adapted, seed=0, progress=False, max_params=budget)
-    assert res.best == {f"l{i}": (3, 0, 0, 0, 2) for i in range(3)}
-    assert res.fitness == pytest.approx(6.0) and res.params <= budget
-    assert res.history == sorted(res.history) and len(res.history) == 20
-
-
-def test_supernet_training_lowers_the_loss():
-    model = nn.Dense(4)
-    x = jax.random.normal(jax.random.key(0), (64, 8))
-    y = x[:, :4] * 1.5 + 0.3
-    params = model.init(jax.random.key(1), x)["params"]
-    adapted = jlora.apply(params, jlora.Spec({"kernel": jlora.GLoRA(rank=2)}), key=jax.random.key(2))
-    trainable, frozen = jlora.split(adapted)
-    tx = optax.adam(3e-2)
-    opt = tx.init(trainable)
-
-    @jax.jit
-    def step(t, opt, key):
-        fr = jlora.glora.sample(key, frozen)
-        loss, g = jax.value_and_grad(lambda t: jnp.mean(
-            (jlora.linen.apply(model, {"params": jlora.combine(t, fr)}, x) - y) ** 2))(t)
-        u, opt = tx.update(g, opt)
-        return optax.apply_updates(t, u), opt, loss
-
-    def eval_loss(t, codes):
-        p = jlora.combine(t, jlora.glora.fix(frozen, {"": codes}))
-        return float(jnp.mean((model.apply({"params": jlora.merge(p)}, x) - y) ** 2))
-
-    before = eval_loss(trainable, (3, 3, 3, 2, 2))
-    for i in range(150):
-        trainable, opt, _ = step(trainable, opt, jax.random.key(i))
-    assert eval_loss(trainable, (3, 3, 3, 2, 2)) < 0.5 * before

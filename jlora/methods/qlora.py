@@ -1,0 +1,211 @@
+"""QLoRA: LoRA on a 4-bit quantized frozen base (Dettmers et al. 2023, arXiv 2305.14314).
+
+The frozen kernel ``K0`` is stored as :class:`jlora.quant.QuantizedArray`: NF4
+codes (two a byte, blocks of ``block_size`` along the contracting axis, the
+bitsandbytes layout) with double-quantized block scales (§3). The adapter is
+LoRA's, trained in float:
+
+    y = x·deq(K0) + s·(drop(x)·a)·b,     s = alpha / rank
+
+``deq`` runs in ``compute_dtype`` (QLoRA's ``bnb_4bit_compute_dtype``; default
+the kernel's own dtype). The fast path dequantizes *inside* the matmul under a
+custom VJP whose residuals are the packed codes and scales only: the backward
+recomputes ``deq(K0)`` for ``∂L/∂x = g·deq(K0)ᵀ`` (as bitsandbytes'
+``MatMul4Bit`` does), so no dequantized weight is kept alive between forward
+and backward, also when the blocks run under ``nn.scan``. Storage is about
+``4.127`` bits a base parameter (0.516 bytes) with NF4, blocks of 64 and double
+quantization.
+
+``merge`` gives ``deq(K0) + s·a·b`` in ``compute_dtype``; ``merge(onto=...)``,
+``unmerge`` and PEFT export use the delta ``s·a·b`` alone, so a QLoRA adapter
+is an ordinary LoRA adapter for any copy of the base (float or 4-bit).
+
+Example::
+
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (128, 64))}}
+    >>> adapted = jlora.apply(params, jlora.Spec({"dense/kernel": jlora.QLoRA(rank=4)}),
+    ...                       key=jax.random.key(1))
+    >>> node = adapted["dense"]["kernel"]
+    >>> node.quantized.codes.shape, node.a.shape, node.b.shape
+    ((64, 64), (128, 4), (4, 64))
+    >>> round(node.base_nbytes() / (128 * 64), 3)
+    0.517
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jlora import quant as Q
+from jlora._validate import boolean, choice, positive_int, real
+from jlora.methods.base import (
+    AdapterNode,
+    Array,
+    Config,
+    LinearOp,
+    from_matrix,
+    leading_in_axes,
+    strict_options,
+)
+from jlora.methods.lora import LoRA, lowrank_dot
+
+
+@strict_options
+@dataclasses.dataclass(frozen=True)
+class QLoRA(Config):
+    """QLoRA config: a quantized frozen base plus LoRA factors.
+
+    Args:
+      rank: the rank ``r`` of ``a·b``.
+      alpha: scale numerator (``s = alpha/rank``); default ``rank``.
+      quant: ``"nf4"`` (QLoRA), ``"fp4"`` or ``"int8"`` (per-block absmax).
+      block_size: values per quantization block along the contracting axis (64).
+      double_quant: 8-bit codes for the block scales (QLoRA's double quantization).
+      compute_dtype: dtype the base is dequantized to and the matmul runs in;
+        default the kernel's own dtype.
+      init: ``"kaiming"`` or ``"gaussian"`` (LoRA's; ``b = 0``).
+      rslora: ``s = alpha/√rank``.
+      dropout: dropout rate on the adapter branch input (fast path, training).
+      dtype: factor dtype; default float32.
+      in_axes: which kernel axes are inputs; default all but the last.
+    """
+
+    rank: int
+    alpha: float | None = None
+    quant: str = "nf4"
+    block_size: int = 64
+    double_quant: bool = True
+    compute_dtype: Any = None
+    init: str = "kaiming"
+    rslora: bool = False
+    dropout: float = 0.0
+    dtype: Any = None
+    in_axes: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        positive_int("QLoRA", "rank", self.rank)
+        real("QLoRA", "alpha", self.alpha, gt=0.0, allow_none=True)
+        choice("QLoRA", "quant", self.quant, Q.QUANTS)
+        positive_int("QLoRA", "block_size", self.block_size, minimum=2)
+        if self.block_size % 2:
+            raise ValueError(f"QLoRA: block_size must be even, got {self.block_size}")
+        boolean("QLoRA", "double_quant", self.double_quant)
+        choice("QLoRA", "init", self.init, ("kaiming", "gaussian"))
+        boolean("QLoRA", "rslora", self.rslora)
+        real("QLoRA", "dropout", self.dropout, ge=0.0, lt=1.0)
+        if self.compute_dtype is not None:
+            try:
+                dt = jnp.dtype(self.compute_dtype)
+            except TypeError:
+                dt = None
+            if dt is None or not jnp.issubdtype(dt, jnp.floating):
+                raise ValueError(f"QLoRA: compute_dtype must be a floating dtype, "
+                                 f"got {self.compute_dtype!r}")
+            object.__setattr__(self, "compute_dtype", dt.name)
+        if self.in_axes is not None:
+            object.__setattr__(self, "in_axes", tuple(self.in_axes))
+
+    @property
+    def scale(self) -> float:
+        return self.lora().scale
+
+    def lora(self) -> LoRA:
+        """The LoRA config of the adapter part (shared init and checks)."""
+        return LoRA(rank=self.rank, alpha=self.alpha, init=self.init, rslora=self.rslora,
+                    dropout=self.dropout, dtype=self.dtype, in_axes=self.in_axes)
+
+    def build(self, key: Array, base: Array, *, path: str) -> "QLoRANode":
+        in_axes, base, a, b, _, _ = self.lora().init_factors(key, base, path=path)
+        q = Q.quantize(base, self.quant, self.block_size, self.double_quant, in_axes=in_axes)
+        return QLoRANode(quantized=q, a=a, b=b, config=self, shape=tuple(base.shape),
+                         in_axes=in_axes)
+
+
+def quantized_dot(x: Array, q: Q.QuantizedArray, op: LinearOp, dtype: Any) -> Array:
+    """``op(x, deq(q))`` whose backward keeps only ``q`` (codes and scales).
+
+    ``op`` must be linear in ``x`` (a layer's matmul, einsum or convolution).
+    The VJP recomputes ``deq(q)`` and transposes ``op`` in ``x``; codes and
+    scales are frozen (zero cotangents), so no weight-sized array is a residual.
+    """
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        return op(x, q.dequantize(dtype))  # integer inputs (ids) carry no gradient
+    x_aval = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+
+    @jax.custom_vjp
+    def f(x, q):
+        return op(x, q.dequantize(dtype))
+
+    def fwd(x, q):
+        return op(x, q.dequantize(dtype)), q
+
+    def bwd(q, g):
+        w = q.dequantize(dtype)
+        (gx,) = jax.linear_transpose(lambda x: op(x, w), x_aval)(g)
+        zeros = jax.tree.map(
+            lambda a: (np.zeros(a.shape, jax.dtypes.float0)
+                       if not jnp.issubdtype(a.dtype, jnp.inexact) else jnp.zeros_like(a)), q)
+        return gx, zeros
+
+    f.defvjp(fwd, bwd)
+    return f(x, q)
+
+
+@struct.dataclass
+class QLoRANode(AdapterNode):
+    """``K = deq(quantized) + s·a·b``; trainable ``a`` and ``b``."""
+
+    quantized: Q.QuantizedArray
+    a: Array
+    b: Array
+    config: QLoRA = struct.field(pytree_node=False, default=None)
+    shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
+    in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
+
+    method = "QLoRA"
+    trainable = ("a", "b")
+    field_axes = {"quantized": "quantized", "a": "in_rank", "b": "rank_out"}
+
+    @property
+    def scale(self) -> float:
+        return self.config.scale
+
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.config.compute_dtype or self.quantized.dtype)
+
+    @property
+    def base(self) -> Array:
+        """The dequantized frozen kernel in the compute dtype."""
+        return self.quantized.dequantize(self.compute_dtype)
+
+    def base_nbytes(self) -> int:
+        """Bytes the quantized base holds (codes, scales, double-quantization state)."""
+        return self.quantized.nbytes
+
+    def delta(self) -> Array:
+        return from_matrix(self.scale * (self.a @ self.b), self.shape, self.in_axes)
+
+    def materialize(self) -> Array:
+        d = self.delta()
+        return (self.base.astype(d.dtype) + d).astype(self.compute_dtype)
+
+    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None) -> Array:
+        if not leading_in_axes(self):
+            return op(x, self.materialize())
+        xc = x.astype(self.compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        y = quantized_dot(xc, self.quantized, op, self.compute_dtype)
+        lo = lowrank_dot(x, op, self, self.a, self.b, self.scale,
+                         dropout_key=dropout_key, dropout=self.config.dropout)
+        return y + lo.astype(y.dtype)

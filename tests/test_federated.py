@@ -1,0 +1,403 @@
+"""jlora.federated against float64 numpy references written from the formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlora
+from jlora import federated as fl
+
+SHAPES = {"l1": (12, 10), "l2": (10, 9)}
+
+
+def params():
+    rng = np.random.default_rng(0)
+    return {name: {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32),
+                   "bias": jnp.zeros(s[1])} for name, s in SHAPES.items()}
+
+
+def client(config, seed, *, head=True, train=True):
+    """A client adapter with random (trained-looking) factors."""
+    p = params()
+    rules = {"{l1,l2}/kernel": config}
+    if head:
+        rules["l2/bias"] = jlora.Full()
+    adapted = jlora.apply(p, jlora.Spec(rules), key=jax.random.key(100 + seed if config.train_a
+                                                                  else 7))
+    rng = np.random.default_rng(seed)
+
+    def perturb(n):
+        if isinstance(n, jlora.methods.FullNode):
+            return n.replace(value=jnp.asarray(rng.normal(size=n.value.shape), jnp.float32))
+        b = jnp.asarray(rng.normal(size=n.b.shape) * 0.3, jnp.float32)
+        a = n.a if not n.config.train_a else jnp.asarray(rng.normal(size=n.a.shape) * 0.3,
+                                                          jnp.float32)
+        return n.replace(a=a, b=b)
+
+    return jax.tree.map(lambda n: perturb(n) if jlora.is_node(n) else n, adapted,
+                        is_leaf=jlora.is_node) if train else adapted
+
+
+def np_delta(node):
+    return node.scale * np.asarray(node.a, np.float64) @ np.asarray(node.b, np.float64)
+
+
+def exact(clients, weights, path):
+    p = np.asarray(weights, np.float64) / np.sum(weights)
+    return sum(pk * np_delta(c[path]["kernel"]) for pk, c in zip(p, clients))
+
+
+def merged_delta(tree, path):
+    return np.asarray(jlora.merge(tree)[path]["kernel"], np.float64) - np.asarray(
+        params()[path]["kernel"], np.float64)
+
+
+MIXED = [jlora.LoRA(rank=2, alpha=4), jlora.LoRA(rank=4, alpha=16, rslora=True),
+         jlora.LoRA(rank=8, alpha=8)]
+W = [10, 30, 60]
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    return [client(c, i) for i, c in enumerate(MIXED)]
+
+
+def test_flora_is_exact_for_mixed_ranks_and_scales(mixed):
+    clients = mixed
+    out = fl.flora(clients, W)
+    for path in SHAPES:
+        node = out[path]["kernel"]
+        assert node.rank == 14 and node.scale == 1.0
+        np.testing.assert_allclose(merged_delta(out, path), exact(clients, W, path),
+                                   rtol=1e-5, atol=2e-5)
+    # the head (Full) is averaged
+    heads = [np.asarray(c["l2"]["bias"].value, np.float64) for c in clients]
+    np.testing.assert_allclose(out["l2"]["bias"].value, np.average(heads, axis=0, weights=W),
+                               rtol=1e-6, atol=1e-6)
+    # trainable halves: same factors; merged onto the plain params
+    halves = [jlora.split(c)[0] for c in clients]
+    h = fl.flora(halves, W)
+    assert h["l1"]["kernel"].base is None
+    served = jlora.merge(h, onto=params())
+    np.testing.assert_allclose(np.asarray(served["l1"]["kernel"]) - params()["l1"]["kernel"],
+                               exact(clients, W, "l1"), rtol=1e-5, atol=2e-5)
+
+
+def test_ffa_is_exact_with_a_shared_frozen_a_and_per_client_scales():
+    configs = [jlora.LoRA(rank=4, alpha=a, train_a=False) for a in (4, 8, 32)]
+    clients = [client(c, i) for i, c in enumerate(configs)]
+    np.testing.assert_array_equal(clients[0]["l1"]["kernel"].a, clients[2]["l1"]["kernel"].a)
+    out = fl.ffa(clients, W)
+    for path in SHAPES:
+        np.testing.assert_allclose(merged_delta(out, path), exact(clients, W, path),
+                                   rtol=1e-5, atol=2e-5)
+    halves = fl.ffa([jlora.split(c)[0] for c in clients], W)
+    assert halves["l1"]["kernel"].a is None
+    np.testing.assert_allclose(halves["l1"]["kernel"].b, out["l1"]["kernel"].b, rtol=1e-6)
+    # a different a is refused, naming the path
+    other = client(jlora.LoRA(rank=4, alpha=4), 5)
+    with pytest.raises(ValueError, match=r"l1/kernel/a: clients 0 and 1 differ"):
+        fl.ffa([clients[0], other], [1, 1])
+
+
+def test_fedavg_is_the_product_of_mean_factors():
+    configs = [jlora.LoRA(rank=4, alpha=4), jlora.LoRA(rank=4, alpha=8),
+               jlora.LoRA(rank=4, alpha=8, rslora=True)]
+    clients = [client(c, i) for i, c in enumerate(configs)]
+    p = np.asarray(W, np.float64) / sum(W)
+    out = fl.fedavg(clients, W)
+    for path in SHAPES:
+        nodes = [c[path]["kernel"] for c in clients]
+        a_bar = sum(pk * np.asarray(n.a, np.float64) for pk, n in zip(p, nodes))
+        sb_bar = sum(pk * n.scale * np.asarray(n.b, np.float64) for pk, n in zip(p, nodes))
+        np.testing.assert_allclose(merged_delta(out, path), a_bar @ sb_bar, rtol=1e-5, atol=2e-5)
+        assert np.abs(a_bar @ sb_bar - exact(clients, W, path)).max() > 1e-2  # inexact
+    halves = fl.fedavg([jlora.split(c)[0] for c in clients], W)
+    np.testing.assert_allclose(halves["l2"]["kernel"].a, out["l2"]["kernel"].a, rtol=1e-6)
+
+
+def test_flexlora_is_the_truncated_svd_at_each_clients_rank(mixed):
+    clients = mixed
+    outs = fl.flexlora(clients, W)
+    for path in SHAPES:
+        u, s, vt = np.linalg.svd(exact(clients, W, path))
+        for k, (c, out) in enumerate(zip(clients, outs)):
+            r = MIXED[k].rank
+            node = out[path]["kernel"]
+            assert node.rank == r and node.config == MIXED[k]
+            want = (u[:, :r] * s[:r]) @ vt[:r]
+            np.testing.assert_allclose(np_delta(node), want, rtol=1e-4, atol=5e-5)
+            # all singular values in b: a has orthonormal columns
+            np.testing.assert_allclose(np.asarray(node.a).T @ np.asarray(node.a), np.eye(r),
+                                       atol=1e-5)
+    outs = fl.flexlora(clients, W, ranks=[1, 3, 20])
+    assert [o["l1"]["kernel"].rank for o in outs] == [1, 3, 20]
+    full = exact(clients, W, "l1")  # rank 14 <= 20: exact, padded with zero components
+    np.testing.assert_allclose(np_delta(outs[2]["l1"]["kernel"]), full, rtol=1e-4, atol=5e-5)
+    with pytest.raises(ValueError, match="ranks must have one entry per client"):
+        fl.flexlora(clients, W, ranks=[2, 2])
+
+
+def test_lora_fair_residual_is_below_fedavgs():
+    configs = [jlora.LoRA(rank=4, alpha=8)] * 3
+    clients = [client(c, i) for i, c in enumerate(configs)]
+    avg, fair = fl.fedavg(clients, W), fl.lora_fair(clients, W)
+    for path in SHAPES:
+        target = exact(clients, W, path)
+        r_avg = np.linalg.norm(merged_delta(avg, path) - target)
+        r_fair = np.linalg.norm(merged_delta(fair, path) - target)
+        assert r_fair < 0.9 * r_avg
+        np.testing.assert_array_equal(fair[path]["kernel"].a, avg[path]["kernel"].a)
+        # ridge -> 0: Δb is the least-squares b for ā (numpy lstsq reference)
+        a_bar = np.asarray(avg[path]["kernel"].a, np.float64)
+        s = avg[path]["kernel"].scale
+        b_ls = np.linalg.lstsq(a_bar, target / s, rcond=None)[0]
+        ls = fl.lora_fair(clients, W, ridge=0.0)[path]["kernel"]
+        np.testing.assert_allclose(ls.b, b_ls, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ([1, -1, 1], ">= 0"), ([0, 0, 0], "all zero"), ([1, float("nan"), 1], "finite"),
+    ([1, 1], "length 3"), (None, "required"),
+])
+def test_bad_weights(bad, msg, mixed):
+    clients = [mixed[0]] * 3
+    for rule in (fl.fedavg, fl.ffa, fl.flora, fl.lora_fair, fl.flexlora):
+        with pytest.raises(ValueError, match=msg):
+            rule(clients, bad)
+
+
+def test_mismatched_clients_name_path_and_values():
+    c2, c4 = client(jlora.LoRA(rank=2), 0), client(jlora.LoRA(rank=4), 1)
+    for rule in (fl.fedavg, fl.lora_fair):
+        with pytest.raises(ValueError, match=r"l1/kernel: clients 0 and 1 have ranks 2 and 4"):
+            rule([c2, c4], [1, 1])
+    other_base = jax.tree.map(lambda n: n.replace(base=n.base + 1.0)
+                              if isinstance(n, jlora.methods.LoRANode) else n,
+                              client(jlora.LoRA(rank=2), 1), is_leaf=jlora.is_node)
+    with pytest.raises(ValueError, match=r"l1/kernel/base: clients 0 and 1 differ .*difference\| 1.0"):
+        fl.flora([c2, other_base], [1, 1])
+    no_head = client(jlora.LoRA(rank=2), 1, head=False)
+    with pytest.raises(ValueError, match=r"l2/bias: clients 0 and 1 differ in kind"):
+        fl.fedavg([c2, no_head], [1, 1])
+    with pytest.raises(ValueError, match=r"l1/kernel: clients 0 and 1 have different configs: "
+                                         r"dropout 0.0 vs 0.1"):
+        fl.fedavg([c2, client(jlora.LoRA(rank=2, dropout=0.1), 1)], [1, 1])
+    with pytest.raises(ValueError, match="flora needs every client's a"):
+        fl.flora([jlora.split(client(jlora.LoRA(rank=2, train_a=False), i))[0]
+                  for i in range(2)], [1, 1])
+
+
+def test_shared_personal_round_trip():
+    c = client(jlora.LoRA(rank=2), 0)
+    t, _ = jlora.split(c)
+    sh, pe = fl.shared(t, paths=["l2/**"]), fl.personal(t, paths=["l2/**"])
+    assert sh["l2"]["kernel"] is None and pe["l1"]["kernel"] is None
+    assert pe["l2"]["bias"] is not None
+    back = fl.combine(sh, pe)
+    jax.tree.map(np.testing.assert_array_equal, back, t)
+    with pytest.raises(ValueError, match="set in both trees"):
+        fl.combine(t, t)
+
+
+# ---------------------------------------------------------------- simulate
+
+
+def linear_problem(n_clients=4, seed=0):
+    """Per-client least squares on a LoRA-adapted linear map; unequal data sizes."""
+    rng = np.random.default_rng(seed)
+    base = {"w": {"kernel": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)}}
+    adapted = jlora.apply(base, jlora.Spec({"w/kernel": jlora.LoRA(rank=2)}), key=jax.random.key(0))
+    sets = []
+    for k in range(n_clients):
+        n = 3 + 2 * k
+        x = rng.normal(size=(n, 6)).astype(np.float32)
+        sets.append({"x": x, "y": (x @ rng.normal(size=(6, 5))).astype(np.float32)})
+    data, mask = fl.pad_clients(sets)
+    data["mask"] = mask
+    return adapted, data, mask.sum(1)
+
+
+def local_update(t, frozen, d, key, steps=3, lr=0.05):
+    def loss(t):
+        w = jlora.merge(jlora.combine(t, frozen))["w"]["kernel"]
+        noise = 1.0 + 0.01 * jax.random.normal(key, ())  # uses the client key
+        err = ((d["x"] @ w - d["y"]) ** 2).sum(-1) * noise
+        return jnp.sum(err * d["mask"]) / jnp.sum(d["mask"])
+
+    for _ in range(steps):
+        t = jax.tree.map(lambda p, g: p - lr * g, t, jax.grad(loss)(t))
+    return t
+
+
+sequential_update = jax.jit(local_update)  # the reference: one client at a time
+
+
+def test_simulate_equals_sequential_client_updates():
+    adapted, data, counts = linear_problem()
+    t0, frozen = jlora.split(adapted)
+    key = jax.random.key(3)
+    seen = []
+    out = fl.simulate(local_update, t0, frozen, data, rounds=2, key=key, weights=counts,
+                      clients_per_round=3, callback=lambda s: seen.append(s.clients))
+    # the same rounds, one client after the other, in plain Python
+    t = t0
+    for r in range(2):
+        k_sample, k_clients, _ = jax.random.split(jax.random.fold_in(key, r), 3)
+        ids = np.sort(np.asarray(jax.random.choice(k_sample, 4, (3,), replace=False)))
+        np.testing.assert_array_equal(ids, seen[r])
+        res = [sequential_update(t, frozen, jax.tree.map(lambda x: jnp.asarray(x[i]), data),
+                            jax.random.fold_in(k_clients, i)) for i in ids]
+        t = fl.fedavg(res, counts[ids])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 out.trainable, t)
+    assert out.round == 2
+
+
+def test_simulate_keeps_personal_parts_on_clients():
+    adapted, data, counts = linear_problem(3)
+    t0, frozen = jlora.split(adapted)
+    # the b factor stays on each client (a toy personal block); a is aggregated
+    pers = fl.stack([fl.personal(t0, paths=lambda p: False)] * 3)
+    template_like = jax.tree.map(lambda n: n.replace(a=None), t0, is_leaf=jlora.is_node)
+    pers = fl.stack([template_like] * 3)
+    out = fl.simulate(local_update, jax.tree.map(lambda n: n.replace(b=None), t0,
+                                                 is_leaf=jlora.is_node),
+                      frozen, data, rounds=1, key=jax.random.key(0), weights=counts,
+                      personal=pers)
+    k_clients = jax.random.split(jax.random.fold_in(jax.random.key(0), 0), 3)[1]
+    res = [sequential_update(t0, frozen, jax.tree.map(lambda x: jnp.asarray(x[i]), data),
+                        jax.random.fold_in(k_clients, i)) for i in range(3)]
+    for i in range(3):
+        np.testing.assert_allclose(out.personal["w"]["kernel"].b[i], res[i]["w"]["kernel"].b,
+                                   rtol=1e-5, atol=1e-6)
+    a_avg = np.average([np.asarray(r["w"]["kernel"].a) for r in res], axis=0, weights=counts)
+    np.testing.assert_allclose(out.trainable["w"]["kernel"].a, a_avg, rtol=1e-5, atol=1e-6)
+    assert out.trainable["w"]["kernel"].b is None
+
+
+def test_simulate_server_opt_sgd1_is_plain_aggregation_and_flora_restart():
+    adapted, data, counts = linear_problem(3)
+    t0, frozen = jlora.split(adapted)
+    a = fl.simulate(local_update, t0, frozen, data, rounds=2, key=jax.random.key(1), weights=counts)
+    b = fl.simulate(local_update, t0, frozen, data, rounds=2, key=jax.random.key(1),
+                    weights=counts, server_opt=optax.sgd(1.0))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 a.trainable, b.trainable)
+    # FLoRA: the exact stacked aggregate is merged into the base, adapters restart
+    spec = jlora.Spec({"w/kernel": jlora.LoRA(rank=2)})
+    out = fl.simulate(local_update, t0, frozen, data, rounds=1, key=jax.random.key(1),
+                      weights=counts, aggregate=fl.flora, restart=fl.merge_and_restart(spec))
+    k_clients, k_server = jax.random.split(jax.random.fold_in(jax.random.key(1), 0), 3)[1:]
+    res = [sequential_update(t0, frozen, jax.tree.map(lambda x: jnp.asarray(x[i]), data),
+                        jax.random.fold_in(k_clients, i)) for i in range(3)]
+    p = counts / counts.sum()
+    want = np.asarray(frozen["w"]["kernel"].base, np.float64) + sum(
+        pk * np_delta(r["w"]["kernel"].replace()) for pk, r in zip(p, res))
+    np.testing.assert_allclose(out.frozen["w"]["kernel"].base, want, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(out.trainable["w"]["kernel"].b).max()) == 0.0  # fresh adapter
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+def test_sharded_clients_equal_single_device():
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    adapted, data, counts = linear_problem(8)
+    t0, frozen = jlora.split(adapted)
+    single = fl.simulate(local_update, t0, frozen, data, rounds=2, key=jax.random.key(2),
+                         weights=counts)
+    mesh = Mesh(np.array(jax.devices()[:8]), ("clients",))
+    specs, _ = jlora.split(jlora.sharding.specs(adapted, {"w": {"kernel": P(None, None)}}))
+    sharded = fl.simulate(local_update, t0, frozen, data, rounds=2, key=jax.random.key(2),
+                          weights=counts, mesh=mesh, specs=specs)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 sharded.trainable, single.trainable)
+    assert fl.client_specs(specs)["w"]["kernel"].a == P("clients", None, None)
+
+
+# ---------------------------------------------------------------- FSLoRA, FeDLRT
+
+
+def test_fslora_sketch_model_and_per_component_aggregation():
+    g = jlora.split(client(jlora.LoRA(rank=8, alpha=8), 0))[0]
+    key = jax.random.key(4)
+    sk = fl.fslora_sketch(key, g, 0.25)
+    s = np.asarray(sk["l1"]["kernel"])
+    assert sorted(s.tolist()) == [0.0] * 6 + [4.0, 4.0]  # k = 2 of r = 8, scale r/k
+    assert sk["l2"]["bias"] is None
+    np.testing.assert_array_equal(fl.fslora_sketch(key, g, 0.25)["l1"]["kernel"], s)  # seeded
+    node = g["l1"]["kernel"]
+    sketched = fl.fslora_apply(g, sk)["l1"]["kernel"]
+    idx = np.flatnonzero(s)
+    want = node.scale * 4.0 * np.asarray(node.a, np.float64)[:, idx] @ np.asarray(node.b)[idx]
+    np.testing.assert_allclose(np_delta(sketched), want, rtol=1e-5, atol=1e-6)
+
+    # three clients with different sketches and ratios; numpy per-component reference
+    clients = [jlora.split(client(jlora.LoRA(rank=8, alpha=8), i + 1))[0] for i in range(3)]
+    sketches = [fl.fslora_sketch(jax.random.key(10 + i), g, r)
+                for i, r in enumerate((0.25, 0.5, 1.0))]
+    p = np.asarray(W, np.float64) / sum(W)
+    for normalize in (False, True):
+        out = fl.fslora_aggregate(g, clients, sketches, W, normalize=normalize)
+        for f, axis in (("a", 1), ("b", 0)):
+            x = np.asarray(getattr(g["l1"]["kernel"], f), np.float64)
+            want = x.copy()
+            for j in range(8):
+                m = np.array([float(np.asarray(sk_["l1"]["kernel"])[j] > 0) for sk_ in sketches])
+                den = (p * m).sum() if normalize else 1.0
+                for i, c in enumerate(clients):
+                    xi = np.asarray(getattr(c["l1"]["kernel"], f), np.float64)
+                    sl = (slice(None), j) if axis == 1 else (j, slice(None))
+                    if den > 0:
+                        want[sl] += p[i] * m[i] * (xi[sl] - x[sl]) / den
+            np.testing.assert_allclose(getattr(out["l1"]["kernel"], f), want, rtol=1e-5,
+                                       atol=1e-6)
+        heads = [np.asarray(c["l2"]["bias"].value) for c in clients]
+        np.testing.assert_allclose(out["l2"]["bias"].value, np.average(heads, 0, W), rtol=1e-5)
+    # a masked upload keeps the global value off the sketch
+    up = fl.fslora_mask(g, clients[0], sketches[0])["l1"]["kernel"]
+    off = np.asarray(sketches[0]["l1"]["kernel"]) == 0
+    np.testing.assert_array_equal(np.asarray(up.b)[off], np.asarray(g["l1"]["kernel"].b)[off])
+    np.testing.assert_array_equal(np.asarray(up.b)[~off], np.asarray(clients[0]["l1"]["kernel"].b)[~off])
+
+
+def test_fedlrt_augment_truncate_and_correction():
+    rng = np.random.default_rng(0)
+    n, m, r = 9, 7, 3
+    u = np.linalg.qr(rng.normal(size=(n, r)))[0]
+    v = np.linalg.qr(rng.normal(size=(m, r)))[0]
+    s = np.diag([3.0, 2.0, 1.0])
+    gu, gv = rng.normal(size=(n, r)), rng.normal(size=(m, r))
+    ub, vb = fl.fedlrt_augment(*(jnp.asarray(x, jnp.float32) for x in (u, v, gu, gv)))
+    ub, vb = np.asarray(ub, np.float64), np.asarray(vb, np.float64)
+    st = np.asarray(fl.fedlrt_augment_coefficients(jnp.asarray(s)), np.float64)
+    np.testing.assert_allclose(ub @ st @ vb.T, u @ s @ v.T, atol=1e-5)  # same W
+    np.testing.assert_allclose(ub.T @ ub, np.eye(2 * r), atol=1e-5)  # orthonormal
+    # the new columns span the projected gradient (I - UUᵀ)G_U
+    proj = gu - u @ (u.T @ gu)
+    np.testing.assert_allclose(ub[:, r:] @ (ub[:, r:].T @ proj), proj, atol=1e-5)
+
+    # truncation against numpy: smallest rank whose tail norm <= tol·‖σ‖
+    s_star = rng.normal(size=(2 * r, 2 * r)) * np.array([5, 3, 1, 0.05, 0.02, 0.01])
+    pn, sig, qn = np.linalg.svd(s_star)
+    tol = 0.05
+    tails = [np.linalg.norm(sig[j:]) for j in range(2 * r + 1)]
+    r1 = next(j for j in range(2 * r + 1) if tails[j] <= tol * np.linalg.norm(sig))
+    uu, ss, vv, rank = fl.fedlrt_truncate(*(jnp.asarray(x, jnp.float32) for x in (s_star, ub, vb)),
+                                          tol=tol, max_rank=r)
+    r1 = min(max(r1, 1), r)
+    assert int(rank) == r1
+    want = (ub @ pn[:, :r1]) @ np.diag(sig[:r1]) @ (vb @ qn.T[:, :r1]).T
+    got = np.asarray(uu, np.float64) @ np.asarray(ss) @ np.asarray(vv, np.float64).T
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.linalg.norm(ub @ s_star @ vb.T - got) <= tol * np.linalg.norm(sig) + 1e-5
+    _, _, _, r_cap = fl.fedlrt_truncate(jnp.asarray(s_star, jnp.float32), jnp.asarray(ub),
+                                        jnp.asarray(vb), tol=0.0, max_rank=2)
+    assert int(r_cap) == 2
+
+    grads = jnp.asarray(rng.normal(size=(3, 2, 2)), jnp.float32)
+    corr = np.asarray(fl.fedlrt_correction(grads, [1, 1, 2]))
+    mean = np.tensordot(np.array([0.25, 0.25, 0.5]), np.asarray(grads, np.float64), 1)
+    np.testing.assert_allclose(corr, mean[None] - np.asarray(grads), rtol=1e-5, atol=1e-6)

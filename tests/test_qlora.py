@@ -1,0 +1,113 @@
+"""jlora.QLoRA: quantized base through jlora.apply, fast path with a custom VJP
+that keeps no dequantized weight, merge, bytes per parameter."""
+
+import flax.linen as nn
+import jax
+import jax.ad_checkpoint
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+from jlora import quant as Q
+from jlora.methods.qlora import quantized_dot
+from helpers import f64
+from quant_ref import near_midpoint, ref_quantize
+
+
+def _bump(adapted, size=0.1):
+    def one(n):
+        if not isinstance(n, jlora.methods.QLoRANode):
+            return n
+        kb = jax.random.key(n.b.size)
+        return n.replace(b=size * jax.random.normal(kb, n.b.shape, n.b.dtype))
+    return jax.tree.map(one, adapted, is_leaf=jlora.is_node)
+
+
+def test_apply_quantizes_like_bitsandbytes_reference():
+    k = np.random.default_rng(0).standard_normal((256, 96)).astype(np.float32)
+    adapted = jlora.apply({"d": {"kernel": jnp.asarray(k)}},
+                          jlora.Spec({"**/kernel": jlora.QLoRA(rank=4)}), key=jax.random.key(0))
+    node = adapted["d"]["kernel"]
+    assert node.quantized.codes.dtype == jnp.uint8 and node.quantized.codes.shape == (96, 128)
+    assert node.quantized.absmax.dtype == jnp.uint8 and node.quantized.offset.shape == ()
+    ref = ref_quantize(k, "nf4", 64, True)
+    tie = near_midpoint(ref["scaled"], Q.NF4) | np.repeat(
+        near_midpoint(ref["scaled2"], Q.DYNAMIC), 64)[: k.size]
+    got = f64(node.base).T.reshape(-1)
+    want = ref["deq"].T.reshape(-1)
+    np.testing.assert_allclose(got[~tie], want[~tie], rtol=1e-5, atol=1e-6)
+    # merge: dequantized base + s·a·b in the compute dtype
+    node = _bump(adapted)["d"]["kernel"]
+    merged = jlora.merge({"k": node})["k"]
+    np.testing.assert_allclose(f64(merged), f64(node.base) + node.scale * f64(node.a) @ f64(node.b),
+                               rtol=1e-5, atol=1e-5)
+    bf = jlora.apply({"k": jnp.asarray(k)}, jlora.Spec({"k": jlora.QLoRA(
+        rank=4, compute_dtype=jnp.bfloat16)}), key=jax.random.key(0))
+    assert jlora.merge(bf)["k"].dtype == jnp.bfloat16
+
+
+def test_bytes_per_base_parameter():
+    params = {"k": jnp.ones((1024, 1024), jnp.bfloat16)}
+    node = jlora.apply(params, jlora.Spec({"k": jlora.QLoRA(rank=8)}), key=jax.random.key(0))["k"]
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(node.quantized))
+    assert nbytes / (1024 * 1024) <= 0.52  # 4 + 8/64 + 32/(64·256) bits ≈ 0.516 B
+    no_dq = jlora.apply(params, jlora.Spec({"k": jlora.QLoRA(rank=8, double_quant=False)}),
+                        key=jax.random.key(0))["k"]
+    assert no_dq.base_nbytes() == 1024 * 1024 // 2 + 4 * 1024 * 1024 // 64
+
+
+def test_custom_vjp_matches_plain_dequantize_then_matmul_float64():
+    with jax.enable_x64(True):
+        k = jnp.asarray(np.random.default_rng(1).standard_normal((128, 48)))
+        q = jlora.quantize(k, "nf4", 64, True)
+        x = jnp.asarray(np.random.default_rng(2).standard_normal((5, 128)))
+        g = jnp.asarray(np.random.default_rng(3).standard_normal((5, 48)))
+        op = lambda x, w: x @ w
+        fast = lambda x: jnp.sum(g * quantized_dot(x, q, op, jnp.float64))
+        plain = lambda x: jnp.sum(g * (x @ jlora.dequantize(q, jnp.float64)))
+        np.testing.assert_allclose(fast(x), plain(x), rtol=1e-12)
+        np.testing.assert_allclose(jax.grad(fast)(x), jax.grad(plain)(x), rtol=1e-12)
+        # and against numpy: ∂/∂x Σ g⊙(x·W) = g·Wᵀ
+        w = f64(jlora.dequantize(q, jnp.float64))
+        np.testing.assert_allclose(jax.grad(fast)(x), f64(g) @ w.T, rtol=1e-12)
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(32)(nn.relu(nn.Dense(64)(x)))
+
+
+def test_fast_path_forward_and_gradients_equal_merged_model():
+    model, x = MLP(), jax.random.normal(jax.random.key(0), (5, 128))
+    params = model.init(jax.random.key(1), x)["params"]
+    adapted = _bump(jlora.apply(params, jlora.Spec({"**/kernel": jlora.QLoRA(rank=4)}),
+                                key=jax.random.key(2)))
+    assert jlora.linen.consumed(model, {"params": adapted}, x)["merged"] == []
+    trainable, frozen = jlora.split(adapted)
+
+    def loss(t, f, fast):
+        a = jlora.combine(t, f)
+        y = (jlora.linen.apply(model, {"params": a}, x) if fast
+             else model.apply({"params": jlora.merge(a)}, x))
+        return jnp.sum(jnp.sin(y))
+
+    lf = jax.jit(loss, static_argnums=2)
+    np.testing.assert_allclose(lf(trainable, frozen, True), lf(trainable, frozen, False),
+                               rtol=1e-5)
+    g1 = jax.jit(jax.grad(loss), static_argnums=2)(trainable, frozen, True)
+    g2 = jax.jit(jax.grad(loss), static_argnums=2)(trainable, frozen, False)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_options_name_the_option():
+    with pytest.raises(ValueError, match="quant"):
+        jlora.QLoRA(rank=4, quant="nf5")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        jlora.QLoRA(rank=4, compute_dtype=jnp.int8)
+    with pytest.raises(ValueError, match="block_size"):
+        jlora.QLoRA(rank=4, block_size=63)
+    with pytest.raises(ValueError, match="unknown option"):
+        jlora.QLoRA(rank=4, double_quantize=True)
