@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -110,7 +115,7 @@ print(f"{path}: factor a lives on {len(node.a.sharding.device_set)} devices, "
 # Sharding changes where the arithmetic happens, not its result.
 
 # %%
-single, losses_1 = run(train.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+single, losses_1 = run(train.make_mesh(train.parse_mesh("data=1"), devices=jax.devices()[:1]))
 print("max |loss 8 devices - loss 1 device| =", max(abs(x - y) for x, y in zip(losses_8, losses_1)))
 plt.plot(losses_8, label="mesh data=2, fsdp=2, tensor=2")
 plt.plot(losses_1, "--", label="1 device")
