@@ -5,6 +5,7 @@ outputs, and it matches its jupytext ``.py`` pair cell for cell."""
 import glob
 import importlib.util
 import os
+import re
 
 import pytest
 
@@ -55,7 +56,6 @@ def test_notebook_runs_under_smoke(name, monkeypatch):
     import nbformat
 
     monkeypatch.setenv("JLORA_SMOKE", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     path = NOTEBOOKS[NAMES.index(name)]
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
@@ -64,6 +64,17 @@ def test_notebook_runs_under_smoke(name, monkeypatch):
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                      for o in c.outputs)
     assert "Traceback" not in text
-    want = {"quickstart": "max |fast - merged|", "methods_tour": "VeRA r256",
-            "your_model": "max |jlora - PyTorch+PEFT|", "sharding": "max |loss 8 devices"}[name]
-    assert want in text, text[-2000:]
+    # each notebook prints the agreement it demonstrates; it must hold
+    checks = {"quickstart": [r"max \|fast - merged\| = (\S+)"],
+              "methods_tour": [],
+              "your_model": [r"max \|fast - merged\| = (\S+)",
+                             r"max \|jlora - PyTorch\+PEFT\| = (\S+)"],
+              "sharding": [r"max \|loss 8 devices - loss 1 device\| = (\S+)"]}[name]
+    for pattern in checks:
+        m = re.search(pattern, text)
+        assert m and float(m.group(1)) < 1e-4, (pattern, text[-2000:])
+    if name == "methods_tour":
+        for method in ("LoRA r8", "DoRA r8", "AdaLoRA 12->8", "GLoRA r4", "VeRA r256"):
+            assert re.search(rf"{re.escape(method)} +accuracy [01]\.\d+", text), method
+        assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+                   for c in nb.cells if c.cell_type == "code" for o in c.outputs)
