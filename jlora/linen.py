@@ -40,8 +40,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.core import merge
-from jlora.tree import is_node, leaves_with_paths
+from jlora.methods._experts import is_slice, is_stacked
+from jlora.tree import is_node, leaves_with_paths, map_nodes
 
 _local = threading.local()
 
@@ -115,6 +115,8 @@ def _einsum(module: nn.Einsum, node, method, args, kwargs, key):
     x_sub, k_sub = lhs.split(",")
     if "." in eq or len(k_sub) != len(node.shape):
         return NotImplemented
+    if is_stacked(node):
+        return _expert_einsum(module, node, eq, x, key)
     in_axes = tuple(i for i, c in enumerate(k_sub) if c in x_sub)
     out_letters = [c for c in k_sub if c not in x_sub]
     if node.in_axes != in_axes or any(c not in out_sub for c in out_letters):
@@ -140,6 +142,42 @@ def _einsum(module: nn.Einsum, node, method, args, kwargs, key):
     return y
 
 
+def _expert_einsum(module: nn.Einsum, node, eq: str, x, key):
+    """Einsum dispatch over a stacked expert kernel, e.g. ``"ecd,edf->ecf"``: the
+    expert letter is kept in ``x`` and the output, the node's input axes are
+    contracted and the output letters sit where the contracted ones were in ``x``."""
+    lhs, out_sub = eq.split("->")
+    x_sub, k_sub = lhs.split(",")
+    e = k_sub[0]
+    contracted = [k_sub[i] for i in node.in_axes]
+    outs = [c for i, c in enumerate(k_sub) if i and i not in node.in_axes]
+    if (e not in x_sub or e not in out_sub or len(contracted) != 1 or len(outs) != 1
+            or any(c in out_sub or c not in x_sub for c in contracted)
+            or out_sub != x_sub.replace(contracted[0], outs[0])):
+        return NotImplemented
+
+    def op(x, k):
+        clone = module.clone(parent=None, name=None, use_bias=False, shape=tuple(k.shape),
+                             einsum_str=None)
+        return clone.apply({"params": {"kernel": k}}, x, einsum_str=eq)
+
+    y = node.dot(x, op, dropout_key=key)
+    if module.use_bias:
+        _, bshape = module._get_bias_shape(eq, x, jnp.zeros(node.shape, y.dtype))
+        return _bias(module, y, bshape)
+    return y
+
+
+def _merged_call(module: nn.Module, method: str, args, kwargs):
+    """Run ``module`` on its own variables with every adapter node merged (the
+    always-correct path for a node handed to a layer that cannot consume it)."""
+    variables = dict(module.variables)
+    variables["params"] = map_nodes(
+        lambda n: (n.slice_view() if is_slice(n) else n).materialize(), variables["params"])
+    clone = module.clone(parent=None, name=None)
+    return clone.apply(variables, *args, method=method, **kwargs)
+
+
 _HANDLERS: dict[type, tuple[str, Callable]] = {
     nn.Dense: ("kernel", _dense),
     nn.DenseGeneral: ("kernel", _dense_general),
@@ -147,6 +185,21 @@ _HANDLERS: dict[type, tuple[str, Callable]] = {
     nn.Embed: ("embedding", _embed),
     nn.Einsum: ("kernel", _einsum),
 }
+
+
+def _holds_node(module: nn.Module) -> bool:
+    """Whether one of ``module``'s own params (not a child's) is an adapter node."""
+    if module.scope is None:
+        return False
+    return any(is_node(v) for v in module.variables.get("params", {}).values())
+
+
+def _run_busy(fn, *args):
+    _local.busy = True
+    try:
+        return fn(*args)
+    finally:
+        _local.busy = False
 
 
 def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None = None,
@@ -166,21 +219,38 @@ def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None
     if params is None:
         raise ValueError("jlora.linen.apply: variables has no 'params' collection")
     nodes = {path: node for path, node in leaves_with_paths(params) if is_node(node)}
-    variables["params"] = merge(params)
+    # Stacked nodes (expert_axis) travel inside the params, so that nn.scan hands
+    # each iteration its slice; every other node is served merged.
+    variables["params"] = map_nodes(lambda n: n if is_stacked(n) else n.materialize(), params)
 
     def interceptor(next_fun, call_args, call_kwargs, context):
         module = context.module
         entry = _HANDLERS.get(type(module))
-        if getattr(_local, "busy", False) or entry is None:
+        if getattr(_local, "busy", False):
+            return next_fun(*call_args, **call_kwargs)
+        if entry is None:
+            if not getattr(type(module), "jlora_nodes", False) and _holds_node(module):
+                return _run_busy(_merged_call, module, context.method_name, call_args,
+                                 call_kwargs)
             return next_fun(*call_args, **call_kwargs)
         name, handler = entry
         path = "/".join(map(str, module.path + (name,)))
-        node = nodes.get(path)
+        var = module.get_variable("params", name) if module.has_variable("params", name) else None
+        node = var if is_node(var) else nodes.get(path)
+        if is_node(var) and context.method_name not in ("__call__", "attend"):
+            return _run_busy(_merged_call, module, context.method_name, call_args, call_kwargs)
+        if (node is not None and not is_node(var) and var is not None
+                and tuple(jnp.shape(var)) == tuple(node.shape[1:])):
+            raise ValueError(
+                f"{path}: the adapted kernel has shape {tuple(node.shape)} but the layer "
+                f"sees {tuple(jnp.shape(var))}: it is stacked (nn.scan or vmap) along axis "
+                f"0, and its adapter treats that axis as input features; adapt it per "
+                f"slice with {node.method}(..., expert_axis=0)")
         if (
             node is None
             or context.method_name not in ("__call__", "attend")
-            or not module.has_variable("params", name)
-            or tuple(jnp.shape(module.get_variable("params", name))) != tuple(node.shape)
+            or var is None
+            or (not is_node(var) and tuple(jnp.shape(var)) != tuple(node.shape))
         ):
             return next_fun(*call_args, **call_kwargs)
         key = None
@@ -192,6 +262,9 @@ def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None
         finally:
             _local.busy = False
         if y is NotImplemented:
+            if is_node(var):
+                return _run_busy(_merged_call, module, context.method_name, call_args,
+                                 call_kwargs)
             return next_fun(*call_args, **call_kwargs)
         if _consumed is not None:
             _consumed.append(path)

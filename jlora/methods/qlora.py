@@ -45,6 +45,16 @@ from flax import struct
 
 from jlora import quant as Q
 from jlora._validate import boolean, choice, positive_int, real
+from jlora.methods._experts import (
+    check_expert_axis,
+    is_slice,
+    is_stacked,
+    slice_config,
+    slice_static,
+    stacked_init,
+    stacked_lowrank,
+    stacked_product,
+)
 from jlora.methods.base import (
     AdapterNode,
     Array,
@@ -75,6 +85,9 @@ class QLoRA(Config):
       dropout: dropout rate on the adapter branch input (fast path, training).
       dtype: factor dtype; default float32.
       in_axes: which kernel axes are inputs; default all but the last.
+      expert_axis: ``0`` for stacked kernels (MoE experts, ``nn.scan`` layers):
+        factors per slice and one bitsandbytes weight per slice.
+      rank_per_expert: ``"full"`` or ``"divide"`` (``max(1, rank // E)``).
     """
 
     rank: int
@@ -88,9 +101,12 @@ class QLoRA(Config):
     dropout: float = 0.0
     dtype: Any = None
     in_axes: tuple[int, ...] | None = None
+    expert_axis: int | None = None
+    rank_per_expert: str = "full"
 
     def __post_init__(self):
         positive_int("QLoRA", "rank", self.rank)
+        check_expert_axis("QLoRA", self.expert_axis, self.rank_per_expert)
         real("QLoRA", "alpha", self.alpha, gt=0.0, allow_none=True)
         choice("QLoRA", "quant", self.quant, Q.QUANTS)
         positive_int("QLoRA", "block_size", self.block_size, minimum=2)
@@ -119,11 +135,17 @@ class QLoRA(Config):
     def lora(self) -> LoRA:
         """The LoRA config of the adapter part (shared init and checks)."""
         return LoRA(rank=self.rank, alpha=self.alpha, init=self.init, rslora=self.rslora,
-                    dropout=self.dropout, dtype=self.dtype, in_axes=self.in_axes)
+                    dropout=self.dropout, dtype=self.dtype, in_axes=self.in_axes,
+                    expert_axis=self.expert_axis, rank_per_expert=self.rank_per_expert)
 
     def build(self, key: Array, base: Array, *, path: str) -> "QLoRANode":
-        in_axes, base, a, b, _, _ = self.lora().init_factors(key, base, path=path)
-        q = Q.quantize(base, self.quant, self.block_size, self.double_quant, in_axes=in_axes)
+        self.check_leaf(base, path)
+        if self.expert_axis is not None:
+            in_axes, base, a, b, _, _ = stacked_init(self.lora(), key, base, path=path)
+        else:
+            in_axes, base, a, b, _, _ = self.lora().init_factors(key, base, path=path)
+        q = Q.quantize(base, self.quant, self.block_size, self.double_quant, in_axes=in_axes,
+                       stack_axes=() if self.expert_axis is None else (0,))
         return QLoRANode(quantized=q, a=a, b=b, config=self, shape=tuple(base.shape),
                          in_axes=in_axes)
 
@@ -175,11 +197,19 @@ class QLoRANode(AdapterNode):
 
     @property
     def scale(self) -> float:
+        if is_stacked(self):
+            return slice_config(self.config, self.shape[0]).scale
         return self.config.scale
 
     @property
     def rank(self) -> int:
+        if is_stacked(self):
+            return slice_config(self.config, self.shape[0]).rank
         return self.config.rank
+
+    def slice_view(self) -> "QLoRANode":
+        """One slice of a stacked node whose fields ``nn.scan`` has cut."""
+        return self.replace(quantized=self.quantized.slice_view(), **slice_static(self))
 
     @property
     def compute_dtype(self):
@@ -195,6 +225,8 @@ class QLoRANode(AdapterNode):
         return self.quantized.nbytes
 
     def delta(self) -> Array:
+        if is_stacked(self):
+            return stacked_product(self, self.a, self.b, self.scale)
         return from_matrix(self.scale * (self.a @ self.b), self.shape, self.in_axes)
 
     def materialize(self) -> Array:
@@ -202,10 +234,13 @@ class QLoRANode(AdapterNode):
         return (self.base.astype(d.dtype) + d).astype(self.compute_dtype)
 
     def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None) -> Array:
-        if not leading_in_axes(self):
+        if is_slice(self):
+            return self.slice_view().dot(x, op, dropout_key=dropout_key)
+        if not is_stacked(self) and not leading_in_axes(self):
             return op(x, self.materialize())
         xc = x.astype(self.compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
         y = quantized_dot(xc, self.quantized, op, self.compute_dtype)
-        lo = lowrank_dot(x, op, self, self.a, self.b, self.scale,
-                         dropout_key=dropout_key, dropout=self.config.dropout)
+        lowrank = stacked_lowrank if is_stacked(self) else lowrank_dot
+        lo = lowrank(x, op, self, self.a, self.b, self.scale,
+                     dropout_key=dropout_key, dropout=self.config.dropout)
         return y + lo.astype(y.dtype)
