@@ -8,7 +8,7 @@
     >>> served = jlora.merge(jlora.combine(trainable, frozen))
 """
 
-from jlora import checkpoint, federated, glora, linen, nnx, optim, peft, quant, sharding
+from jlora import checkpoint, experts, federated, glora, linen, nnx, optim, peft, quant, sharding
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.quant import dequantize, quantize
 from jlora.methods import AdaLoRA, AdapterNode, Config, DoRA, Full, GLoRA, LoRA, QLoRA, VeRA
@@ -33,6 +33,7 @@ __all__ = [
     "combine",
     "count_trainable",
     "dequantize",
+    "experts",
     "federated",
     "glora",
     "is_node",
