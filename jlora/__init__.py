@@ -11,7 +11,8 @@
 from jlora import checkpoint, experts, federated, glora, linen, nnx, optim, peft, quant, sharding
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.quant import dequantize, quantize
-from jlora.methods import AdaLoRA, AdapterNode, Config, DoRA, Full, GLoRA, LoRA, QLoRA, VeRA
+from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
+                           PF2LoRA, QLoRA, VeRA)
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
@@ -23,9 +24,11 @@ __all__ = [
     "checkpoint",
     "Config",
     "DoRA",
+    "FedDPA",
     "Full",
     "GLoRA",
     "LoRA",
+    "PF2LoRA",
     "QLoRA",
     "Spec",
     "VeRA",

@@ -845,3 +845,261 @@ def merge_and_restart(spec) -> Callable:
         return core.split(core.apply(params, spec, key=key))
 
     return restart
+
+
+# ---------------------------------------------------------------- FSLoRA
+
+
+def _lora_map(fn, tree, *rest):
+    """``fn(node, *rest_nodes)`` at every LoRA node; other positions pass through."""
+    return jax.tree.map(lambda x, *r: fn(x, *r) if _is_lora(x) else x, tree, *rest,
+                        is_leaf=_is_hole_or_node)
+
+
+def fslora_sketch(key: jax.Array, tree: PyTree, ratio) -> PyTree:
+    """FSLoRA's sketch (Fang et al. 2025, arXiv 2501.19389, §3) for every LoRA node.
+
+    At a node of rank ``r``, ``k = max(1, round(ratio·r))`` rank components
+    ``I`` are drawn uniformly without replacement and the sketch is the
+    diagonal ``S = (r/k)·Σ_{j∈I} e_j e_jᵀ`` (``E[S] = I``), returned as its
+    ``(r,)`` diagonal. Each node draws from ``fold_in(key, crc32(path))``;
+    seed ``key`` per client and round (``simulate`` hands every client its own
+    key). ``ratio`` may be a traced per-client value (a static shape either
+    way). Non-LoRA positions get ``None``.
+    """
+    from jlora.core import path_key
+
+    names, leaves, treedef = _flatten(tree)
+    out = []
+    for path, x in zip(names, leaves):
+        if not _is_lora(x):
+            out.append(None)
+            continue
+        r = x.rank
+        k = jnp.clip(jnp.round(jnp.asarray(ratio, jnp.float32) * r), 1, r)
+        order = jnp.argsort(jax.random.permutation(path_key(key, path), r))
+        out.append(jnp.where(order < k, r / k, 0.0).astype(jnp.float32))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def fslora_apply(tree: PyTree, sketch: PyTree) -> PyTree:
+    """The sketched local model: ``K0 + s·a·S·b = K0 + s·(r/k)·a[:, I]·b[I]``.
+
+    Use it inside the client's loss (``loss(combine(fslora_apply(t, S), frozen))``)
+    and differentiate with respect to the unsketched ``t``: the gradients are
+    the paper's ``∇_a = s·G·(S b)ᵀ``, ``∇_b = s·(a S)ᵀ·G``, zero outside ``I``.
+    """
+    return _lora_map(lambda n, s: n.replace(b=(s[:, None] * n.b).astype(n.b.dtype)), tree, sketch)
+
+
+def _component_mask(node, s):
+    on = (s > 0).astype(jnp.float32)
+    changes = {"b": on[:, None]}
+    if node.a is not None:
+        changes["a"] = on[None, :]
+    return changes
+
+
+def fslora_mask(global_tree: PyTree, client_tree: PyTree, sketch: PyTree) -> PyTree:
+    """A client's upload: its values on the sketched components, the global ones elsewhere.
+
+    ``g + (c − g)⊙m`` with ``m`` the sketch's support (columns of ``a``, rows of
+    ``b``): what the paper's clients send, and exactly the global value where
+    a local optimizer's weight decay touched an unsketched component.
+    """
+
+    def one(g, c, s):
+        m = _component_mask(c, s)
+        return c.replace(**{f: jnp.where(mk > 0, getattr(c, f), getattr(g, f))
+                            for f, mk in m.items()})
+
+    return jax.tree.map(lambda c, g, s: one(g, c, s) if _is_lora(c) else c, client_tree,
+                        global_tree, sketch, is_leaf=_is_hole_or_node)
+
+
+def fslora_aggregate(global_tree: PyTree, clients: Sequence[PyTree], sketches: Sequence[PyTree],
+                     weights, *, normalize: bool = False) -> PyTree:
+    """FSLoRA's server step with plain averaging, per rank component.
+
+    For component ``j`` of a LoRA node (column ``j`` of ``a``, row ``j`` of
+    ``b``): ``x_j ← x_j + Σ_i p_i m_ij (x_ij − x_j)``, ``m_ij = 1`` when client
+    ``i``'s sketch selected ``j`` (the released code's averaging over the
+    sampled clients; equal ``weights`` give its ``1/M``). ``normalize=True``
+    divides by ``Σ_i p_i m_ij`` instead (each component averaged over the
+    clients that trained it). Other leaves are averaged as in :func:`fedavg`.
+    With a server optimizer, feed ``global − fslora_aggregate(...)`` to it as
+    the pseudo-gradient (``simulate(..., server_opt=optax.adamw(3e-4))`` does
+    so; the paper's code uses AdamW, ``optax.sgd(1.0)`` is this averaging).
+    """
+    n = len(clients)
+    p = _weights(weights, n, "fslora_aggregate")
+    from jlora._validate import boolean
+
+    boolean("jlora.federated.fslora_aggregate", "normalize", normalize)
+    rest = fedavg(list(clients), weights)
+
+    def one(g, r, *cs_and_ss):
+        cs, ss = cs_and_ss[:n], cs_and_ss[n:]
+        changes = {}
+        for f in ("a", "b"):
+            if getattr(g, f) is None:
+                continue
+            masks = [_component_mask(c, s)[f] for c, s in zip(cs, ss)]
+            num = sum(p[i] * masks[i] * (getattr(c, f) - getattr(g, f)) for i, c in enumerate(cs))
+            if normalize:
+                den = sum(p[i] * masks[i] for i in range(n))
+                num = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+            changes[f] = (getattr(g, f) + num).astype(getattr(g, f).dtype)
+        return g.replace(**changes)
+
+    return jax.tree.map(lambda g, r, *cs: one(g, r, *cs) if _is_lora(g) else r,
+                        global_tree, rest, *clients, *sketches, is_leaf=_is_hole_or_node)
+
+
+# ---------------------------------------------------------------- FeDLRT
+
+
+def fedlrt_augment(u: jax.Array, v: jax.Array, grad_u: jax.Array, grad_v: jax.Array,
+                   rank=None):
+    """FeDLRT's basis augmentation (Schotthöfer & Laiu 2024, arXiv 2406.17887, Alg. 1).
+
+    ``Ū = [U | Ũ]``, ``Ũ = orth((I − U Uᵀ) G_U)`` (QR), the same for ``V̄``, where
+    ``G_U = ∇_U L``, ``G_V = ∇_V L`` are the clients' averaged basis gradients
+    of ``W = U S Vᵀ``. With ``S̃ = [[S, 0], [0, 0]]``, ``Ū S̃ V̄ᵀ = U S Vᵀ``.
+    Shapes are static: ``U (n, r_max)`` may carry zero columns past ``rank``;
+    the new columns past ``rank`` are zeroed too, so they stay inert.
+    """
+
+    def aug(b, g):
+        proj = g - b @ (b.T @ g)
+        q, _ = jnp.linalg.qr(proj)
+        q = q - b @ (b.T @ q)  # re-orthogonalise against the old basis (rounding)
+        q, _ = jnp.linalg.qr(q)
+        if rank is not None:
+            q = q * (jnp.arange(q.shape[1]) < rank)
+        return jnp.concatenate([b, q], axis=1)
+
+    return aug(u, grad_u), aug(v, grad_v)
+
+
+def fedlrt_augment_coefficients(s: jax.Array) -> jax.Array:
+    """``S̃ = [[S, 0], [0, 0]]`` of twice the size."""
+    r = s.shape[0]
+    return jnp.zeros((2 * r, 2 * r), s.dtype).at[:r, :r].set(s)
+
+
+def fedlrt_truncate(s: jax.Array, u: jax.Array, v: jax.Array, *, tol: float, max_rank: int):
+    """FeDLRT's truncation: SVD ``S̃* = P Σ Qᵀ``, keep the smallest ``r₁`` with tail ≤ ϑ.
+
+    ``r₁`` is the smallest rank with ``‖(σ_{r₁+1}, …)‖₂ ≤ ϑ = tol·‖σ‖₂``, capped
+    at ``max_rank`` (and at least 1); ``U ← Ū P[:, :r₁]``, ``V ← V̄ Q[:, :r₁]``,
+    ``S ← diag(σ[:r₁])``. Returns ``(U, S, V, r₁)`` padded with zeros to
+    ``max_rank`` columns (static shapes under ``jit``).
+    """
+    p, sig, qt = jnp.linalg.svd(s)
+    tails = jnp.sqrt(jnp.cumsum((sig ** 2)[::-1])[::-1])  # tails[j] = ‖σ[j:]‖
+    tails = jnp.concatenate([tails, jnp.zeros(1, tails.dtype)])
+    ok = tails <= tol * jnp.sqrt(jnp.sum(sig ** 2))
+    r1 = jnp.clip(jnp.argmax(ok), 1, max_rank)
+    keep = (jnp.arange(max_rank) < r1).astype(s.dtype)
+    u_new = (u @ p[:, :max_rank]) * keep
+    v_new = (v @ qt.T[:, :max_rank]) * keep
+    return u_new, jnp.diag(sig[:max_rank] * keep), v_new, r1
+
+
+def fedlrt_correction(grads: PyTree, weights) -> PyTree:
+    """FeDLRT's variance correction ``V_c = Σ_j p_j g_j − g_c`` (stacked ``(K, ...)`` grads).
+
+    ``g_c = ∇_S̃ L_c`` at the round's common start; clients then step
+    ``S̃ ← S̃ − λ(∇_S̃ L_c(S̃) + V_c)``, so the first local step follows the
+    global gradient.
+    """
+    leaves = jax.tree.leaves(grads)
+    p = _weights(weights, leaves[0].shape[0], "fedlrt_correction")
+    return jax.tree.map(lambda g: jnp.tensordot(p, g, axes=1)[None] - g, grads)
+
+
+# ---------------------------------------------------------------- personalized clients
+
+
+def pf2lora_client(loss: Callable, *, personal_steps: int = 1, personal_lr: float = 1e-2,
+                   shared_opt: optax.GradientTransformation, paths=None):
+    """PF2LoRA's client update (Hao et al. 2025, Alg. 1) as a first-order bilevel step.
+
+    The paper's bilevel problem: ``min_{a,b} Σ_k p_k f_k(a, b, c_k*(a,b), d_k*(a,b))``
+    with ``(c_k*, d_k*) = argmin_{c,d} f_k(a, b, c, d)``; its algorithm runs SGD on
+    the lower level and AdamW on the upper. jlora's step is the first-order
+    approximation (the second-order terms of the hypergradient dropped):
+    ``personal_steps`` SGD steps on the personal partition at fixed shared
+    factors, then one ``shared_opt`` step on the shared partition at the updated
+    personal point. The partition is :func:`personal` / :func:`shared` (with
+    ``paths`` for whole personal leaves such as a head).
+
+    Returns ``(init, step)``: ``init(trainable) -> opt_state`` and
+    ``step(trainable, opt_state, *args) -> (trainable, opt_state, loss)`` with
+    ``loss(trainable, *args) -> scalar``; both pure and jit-friendly.
+    """
+    from jlora._validate import positive_int, real
+
+    positive_int("jlora.federated.pf2lora_client", "personal_steps", personal_steps)
+    real("jlora.federated.pf2lora_client", "personal_lr", personal_lr, gt=0.0)
+
+    def init(trainable):
+        return shared_opt.init(shared(trainable, paths=paths))
+
+    def step(trainable, opt_state, *args):
+        sh, pe = shared(trainable, paths=paths), personal(trainable, paths=paths)
+        for _ in range(personal_steps):
+            g = jax.grad(lambda q: loss(combine(sh, q), *args))(pe)
+            pe = jax.tree.map(lambda x, gx: x - personal_lr * gx, pe, g)
+        value, g = jax.value_and_grad(lambda q: loss(combine(q, pe), *args))(sh)
+        upd, opt_state = shared_opt.update(g, opt_state, sh)
+        return combine(optax.apply_updates(sh, upd), pe), opt_state, value
+
+    return init, step
+
+
+def pfedlora_phase(trainable: PyTree, phase: str, *, paths) -> tuple[PyTree, PyTree]:
+    """pFedLoRA's alternating phases (Yi et al. 2023, arXiv 2310.13283) as a partition.
+
+    ``phase="personal"`` returns ``(train, hold) = (personal(t), shared(t))``:
+    train the client's personal block (its own LoRA and head, named by
+    ``paths``) with the shared adapter frozen; ``phase="shared"`` swaps them.
+    Train ``train`` with any optimizer, ``combine(train, hold)`` after; only
+    ``shared(t)`` is uploaded and averaged (:func:`fedavg`).
+    """
+    from jlora._validate import choice
+
+    choice("jlora.federated.pfedlora_phase", "phase", phase, ("personal", "shared"))
+    sh, pe = shared(trainable, paths=paths), personal(trainable, paths=paths)
+    return (pe, sh) if phase == "personal" else (sh, pe)
+
+
+def feddpa_weight(emb: jax.Array, reference: jax.Array, *, beta: float = 0.5) -> jax.Array:
+    """FedDPA's instance-wise weight ``w(x) = β·(1/N)·Σ_j cos(e(x), e(x_j))``.
+
+    ``emb (B, D)``: the test inputs' embeddings; ``reference (N, D)``: those of
+    N of the client's training instances (the official code embeds both with
+    the base model plus the local adapter, N = 5, β = 0.5). Returns ``(B,)``.
+    The official code multiplies the *global* adapter by ``w(x)``; pass
+    ``branch=`` to :func:`feddpa_set_weight` to choose.
+    """
+    unit = lambda e: e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+    return beta * jnp.mean(unit(emb) @ unit(reference).T, axis=-1)
+
+
+def feddpa_set_weight(tree: PyTree, weight, *, branch: str = "global") -> PyTree:
+    """Set every FedDPA node's mixing weight: ``w`` on the global branch (``1 − w`` on the
+    local one) with ``branch="global"``, the reverse with ``branch="local"``.
+
+    ``weight`` is a scalar (training phases: 0.5 local phase, 1.0 global phase)
+    or ``(B,)`` per-example weights from :func:`feddpa_weight`.
+    """
+    from jlora._validate import choice
+    from jlora.methods.feddpa import FedDPANode
+
+    choice("jlora.federated.feddpa_set_weight", "branch", branch, ("global", "local"))
+    w = jnp.asarray(weight, jnp.float32)
+    w = w if branch == "global" else 1.0 - w
+    return jax.tree.map(lambda n: n.replace(weight=w) if isinstance(n, FedDPANode) else n,
+                        tree, is_leaf=_is_hole_or_node)

@@ -315,3 +315,89 @@ def test_sharded_clients_equal_single_device():
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                  sharded.trainable, single.trainable)
     assert fl.client_specs(specs)["w"]["kernel"].a == P("clients", None, None)
+
+
+# ---------------------------------------------------------------- FSLoRA, FeDLRT
+
+
+def test_fslora_sketch_model_and_per_component_aggregation():
+    g = jlora.split(client(jlora.LoRA(rank=8, alpha=8), 0))[0]
+    key = jax.random.key(4)
+    sk = fl.fslora_sketch(key, g, 0.25)
+    s = np.asarray(sk["l1"]["kernel"])
+    assert sorted(s.tolist()) == [0.0] * 6 + [4.0, 4.0]  # k = 2 of r = 8, scale r/k
+    assert sk["l2"]["bias"] is None
+    np.testing.assert_array_equal(fl.fslora_sketch(key, g, 0.25)["l1"]["kernel"], s)  # seeded
+    node = g["l1"]["kernel"]
+    sketched = fl.fslora_apply(g, sk)["l1"]["kernel"]
+    idx = np.flatnonzero(s)
+    want = node.scale * 4.0 * np.asarray(node.a, np.float64)[:, idx] @ np.asarray(node.b)[idx]
+    np.testing.assert_allclose(np_delta(sketched), want, rtol=1e-5, atol=1e-6)
+
+    # three clients with different sketches and ratios; numpy per-component reference
+    clients = [jlora.split(client(jlora.LoRA(rank=8, alpha=8), i + 1))[0] for i in range(3)]
+    sketches = [fl.fslora_sketch(jax.random.key(10 + i), g, r)
+                for i, r in enumerate((0.25, 0.5, 1.0))]
+    p = np.asarray(W, np.float64) / sum(W)
+    for normalize in (False, True):
+        out = fl.fslora_aggregate(g, clients, sketches, W, normalize=normalize)
+        for f, axis in (("a", 1), ("b", 0)):
+            x = np.asarray(getattr(g["l1"]["kernel"], f), np.float64)
+            want = x.copy()
+            for j in range(8):
+                m = np.array([float(np.asarray(sk_["l1"]["kernel"])[j] > 0) for sk_ in sketches])
+                den = (p * m).sum() if normalize else 1.0
+                for i, c in enumerate(clients):
+                    xi = np.asarray(getattr(c["l1"]["kernel"], f), np.float64)
+                    sl = (slice(None), j) if axis == 1 else (j, slice(None))
+                    if den > 0:
+                        want[sl] += p[i] * m[i] * (xi[sl] - x[sl]) / den
+            np.testing.assert_allclose(getattr(out["l1"]["kernel"], f), want, rtol=1e-5,
+                                       atol=1e-6)
+        heads = [np.asarray(c["l2"]["bias"].value) for c in clients]
+        np.testing.assert_allclose(out["l2"]["bias"].value, np.average(heads, 0, W), rtol=1e-5)
+    # a masked upload keeps the global value off the sketch
+    up = fl.fslora_mask(g, clients[0], sketches[0])["l1"]["kernel"]
+    off = np.asarray(sketches[0]["l1"]["kernel"]) == 0
+    np.testing.assert_array_equal(np.asarray(up.b)[off], np.asarray(g["l1"]["kernel"].b)[off])
+    np.testing.assert_array_equal(np.asarray(up.b)[~off], np.asarray(clients[0]["l1"]["kernel"].b)[~off])
+
+
+def test_fedlrt_augment_truncate_and_correction():
+    rng = np.random.default_rng(0)
+    n, m, r = 9, 7, 3
+    u = np.linalg.qr(rng.normal(size=(n, r)))[0]
+    v = np.linalg.qr(rng.normal(size=(m, r)))[0]
+    s = np.diag([3.0, 2.0, 1.0])
+    gu, gv = rng.normal(size=(n, r)), rng.normal(size=(m, r))
+    ub, vb = fl.fedlrt_augment(*(jnp.asarray(x, jnp.float32) for x in (u, v, gu, gv)))
+    ub, vb = np.asarray(ub, np.float64), np.asarray(vb, np.float64)
+    st = np.asarray(fl.fedlrt_augment_coefficients(jnp.asarray(s)), np.float64)
+    np.testing.assert_allclose(ub @ st @ vb.T, u @ s @ v.T, atol=1e-5)  # same W
+    np.testing.assert_allclose(ub.T @ ub, np.eye(2 * r), atol=1e-5)  # orthonormal
+    # the new columns span the projected gradient (I - UUᵀ)G_U
+    proj = gu - u @ (u.T @ gu)
+    np.testing.assert_allclose(ub[:, r:] @ (ub[:, r:].T @ proj), proj, atol=1e-5)
+
+    # truncation against numpy: smallest rank whose tail norm <= tol·‖σ‖
+    s_star = rng.normal(size=(2 * r, 2 * r)) * np.array([5, 3, 1, 0.05, 0.02, 0.01])
+    pn, sig, qn = np.linalg.svd(s_star)
+    tol = 0.05
+    tails = [np.linalg.norm(sig[j:]) for j in range(2 * r + 1)]
+    r1 = next(j for j in range(2 * r + 1) if tails[j] <= tol * np.linalg.norm(sig))
+    uu, ss, vv, rank = fl.fedlrt_truncate(*(jnp.asarray(x, jnp.float32) for x in (s_star, ub, vb)),
+                                          tol=tol, max_rank=r)
+    r1 = min(max(r1, 1), r)
+    assert int(rank) == r1
+    want = (ub @ pn[:, :r1]) @ np.diag(sig[:r1]) @ (vb @ qn.T[:, :r1]).T
+    got = np.asarray(uu, np.float64) @ np.asarray(ss) @ np.asarray(vv, np.float64).T
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.linalg.norm(ub @ s_star @ vb.T - got) <= tol * np.linalg.norm(sig) + 1e-5
+    _, _, _, r_cap = fl.fedlrt_truncate(jnp.asarray(s_star, jnp.float32), jnp.asarray(ub),
+                                        jnp.asarray(vb), tol=0.0, max_rank=2)
+    assert int(r_cap) == 2
+
+    grads = jnp.asarray(rng.normal(size=(3, 2, 2)), jnp.float32)
+    corr = np.asarray(fl.fedlrt_correction(grads, [1, 1, 2]))
+    mean = np.tensordot(np.array([0.25, 0.25, 0.5]), np.asarray(grads, np.float64), 1)
+    np.testing.assert_allclose(corr, mean[None] - np.asarray(grads), rtol=1e-5, atol=1e-6)

@@ -3,13 +3,15 @@
 from jlora.methods.adalora import AdaLoRA, AdaLoRANode
 from jlora.methods.base import AdapterNode, Config
 from jlora.methods.dora import DoRA, DoRANode
+from jlora.methods.feddpa import FedDPA, FedDPANode
 from jlora.methods.full import Full, FullNode
 from jlora.methods.glora import GLoRA, GLoRABiasNode, GLoRANode
 from jlora.methods.lora import LoRA, LoRANode
+from jlora.methods.pf2lora import PF2LoRA, PF2LoRANode
 from jlora.methods.qlora import QLoRA, QLoRANode
 from jlora.methods.vera import VeRA, VeRANode
 
-__all__ = ["AdaLoRA", "AdaLoRANode", "AdapterNode", "Config", "DoRA", "DoRANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoRA", "LoRANode", "QLoRA", "QLoRANode", "VeRA", "VeRANode"]
+__all__ = ["AdaLoRA", "AdaLoRANode", "AdapterNode", "Config", "DoRA", "DoRANode", "FedDPA", "FedDPANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoRA", "LoRANode", "PF2LoRA", "PF2LoRANode", "QLoRA", "QLoRANode", "VeRA", "VeRANode"]
 
 import dataclasses as _dc
 
@@ -23,6 +25,8 @@ REGISTRY = {
     "VeRA": (VeRA, VeRANode),
     "AdaLoRA": (AdaLoRA, AdaLoRANode),
     "GLoRA": (GLoRA, GLoRANode),
+    "PF2LoRA": (PF2LoRA, PF2LoRANode),
+    "FedDPA": (FedDPA, FedDPANode),
     "QLoRA": (QLoRA, QLoRANode),
 }
 

@@ -1,0 +1,205 @@
+"""PF2LoRA: two-level LoRA for personalized federated fine-tuning (Hao et al. 2025, arXiv 2503.03920).
+
+Every targeted kernel carries a shared first-level pair ``(a, b)`` and a
+personal second-level pair ``(c, d)`` (eq. 2 of the paper, in jlora's
+orientation):
+
+    K = K0 + s·a·b + s̃·c·d,    a (fan_in, r), b (r, fan_out), c (fan_in, r̃), d (r̃, fan_out)
+
+with ``s = alpha/r`` and ``s̃ = personal_alpha/r̃`` (``/√r`` with rsLoRA). The
+server aggregates ``(a, b)``; ``(c, d)`` never leaves the client
+(``jlora.federated.shared`` / ``personal`` split a tree accordingly). The
+client's total delta ``a·b + c·d`` has a rank anywhere in ``[r − r̃, r + r̃]``:
+the paper's "automatic rank learning". Init: ``a`` and ``c`` kaiming-uniform,
+``b`` and ``d`` zero (the model starts at ``K0``). The fast path computes
+``y = x·K0 + s·(drop(x)·a)·b + s̃·(drop(x)·c)·d``; ``merge`` folds both pairs in.
+
+Example::
+
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"q": {"kernel": jnp.ones((8, 6))}}
+    >>> spec = jlora.Spec({"q/kernel": jlora.PF2LoRA(4, 2, alpha=8, personal_alpha=2)})
+    >>> node = jlora.apply(params, spec, key=jax.random.key(0))["q"]["kernel"]
+    >>> node.a.shape, node.c.shape, node.scale, node.personal_scale
+    ((8, 4), (8, 2), 2.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jlora.methods.base import (
+    AdapterNode,
+    Array,
+    Config,
+    LinearOp,
+    check_positive_int,
+    factor_dtype,
+    freeze_in_axes,
+    from_matrix,
+    leading_in_axes,
+    resolve_in_axes,
+    strict_options,
+    to_matrix,
+)
+from jlora.methods.lora import lowrank_dot
+
+
+def _scale(alpha, rank, rslora):
+    alpha = rank if alpha is None else alpha
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def _kaiming(key, fan_in, r, dt):
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, (fan_in, r), dt, -bound, bound)
+
+
+@strict_options
+@dataclasses.dataclass(frozen=True)
+class PF2LoRA(Config):
+    """Two-level LoRA config (see the module docstring).
+
+    Args:
+      rank: ``r`` of the shared pair ``(a, b)``.
+      personal_rank: ``r̃`` of the personal pair ``(c, d)`` (the paper tries ``r/2``, ``r/4``).
+      alpha: shared scale numerator (default ``rank``).
+      personal_alpha: personal scale numerator (default ``personal_rank``).
+      rslora: ``α/√r`` scaling for both pairs.
+      dropout: adapter-branch input dropout (fast path, training only).
+      dtype: factor dtype (default float32 or the base's if wider).
+      in_axes: which kernel axes are inputs (default all but the last).
+    """
+
+    rank: int
+    personal_rank: int
+    alpha: float | None = None
+    personal_alpha: float | None = None
+    rslora: bool = False
+    dropout: float = 0.0
+    dtype: Any = None
+    in_axes: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        name = type(self).__name__
+        check_positive_int(name, "rank", self.rank)
+        check_positive_int(name, "personal_rank", self.personal_rank)
+        for opt in ("alpha", "personal_alpha"):
+            v = getattr(self, opt)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not v > 0 or not math.isfinite(v)):
+                raise ValueError(f"{name}: {opt} must be a positive number, got {v!r}")
+        if not isinstance(self.rslora, bool):
+            raise ValueError(f"{name}: rslora must be a bool, got {self.rslora!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{name}: dropout must be in [0, 1), got {self.dropout!r}")
+        freeze_in_axes(self)
+
+    @property
+    def scale(self) -> float:
+        return _scale(self.alpha, self.rank, self.rslora)
+
+    @property
+    def personal_scale(self) -> float:
+        return _scale(self.personal_alpha, self.personal_rank, self.rslora)
+
+    def factors(self, key: Array, base: Array, *, path: str):
+        self.check_leaf(base, path)
+        in_axes = resolve_in_axes(base.shape, self.in_axes, path)
+        fan_in, fan_out = to_matrix(base, in_axes).shape
+        top = max(self.rank, self.personal_rank)
+        if top > min(fan_in, fan_out):
+            raise ValueError(f"{path}: rank {top} exceeds min(fan_in, fan_out) = "
+                             f"{min(fan_in, fan_out)} for a leaf of shape {base.shape}")
+        dt = factor_dtype(base.dtype, self.dtype)
+        ka, kc = jax.random.split(key)
+        return dict(base=base, a=_kaiming(ka, fan_in, self.rank, dt),
+                    b=jnp.zeros((self.rank, fan_out), dt),
+                    c=_kaiming(kc, fan_in, self.personal_rank, dt),
+                    d=jnp.zeros((self.personal_rank, fan_out), dt),
+                    config=self, shape=tuple(base.shape), in_axes=in_axes)
+
+    def build(self, key: Array, base: Array, *, path: str) -> "PF2LoRANode":
+        return PF2LoRANode(**self.factors(key, base, path=path))
+
+
+@struct.dataclass
+class PF2LoRANode(AdapterNode):
+    """``K = base + s·a·b + s̃·c·d``; ``(a, b)`` shared, ``(c, d)`` personal."""
+
+    base: Array
+    a: Array
+    b: Array
+    c: Array
+    d: Array
+    config: PF2LoRA = struct.field(pytree_node=False, default=None)
+    shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
+    in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
+
+    trainable = ("a", "b", "c", "d")
+    personal_fields = ("c", "d")
+    method = "PF2LoRA"
+    field_axes = {"base": "base", "a": "in_rank", "b": "rank_out", "c": "in_rank",
+                  "d": "rank_out"}
+
+    @property
+    def scale(self) -> float:
+        return self.config.scale
+
+    @property
+    def personal_scale(self) -> float:
+        return self.config.personal_scale
+
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    def branch_weights(self):
+        """Multipliers of the shared and personal branches (1 and 1 here)."""
+        return 1.0, 1.0
+
+    def delta(self) -> Array:
+        w_shared, w_personal = self.branch_weights()
+        if getattr(w_shared, "ndim", 0):
+            # Per-example weights have no single merged weight: a layer served
+            # from merged weights gets NaN (loud), the fast path never reads it.
+            return jnp.full(self.shape, jnp.nan, jnp.result_type(self.a))
+        m = (w_shared * self.scale) * (self.a @ self.b) + (
+            w_personal * self.personal_scale) * (self.c @ self.d)
+        return from_matrix(m, self.shape, self.in_axes)
+
+    def materialize(self) -> Array:
+        d = self.delta()
+        return (self.base.astype(d.dtype) + d).astype(self.base.dtype)
+
+    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None) -> Array:
+        if not leading_in_axes(self):
+            return op(x, self.materialize())
+        y = op(x, self.base)
+        drop = self.config.dropout
+        shared = lowrank_dot(x, op, self, self.a, self.b, self.scale,
+                             dropout_key=dropout_key, dropout=drop)
+        own = lowrank_dot(x, op, self, self.c, self.d, self.personal_scale,
+                          dropout_key=dropout_key, dropout=drop)
+        w_shared, w_personal = self.branch_weights()
+        w_shared, w_personal = _rows(w_shared, y), _rows(w_personal, y)
+        return y + (w_shared * shared + w_personal * own).astype(y.dtype)
+
+
+def _rows(w, y):
+    """A per-example weight ``(N,)`` laid over ``y``'s leading rows (batch-major)."""
+    w = jnp.asarray(w, jnp.float32)
+    if w.ndim == 0:
+        return w
+    n = y.shape[0]
+    if n % w.shape[0]:
+        raise ValueError(f"per-example weights of length {w.shape[0]} do not divide the "
+                         f"{n} rows reaching the layer")
+    w = jnp.repeat(w, n // w.shape[0])
+    return w.reshape((n,) + (1,) * (y.ndim - 1))
