@@ -187,3 +187,35 @@ def test_qlora_scan_keeps_codes_not_dequantized_weights(capsys):
     temps = {fast: jax.jit(jax.grad(loss), static_argnums=2).lower(t, f, fast).compile()
              .memory_analysis().temp_size_in_bytes for fast in (True, False)}
     assert temps[True] < dequantized_bytes < temps[False]
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+def test_expert_factors_and_quantized_codes_shard_like_their_base():
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("expert", "tensor"))
+    params = {"moe": {"w": jax.random.normal(jax.random.key(0), (4, 128, 64))},
+              "q": {"w": jax.random.normal(jax.random.key(1), (4, 128, 64))}}
+    spec = jlora.Spec({"moe/w": jlora.LoRA(rank=2, expert_axis=0),
+                       "q/w": jlora.QLoRA(rank=2, expert_axis=0)})
+    base = {"moe": {"w": P("expert", None, "tensor")}, "q": {"w": P("expert", None, "tensor")}}
+    adapted = _bump(jlora.apply(params, spec, key=jax.random.key(2)))
+    s = jlora.sharding.specs(adapted, base)
+    assert (s["moe"]["w"].a, s["moe"]["w"].b) == (P("expert", None, None),
+                                                  P("expert", None, "tensor"))
+    q = s["q"]["w"].quantized  # codes stored (E, out, in/2): expert and output axes sharded
+    assert (q.codes, q.absmax, q.offset) == (P("expert", "tensor", None),
+                                             P("expert", "tensor", None), P("expert"))
+    placed = jlora.sharding.place(adapted, mesh, base)
+    x = jax.random.normal(jax.random.key(3), (4, 5, 128))
+
+    def loss(t, f):
+        a = jlora.combine(t, f)
+        y = sum(jlora.experts.einsum("ecd,edf->ecf", x, a[k]["w"]) for k in ("moe", "q"))
+        return jnp.sum(jnp.sin(y))
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    (l1, g1), (l2, g2) = grad(*jlora.split(placed)), grad(*jlora.split(adapted))
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -105,3 +105,21 @@ def stacked_lowrank(x: Array, op, node, a: Array, b: Array, scale: float, *,
     if len(in_shape) != 1:
         raise ValueError("stacked fast path needs one input axis per slice")
     return op(h * scale, b.astype(h.dtype))
+
+
+def factor_specs(node, entries, fold) -> dict:
+    """PartitionSpecs of a (stacked or not) node's ``a``, ``b``, ``a0``, ``b0``:
+    the expert axis keeps the base's mesh axis (expert parallelism), ``a``'s rows
+    the input axes', ``b``'s columns the output axes'; the rank is replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    stacked = is_stacked(node)
+    lead = (entries[0],) if stacked else ()
+    ins = fold(entries[i] for i in node.in_axes)
+    outs = fold(entries[i] for i in range(len(node.shape))
+                if i not in node.in_axes and not (stacked and i == 0))
+    specs = {"a": P(*lead, ins, None), "b": P(*lead, None, outs)}
+    for name, spec in (("a0", specs["a"]), ("b0", specs["b"])):
+        if getattr(node, name, None) is not None:
+            specs[name] = spec
+    return {k: v for k, v in specs.items() if getattr(node, k, None) is not None}

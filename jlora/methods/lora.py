@@ -55,6 +55,7 @@ from flax import struct
 
 from jlora.methods._experts import (
     check_expert_axis,
+    factor_specs,
     is_slice,
     is_stacked,
     slice_config,
@@ -246,6 +247,13 @@ class LoRANode(AdapterNode):
         if is_stacked(self):
             return slice_config(self.config, self.shape[0]).rank
         return self.config.rank
+
+    def partition_specs(self, entries, fold):
+        """Stacked nodes: the expert axis shards like the base's (see ``jlora.sharding``)."""
+        if not is_stacked(self):
+            return None
+        from jax.sharding import PartitionSpec as P
+        return {"base": P(*entries), **factor_specs(self, entries, fold)}
 
     def slice_view(self) -> "LoRANode":
         """One slice of a stacked node whose fields ``nn.scan`` has cut."""

@@ -47,6 +47,7 @@ from jlora import quant as Q
 from jlora._validate import boolean, choice, positive_int, real
 from jlora.methods._experts import (
     check_expert_axis,
+    factor_specs,
     is_slice,
     is_stacked,
     slice_config,
@@ -206,6 +207,23 @@ class QLoRANode(AdapterNode):
         if is_stacked(self):
             return slice_config(self.config, self.shape[0]).rank
         return self.config.rank
+
+    def partition_specs(self, entries, fold):
+        """Codes and block scales shard with the base axes they store (the packed
+        input axis included), per-slice double-quantization state with the
+        expert axis; factors as LoRA's."""
+        from jax.sharding import PartitionSpec as P
+
+        q = self.quantized
+        stored = [entries[p] for p in q.perm]
+        lead = stored[:q.n_stack]
+        structured = q.codes.ndim == len(q.shape)
+        grid = P(*stored) if structured else P(*lead, None)
+        qspecs = dataclasses.replace(
+            q, codes=grid, absmax=grid,
+            absmax2=None if q.absmax2 is None else P(*lead, None),
+            offset=None if q.offset is None else P(*lead))
+        return {"quantized": qspecs, **factor_specs(self, entries, fold)}
 
     def slice_view(self) -> "QLoRANode":
         """One slice of a stacked node whose fields ``nn.scan`` has cut."""
