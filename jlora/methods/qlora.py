@@ -262,3 +262,49 @@ class QLoRANode(AdapterNode):
         lo = lowrank(x, op, self, self.a, self.b, self.scale,
                      dropout_key=dropout_key, dropout=self.config.dropout)
         return y + lo.astype(y.dtype)
+
+
+def from_lora(adapted: Any, quantized: Any = None, *, quant: str = "nf4", block_size: int = 64,
+              double_quant: bool = True, compute_dtype: Any = None) -> Any:
+    """Turn the plain LoRA nodes of ``adapted`` into QLoRA nodes with the same factors.
+
+    ``quantized`` (optional) is a tree with a :class:`jlora.quant.QuantizedArray`
+    at each adapted path (e.g. from ``jlora.quant.quantize_tree``): its codes and
+    scales become the nodes' base unchanged, which is how a PEFT adapter is put
+    on a jlora-quantized model::
+
+        adapted = jlora.peft.load(folder, jlora.quant.dequantize_tree(qparams))
+        adapted = jlora.methods.qlora.from_lora(adapted, qparams)
+
+    Without ``quantized``, each node's float base is quantized with the given
+    options. Nodes with PiSSA/OLoRA's initial factors or a stacked axis keep
+    their own class.
+    """
+    from jlora.methods.lora import LoRANode
+    from jlora.tree import leaves_with_paths, map_with_paths
+
+    given = {}
+    if quantized is not None:
+        given = {p: q for p, q in leaves_with_paths(
+            quantized, is_leaf=lambda x: isinstance(x, Q.QuantizedArray))
+            if isinstance(q, Q.QuantizedArray)}
+
+    def one(path, node):
+        if type(node) is not LoRANode or node.a0 is not None or is_stacked(node):
+            return node
+        c = node.config
+        q = given.get(path)
+        if q is None:
+            if quantized is not None:
+                raise ValueError(f"jlora.methods.qlora.from_lora: no QuantizedArray at {path}")
+            q = Q.quantize(node.base, quant, block_size, double_quant, in_axes=node.in_axes)
+        elif tuple(q.shape) != tuple(node.shape):
+            raise ValueError(f"{path}: quantized base has shape {q.shape}, the adapter "
+                             f"{tuple(node.shape)}")
+        cfg = QLoRA(rank=c.rank, alpha=c.alpha, quant=q.quant, block_size=q.block_size,
+                    double_quant=q.absmax2 is not None, compute_dtype=compute_dtype,
+                    rslora=c.rslora, dropout=c.dropout, dtype=c.dtype, in_axes=c.in_axes)
+        return QLoRANode(quantized=q, a=node.a, b=node.b, config=cfg, shape=node.shape,
+                         in_axes=node.in_axes)
+
+    return map_with_paths(one, adapted)
