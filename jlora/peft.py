@@ -130,6 +130,25 @@ def _module_namer(name_map: NameMap) -> Callable[[str], str]:
     return name
 
 
+def _torch_modules(tree: Any, name_map: NameMap, what: str) -> dict[str, str]:
+    """PyTorch module name -> Flax module path, for every module of ``tree``.
+
+    A dict ``name_map`` may leave modules out (they cannot be addressed); two
+    Flax modules that map to one PyTorch name are an error.
+    """
+    namer = _module_namer(name_map)
+    out: dict[str, str] = {}
+    for path, _ in leaves_with_paths(tree):
+        flax = _module_of(path)
+        if isinstance(name_map, dict) and flax not in name_map:
+            continue
+        torch = namer(flax)
+        if out.setdefault(torch, flax) != flax:
+            raise ValueError(f"{what}: Flax modules {out[torch]!r} and {flax!r} both map to "
+                             f"the PyTorch module {torch!r}")
+    return out
+
+
 def _module_of(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else ""
 
@@ -153,6 +172,8 @@ def _selects(rule, module: str) -> bool:
     """PEFT's ``target_modules`` / ``exclude_modules`` test for one module name."""
     if rule is None:
         return False
+    if rule == "all-linear":  # PEFT: every Linear but the output head; the tensors tell which
+        return True
     if isinstance(rule, str):
         return re.fullmatch(rule, module) is not None
     return any(module == t or module.endswith("." + t) for t in rule)
@@ -305,7 +326,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
     owner: dict[str, str] = {}  # torch tensor name -> Flax path
     modules: dict[str, dict] = {}
     to_save: list[str] = []
-    all_modules: dict[str, str] = {}
+    all_modules = _torch_modules(adapted, name_map, "jlora.peft.save")
 
     def put(name, value, path):
         if name in owner:
@@ -313,14 +334,14 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
                              f"the PyTorch tensor {name!r} (check name_map)")
         owner[name] = path
         tensors[name] = np.ascontiguousarray(value, np.float32)
+        if not np.isfinite(tensors[name]).all():
+            raise ValueError(f"jlora.peft.save: {path} holds NaN or infinite values (for "
+                             f"{name!r}); refusing to write a corrupt adapter")
 
     for path, node in leaves_with_paths(adapted):
-        module = namer(_module_of(path))
-        if all_modules.setdefault(module, _module_of(path)) != _module_of(path):
-            raise ValueError(f"jlora.peft.save: Flax modules {all_modules[module]!r} and "
-                             f"{_module_of(path)!r} both map to the PyTorch module {module!r}")
         if not is_node(node):
             continue
+        module = namer(_module_of(path))
         key = PREFIX + module
         if isinstance(node, FullNode):
             suffix, value = _torch_full(path, np.asarray(node.value, np.float32))
@@ -615,7 +636,7 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
     complete or a ``ValueError`` names the file and key at fault.
     """
     folder = _adapter_folder(directory, adapter_name)
-    namer = _module_namer(name_map)
+    by_module = _torch_modules(params, name_map, "jlora.peft.load")
     cfg_path = os.path.join(folder, CONFIG_FILE)
     weights_path = os.path.join(folder, WEIGHTS_FILE)
     config = _read_config(cfg_path)
@@ -625,12 +646,6 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
     for p, x in leaves.items():
         if is_node(x):
             raise ValueError(f"jlora.peft.load: {p} is already adapted; pass plain params")
-    by_module: dict[str, str] = {}
-    for p in leaves:
-        torch_name = namer(_module_of(p))
-        if by_module.setdefault(torch_name, _module_of(p)) != _module_of(p):
-            raise ValueError(f"jlora.peft.load: Flax modules {by_module[torch_name]!r} and "
-                             f"{_module_of(p)!r} both map to the PyTorch module {torch_name!r}")
 
     grouped: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     for key, value in tensors.items():

@@ -16,6 +16,9 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+import jax
+import optax
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DOC = os.path.join(ROOT, "docs", "bad-inputs.md")
@@ -589,6 +592,37 @@ def _(tmp):
     jlora.peft.save(tmp, adapted({"fc2/bias": jlora.Full()}))
 
 
+@case("peft.save", "LoRA on a 3-D `DenseGeneral` kernel", r"w/kernel: a kernel of shape \(4, 2, 3\) with in_axes \(0,\) has no PEFT layout")
+def _(tmp):
+    import jax.numpy as jnp
+
+    jlora = _jl()
+    tree = jlora.apply({"w": {"kernel": jnp.ones((4, 2, 3))}},
+                       jlora.Spec({"w/kernel": jlora.LoRA(rank=2, in_axes=(0,))}), key=jax.random.key(0))
+    jlora.peft.save(tmp, tree)
+
+
+@case("peft.save", "an adapter holding NaN", r"jlora.peft.save: fc1/kernel holds NaN or infinite values")
+def _(tmp):
+    import jax.numpy as jnp
+
+    tree = adapted()
+    tree["fc1"]["kernel"] = tree["fc1"]["kernel"].replace(b=jnp.full_like(tree["fc1"]["kernel"].b, jnp.nan))
+    _jl().peft.save(tmp, tree)
+
+
+@case("peft.save", "a target path that is a file", r"adapter: exists and is not a directory")
+def _(tmp):
+    path = os.path.join(tmp, "adapter")
+    open(path, "w").write("x")
+    _jl().peft.save(path, adapted())
+
+
+@case("peft.load", "`params` that are already adapted", r"jlora.peft.load: fc1/kernel is already adapted")
+def _(tmp):
+    _jl().peft.load(adapter_copy(tmp), adapted())
+
+
 # ---------------------------------------------------------------- checkpoint
 
 
@@ -622,6 +656,39 @@ def _(tmp):
 def _(tmp):
     d, trainable, _ = _saved(tmp)
     _jl().checkpoint.save(d, trainable, step=1)
+
+
+@case("checkpoint", "restoring `step=True`", r"jlora.checkpoint: step must be an int >= 0, got True")
+def _(tmp):
+    d, _, _ = _saved(tmp)
+    _jl().checkpoint.restore(d, step=True)
+
+
+@case("checkpoint", "saving `None` as the trainable tree", r"jlora.checkpoint: trainable must be a tree of arrays, got None")
+def _(tmp):
+    _jl().checkpoint.save(tmp, None, step=1)
+
+
+@case("checkpoint", "a `spec` that is not a `Spec`", r"jlora.checkpoint: spec must be a jlora.Spec, got dict")
+def _(tmp):
+    _jl().checkpoint.save(tmp, {"w": params()["fc1"]["kernel"]}, step=1, spec={"w": 1})
+
+
+@case("checkpoint", "a dict key that is not a str or int", r"\('a', 1\): checkpoint dict keys must be str or int")
+def _(tmp):
+    _jl().checkpoint.save(tmp, {("a", 1): params()["fc1"]["kernel"]}, step=1)
+
+
+@case("checkpoint", "a file given as the checkpoint directory", r"notes.txt: not a directory, so not a jlora checkpoint")
+def _(tmp):
+    path = os.path.join(tmp, "notes.txt")
+    open(path, "w").write("x")
+    _jl().checkpoint.restore(path)
+
+
+@case("checkpoint", "a directory that is not a path", r"jlora.checkpoint: directory must be a path, got 3")
+def _(tmp):
+    _jl().checkpoint.Manager(3)
 
 
 @case("checkpoint", "restoring a missing directory", r"no checkpoint directory at")
@@ -661,7 +728,7 @@ def _(tmp):
 def _(tmp):
     d, _, _ = _saved(tmp)
     meta = os.path.join(d, "1", "meta", "metadata")
-    text = open(meta).read().replace('"node": "LoRANode"', '"node": "os.system"')
+    text = open(meta).read().replace('"node": "LoRA"', '"node": "os.system"')
     open(meta, "w").write(text)
     _jl().checkpoint.restore(d)
 
@@ -706,6 +773,48 @@ def _(tmp):
         x: object
 
     _jl().checkpoint.save(tmp, {"opt": Mine(jnp.ones(2))}, step=1)
+
+
+# ---------------------------------------------------------------- optim
+
+
+def _optim_case(what, match, call):
+    case("optim", what, match)(lambda tmp: call(_jl().optim))
+
+
+_optim_case("`lora_plus(ratio=0)`", r"jlora.optim.lora_plus: ratio must be a finite number > 0.0, got 0",
+            lambda o: o.lora_plus(optax.adamw, 1e-3, ratio=0))
+_optim_case("`lora_plus(ratio=nan)`", r"jlora.optim.lora_plus: ratio must be a finite number",
+            lambda o: o.lora_plus(optax.adamw, 1e-3, ratio=float("nan")))
+_optim_case("`lora_plus` with a negative learning rate", r"jlora.optim.lora_plus: lr must be a finite number > 0.0",
+            lambda o: o.lora_plus(optax.adamw, -1e-3))
+_optim_case("`lora_plus` given something that is not an optimizer factory",
+            r"jlora.optim.lora_plus: make_optimizer must be callable, got 3",
+            lambda o: o.lora_plus(3, 1e-3))
+_optim_case("`bar(rho=-1)`", r"jlora.optim.bar: rho must be a finite number >= 0.0, got -1.0",
+            lambda o: o.bar(-1.0))
+_optim_case("`bar(rho=inf)`", r"jlora.optim.bar: rho must be a finite number >= 0.0, got inf",
+            lambda o: o.bar(float("inf")))
+_optim_case("`flora(rank=0)`", r"jlora.optim.flora: rank must be an int >= 1, got 0",
+            lambda o: o.flora(rank=0))
+_optim_case("`flora(beta=2)`", r"jlora.optim.flora: beta must be a finite number >= 0.0 and < 1.0",
+            lambda o: o.flora(beta=2.0))
+_optim_case("`flora(kappa=True)`", r"jlora.optim.flora: kappa must be an int >= 1, got True",
+            lambda o: o.flora(kappa=True))
+_optim_case("`flat_lora(total_steps=0)` (a division by zero before)",
+            r"jlora.optim.flat_lora: total_steps must be an int >= 1, got 0",
+            lambda o: o.flat_lora(adapted(), jax.random.key(0), step=0, total_steps=0))
+_optim_case("`flat_lora(rho=-1)`", r"jlora.optim.flat_lora: rho must be a finite number >= 0.0",
+            lambda o: o.flat_lora(adapted(), jax.random.key(0), step=0, total_steps=10,
+                                  rho=-1.0))
+_optim_case("`mezo_sgd(eps=0)`", r"jlora.optim.mezo_sgd: eps must be a finite number > 0.0",
+            lambda o: o.mezo_sgd(lambda p: 0.0, adapted(), jax.random.key(0), lr=1e-3,
+                                 eps=0.0))
+_optim_case("`sam_gradient(rho=-1)`", r"jlora.optim.sam_gradient: rho must be a finite number >= 0.0",
+            lambda o: o.sam_gradient(lambda p: 0.0, adapted(), rho=-1.0))
+_optim_case("`balora` wrapping something that is not an Optax transformation",
+            r"jlora.optim.balora: inner must be an optax.GradientTransformation",
+            lambda o: o.balora(3))
 
 
 # ---------------------------------------------------------------- the page

@@ -401,3 +401,12 @@ def test_failed_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
     jlora.peft.save(tmp_path, new)  # and a good save replaces it, keeping other files
     assert jlora.peft.load(tmp_path, params)["fc1"]["kernel"].rank == 4
     assert (tmp_path / "notes.txt").read_text() == "kept"
+
+
+def test_a_dict_name_map_need_only_name_the_adapted_modules(tmp_path):
+    params, adapted = make_adapted(jlora.LoRA(rank=2), emb=False)
+    names = {"fc1": "encoder.dense"}
+    jlora.peft.save(tmp_path, adapted, name_map=names)
+    assert "base_model.model.encoder.dense.lora_A.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    back = jlora.peft.load(tmp_path, params, name_map=names)
+    np.testing.assert_allclose(jlora.merge(back)["fc1"]["kernel"], jlora.merge(adapted)["fc1"]["kernel"])
