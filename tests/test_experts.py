@@ -174,7 +174,7 @@ def _float_residuals(capsys, fn, *args):
 
 
 def test_qlora_scan_keeps_codes_not_dequantized_weights(capsys):
-    d = 512
+    d = 256
     model, x, _, adapted = _scanned(d, jlora.QLoRA(rank=4, expert_axis=0))
     t, f = jlora.split(adapted)
     loss = _loss(model, x)

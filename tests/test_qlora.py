@@ -64,8 +64,8 @@ def test_custom_vjp_matches_plain_dequantize_then_matmul_float64():
         x = jnp.asarray(np.random.default_rng(2).standard_normal((5, 128)))
         g = jnp.asarray(np.random.default_rng(3).standard_normal((5, 48)))
         op = lambda x, w: x @ w
-        fast = lambda x: jnp.sum(g * quantized_dot(x, q, op, jnp.float64))
-        plain = lambda x: jnp.sum(g * (x @ jlora.dequantize(q, jnp.float64)))
+        fast = jax.jit(lambda x: jnp.sum(g * quantized_dot(x, q, op, jnp.float64)))
+        plain = jax.jit(lambda x: jnp.sum(g * (x @ jlora.dequantize(q, jnp.float64))))
         np.testing.assert_allclose(fast(x), plain(x), rtol=1e-12)
         np.testing.assert_allclose(jax.grad(fast)(x), jax.grad(plain)(x), rtol=1e-12)
         # and against numpy: ∂/∂x Σ g⊙(x·W) = g·Wᵀ
@@ -170,3 +170,15 @@ def test_peft_save_is_a_plain_lora_adapter_that_peft_loads_on_bnb_4bit(tmp_path)
     assert isinstance(back["fc1"]["kernel"], jlora.methods.QLoRANode)
     np.testing.assert_allclose(jlora.linen.apply(model, {"params": back}, x), y_jax,
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.experiments
+def test_study_smoke(tmp_path):
+    from experiments import qlora_study
+
+    results = qlora_study.main(["--d-model", "32", "--layers", "1", "--vocab", "16", "--seq", "8",
+                                "--batch", "4", "--pretrain-steps", "2", "--steps", "2",
+                                "--out", str(tmp_path)])
+    assert [r["variant"] for r in results] == ["full", "lora_bf16", "qlora"]
+    q = results[-1]
+    assert 0.5 < q["base_bytes_per_param"] < 0.6 and (tmp_path / "qlora_study.md").exists()

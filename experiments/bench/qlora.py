@@ -52,7 +52,7 @@ def base_bytes_per_param(adapted) -> float:
     return nbytes / n
 
 
-def make_steps(model, params, rank):
+def make_steps(model, params, rank, dtype):
     tx = optax.adamw(1e-4)
     steps = {}
 
@@ -69,10 +69,10 @@ def make_steps(model, params, rank):
             return optax.apply_updates(t, upd), opt, loss
         return step
 
-    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    bf16 = jax.tree.map(lambda x: x.astype(dtype), params)
     configs = {
         "lora_bf16": jlora.LoRA(rank=rank, alpha=2 * rank),
-        "qlora": jlora.QLoRA(rank=rank, alpha=2 * rank, compute_dtype=jnp.bfloat16),
+        "qlora": jlora.QLoRA(rank=rank, alpha=2 * rank, compute_dtype=dtype),
     }
     bpp = {}
     for name, cfg in configs.items():
@@ -86,14 +86,14 @@ def make_steps(model, params, rank):
     return steps, bpp
 
 
-def bench(d_model, n_layers, batch, seq, vocab, rank, reps):
+def bench(d_model, n_layers, batch, seq, vocab, rank, reps, dtype=jnp.bfloat16):
     model = DecoderLM(vocab=vocab, d_model=d_model, n_layers=n_layers,
-                      n_heads=max(1, d_model // 64), max_len=seq, dtype=jnp.bfloat16)
+                      n_heads=max(1, d_model // 64), max_len=seq, dtype=dtype)
     tokens = jax.random.randint(jax.random.key(0), (batch, seq), 0, vocab)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
     params = jax.tree.map(lambda s: jax.random.normal(jax.random.key(0), s.shape, s.dtype)
                           * 0.02, params)
-    steps, bpp = make_steps(model, params, rank)
+    steps, bpp = make_steps(model, params, rank, dtype)
     compiled, state, mem, temp = {}, {}, {}, {}
     for name, (fn, t, opt, frozen) in steps.items():
         # the frozen tree is an argument (not a jit constant), as in real training
@@ -124,16 +124,19 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="base and compute dtype (XLA:CPU upcasts bf16 matmuls to float32, "
+                         "so bf16 temporaries on CPU hold float32 weight copies)")
     args = ap.parse_args(argv)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
           f"layers={args.layers} batch={args.batch} seq={args.seq} vocab={args.vocab} "
-          f"rank={args.rank}, median of {args.reps}")
+          f"rank={args.rank} dtype={args.dtype}, median of {args.reps}")
     print(f"| d_model | variant | step ms | vs lora_bf16 | step MiB | temps MiB | base B/param |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     rows = []
     for d in args.d_model:
         med, mem, temp, bpp = bench(d, args.layers, args.batch, args.seq, args.vocab,
-                                    args.rank, args.reps)
+                                    args.rank, args.reps, jnp.dtype(args.dtype))
         for name in VARIANTS:
             row = (f"| {d} | {name} | {1e3 * med[name]:.1f} | "
                    f"{med[name] / med['lora_bf16']:.2f}x | {mem[name] / 2**20:.1f} | "
