@@ -25,7 +25,7 @@ client's state across rounds). Writes ``experiments/results/
 federated_optim_study.{md,json,png}``: test accuracy per round and bytes
 exchanged per round (``jlora.optim.communication_bytes``).
 
-    python experiments/federated_optim_study.py [--rounds 10 --clients 10]
+    python experiments/federated_optim_study.py [--rounds 8 --clients 10]
 """
 
 from __future__ import annotations
@@ -120,6 +120,25 @@ def cache_hidden(cfg, bert, ids, mask, batch=64):
         hb = fwd(np.pad(i, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0))))
         out.append(np.asarray(hb[:len(i)], np.float32))
     return np.concatenate(out)
+
+
+NAMES = {"FedAvg": "fedavg", "FedAdam": "fedadam", "MimeLite": "mimelite", "MIME": "mime",
+         "FedLADA": "fedlada", "FedSPS": "fedsps", "FedDecSPS": "feddecsps"}
+
+
+def round_bytes(method, aggregation, x0, frozen0, clients):
+    """Bytes per client per round, from the trees each side sends (shapes only)."""
+    shapes = jax.eval_shape(lambda t: t, x0)
+    if aggregation == "fedavg":
+        down = shapes
+    elif method == "FedAdam":   # the merged weights' change: dense adapted kernels + head
+        down = jax.eval_shape(lambda t, f: [n.delta() if n.rank else n.value for _, n in
+                                            leaves_with_paths(jlora.combine(t, f))
+                                            if jlora.is_node(n)], x0, frozen0)
+    else:   # FLoRA's stacked factors of all clients
+        down = jax.eval_shape(lambda t: fl.flora([t] * clients, jnp.ones(clients) / clients), x0)
+    return fo.communication_bytes(NAMES[method], shapes, download=down,
+                                  base_optimizer=optax.sgd(0.1, momentum=0.9))
 
 
 def run(method, aggregation, setup, args):
@@ -246,19 +265,7 @@ def run(method, aggregation, setup, args):
                  for s in range(0, len(y_te), 200)]
         return float((np.concatenate(preds) == y_te).mean())
 
-    # bytes per client per round, from the trees each side sends
-    shapes = jax.eval_shape(lambda t: t, x0)
-    if aggregation == "fedavg":
-        down = shapes
-    elif dense:   # the merged weights' change: dense deltas of the adapted kernels + head
-        down = jax.eval_shape(lambda t, f: [n.delta() if n.rank else n.value for _, n in
-                                            leaves_with_paths(jlora.combine(t, f))
-                                            if jlora.is_node(n)], x0, frozen0)
-    else:
-        down = jax.eval_shape(lambda t: fl.flora([t] * K, jnp.ones(K) / K), x0)
-    name = {"FedAvg": "fedavg", "FedAdam": "fedadam", "MimeLite": "mimelite", "MIME": "mime",
-            "FedLADA": "fedlada", "FedSPS": "fedsps", "FedDecSPS": "feddecsps"}[method]
-    com = fo.communication_bytes(name, shapes, download=down, base_optimizer=sgdm)
+    com = round_bytes(method, aggregation, x0, frozen0, K)
 
     x, frozen = x0, frozen0
     accs = [accuracy(x, frozen)]
@@ -280,12 +287,12 @@ def run(method, aggregation, setup, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train", type=int, default=2000)
-    ap.add_argument("--test", type=int, default=600)
+    ap.add_argument("--train", type=int, default=1500)
+    ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--max-len", type=int, default=24)
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--dirichlet", type=float, default=0.1)
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--local-steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--full-batch", type=int, default=32)

@@ -8,7 +8,8 @@
     >>> served = jlora.merge(jlora.combine(trainable, frozen))
 """
 
-from jlora import checkpoint, experts, federated, glora, linen, nnx, optim, peft, quant, sharding
+from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, optim, peft,
+                   quant, sharding)
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.quant import dequantize, quantize
 from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
@@ -34,6 +35,7 @@ __all__ = [
     "VeRA",
     "apply",
     "combine",
+    "compose",
     "count_trainable",
     "dequantize",
     "experts",

@@ -123,7 +123,13 @@ def _module_namer(name_map: NameMap) -> Callable[[str], str]:
         raise ValueError(f"name_map must be a function or a dict, got {type(name_map).__name__}")
 
     def name(p):
-        out = table(p)
+        try:
+            out = table(p)
+        except ValueError:
+            raise
+        except Exception as e:  # a user's function: say which module it failed on
+            raise ValueError(f"name_map failed for Flax module {p!r} "
+                             f"({type(e).__name__}: {e})") from None
         if not isinstance(out, str):
             raise ValueError(f"name_map gave {out!r} for Flax module {p!r}; expected a str")
         return out
@@ -133,16 +139,18 @@ def _module_namer(name_map: NameMap) -> Callable[[str], str]:
 def _torch_modules(tree: Any, name_map: NameMap, what: str) -> dict[str, str]:
     """PyTorch module name -> Flax module path, for every module of ``tree``.
 
-    A dict ``name_map`` may leave modules out (they cannot be addressed); two
-    Flax modules that map to one PyTorch name are an error.
+    ``name_map`` may leave modules out (a dict without them, a function that
+    fails on them): they cannot be addressed. Two Flax modules that map to one
+    PyTorch name are an error.
     """
     namer = _module_namer(name_map)
     out: dict[str, str] = {}
     for path, _ in leaves_with_paths(tree):
         flax = _module_of(path)
-        if isinstance(name_map, dict) and flax not in name_map:
+        try:
+            torch = namer(flax)
+        except ValueError:
             continue
-        torch = namer(flax)
         if out.setdefault(torch, flax) != flax:
             raise ValueError(f"{what}: Flax modules {out[torch]!r} and {flax!r} both map to "
                              f"the PyTorch module {torch!r}")

@@ -328,6 +328,10 @@ def test_communication_bytes_counts_the_trees():
     stacked = {"k": jnp.zeros((FAN_IN, 3 * RANK)), "k2": jnp.zeros((3 * RANK, FAN_OUT))}
     com = O.communication_bytes("fedavg", server, download=stacked)
     assert com.down == 4 * 3 * RANK * (FAN_IN + FAN_OUT) and com.total(3) == 3 * (com.up + com.down)
+    # MIME's statistics are sized on the trained model, not on FLoRA's stacked download
+    sgdm = optax.sgd(0.1, momentum=0.9)
+    assert O.communication_bytes("mime", server, download=stacked, base_optimizer=sgdm) == (
+        2 * model, com.down + 2 * model)
     shapes = jax.eval_shape(lambda t: t, server)
     assert O.communication_bytes("fedlada", shapes) == (3 * model, 3 * model)
 

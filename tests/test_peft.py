@@ -410,3 +410,13 @@ def test_a_dict_name_map_need_only_name_the_adapted_modules(tmp_path):
     assert "base_model.model.encoder.dense.lora_A.weight" in load_file(tmp_path / "adapter_model.safetensors")
     back = jlora.peft.load(tmp_path, params, name_map=names)
     np.testing.assert_allclose(jlora.merge(back)["fc1"]["kernel"], jlora.merge(adapted)["fc1"]["kernel"])
+
+
+def test_a_name_map_function_may_fail_on_modules_it_does_not_adapt(tmp_path):
+    params, adapted = make_adapted(jlora.LoRA(rank=2), emb=False)
+    names = {"fc1": "encoder.dense"}
+    jlora.peft.save(tmp_path, adapted, name_map=lambda p: names[p])
+    back = jlora.peft.load(tmp_path, params, name_map=lambda p: names[p])
+    assert back["fc1"]["kernel"].rank == 2
+    with pytest.raises(ValueError, match=r"name_map failed for Flax module 'fc1' \(KeyError"):
+        jlora.peft.save(tmp_path, adapted, name_map=lambda p: {}[p])

@@ -570,7 +570,7 @@ def communication_bytes(method: str, upload: PyTree, *, download: PyTree | None 
     * FedAvg, FedAdagrad/FedAdam/FedYogi (server-only state), FedSPS/FedDecSPS
       (step sizes never leave the client): model up, model down;
     * MimeLite: down model + base-optimizer state ``s`` (``base_optimizer.init``
-      of the model, so SGDm adds one copy, Adam two plus a count); up the
+      of ``upload``, so SGDm adds one copy, Adam two plus a count); up the
       model delta and the full-batch gradient at ``x``;
     * MIME: MimeLite plus the control variate ``c`` sent down (gradients are
       collected before training: one more exchange);
@@ -590,8 +590,9 @@ def communication_bytes(method: str, upload: PyTree, *, download: PyTree | None 
         if base_optimizer is None:
             raise ValueError(f"{_OWNER}.communication_bytes: method {method!r} needs "
                              "base_optimizer= (its state is sent to clients)")
-        shapes = jax.eval_shape(lambda t: t, upload if download is None else download)
-        state = tree_bytes(jax.eval_shape(base_optimizer.init, shapes))
+        # the statistics live in the coordinates clients train (the upload's), even when
+        # the model goes down in another form (FLoRA's stacked factors)
+        state = tree_bytes(jax.eval_shape(base_optimizer.init, jax.eval_shape(lambda t: t, upload)))
         extra_down = state + (tree_bytes(upload) if method == "mime" else 0)
         return Communication(up=2 * up, down=down + extra_down)
     if method == "fedlada":
