@@ -9,7 +9,7 @@
 """
 
 from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, optim, peft,
-                   quant, sharding)
+                   presets, quant, sharding)
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.quant import dequantize, quantize
 from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
@@ -48,6 +48,7 @@ __all__ = [
     "optim",
     "path_str",
     "peft",
+    "presets",
     "quant",
     "quantize",
     "sharding",
