@@ -35,22 +35,19 @@ def positive_int(owner: str, name: str, value: Any, *, minimum: int = 1) -> int:
     return int(value)
 
 
+def _number_text(**bounds: float | None) -> str:
+    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    parts = [f"{ops[k]} {v}" for k, v in bounds.items() if v is not None]
+    return "a finite number" + (" " + " and ".join(parts) if parts else "")
+
+
 def real(owner: str, name: str, value: Any, *, gt: float | None = None,
          ge: float | None = None, lt: float | None = None, le: float | None = None,
          allow_none: bool = False) -> float | None:
     """A finite real number (not a ``bool``) within the given bounds."""
     if value is None and allow_none:
         return None
-    bounds = []
-    if gt is not None:
-        bounds.append(f"> {gt}")
-    if ge is not None:
-        bounds.append(f">= {ge}")
-    if lt is not None:
-        bounds.append(f"< {lt}")
-    if le is not None:
-        bounds.append(f"<= {le}")
-    what = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
+    what = _number_text(gt=gt, ge=ge, lt=lt, le=le)
     if (not isinstance(value, numbers.Real) or isinstance(value, bool)
             or not math.isfinite(float(value))):
         _fail(owner, name, what, value)
@@ -77,4 +74,45 @@ def choice(owner: str, name: str, value: Any, options: Iterable[Any]) -> Any:
         ok = False
     if not ok:
         _fail(owner, name, f"one of {options}", value)
+    return value
+
+
+def real_or_traced(owner: str, name: str, value: Any, **bounds: float | None) -> Any:
+    """:func:`real` for a Python, NumPy or concrete JAX scalar; a traced value
+    (an argument inside ``jit``, e.g. a scheduled learning rate) passes unchecked.
+
+        >>> import jax.numpy as jnp
+        >>> real_or_traced("jlora.optim.mezo_sgd", "lr", jnp.float32(-1.0), ge=0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: jlora.optim.mezo_sgd: lr must be a finite number >= 0.0, got Array(-1., dtype=float32)
+    """
+    import jax
+    import numpy as np
+
+    if isinstance(value, jax.core.Tracer):
+        return value
+    if isinstance(value, (jax.Array, np.ndarray)):
+        arr = np.asarray(value)
+        if arr.ndim != 0 or arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+            _fail(owner, name, "a finite scalar number", value)
+        try:
+            real(owner, name, float(arr), **bounds)
+        except ValueError:
+            _fail(owner, name, _number_text(**bounds), value)
+        return value
+    return real(owner, name, value, **bounds)
+
+
+def function(owner: str, name: str, value: Any) -> Any:
+    """A callable (a loss, an ``evaluate``, an optimizer factory, a callback)."""
+    if not callable(value):
+        _fail(owner, name, "callable", value)
+    return value
+
+
+def transformation(owner: str, name: str, value: Any) -> Any:
+    """An Optax ``GradientTransformation`` (anything with callable ``init`` and ``update``)."""
+    if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+        _fail(owner, name, "an optax.GradientTransformation (init, update)", value)
     return value

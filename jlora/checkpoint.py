@@ -70,9 +70,12 @@ def _subclasses(cls) -> list[type]:
     return out
 
 
-def _node_classes() -> dict[str, type]:
-    """Adapter node classes by name, derived from the classes defined so far."""
-    return {c.__name__: c for c in _subclasses(AdapterNode)}
+def _node_classes() -> dict[tuple[str, str], list[type]]:
+    """Adapter node classes by (method, class name), derived from the classes defined so far."""
+    out: dict[tuple[str, str], list[type]] = {}
+    for c in _subclasses(AdapterNode):
+        out.setdefault((c.method, c.__name__), []).append(c)
+    return out
 
 
 def _state_types() -> dict[str, type]:
@@ -119,7 +122,8 @@ def _encode(tree: PyTree, path: str, leaves: list) -> Any:
                     static[f.name] = _static_to_json(v)
                 except TypeError as e:
                     raise ValueError(f"{join(f.name)}: cannot store {e} in a checkpoint") from None
-        return {"node": type(tree).__name__, "static": static, "fields": fields}
+        return {"node": tree.method, "class": type(tree).__name__, "static": static,
+                "fields": fields}
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
         name = f"{type(tree).__module__}.{type(tree).__qualname__}"
         if name not in _state_types():
@@ -191,9 +195,14 @@ def _decode(desc: Any, nodes: dict, states: dict) -> PyTree:
     if "leaf" in desc:
         return desc["leaf"]
     if "node" in desc:
-        cls = nodes.get(desc["node"])
-        if cls is None:
-            raise ValueError(f"unknown adapter node type {desc['node']!r} (known: {sorted(nodes)})")
+        found = nodes.get((desc["node"], desc["class"]), [])
+        if not found:
+            raise ValueError(f"unknown adapter node type {desc['node']!r} ({desc['class']!r}); "
+                             f"known: {sorted(m for m, _ in nodes)}")
+        if len(found) > 1:
+            raise ValueError(f"{len(found)} adapter node classes are called {desc['class']!r} "
+                             f"for method {desc['node']!r}")
+        cls = found[0]
         kwargs = {k: _static_from_json(v) for k, v in desc["static"].items()}
         kwargs.update({k: _decode(v, nodes, states) for k, v in desc["fields"]})
         names = {f.name for f in dataclasses.fields(cls)}
@@ -344,6 +353,8 @@ class Manager:
              spec: Spec | None = None, frozen: PyTree | None = None, force: bool = False) -> bool:
         """Save if ``step`` is a multiple of ``every`` (or ``force``); True if written."""
         positive_int("jlora.checkpoint", "step", step, minimum=0)
+        if trainable is None:
+            raise ValueError("jlora.checkpoint: trainable must be a tree of arrays, got None")
         if spec is not None and not isinstance(spec, Spec):
             raise ValueError(f"jlora.checkpoint: spec must be a jlora.Spec, got {type(spec).__name__}")
         if not force and step % self.every:
@@ -382,8 +393,8 @@ class Manager:
         steps = self.all_steps()
         if not steps:
             raise self._not_a_checkpoint()
-        if step is None:
-            step = steps[-1]
+        step = steps[-1] if step is None else positive_int("jlora.checkpoint", "step", step,
+                                                           minimum=0)
         if step not in steps:
             raise ValueError(f"no checkpoint for step {step} in {self.directory}; have {steps}")
         where = os.path.join(self.directory, str(step))

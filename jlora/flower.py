@@ -116,19 +116,43 @@ def describe(tree: PyTree) -> ConfigRecord:
     return ConfigRecord(out)
 
 
-def _retemplate(like: PyTree, config, client) -> PyTree:
-    """``like`` with each node's rank/alpha set from ``config`` (shapes as ShapeDtypeStructs)."""
-    if config is None:
-        return like
+def _shape_rank(node, path: str, record) -> int | None:
+    """The rank the arriving arrays of ``node`` declare, if all its rank fields agree."""
+    ranks = set()
+    for field, axis in node.field_axes.items():
+        x, arr = getattr(node, field, None), record.get(f"{path}/{field}")
+        if x is None or axis not in _RANK_AXES or not isinstance(arr, Array):
+            continue
+        want, got = list(np.shape(x)), list(arr.shape)
+        i = _RANK_AXES[axis] % max(len(want), 1)
+        if len(got) != len(want) or got[:i] + got[i + 1:] != want[:i] + want[i + 1:]:
+            return None
+        ranks.add(got[i])
+    return ranks.pop() if len(ranks) == 1 else None
+
+
+def _retemplate(like: PyTree, config, client, record) -> PyTree:
+    """``like`` with each node's rank/alpha set from ``config`` (shapes as ShapeDtypeStructs).
+
+    A node that ``config`` does not name takes the rank its arriving arrays
+    declare (when all its rank axes agree) and keeps the template's alpha.
+    """
     who = _who(client)
     known = {}
     nodes = {p: n for p, n in leaves_with_paths(like) if is_node(n) and _ranked(n)}
-    for key in config.keys():
+    for key in ([] if config is None else config.keys()):
         path, _, what = str(key).rpartition(":")
         if path not in nodes or what not in ("rank", "alpha"):
             raise ValueError(f"{who}{key}: unexpected config entry (no adapter with a rank at "
                              f"{path!r}; adapters: {sorted(nodes)[:5]})")
         known.setdefault(path, {})[what] = config[key]
+    for path, node in nodes.items():
+        if "rank" not in known.get(path, {}):
+            r = _shape_rank(node, path, record)
+            if r is not None and r != node.config.rank:
+                known.setdefault(path, {})["rank"] = r
+                known[path].setdefault("alpha", _alpha(node.config) if getattr(
+                    node.config, "alpha", None) is not None else float(r))
 
     def rebuild(path, node):
         if path not in known:
@@ -184,7 +208,9 @@ def from_records(record: ArrayRecord, like: PyTree, *, config: ConfigRecord | No
     """The tree ``record`` encodes, with ``like``'s structure, shapes and dtypes.
 
     ``config`` (from :func:`describe`) changes the rank of the named adapters
-    first. ``client`` (a node id, a name) prefixes every error. Raises a
+    first; without it, an adapter whose arriving factors all declare another
+    rank takes that rank with the template's ``alpha`` (alpha ``None``, i.e.
+    ``alpha = rank``, stays so). ``client`` (a node id, a name) prefixes every error. Raises a
     ``ValueError`` naming the client and the path for a missing or unexpected
     path, a wrong shape or dtype, a non-numpy or undecodable payload, or
     non-finite values; nothing is unpickled.
@@ -194,7 +220,7 @@ def from_records(record: ArrayRecord, like: PyTree, *, config: ConfigRecord | No
         raise ValueError(f"{who}expected a flwr ArrayRecord, got {type(record).__name__}")
     if config is not None and not isinstance(config, ConfigRecord):
         raise ValueError(f"{who}config must be a flwr ConfigRecord, got {type(config).__name__}")
-    target = _retemplate(like, config, client)
+    target = _retemplate(like, config, client, record)
     flat, treedef = jax.tree_util.tree_flatten_with_path(target)
     keys = [path_str(kp) or "." for kp, _ in flat]
     extra = sorted(set(record.keys()) - set(keys))

@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import threading
+import warnings
 import zlib
 from typing import Any, Callable
 
@@ -40,7 +41,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jlora import _layers
+from jlora._layers import register
 from jlora.core import merge
+from jlora.methods.full import FullNode
+from jlora.spec import Spec
 from jlora.tree import is_node, leaves_with_paths
 
 _local = threading.local()
@@ -109,17 +114,15 @@ def _embed(module: nn.Embed, node, method, args, kwargs, key):
 
 def _einsum(module: nn.Einsum, node, method, args, kwargs, key):
     x = args[0]
-    eq = args[1] if len(args) > 1 else kwargs.get("einsum_str", module.einsum_str)
-    eq = eq.replace(" ", "")
-    lhs, out_sub = eq.split("->")
-    x_sub, k_sub = lhs.split(",")
+    eq = _layers.einsum_equation(module, args, kwargs).replace(" ", "")
+    x_sub, k_sub, out_sub = _layers.einsum_parts(eq)
     if "." in eq or len(k_sub) != len(node.shape):
         return NotImplemented
-    in_axes = tuple(i for i, c in enumerate(k_sub) if c in x_sub)
+    # the node is seen with its input axes first (orientation checked by the caller)
+    in_letters = "".join(c for c in k_sub if c in x_sub)
     out_letters = [c for c in k_sub if c not in x_sub]
-    if node.in_axes != in_axes or any(c not in out_sub for c in out_letters):
+    if any(c not in out_sub for c in out_letters):
         return NotImplemented
-    in_letters = "".join(k_sub[i] for i in in_axes)
     rest = "".join(c for c in out_sub if c not in out_letters)
     unused = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
 
@@ -134,9 +137,34 @@ def _einsum(module: nn.Einsum, node, method, args, kwargs, key):
     now = rest + "".join(out_letters)
     y = jnp.transpose(y, [now.index(c) for c in out_sub])
     if module.use_bias:
-        k = jnp.zeros(node.shape, y.dtype)
+        k = jnp.zeros(tuple(module.shape), y.dtype)
         _, bshape = module._get_bias_shape(eq, x, k)
         return _bias(module, y, bshape)
+    return y
+
+
+def _registered(module: nn.Module, node, method, args, kwargs, key):
+    """A registered Dense-like layer: ``y = x·K (+ bias)`` over the node's input axes."""
+    layer = _layers.registered(type(module))
+    x = jnp.asarray(args[0])
+    n_in = len(node.in_axes)
+    if x.shape[x.ndim - n_in:] != node.in_shape:
+        return NotImplemented
+    dtype = getattr(module, "dtype", None)
+    precision = getattr(module, "precision", None)
+
+    def op(x, k):
+        if dtype is not None:
+            x, k = x.astype(dtype), k.astype(dtype)
+        return jax.lax.dot_general(x, k, ((tuple(range(x.ndim - n_in, x.ndim)),
+                                           tuple(range(n_in))), ((), ())), precision=precision)
+
+    lead = x.shape[: x.ndim - n_in]
+    y = node.dot(x.reshape((-1,) + node.in_shape), op, dropout_key=key)
+    y = y.reshape(lead + y.shape[1:])
+    if layer.bias is not None and module.has_variable("params", layer.bias):
+        bias = jnp.asarray(module.get_variable("params", layer.bias))
+        y = y + (bias if dtype is None else bias.astype(dtype)).astype(y.dtype)
     return y
 
 
@@ -149,17 +177,74 @@ _HANDLERS: dict[type, tuple[str, Callable]] = {
 }
 
 
-def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None = None,
-          _consumed: list | None = None, **kwargs):
+def _run(model, variables, args, kwargs):
+    """``model.apply(variables, ...)``; a Hugging Face Flax model is called with ``params=``."""
+    if isinstance(model, nn.Module):
+        return model.apply(variables, *args, **kwargs)
+    if isinstance(getattr(model, "module", None), nn.Module) and callable(model):
+        extra = set(variables) - {"params"}
+        if extra:
+            raise ValueError(f"jlora.linen: a Hugging Face model takes params only, got "
+                             f"collections {sorted(extra)}")
+        return model(*args, params=variables["params"], **kwargs)
+    raise ValueError(f"jlora.linen: model must be a flax.linen.Module (or a Hugging Face Flax "
+                     f"model), got {type(model).__name__}")
+
+
+def resolve(model, variables: Any, *args, spec: Spec, **kwargs) -> Spec:
+    """``spec`` with every targeted kernel oriented as the model's layers use it.
+
+    Traces ``model.apply(variables, *args, **kwargs)`` abstractly (``jax.eval_shape``,
+    no FLOPs) and records, for each kernel of a ``Dense``, ``DenseGeneral``,
+    ``Conv``, ``Embed``, ``Einsum`` (from its equation: the kernel letters that
+    also index the input) or :func:`register`-ed layer, which kernel axes the
+    layer contracts with its input. The returned spec carries them as each
+    config's ``in_axes``, so :func:`jlora.apply` builds factors ``a: (fan_in, r)``,
+    ``b: (r, fan_out)`` in the layer's own orientation (GPT-2's ``(out, in)``
+    ``FlaxConv1D`` kernels, Gemma's ``(heads, d_model, head_dim)`` einsum
+    kernels), the fast path factorizes them and PEFT files describe them.
+
+    ``model`` may also be a Hugging Face Flax model (called as
+    ``model(*args, params=variables["params"], **kwargs)``).
+
+    Raises:
+      ValueError: a targeted kernel that no known layer uses and whose
+        orientation its shape does not settle (square, or more than 2 axes),
+        naming the path (a non-square one is assumed ``(in, out)`` with a
+        warning); a config ``in_axes`` that disagrees with the layer.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
+        >>> model = nn.Einsum((2, 8, 4), "btd,ndh->btnh")  # heads, d_model, head_dim
+        >>> x = jnp.ones((1, 3, 8))
+        >>> variables = model.init(jax.random.key(0), x)
+        >>> spec = jlora.linen.resolve(model, variables, x,
+        ...                            spec=jlora.Spec({"kernel": jlora.LoRA(rank=2)}))
+        >>> spec.match("kernel").in_axes
+        (1,)
+    """
+    found = _layers.trace_axes(lambda v: _run(model, v, args, kwargs), variables)
+    return _layers.orient_spec(spec, variables["params"], found)
+
+
+def apply(model, variables: Any, *args, dropout_key: jax.Array | None = None,
+          strict: bool = False, _consumed: list | None = None, **kwargs):
     """``model.apply(variables, *args, **kwargs)`` with adapters computed factorized.
 
     Args:
-      model: a Linen module.
+      model: a Linen module (or a Hugging Face Flax model, see :func:`resolve`).
       variables: ``{"params": adapted, ...}``; ``adapted`` from ``jlora.apply``
         (or ``jlora.combine(trainable, frozen)``).
       *args, **kwargs: passed to ``model.apply`` (``method=``, ``rngs=``,
         ``mutable=`` included).
       dropout_key: enables adapter dropout (training); ``None`` at eval.
+      strict: raise instead of warn when an adapter is served merged.
+
+    Every low-rank adapter the fast path could not compute factorized (its layer
+    is unknown, or contracts other axes than the adapter's ``in_axes``) is served
+    from merged weights and named in a warning (a ``ValueError`` with
+    ``strict=True``); under ``jit`` the check runs once, at trace time.
     """
     variables = dict(variables)
     params = variables.get("params")
@@ -167,10 +252,15 @@ def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None
         raise ValueError("jlora.linen.apply: variables has no 'params' collection")
     nodes = {path: node for path, node in leaves_with_paths(params) if is_node(node)}
     variables["params"] = merge(params)
+    hits: set[str] = set()
+    misses: dict[str, str] = {}
 
     def interceptor(next_fun, call_args, call_kwargs, context):
         module = context.module
-        entry = _HANDLERS.get(type(module))
+        cls = type(module)
+        entry = _HANDLERS.get(cls)
+        if entry is None and _layers.registered(cls) is not None:
+            entry = (_layers.registered(cls).kernel, _registered)
         if getattr(_local, "busy", False) or entry is None:
             return next_fun(*call_args, **call_kwargs)
         name, handler = entry
@@ -183,22 +273,49 @@ def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None
             or tuple(jnp.shape(module.get_variable("params", name))) != tuple(node.shape)
         ):
             return next_fun(*call_args, **call_kwargs)
+        axes = _layers.contracted_axes(module, context.method_name, call_args, call_kwargs)
+        if axes != tuple(node.in_axes):
+            misses[path] = (f"{cls.__name__}.{context.method_name} has no factorized form"
+                            if axes is None else
+                            f"{cls.__name__} contracts kernel axes {axes}, the adapter has "
+                            f"in_axes {node.in_axes}")
+            return next_fun(*call_args, **call_kwargs)
         key = None
         if dropout_key is not None:
             key = jax.random.fold_in(dropout_key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         _local.busy = True
         try:
-            y = handler(module, node, context.method_name, call_args, call_kwargs, key)
+            y = handler(module, _layers.leading_view(node), context.method_name, call_args,
+                        call_kwargs, key)
         finally:
             _local.busy = False
         if y is NotImplemented:
+            misses[path] = f"{cls.__name__} options the fast path does not cover"
             return next_fun(*call_args, **call_kwargs)
+        hits.add(path)
         if _consumed is not None:
             _consumed.append(path)
         return y
 
     with nn.intercept_methods(interceptor):
-        return model.apply(variables, *args, **kwargs)
+        out = _run(model, variables, args, kwargs)
+    _report(nodes, hits, misses, strict)
+    return out
+
+
+def _report(nodes, hits, misses, strict):
+    merged = [p for p, n in nodes.items()
+              if not isinstance(n, FullNode) and len(n.shape) >= 2
+              and (p in misses or p not in hits)]
+    if not merged:
+        return
+    lines = [f"{p} ({misses.get(p, 'no known layer uses it')})" for p in merged]
+    msg = ("jlora.linen.apply: served from merged weights, not factorized: " + "; ".join(lines)
+           + ". Build the spec with jlora.linen.resolve, or register custom layers with "
+           "jlora.linen.register.")
+    if strict:
+        raise ValueError(msg)
+    warnings.warn(msg, stacklevel=3)
 
 
 def consumed(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, list[str]]:
@@ -209,7 +326,9 @@ def consumed(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, lis
     layers hit the fast path.
     """
     hits: list[str] = []
-    jax.eval_shape(lambda v: apply(model, v, *args, _consumed=hits, **kwargs), variables)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jax.eval_shape(lambda v: apply(model, v, *args, _consumed=hits, **kwargs), variables)
     nodes = [p for p, x in leaves_with_paths(variables["params"]) if is_node(x)]
     return {
         "factorized": [p for p in nodes if p in hits],

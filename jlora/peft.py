@@ -21,10 +21,24 @@ PyTorch module name) for other models. PiSSA/OLoRA adapters are saved as the
 equivalent plain LoRA on the *original* weights, as PEFT does: ``a' = [a, a0]``,
 ``b' = [b; −b0]``, rank and alpha doubled (alpha ×√2 with rsLoRA).
 
-Loading is strict: a config key jlora does not implement that is set to a
-non-default value, a rank that disagrees with the tensors, a target module
-missing from ``params``, an unreadable file: each a ``ValueError`` naming the
-file and key, and nothing is returned half-loaded.
+Loading is strict and exact: every module ``target_modules`` selects in
+``params`` must have every tensor it needs (``lora_A``, ``lora_B``, DoRA's
+``lora_magnitude_vector``) and every tensor must belong to a selected module;
+a config key jlora does not implement set to a non-default value, a value of
+the wrong type, a rank or shape that disagrees with the tensors or the base,
+an integer, boolean or non-finite tensor, an adapter whose
+``init_lora_weights`` changed the base weights (PiSSA, OLoRA, CorDA,
+LoRA-GA, LoftQ, unless PEFT converted it back to plain LoRA), an unreadable
+or truncated file: each a ``ValueError`` naming the file
+(``adapter_config.json`` / ``adapter_model.safetensors``) and the key. The
+caller's trees are never modified and nothing is returned half-loaded.
+
+Saving refuses what it cannot write faithfully (a trainable or frozen half,
+two Flax paths that map to one PyTorch name, a method or a mix of settings
+PEFT's config cannot express) and replaces both files at once: the new
+adapter is written to a temporary directory beside the target and swapped in
+with one atomic rename, so a crash mid-save leaves the previous adapter
+loadable.
 
 Example::
 
@@ -42,13 +56,16 @@ Example::
 from __future__ import annotations
 
 import collections
+import ctypes
 import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -63,15 +80,29 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 # Keys jlora reads; everything else must sit at a default value.
 _READ = {"peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern",
-         "alpha_pattern", "target_modules", "lora_dropout", "bias", "lora_bias",
-         "fan_in_fan_out", "modules_to_save", "init_lora_weights"}
-# Informational keys, and keys whose usual value is not null/false/empty but
-# changes nothing for a plain LoRA adapter.
-_INFO = {"base_model_name_or_path", "revision", "task_type", "peft_version", "inference_mode",
-         "auto_mapping", "megatron_core", "qalora_group_size", "exclude_modules",
-         "layers_pattern"}
-_NON_EMPTY_DEFAULTS = {"loftq_config": {}}
-
+         "alpha_pattern", "target_modules", "exclude_modules", "lora_dropout", "bias",
+         "lora_bias", "fan_in_fan_out", "modules_to_save", "init_lora_weights"}
+# Informational keys (and keys whose usual value changes nothing for a plain LoRA
+# adapter) with the JSON types they may hold.
+_INFO = {"base_model_name_or_path": (str, type(None)), "revision": (str, type(None)),
+         "task_type": (str, type(None)), "peft_version": (str, type(None)),
+         "inference_mode": (bool,), "auto_mapping": (dict, type(None)),
+         "megatron_core": (str, type(None)), "qalora_group_size": (int,),
+         "layers_pattern": (str, list, type(None))}
+_NON_EMPTY_DEFAULTS = {"loftq_config": {}, "runtime_config": {"ephemeral_gpu_offload": False}}
+# init_lora_weights values after which the saved tensors apply to the base as it was.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+# Inits that replace the base weight (PiSSA: W_res = W - s·B0·A0, ...): such a file's
+# tensors apply to a base we are not given.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# safetensors dtype names -> numpy dtypes (little endian).
+_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+           "BF16": jnp.dtype(jnp.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+           "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U64": np.dtype("<u8"),
+           "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+           "BOOL": np.dtype("?")}
+_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B",
+             "lora_magnitude_vector", "lora_B.bias", "weight", "bias")
 
 NameMap = Callable[[str], str] | dict | None
 
@@ -79,15 +110,107 @@ NameMap = Callable[[str], str] | dict | None
 def _module_namer(name_map: NameMap) -> Callable[[str], str]:
     if name_map is None:
         return lambda p: p.replace("/", ".")
-    if callable(name_map):
-        return name_map
     if isinstance(name_map, dict):
         def lookup(p):
             if p not in name_map:
                 raise ValueError(f"name_map has no PyTorch module name for Flax module {p!r}")
             return name_map[p]
-        return lookup
-    raise ValueError(f"name_map must be a function or a dict, got {type(name_map).__name__}")
+        table = lookup
+    elif callable(name_map):
+        table = name_map
+    else:
+        raise ValueError(f"name_map must be a function or a dict, got {type(name_map).__name__}")
+
+    def name(p):
+        try:
+            out = table(p)
+        except ValueError:
+            raise
+        except Exception as e:  # a user's function: say which module it failed on
+            raise ValueError(f"name_map failed for Flax module {p!r} "
+                             f"({type(e).__name__}: {e})") from None
+        if not isinstance(out, str):
+            raise ValueError(f"name_map gave {out!r} for Flax module {p!r}; expected a str")
+        return out
+    return name
+
+
+def _torch_modules(tree: Any, name_map: NameMap, what: str) -> dict[str, str]:
+    """PyTorch module name -> Flax module path, for every module of ``tree``.
+
+    ``name_map`` may leave modules out (a dict without them, a function that
+    fails on them): they cannot be addressed. Two Flax modules that map to one
+    PyTorch name are an error.
+    """
+    namer = _module_namer(name_map)
+    out: dict[str, str] = {}
+    for path, _ in leaves_with_paths(tree):
+        flax = _module_of(path)
+        try:
+            torch = namer(flax)
+        except ValueError:
+            continue
+        if out.setdefault(torch, flax) != flax:
+            raise ValueError(f"{what}: Flax modules {out[torch]!r} and {flax!r} both map to "
+                             f"the PyTorch module {torch!r}")
+    return out
+
+
+def _module_of(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def _require_whole(tree: Any, what: str) -> None:
+    """Refuse a ``trainable`` or ``frozen`` half from ``jlora.split``."""
+    for path, node in leaves_with_paths(tree):
+        if not is_node(node):
+            continue
+        missing = [f for f in (*node.trainable, "base") if getattr(node, f, 0) is None]
+        if missing:
+            raise ValueError(f"{what}: {path} has no {missing[0]!r}: this is a trainable or "
+                             "frozen half from jlora.split; combine the halves first "
+                             "(jlora.combine(trainable, frozen))")
+
+
+# ---------------------------------------------------------------- PEFT's matching rules
+
+
+def _selects(rule, module: str) -> bool:
+    """PEFT's ``target_modules`` / ``exclude_modules`` test for one module name."""
+    if rule is None:
+        return False
+    if rule == "all-linear":  # PEFT: every Linear but the output head; the tensors tell which
+        return True
+    if isinstance(rule, str):
+        return re.fullmatch(rule, module) is not None
+    return any(module == t or module.endswith("." + t) for t in rule)
+
+
+def _pattern_hit(key: str, module: str) -> bool:
+    """PEFT's ``get_pattern_key`` test: ``re.match(rf"(.*\\.)?({key})$", module)``."""
+    return re.match(rf"(.*\.)?({key})$", module) is not None
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """The value of the first ``rank_pattern``/``alpha_pattern`` key that hits ``module``."""
+    for k, v in (patterns or {}).items():
+        if _pattern_hit(k, module):
+            return v
+    return default
+
+
+def _rank_alpha(config: dict, module: str) -> tuple[int, float]:
+    r = _pattern_value(config.get("rank_pattern"), module, config["r"])
+    return r, _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+
+
+def _targeted(config: dict, module: str) -> bool:
+    return (_selects(config.get("target_modules"), module)
+            and not _selects(config.get("exclude_modules"), module)
+            and not _selects(config.get("modules_to_save"), module))
+
+
+# ---------------------------------------------------------------- save
 
 
 def _kind(path: str, node) -> str:
@@ -96,6 +219,8 @@ def _kind(path: str, node) -> str:
         return "embedding"
     if len(node.shape) == 2 and node.in_axes == (0,):
         return "linear"
+    if len(node.shape) == 2 and node.in_axes == (1,):
+        return "linear_t"  # kernel stored (out, in): PEFT's fan_in_fan_out layers
     if len(node.shape) == 4 and node.in_axes == (0, 1, 2):
         return "conv"
     raise ValueError(
@@ -135,31 +260,101 @@ def _most_common(values):
     return collections.Counter(values).most_common(1)[0][0]
 
 
+def _exchange(new: str, old: str) -> bool:
+    """Atomically swap two directories (Linux ``renameat2(RENAME_EXCHANGE)``)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(old), rename_exchange) == 0
+
+
+def _link_tree(src: str, dst: str, skip: set) -> None:
+    """Hard-link (or copy) ``src``'s entries into ``dst``, except the names in ``skip``."""
+    for name in os.listdir(src):
+        if name in skip:
+            continue
+        s, d = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.isdir(s) and not os.path.islink(s):
+            os.mkdir(d)
+            _link_tree(s, d, set())
+        else:
+            try:
+                os.link(s, d, follow_symlinks=False)
+            except OSError:
+                shutil.copy2(s, d, follow_symlinks=False)
+
+
+def _write_atomically(out: str, files: dict[str, Callable[[str], None]]) -> None:
+    """Write ``files`` (name -> writer(path)) into ``out`` as one all-or-nothing change.
+
+    The new directory is built beside ``out`` (other entries of ``out`` are
+    linked into it) and swapped in with one atomic rename, so a reader sees the
+    old adapter or the new one, never a mix or a partial file.
+    """
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.jlora-tmp-")
+    try:
+        for name, write in files.items():
+            write(os.path.join(tmp, name))
+        if not os.path.exists(out):
+            os.rename(tmp, out)
+            return
+        if not os.path.isdir(out):
+            raise ValueError(f"{out}: exists and is not a directory")
+        _link_tree(out, tmp, set(files))
+        if not _exchange(tmp, out):  # no renameat2: replace file by file, config last
+            for name in files:
+                os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save(directory: str, adapted: Any, *, name_map: NameMap = None,
          base_model_name_or_path: str | None = None, task_type: str | None = None,
          adapter_name: str = "default") -> None:
     """Write ``adapted``'s adapters as a PEFT LoRA adapter directory.
 
     ``Full()`` leaves go to ``modules_to_save``. One adapter directory holds one
-    ``use_rslora`` / ``use_dora`` setting (PEFT's config is global), so mixing
-    them in one tree is an error. An adapter named other than ``"default"`` is
-    written to ``<directory>/<adapter_name>/``, as PEFT does.
+    ``use_rslora`` / ``use_dora`` / ``lora_dropout`` setting (PEFT's config is
+    global), so mixing them in one tree is an error. An adapter named other
+    than ``"default"`` is written to ``<directory>/<adapter_name>/``, as PEFT
+    does. The written config is checked against PEFT's matching rules: every
+    adapted module gets exactly its rank and alpha and no other module is
+    targeted, or the save is refused.
     """
     from safetensors.numpy import save_file
 
+    _require_whole(adapted, "jlora.peft.save")
+    out = _adapter_folder(directory, adapter_name)
     namer = _module_namer(name_map)
     tensors: dict[str, np.ndarray] = {}
+    owner: dict[str, str] = {}  # torch tensor name -> Flax path
     modules: dict[str, dict] = {}
     to_save: list[str] = []
+    all_modules = _torch_modules(adapted, name_map, "jlora.peft.save")
+
+    def put(name, value, path):
+        if name in owner:
+            raise ValueError(f"jlora.peft.save: Flax paths {owner[name]} and {path} both map to "
+                             f"the PyTorch tensor {name!r} (check name_map)")
+        owner[name] = path
+        tensors[name] = np.ascontiguousarray(value, np.float32)
+        if not np.isfinite(tensors[name]).all():
+            raise ValueError(f"jlora.peft.save: {path} holds NaN or infinite values (for "
+                             f"{name!r}); refusing to write a corrupt adapter")
+
     for path, node in leaves_with_paths(adapted):
         if not is_node(node):
             continue
-        module_path = path.rsplit("/", 1)[0] if "/" in path else ""
-        module = namer(module_path)
+        module = namer(_module_of(path))
         key = PREFIX + module
         if isinstance(node, FullNode):
             suffix, value = _torch_full(path, np.asarray(node.value, np.float32))
-            tensors[f"{key}.{suffix}"] = np.ascontiguousarray(value)
+            put(f"{key}.{suffix}", value, path)
             if module not in to_save:
                 to_save.append(module)
             continue
@@ -168,45 +363,56 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         kind = _kind(path, node)
         a, b, rank, alpha = _export_factors(path, node)
         if kind == "embedding":
-            tensors[f"{key}.lora_embedding_A"] = a.T
-            tensors[f"{key}.lora_embedding_B"] = b.T
-        elif kind == "linear":
-            tensors[f"{key}.lora_A.weight"] = a.T
-            tensors[f"{key}.lora_B.weight"] = b.T
+            put(f"{key}.lora_embedding_A", a.T, path)
+            put(f"{key}.lora_embedding_B", b.T, path)
+        elif kind in ("linear", "linear_t"):
+            put(f"{key}.lora_A.weight", a.T, path)
+            put(f"{key}.lora_B.weight", b.T, path)
         else:
             kh, kw, cin, _ = node.shape
-            tensors[f"{key}.lora_A.weight"] = a.reshape(kh, kw, cin, rank).transpose(3, 2, 0, 1)
-            tensors[f"{key}.lora_B.weight"] = b.T.reshape(-1, rank, 1, 1)
+            put(f"{key}.lora_A.weight", a.reshape(kh, kw, cin, rank).transpose(3, 2, 0, 1), path)
+            put(f"{key}.lora_B.weight", b.T.reshape(-1, rank, 1, 1), path)
         if isinstance(node, DoRANode):
-            if kind != "linear":
+            if kind not in ("linear", "linear_t"):
                 raise ValueError(f"{path}: jlora exports DoRA for Linear layers only")
-            tensors[f"{key}.lora_magnitude_vector"] = np.asarray(node.m, np.float32)
+            put(f"{key}.lora_magnitude_vector", np.asarray(node.m, np.float32), path)
         modules[module] = {"r": rank, "alpha": alpha, "rslora": node.config.rslora,
                            "dora": isinstance(node, DoRANode), "dropout": node.config.dropout,
-                           "path": path}
+                           "path": path, "transposed": kind == "linear_t"}
     if not modules:
         raise ValueError("jlora.peft.save: the tree holds no LoRA/DoRA adapter")
-    for flag in ("rslora", "dora"):
+    both = sorted(set(modules) & set(to_save))
+    if both:
+        raise ValueError(f"jlora.peft.save: module {both[0]!r} has a LoRA adapter and a Full() "
+                         "leaf; PEFT cannot adapt a module and also save it whole "
+                         "(modules_to_save)")
+    for flag in ("rslora", "dora", "dropout"):
         if len({m[flag] for m in modules.values()}) > 1:
-            raise ValueError(f"jlora.peft.save: adapters mix use_{flag}=True and False; PEFT "
-                             "stores one setting per adapter: save them as two adapters")
+            name = {"rslora": "use_rslora", "dora": "use_dora", "dropout": "lora_dropout"}[flag]
+            raise ValueError(f"jlora.peft.save: adapters mix {name} values; PEFT stores one "
+                             "setting per adapter: save them as separate adapters")
     r = _most_common(m["r"] for m in modules.values())
     alpha = _most_common(m["alpha"] for m in modules.values())
     first = next(iter(modules.values()))
+    target = sorted(modules)
+    if any(_selects(target, m) for m in all_modules if m not in modules):
+        target = "|".join(re.escape(m) for m in target)  # exact names: PEFT fullmatches a str
     config = {
         "peft_type": "LORA",
         "r": r,
         "lora_alpha": alpha,
         "use_rslora": first["rslora"],
         "use_dora": first["dora"],
-        "target_modules": sorted(modules),
+        "target_modules": target,
         "rank_pattern": {re.escape(k): m["r"] for k, m in modules.items() if m["r"] != r},
         "alpha_pattern": {re.escape(k): m["alpha"] for k, m in modules.items()
                           if m["alpha"] != alpha},
-        "lora_dropout": _most_common(m["dropout"] for m in modules.values()),
+        "lora_dropout": first["dropout"],
         "bias": "none",
         "lora_bias": False,
-        "fan_in_fan_out": False,
+        # PEFT applies fan_in_fan_out to its Conv1D-style layers (GPT-2) and turns it
+        # off for nn.Linear ones, so one flag describes a mixed model.
+        "fan_in_fan_out": any(m["transposed"] for m in modules.values()),
         "modules_to_save": to_save or None,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -217,17 +423,80 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         "layers_pattern": None,
         "exclude_modules": None,
     }
-    out = directory if adapter_name == "default" else os.path.join(directory, adapter_name)
-    os.makedirs(out, exist_ok=True)
-    # Write both files beside the target and rename into place: a crash never
-    # leaves a truncated file under the final name.
-    with tempfile.TemporaryDirectory(dir=out, prefix=".jlora-tmp-") as tmp:
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
-                  os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        os.replace(os.path.join(tmp, WEIGHTS_FILE), os.path.join(out, WEIGHTS_FILE))
-        os.replace(os.path.join(tmp, CONFIG_FILE), os.path.join(out, CONFIG_FILE))
+    for module in all_modules:  # what PEFT will do with this config, module by module
+        if _targeted(config, module) != (module in modules) or (
+                module in modules and _rank_alpha(config, module) != (modules[module]["r"],
+                                                                      modules[module]["alpha"])):
+            raise ValueError(f"jlora.peft.save: PEFT's name matching cannot give module "
+                             f"{module!r} exactly its adapter (rank_pattern/alpha_pattern keys "
+                             "match by suffix); rename modules with name_map")
+        if _selects(to_save, module) != (module in to_save):
+            raise ValueError(f"jlora.peft.save: modules_to_save entry would also select "
+                             f"{module!r}, which is not a Full() module")
+    _write_atomically(out, {
+        WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+        CONFIG_FILE: lambda p: _write_json(p, config),
+    })
+
+
+def _write_json(path: str, config: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _adapter_folder(directory, adapter_name) -> str:
+    try:
+        directory = os.fspath(directory)
+    except TypeError:
+        raise ValueError(f"jlora.peft: directory must be a path, got {directory!r}") from None
+    if (not isinstance(adapter_name, str) or not adapter_name or adapter_name in (".", "..")
+            or "/" in adapter_name or os.sep in adapter_name):
+        raise ValueError(f"jlora.peft: adapter_name must be a plain folder name, got {adapter_name!r}")
+    return directory if adapter_name == "default" else os.path.join(directory, adapter_name)
+
+
+# ---------------------------------------------------------------- load
+
+
+def _no_duplicates(where: str):
+    def hook(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise ValueError(f"{where}: key {k!r} appears twice")
+            seen[k] = v
+        return seen
+    return hook
+
+
+def _refuse_constant(where: str):
+    def hook(name):
+        raise ValueError(f"{where}: {name} is not a JSON value")
+    return hook
+
+
+def _parse_json(raw: bytes, where: str) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text ({e})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates(where),
+                          parse_constant=_refuse_constant(where))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply") from None
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file (not a PEFT adapter directory?)") from None
+    except OSError as e:
+        raise ValueError(f"{path}: unreadable ({e})") from None
 
 
 def _is_default(key, value) -> bool:
@@ -236,154 +505,346 @@ def _is_default(key, value) -> bool:
     return value is None or value is False or value == {} or value == [] or value == ""
 
 
-def _read_config(path: str) -> dict:
+def _bad(path, key, what, value):
+    raise ValueError(f"{path}: key {key!r} must be {what}, got {value!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_regex(path, key, pattern):
     try:
-        with open(path) as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file (not a PEFT adapter directory?)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable adapter config ({e})") from None
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ValueError(f"{path}: key {key!r} holds {pattern!r}, not a regular expression "
+                         f"({e})") from None
+
+
+def _read_config(path: str) -> dict:
+    config = _parse_json(_read_bytes(path), path)
     if not isinstance(config, dict):
         raise ValueError(f"{path}: adapter config is not a JSON object")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: key 'peft_type' is {config.get('peft_type')!r}; "
                          "jlora loads 'LORA' adapters only")
     for key, value in config.items():
-        if key in _READ or key in _INFO or _is_default(key, value):
-            continue
-        raise ValueError(f"{path}: key {key!r} is set to {value!r}, which jlora does not "
-                         "implement; refusing to load rather than ignore it")
-    checks = {"fan_in_fan_out": False, "lora_bias": False, "bias": "none"}
-    for key, ok in checks.items():
-        if config.get(key, ok) not in (ok, None):
+        if key in _INFO:
+            if not isinstance(value, _INFO[key]) or isinstance(value, bool) and bool not in _INFO[key]:
+                _bad(path, key, " or ".join(t.__name__ for t in _INFO[key]), value)
+        elif key not in _READ and not _is_default(key, value):
+            raise ValueError(f"{path}: key {key!r} is set to {value!r}, which jlora does not "
+                             "implement; refusing to load rather than ignore it")
+    if type(config.get("fan_in_fan_out", False)) is not bool:
+        _bad(path, "fan_in_fan_out", "true or false", config["fan_in_fan_out"])
+    for key, ok in {"lora_bias": False, "bias": "none"}.items():
+        if config.get(key, ok) != ok or type(config.get(key, ok)) is not type(ok):
             raise ValueError(f"{path}: key {key!r} = {config[key]!r} is not supported "
                              f"(only {ok!r})")
-    if not isinstance(config.get("r"), int):
-        raise ValueError(f"{path}: key 'r' must be an int, got {config.get('r')!r}")
+    if not _is_int(config.get("r")) or config["r"] < 1:
+        _bad(path, "r", "an int >= 1", config.get("r"))
+    if not _is_real(config.get("lora_alpha", 8)) or config.get("lora_alpha", 8) <= 0:
+        _bad(path, "lora_alpha", "a finite number > 0", config.get("lora_alpha"))
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(key, False), bool):
+            _bad(path, key, "true or false", config[key])
+    dropout = config.get("lora_dropout", 0.0)
+    if not _is_real(dropout) or not 0 <= dropout < 1:
+        _bad(path, "lora_dropout", "a number in [0, 1)", dropout)
+    for key, ok, what in (("rank_pattern", lambda v: _is_int(v) and v >= 1, "int >= 1"),
+                          ("alpha_pattern", lambda v: _is_real(v) and v > 0, "number > 0")):
+        patterns = config.get(key, {})
+        if not isinstance(patterns, dict):
+            _bad(path, key, "an object of pattern: value", patterns)
+        for k, v in patterns.items():
+            _check_regex(path, f"{key}.{k}", k)
+            if not ok(v):
+                _bad(path, f"{key}.{k}", f"an {what}" if what[0] == "i" else f"a {what}", v)
+    for key in ("target_modules", "exclude_modules", "modules_to_save"):
+        value = config.get(key)
+        if isinstance(value, str) and key != "modules_to_save":
+            _check_regex(path, key, value)
+        elif value is not None and not (isinstance(value, list) and all(
+                isinstance(t, str) and t for t in value)):
+            _bad(path, key, "a list of module names" + ("" if key == "modules_to_save"
+                                                       else ", a regular expression"), value)
+    init = config.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS or type(init) not in (bool, str):
+        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+            raise ValueError(
+                f"{path}: key 'init_lora_weights' is {init!r}: that initialisation replaces the "
+                "base weights, so these tensors apply to a modified base, not to params. "
+                "Convert the adapter to plain LoRA in PEFT (save_pretrained(..., "
+                "path_initial_model_for_weight_conversion=...)) and load that instead")
+        _bad(path, "init_lora_weights", f"one of {list(_PLAIN_INITS)}", init)
     return config
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    for k, v in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({k})$", module):
-            return v
-    return default
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """A strict safetensors reader: every error a ValueError naming the file and key."""
+    data = _read_bytes(path)
+    if len(data) < 8:
+        raise ValueError(f"{path}: {len(data)} bytes, too short to be a safetensors file")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError(f"{path}: header of {n} bytes does not fit in the file of "
+                         f"{len(data)} bytes (truncated?)")
+    header = _parse_json(data[8:8 + n], f"{path} (header)")
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError(f"{path}: '__metadata__' must map names to strings, got {meta!r}")
+    body = len(data) - 8 - n
+    spans, out = [], {}
+    for key, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"{path}: tensor {key!r} entry must hold exactly dtype, shape and "
+                             f"data_offsets, got {entry!r}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise ValueError(f"{path}: tensor {key!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise ValueError(f"{path}: tensor {key!r} has a malformed shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_int, offsets))
+                or not 0 <= offsets[0] <= offsets[1] <= body):
+            raise ValueError(f"{path}: tensor {key!r} has data_offsets {offsets!r} outside the "
+                             f"{body} data bytes (truncated?)")
+        size = math.prod(shape) * _DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != size:
+            raise ValueError(f"{path}: tensor {key!r} of {dtype}{shape} needs {size} bytes, its "
+                             f"data_offsets span {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], key))
+        if _DTYPES[dtype].kind not in "fV":
+            raise ValueError(f"{path}: tensor {key!r} has dtype {dtype}; LoRA tensors are "
+                             "floating point")
+        out[key] = np.frombuffer(data, _DTYPES[dtype], math.prod(shape),
+                                 8 + n + offsets[0]).reshape(shape)
+        if not np.isfinite(out[key].astype(np.float32)).all():
+            raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values")
+    end = 0
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            raise ValueError(f"{path}: tensor {key!r} data does not follow the previous tensor's "
+                             f"(offset {begin}, expected {end}): overlapping or with gaps")
+        end = stop
+    if end != body:
+        raise ValueError(f"{path}: {body - end} bytes after the last tensor's data")
+    if not out:
+        raise ValueError(f"{path}: holds no tensors")
+    return out
 
 
 def load(directory: str, params: Any, *, name_map: NameMap = None,
-         adapter_name: str = "default") -> Any:
+         adapter_name: str = "default", in_axes: dict | None = None) -> Any:
     """Read a PEFT LoRA adapter directory into an adapted tree over ``params``.
 
     Honours ``r``/``lora_alpha`` with ``rank_pattern``/``alpha_pattern``,
-    ``use_rslora``, ``use_dora`` and ``modules_to_save``. ``params`` is not
-    modified; the returned tree is complete or an error is raised.
+    ``use_rslora``, ``use_dora``, ``fan_in_fan_out``, ``target_modules``,
+    ``exclude_modules`` and ``modules_to_save``. ``params`` is not modified; the
+    returned tree is complete or a ``ValueError`` names the file and key at fault.
+
+    Orientation of a 2-D kernel: PEFT's ``lora_A`` is ``(r, in)`` and ``lora_B``
+    ``(out, r)``, so a non-square kernel of shape ``(in, out)`` gets
+    ``in_axes=(0,)`` and one of shape ``(out, in)`` (Hugging Face Flax GPT-2's
+    ``FlaxConv1D``) ``in_axes=(1,)``. A square kernel follows ``in_axes``
+    (``{kernel path: (0,) or (1,)}``, e.g. read off the configs of a
+    ``jlora.linen.resolve``-d spec) when given, else the file's
+    ``fan_in_fan_out`` (true: the Flax port of a ``Conv1D`` model, stored
+    ``(out, in)``).
     """
-    from safetensors.numpy import load_file
-
-    folder = directory if adapter_name == "default" else os.path.join(directory, adapter_name)
+    given = {} if in_axes is None else in_axes
+    if not isinstance(given, dict) or any(tuple(v) not in ((0,), (1,)) for v in given.values()):
+        raise ValueError(f"jlora.peft.load: in_axes must map kernel paths to (0,) or (1,), "
+                         f"got {in_axes!r}")
+    folder = _adapter_folder(directory, adapter_name)
+    by_module = _torch_modules(params, name_map, "jlora.peft.load")
     cfg_path = os.path.join(folder, CONFIG_FILE)
-    config = _read_config(cfg_path)
     weights_path = os.path.join(folder, WEIGHTS_FILE)
-    try:
-        tensors = load_file(weights_path)
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{weights_path}: unreadable safetensors file ({e})") from None
+    config = _read_config(cfg_path)
+    tensors = _read_safetensors(weights_path)
 
-    namer = _module_namer(name_map)
     leaves = dict(leaves_with_paths(params))
-    by_module: dict[str, str] = {}
-    for p in leaves:
-        module_path = p.rsplit("/", 1)[0] if "/" in p else ""
-        by_module.setdefault(namer(module_path), module_path)
+    for p, x in leaves.items():
+        if is_node(x):
+            raise ValueError(f"jlora.peft.load: {p} is already adapted; pass plain params")
 
     grouped: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     for key, value in tensors.items():
-        if not key.startswith(PREFIX):
-            raise ValueError(f"{weights_path}: tensor {key!r} does not start with {PREFIX!r}")
-        m = re.fullmatch(r"(.*?)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
-                         r"lora_embedding_B|lora_magnitude_vector|lora_B\.bias|weight|bias)",
-                         key[len(PREFIX):])
-        if m is None:
-            raise ValueError(f"{weights_path}: tensor {key!r} is not a LoRA tensor jlora knows")
-        if m.group(2) == "lora_B.bias":
+        m = re.fullmatch(r"(.+?)\.(" + "|".join(map(re.escape, _SUFFIXES)) + ")",
+                         key[len(PREFIX):]) if key.startswith(PREFIX) else None
+        if m is None or re.search(r"(^|\.)lora_", m.group(1)):
+            raise ValueError(f"{weights_path}: tensor {key!r} is not a LoRA tensor name jlora "
+                             f"knows ({PREFIX}<module>.lora_A.weight, ...)")
+        module, suffix = m.groups()
+        if suffix == "lora_B.bias":
             raise ValueError(f"{weights_path}: tensor {key!r} is a lora_bias, which jlora "
                              "does not implement")
-        grouped[m.group(1)][m.group(2)] = value
-
-    def flax_module(module: str, key: str) -> str:
         if module not in by_module:
             raise ValueError(f"{weights_path}: tensor {key!r} targets module {module!r}, which "
                              "params do not have (check name_map)")
-        return by_module[module]
+        whole = suffix in ("weight", "bias")
+        if whole and not _selects(config.get("modules_to_save"), module):
+            raise ValueError(f"{weights_path}: unexpected tensor {key!r}: module {module!r} is "
+                             f"not in {CONFIG_FILE}'s modules_to_save")
+        if not whole and config.get("target_modules") is not None and not _targeted(config, module):
+            raise ValueError(f"{weights_path}: unexpected tensor {key!r}: {CONFIG_FILE}'s "
+                             f"target_modules does not select module {module!r}")
+        grouped[module][suffix] = value
 
+    _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped)
     nodes: dict[str, Any] = {}
     for module, parts in grouped.items():
         key = PREFIX + module
-        mpath = flax_module(module, f"{key}.{sorted(parts)[0]}")
+        mpath = by_module[module]
         join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
-        if "lora_A.weight" in parts or "lora_embedding_A" in parts:
-            nodes.update(_lora_node(config, module, parts, join, leaves, weights_path, key))
-        else:  # modules_to_save: whole tensors
-            for suffix, value in parts.items():
-                for leaf in (("kernel", "embedding", "scale") if suffix == "weight" else ("bias",)):
-                    if join(leaf) in leaves:
-                        break
-                else:
-                    raise ValueError(f"{weights_path}: {key}.{suffix} has no matching leaf under "
-                                     f"{mpath!r}")
-                target = leaves[join(leaf)]
-                value = value.T if leaf == "kernel" and value.ndim == 2 else value
-                value = value.transpose(2, 3, 1, 0) if leaf == "kernel" and value.ndim == 4 else value
-                if tuple(value.shape) != tuple(np.shape(target)):
-                    raise ValueError(f"{weights_path}: {key}.{suffix} has shape {value.shape}, "
-                                     f"the leaf {join(leaf)} has {np.shape(target)}")
-                nodes[join(leaf)] = FullNode(value=jnp.asarray(value, jnp.asarray(target).dtype),
-                                             config=Full(), shape=tuple(value.shape),
-                                             in_axes=tuple(range(value.ndim - 1)))
+        if any(s.startswith("lora_") for s in parts):
+            nodes.update(_lora_node(config, module, parts, join, leaves, weights_path, key,
+                                    given))
+        else:
+            nodes.update(_full_nodes(parts, join, leaves, weights_path, key))
     return map_with_paths(lambda p, x: nodes.get(p, x), params)
 
 
-def _lora_node(config, module, parts, join, leaves, weights_path, key):
-    embedding = "lora_embedding_A" in parts
-    leaf_name = "embedding" if embedding else "kernel"
-    path = join(leaf_name)
+def _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped) -> None:
+    """Every module the config selects has its tensors; every list entry selects a module."""
+    for key in ("target_modules", "modules_to_save"):
+        rule = config.get(key)
+        if isinstance(rule, list):
+            for entry in rule:
+                if not any(_selects([entry], m) for m in by_module):
+                    raise ValueError(f"{cfg_path}: key {key!r} entry {entry!r} matches no module "
+                                     "of params (check name_map)")
+        elif isinstance(rule, str) and rule != "all-linear" and not any(
+                _selects(rule, m) for m in by_module):
+            raise ValueError(f"{cfg_path}: key {key!r} = {rule!r} matches no module of params")
+    adapted = [m for m, parts in grouped.items() if any(s.startswith("lora_") for s in parts)]
+    for key in ("rank_pattern", "alpha_pattern"):
+        for k in config.get(key) or {}:
+            if not any(_pattern_hit(k, m) for m in adapted):
+                raise ValueError(f"{cfg_path}: key '{key}.{k}' matches no adapted module "
+                                 f"(adapted: {sorted(adapted)[:5]})")
+    target = config.get("target_modules")
+    for module, mpath in by_module.items():
+        join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
+        if _selects(config.get("modules_to_save"), module):
+            for p in leaves:
+                if _module_of(p) == mpath:
+                    suffix = "bias" if p.endswith("bias") else "weight"
+                    if suffix not in grouped.get(module, {}):
+                        raise ValueError(f"{weights_path}: missing tensor {PREFIX}{module}.{suffix} "
+                                         f"of module {module!r} (in modules_to_save)")
+            continue
+        if target is None or target == "all-linear" or not _targeted(config, module):
+            continue
+        embedding = join("embedding") in leaves
+        if not embedding and join("kernel") not in leaves:
+            continue
+        needed = (["lora_embedding_A", "lora_embedding_B"] if embedding
+                  else ["lora_A.weight", "lora_B.weight"])
+        if config.get("use_dora") and not embedding:
+            needed.append("lora_magnitude_vector")
+        for suffix in needed:
+            if suffix not in grouped.get(module, {}):
+                raise ValueError(f"{weights_path}: missing tensor {PREFIX}{module}.{suffix} of "
+                                 f"module {module!r} (selected by target_modules)")
+
+
+def _full_nodes(parts, join, leaves, weights_path, key) -> dict:
+    nodes = {}
+    for suffix, value in parts.items():
+        for leaf in (("kernel", "embedding", "scale") if suffix == "weight" else ("bias",)):
+            if join(leaf) in leaves:
+                break
+        else:
+            raise ValueError(f"{weights_path}: {key}.{suffix} has no matching leaf "
+                             f"{join('kernel')!r} or the like in params")
+        target = leaves[join(leaf)]
+        value = value.T if leaf == "kernel" and value.ndim == 2 else value
+        value = value.transpose(2, 3, 1, 0) if leaf == "kernel" and value.ndim == 4 else value
+        if tuple(value.shape) != tuple(np.shape(target)):
+            raise ValueError(f"{weights_path}: {key}.{suffix} has shape {value.shape}, "
+                             f"the leaf {join(leaf)} has {np.shape(target)}")
+        nodes[join(leaf)] = FullNode(value=jnp.asarray(value, jnp.asarray(target).dtype),
+                                     config=Full(), shape=tuple(value.shape),
+                                     in_axes=tuple(range(value.ndim - 1)))
+    return nodes
+
+
+def _linear_in_axes(path, shape, r, a_t, b_t, config, given) -> tuple[int, ...]:
+    """``(0,)`` for an ``(in, out)`` kernel, ``(1,)`` for ``(out, in)``; see :func:`load`."""
+    if path in given:
+        return tuple(given[path])
+    rows, cols = shape
+    if rows != cols:
+        flipped = (tuple(a_t.shape), tuple(b_t.shape)) == ((r, cols), (rows, r))
+        return (1,) if flipped else (0,)
+    return (1,) if config.get("fan_in_fan_out") else (0,)
+
+
+def _lora_node(config, module, parts, join, leaves, weights_path, key, given):
+    embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+    path = join("embedding" if embedding else "kernel")
     if path not in leaves:
         raise ValueError(f"{weights_path}: {key} has LoRA tensors but params have no {path}")
+    for suffix in parts:
+        if suffix not in (*names, "lora_magnitude_vector"):
+            raise ValueError(f"{weights_path}: unexpected tensor {key}.{suffix} beside "
+                             f"{key}.{names[0]}")
+    for suffix in names:
+        if suffix not in parts:
+            raise ValueError(f"{weights_path}: missing tensor {key}.{suffix}")
     base = jnp.asarray(leaves[path])
-    a_t = parts.get("lora_embedding_A" if embedding else "lora_A.weight")
-    b_t = parts.get("lora_embedding_B" if embedding else "lora_B.weight")
-    if a_t is None or b_t is None:
-        raise ValueError(f"{weights_path}: {key} has only one of its two LoRA factors")
-    r_file = a_t.shape[0]
-    r_cfg = _pattern_value(config.get("rank_pattern"), module, config["r"])
+    if not jnp.issubdtype(base.dtype, jnp.floating):
+        raise ValueError(f"{weights_path}: {key} adapts {path}, which has dtype {base.dtype}")
+    a_t, b_t = parts[names[0]], parts[names[1]]
+    r_file = a_t.shape[0] if a_t.ndim else 0
+    r_cfg, alpha = _rank_alpha(config, module)
     if r_file != r_cfg:
         raise ValueError(f"{weights_path}: {key} has rank {r_file} but "
                          f"{CONFIG_FILE} says r={r_cfg} for it")
-    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
     if base.ndim == 4:  # conv (kh, kw, in, out)
         kh, kw, cin, cout = base.shape
+        want, in_axes = ((r_file, cin, kh, kw), (cout, r_file, 1, 1)), (0, 1, 2)
+    elif base.ndim == 2:
+        rows, cols = (base.shape[0], base.shape[1])
+        in_axes = (0,) if embedding else _linear_in_axes(path, (rows, cols), r_file, a_t,
+                                                          b_t, config, given)
+        if in_axes == (1,):
+            rows, cols = cols, rows
+        want = ((r_file, rows), (cols, r_file))
+    else:
+        raise ValueError(f"{weights_path}: {key} adapts {path} of shape {base.shape}, which "
+                         "has no PEFT LoRA layout")
+    if (tuple(a_t.shape), tuple(b_t.shape)) != want:
+        raise ValueError(f"{weights_path}: {key}.{names[0]}/{names[1]} have shapes "
+                         f"{tuple(a_t.shape)}/{tuple(b_t.shape)}, {path} of shape {base.shape} "
+                         f"needs {want[0]}/{want[1]}")
+    if base.ndim == 4:
         a = a_t.transpose(2, 3, 1, 0).reshape(kh * kw * cin, r_file)
         b = b_t.reshape(cout, r_file).T
-        in_axes = (0, 1, 2)
     else:
-        a, b, in_axes = a_t.T, b_t.T, (0,)
-    fan_in = math.prod(base.shape[i] for i in in_axes)
-    fan_out = base.size // fan_in
-    if a.shape != (fan_in, r_file) or b.shape != (r_file, fan_out):
-        raise ValueError(f"{weights_path}: {key} factors {a_t.shape}/{b_t.shape} do not fit "
-                         f"{path} of shape {base.shape}")
-    opts = dict(rank=r_file, alpha=alpha, rslora=bool(config.get("use_rslora")),
-                dropout=float(config.get("lora_dropout") or 0.0), in_axes=in_axes)
+        a, b = a_t.T, b_t.T
+    fan_out = b.shape[1]
+    opts = dict(rank=r_file, alpha=alpha, rslora=config.get("use_rslora", False),
+                dropout=float(config.get("lora_dropout", 0.0)), in_axes=in_axes)
     dt = jnp.promote_types(base.dtype, jnp.float32)
     common = dict(base=base, a=jnp.asarray(a, dt), b=jnp.asarray(b, dt),
                   shape=tuple(base.shape), in_axes=in_axes)
+    m = parts.get("lora_magnitude_vector")
     if config.get("use_dora"):
-        m = parts.get("lora_magnitude_vector")
-        if m is None or m.shape != (fan_out,):
+        if embedding or base.ndim != 2:
+            raise ValueError(f"{weights_path}: {key}: jlora loads DoRA for Linear layers only")
+        if m is None or tuple(m.shape) != (fan_out,):
             raise ValueError(f"{weights_path}: use_dora is set but {key}.lora_magnitude_vector "
                              f"is missing or not of shape ({fan_out},)")
         return {path: DoRANode(**common, m=jnp.asarray(m, dt), config=DoRA(**opts))}
-    if "lora_magnitude_vector" in parts:
-        raise ValueError(f"{weights_path}: {key}.lora_magnitude_vector present but use_dora is false")
+    if m is not None:
+        raise ValueError(f"{weights_path}: unexpected tensor {key}.lora_magnitude_vector: "
+                         f"{CONFIG_FILE} has use_dora false")
     return {path: LoRANode(**common, config=LoRA(**opts))}

@@ -202,7 +202,7 @@ def test_crafted_types_in_the_structure_are_refused(tmp_path, field, value):
     jlora.checkpoint.save(tmp_path, trainable, step=1, opt_state=opt)
     with open(tmp_path / "1" / "meta" / "metadata") as f:
         text = f.read()
-    key = '"node": "LoRANode"' if field == "node" else '"namedtuple": "optax._src.transform.ScaleByAdamState"'
+    key = '"node": "LoRA"' if field == "node" else '"namedtuple": "optax._src.transform.ScaleByAdamState"'
     assert key in text
     with open(tmp_path / "1" / "meta" / "metadata", "w") as f:
         f.write(text.replace(key, json.dumps({field: value})[1:-1]))

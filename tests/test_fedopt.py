@@ -328,6 +328,10 @@ def test_communication_bytes_counts_the_trees():
     stacked = {"k": jnp.zeros((FAN_IN, 3 * RANK)), "k2": jnp.zeros((3 * RANK, FAN_OUT))}
     com = O.communication_bytes("fedavg", server, download=stacked)
     assert com.down == 4 * 3 * RANK * (FAN_IN + FAN_OUT) and com.total(3) == 3 * (com.up + com.down)
+    # MIME's statistics are sized on the trained model, not on FLoRA's stacked download
+    sgdm = optax.sgd(0.1, momentum=0.9)
+    assert O.communication_bytes("mime", server, download=stacked, base_optimizer=sgdm) == (
+        2 * model, com.down + 2 * model)
     shapes = jax.eval_shape(lambda t: t, server)
     assert O.communication_bytes("fedlada", shapes) == (3 * model, 3 * model)
 
@@ -351,3 +355,37 @@ def test_bad_inputs_name_the_option_and_path():
                                     key=jax.random.key(0)))[0]
     with pytest.raises(ValueError, match="k/a"):
         O.pseudo_gradient(server, other)
+
+
+def test_merged_step_fedadam_on_flora_stacked_aggregate_vs_numpy():
+    """FedAdam on the merged weights with FLoRA's exact, rank-stacked aggregate (ranks 1, 3)."""
+    from jlora import federated as fl
+
+    rng = np.random.default_rng(5)
+    params = {"k": jnp.asarray(rng.normal(size=(FAN_IN, FAN_OUT)), jnp.float32),
+              "h": jnp.asarray(rng.normal(size=(FAN_OUT,)), jnp.float32)}
+
+    def tree(rank, seed):
+        spec = jlora.Spec({"k": jlora.LoRA(rank=rank, alpha=2.0 * rank), "h": jlora.Full()})
+        return jlora.split(perturb(jlora.apply(params, spec, key=jax.random.key(seed)), seed=seed))
+
+    spec = jlora.Spec({"k": jlora.LoRA(rank=RANK, alpha=2.0 * RANK), "h": jlora.Full()})
+    server, frozen = tree(RANK, 0)                     # a server adapter with a non-zero delta
+    clients = [tree(1, 1)[0], tree(3, 2)[0]]
+    w = np.array([1.0, 3.0])
+    opt = O.fedadam(0.1, tau=0.05)
+    cur = jlora.merge(jlora.combine(server, frozen))
+    new_t, new_f, _ = O.merged_step(opt, opt.init(cur), server, frozen, fl.flora(clients, w),
+                                    spec=spec, key=jax.random.key(9))
+    p = w / w.sum()
+    k0 = f64(params["k"])
+    x = {"k": k0 + 2.0 * f64(server["k"].a) @ f64(server["k"].b), "h": f64(server["h"].value)}
+    agg = {"k": k0 + sum(pk * 2.0 * f64(c["k"].a) @ f64(c["k"].b) for pk, c in zip(p, clients)),
+           "h": sum(pk * f64(c["h"].value) for pk, c in zip(p, clients))}
+    for n in x:
+        d = agg[n] - x[n]                              # Reddi et al. Alg. 2, one round
+        m, v = 0.1 * d, 0.99 * 0.05 ** 2 + 0.01 * d ** 2
+        want = x[n] + 0.1 * m / (np.sqrt(v) + 0.05)
+        got = f64(new_f["k"].base) if n == "k" else f64(new_t["h"].value)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(new_t["k"].b).max()) == 0.0   # clients restart from a fresh adapter

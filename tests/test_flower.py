@@ -243,3 +243,16 @@ def test_strategy_flexlora_mixed_ranks_sends_each_client_its_truncation():
         node = st.per_client[21 + i]["enc"]["q"]["kernel"]
         assert node.rank == r
         np.testing.assert_allclose(lora_delta(node), (u[:, :r] * s[:r]) @ vt[:r], rtol=1e-4, atol=1e-5)
+
+
+def test_ranks_are_read_from_the_arrays_without_a_config():
+    """Records alone (no ConfigRecord): a rank-8 client decodes against a rank-4 template."""
+    tree = client_tree(8, 8)          # alpha = 16
+    back = jf.from_records(jf.to_records(tree), client_tree(4, 0), client=3)
+    node = back["enc"]["q"]["kernel"]
+    assert node.rank == 8 and node.config.alpha == 8.0      # the template's alpha (2·4) kept
+    np.testing.assert_array_equal(np.asarray(node.b), np.asarray(tree["enc"]["q"]["kernel"].b))
+    bad = ArrayRecord(dict(jf.to_records(tree).items()))
+    bad["enc/q/kernel/b"] = Array(np.zeros((6, 9), np.float32))   # a says 8, b says 6
+    with pytest.raises(ValueError, match="client 3: enc/q/kernel/"):
+        jf.from_records(bad, client_tree(4, 0), client=3)

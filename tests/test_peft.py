@@ -134,7 +134,7 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path):
     d = copy_fixture(tmp_path)
     f = d / "adapter_model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors: unreadable"):
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: .*truncated"):
         jlora.peft.load(d, base_params())
 
 
@@ -252,3 +252,171 @@ def test_minilm_adapter_trained_in_jax_loads_in_peft(tmp_path):
     np.testing.assert_allclose(f64(y_torch)[0, :5], f64(y_jax)[0, :5], rtol=1e-3, atol=1e-3)
     back = jlora.peft.load(tmp_path, bert, name_map=torch_module_name)
     assert back["layer_0"]["intermediate"]["kernel"].rank == 2
+
+
+# ---------------------------------------------------------------- trust: strict load, faithful save
+
+
+def adapter_values(adapted):
+    """Everything a loaded adapter is: paths, node types, configs and arrays."""
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(adapted, is_leaf=jlora.is_node)[0]:
+        key = jlora.path_str(path)
+        if jlora.is_node(x):
+            out[key] = (type(x).__name__, x.config, x.shape,
+                        [np.asarray(v) for v in jax.tree.leaves(x)])
+        else:
+            out[key] = np.asarray(x)
+    return out
+
+
+def assert_same_adapter(a, b):
+    va, vb = adapter_values(a), adapter_values(b)
+    assert va.keys() == vb.keys()
+    for k in va:
+        if isinstance(va[k], tuple):
+            assert va[k][:3] == vb[k][:3], k
+            for x, y in zip(va[k][3], vb[k][3]):
+                np.testing.assert_array_equal(x, y)
+        else:
+            np.testing.assert_array_equal(va[k], vb[k])
+
+
+def test_nothing_half_loaded_and_params_untouched(tmp_path):
+    params = base_params()
+    before = adapter_values(params)
+    d = copy_fixture(tmp_path)
+    tensors = load_file(d / "adapter_model.safetensors")
+    del tensors["base_model.model.fc2.lora_B.weight"]  # fc1 and emb would load fine
+    from safetensors.numpy import save_file
+    save_file(tensors, d / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensor base_model.model.fc2.lora_B.weight"):
+        jlora.peft.load(d, params)
+    after = adapter_values(params)
+    assert before.keys() == after.keys() and not any(jlora.is_node(x) for x in jax.tree.leaves(params))
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"])
+def test_base_changing_inits_are_refused_with_the_reason(tmp_path, init):
+    d = copy_fixture(tmp_path)
+    edit_config(d, init_lora_weights=init)
+    with pytest.raises(ValueError, match=r"adapter_config.json: key 'init_lora_weights' is .*"
+                                         r"replaces the base weights.*path_initial_model_for_weight_conversion"):
+        jlora.peft.load(d, base_params())
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal"])
+def test_inits_that_keep_the_base_load(tmp_path, init):
+    d = copy_fixture(tmp_path)
+    edit_config(d, init_lora_weights=init)
+    assert_same_adapter(jlora.peft.load(d, base_params()),
+                        jlora.peft.load(os.path.join(FIXTURES, "lora", "adapter"), base_params()))
+
+
+def test_bf16_adapter_loads(tmp_path):
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    d = copy_fixture(tmp_path)
+    tensors = load_file(d / "adapter_model.safetensors")
+    save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()},
+              d / "adapter_model.safetensors", metadata={"format": "pt"})
+    back = jlora.peft.load(d, base_params())
+    want = tensors["base_model.model.fc1.lora_A.weight"].astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(back["fc1"]["kernel"].a), want.T)
+
+
+def test_save_refuses_halves(tmp_path):
+    params, adapted = make_adapted(jlora.LoRA(rank=2), full_head=True)
+    for half in jlora.split(adapted):
+        with pytest.raises(ValueError, match="combine the halves first"):
+            jlora.peft.save(tmp_path, half)
+    assert not os.listdir(tmp_path)
+
+
+def test_save_refuses_what_peft_cannot_hold(tmp_path):
+    params = base_params()
+    adapted = jlora.apply(params, jlora.Spec({"fc*/kernel": jlora.LoRA(rank=2)}), key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"Flax modules 'fc1' and 'fc2' both map to the PyTorch module 'fc'"):
+        jlora.peft.save(tmp_path, adapted, name_map=lambda p: "fc" if p.startswith("fc") else p)
+    vera = jlora.apply(params, jlora.Spec({"fc1/kernel": jlora.VeRA(rank=2)}), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="fc1/kernel: VeRA adapters have no PEFT LoRA layout"):
+        jlora.peft.save(tmp_path, vera)
+    both = jlora.apply(params, jlora.Spec({"fc1/kernel": jlora.LoRA(rank=2), "fc1/bias": jlora.Full()}),
+                       key=jax.random.key(0))
+    with pytest.raises(ValueError, match="module 'fc1' has a LoRA adapter and a Full"):
+        jlora.peft.save(tmp_path, both)
+    drop = jlora.apply(params, jlora.Spec({"fc1/kernel": jlora.LoRA(rank=2, dropout=0.1),
+                                           "fc2/kernel": jlora.LoRA(rank=2)}), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="mix lora_dropout"):
+        jlora.peft.save(tmp_path, drop)
+    assert not os.listdir(tmp_path)
+
+
+def test_suffix_ambiguous_names_are_written_exactly(tmp_path):
+    """PEFT's list matching is by suffix: a target 'fc1' would also select 'enc.fc1'."""
+    params = {"fc1": {"kernel": jnp.ones((4, 4))}, "enc": {"fc1": {"kernel": jnp.ones((4, 4))}}}
+    adapted = perturb(jlora.apply(params, jlora.Spec({"fc1/kernel": jlora.LoRA(rank=2)}),
+                                  key=jax.random.key(0)))
+    jlora.peft.save(tmp_path, adapted)
+    assert json.load(open(tmp_path / "adapter_config.json"))["target_modules"] == "fc1"
+    back = jlora.peft.load(tmp_path, params)
+    assert jlora.is_node(back["fc1"]["kernel"]) and not jlora.is_node(back["enc"]["fc1"]["kernel"])
+    np.testing.assert_allclose(jlora.merge(back)["fc1"]["kernel"], jlora.merge(adapted)["fc1"]["kernel"],
+                               rtol=1e-6)
+    # ranks that PEFT's suffix patterns cannot tell apart are refused, not written wrong
+    two = jlora.apply(params, jlora.Spec({"fc1/kernel": jlora.LoRA(rank=2),
+                                          "enc/fc1/kernel": jlora.LoRA(rank=3),
+                                          }), key=jax.random.key(0))
+    two_dir = tmp_path / "two"
+    try:
+        jlora.peft.save(two_dir, two)
+    except ValueError as e:
+        assert "cannot give module" in str(e)
+    else:
+        back = jlora.peft.load(two_dir, params)
+        assert back["fc1"]["kernel"].rank == 2 and back["enc"]["fc1"]["kernel"].rank == 3
+
+
+def test_failed_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
+    params, old = make_adapted(jlora.LoRA(rank=2, alpha=4), full_head=True)
+    jlora.peft.save(tmp_path, old)
+    (tmp_path / "notes.txt").write_text("kept")
+    first = jlora.peft.load(tmp_path, params)
+    _, new = make_adapted(jlora.LoRA(rank=4, alpha=3), seed=1)
+
+    def fail(path, config):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(jlora.peft, "_write_json", fail)  # after the weights file is written
+    with pytest.raises(OSError, match="disk full"):
+        jlora.peft.save(tmp_path, new)
+    assert_same_adapter(jlora.peft.load(tmp_path, params), first)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors",
+                                            "notes.txt"]
+    assert not [n for n in os.listdir(tmp_path.parent) if "jlora-tmp" in n]
+    monkeypatch.undo()
+    jlora.peft.save(tmp_path, new)  # and a good save replaces it, keeping other files
+    assert jlora.peft.load(tmp_path, params)["fc1"]["kernel"].rank == 4
+    assert (tmp_path / "notes.txt").read_text() == "kept"
+
+
+def test_a_dict_name_map_need_only_name_the_adapted_modules(tmp_path):
+    params, adapted = make_adapted(jlora.LoRA(rank=2), emb=False)
+    names = {"fc1": "encoder.dense"}
+    jlora.peft.save(tmp_path, adapted, name_map=names)
+    assert "base_model.model.encoder.dense.lora_A.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    back = jlora.peft.load(tmp_path, params, name_map=names)
+    np.testing.assert_allclose(jlora.merge(back)["fc1"]["kernel"], jlora.merge(adapted)["fc1"]["kernel"])
+
+
+def test_a_name_map_function_may_fail_on_modules_it_does_not_adapt(tmp_path):
+    params, adapted = make_adapted(jlora.LoRA(rank=2), emb=False)
+    names = {"fc1": "encoder.dense"}
+    jlora.peft.save(tmp_path, adapted, name_map=lambda p: names[p])
+    back = jlora.peft.load(tmp_path, params, name_map=lambda p: names[p])
+    assert back["fc1"]["kernel"].rank == 2
+    with pytest.raises(ValueError, match=r"name_map failed for Flax module 'fc1' \(KeyError"):
+        jlora.peft.save(tmp_path, adapted, name_map=lambda p: {}[p])

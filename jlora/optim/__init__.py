@@ -16,10 +16,11 @@ and re-exported here once; import it from ``jlora.optim``.
   sampling and evolutionary configuration search (``_glora.py``).
 * ``fedadam`` / ``fedyogi`` / ``fedadagrad``, ``mime_client`` / ``mime_server``,
   ``fedlada_client`` / ``fedlada_server``, ``fedsps`` / ``feddecsps``: federated
-  optimizers over the pseudo-gradient (``server_step``, ``communication_bytes``;
-  ``_fedopt.py``).
+  optimizers over the pseudo-gradient (``server_step``, ``merged_step``,
+  ``communication_bytes``; ``_fedopt.py``).
 
-The math and source paper of each is in ``docs/methods.md``.
+``docs/methods.md`` states the math and source paper of each single-model tool
+above; the federated optimizers cite theirs in ``_fedopt.py``.
 """
 
 from jlora.optim._adalora import AdaLoRAState, adalora, adalora_orthogonality, budget
@@ -28,8 +29,9 @@ from jlora.optim._fedopt import (Communication, FedDecSPSState, FedLADAServerSta
                                  FedLADAState, MimeState, ScaleByFedOptState,
                                  communication_bytes, fedadagrad, fedadam, feddecsps,
                                  fedlada_client, fedlada_offset, fedlada_server, fedsps,
-                                 fedyogi, mime_client, mime_gradient, mime_server,
-                                 pseudo_gradient, scale_by_fedopt, server_step, tree_bytes)
+                                 fedyogi, merged_step, mime_client, mime_gradient,
+                                 mime_server, pseudo_gradient, scale_by_fedopt, server_step,
+                                 tree_bytes)
 from jlora.optim._flat_lora import flat_lora, noise_scale
 from jlora.optim._flora import FloraState, flora, projection
 from jlora.optim._glora import (GLoRASearchResult, glora_current, glora_describe, glora_fix,
@@ -47,5 +49,5 @@ __all__ = ["AdaLoRAState", "FloraState", "GLoRASearchResult", "adalora",
            "Communication", "FedDecSPSState", "FedLADAServerState", "FedLADAState", "MimeState",
            "ScaleByFedOptState", "communication_bytes", "fedadagrad", "fedadam", "feddecsps",
            "fedlada_client", "fedlada_offset", "fedlada_server", "fedsps", "fedyogi",
-           "mime_client", "mime_gradient", "mime_server", "pseudo_gradient", "scale_by_fedopt",
-           "server_step", "tree_bytes"]
+           "merged_step", "mime_client", "mime_gradient", "mime_server", "pseudo_gradient",
+           "scale_by_fedopt", "server_step", "tree_bytes"]

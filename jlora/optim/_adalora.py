@@ -1,7 +1,9 @@
 """The AdaLoRA rank allocator as an Optax wrapper, and its orthogonality regulariser.
 
-After each step of the wrapped optimizer, for every element ``w`` of every
-AdaLoRA ``p``, ``λ``, ``q`` (ALGORITHMS.md, from the official code):
+Zhang et al. ICLR 2023 (arXiv 2303.10512): importance scores §3.2, budget
+scheduler §3.3, regulariser §3.1; details as the official code
+(QingruZhang/AdaLoRA). See docs/methods.md. After each step of the wrapped
+optimizer, for every element ``w`` of every AdaLoRA ``p``, ``λ``, ``q``:
 
     I = |w ⊙ ∇w|;   Ī ← β1·Ī + (1−β1)·I;   Ū ← β2·Ū + (1−β2)·|I − Ī|;   s = Ī·Ū
 
@@ -35,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jlora._validate import positive_int, real, transformation
 from jlora.methods.adalora import AdaLoRANode
 from jlora.tree import is_node
 
@@ -53,12 +56,27 @@ def _nodes(tree) -> list:
 
 
 def budget(t, *, b0: int, b_target: int, total_steps: int, init_warmup: int, final_warmup: int):
-    """``(b(t), mask_now)`` of the cubic schedule; ``t`` is the 1-based step (traceable)."""
+    """``b(t)`` of the cubic schedule; ``t`` is the 1-based step (traceable)."""
+    owner = "jlora.optim.budget"
+    positive_int(owner, "b0", b0)
+    positive_int(owner, "b_target", b_target, minimum=0)
+    if b_target > b0:
+        raise ValueError(f"{owner}: b_target ({b_target}) must not exceed b0 ({b0})")
+    _schedule(owner, total_steps, init_warmup, final_warmup)
     span = max(total_steps - init_warmup - final_warmup, 1)
     frac = jnp.clip((t - init_warmup) / span, 0.0, 1.0)
     cubic = jnp.floor(b_target + (b0 - b_target) * (1.0 - frac) ** 3).astype(jnp.int32)
     b = jnp.where(t <= init_warmup, b0, jnp.where(t > total_steps - final_warmup, b_target, cubic))
     return b
+
+
+def _schedule(owner: str, total_steps: Any, init_warmup: Any, final_warmup: Any) -> None:
+    positive_int(owner, "total_steps", total_steps)
+    positive_int(owner, "init_warmup", init_warmup, minimum=0)
+    positive_int(owner, "final_warmup", final_warmup, minimum=0)
+    if total_steps <= init_warmup + final_warmup:
+        raise ValueError(f"{owner}: total_steps ({total_steps}) must exceed init_warmup + "
+                         f"final_warmup ({init_warmup + final_warmup})")
 
 
 def adalora(inner: optax.GradientTransformation, *, total_steps: int, init_warmup: int = 0,
@@ -69,11 +87,12 @@ def adalora(inner: optax.GradientTransformation, *, total_steps: int, init_warmu
     ``update`` needs ``params`` (the trainable tree). Other adapters and plain
     leaves pass through ``inner`` untouched by the allocator.
     """
-    if total_steps <= init_warmup + final_warmup:
-        raise ValueError(f"adalora: total_steps ({total_steps}) must exceed init_warmup + "
-                         f"final_warmup ({init_warmup + final_warmup})")
-    if delta_t < 1:
-        raise ValueError(f"adalora: delta_t must be >= 1, got {delta_t}")
+    owner = "jlora.optim.adalora"
+    transformation(owner, "inner", inner)
+    _schedule(owner, total_steps, init_warmup, final_warmup)
+    positive_int(owner, "delta_t", delta_t)
+    real(owner, "beta1", beta1, ge=0.0, lt=1.0)
+    real(owner, "beta2", beta2, ge=0.0, lt=1.0)
 
     def init(params):
         nodes = _nodes(params)
@@ -134,7 +153,7 @@ def adalora_orthogonality(trainable) -> jax.Array:
     official code); add ``w ×`` it to the loss (``w`` = 0.1 in the README, 0.5 in PEFT)."""
     nodes = _nodes(trainable)
     if not nodes:
-        raise ValueError("adalora_orthogonality: the tree holds no AdaLoRA adapter")
+        raise ValueError("jlora.optim.adalora_orthogonality: the tree holds no AdaLoRA adapter")
     terms = []
     for n in nodes:
         r = n.p.shape[1]

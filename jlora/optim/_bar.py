@@ -4,8 +4,8 @@ The balancedness of a factor pair is ``B = ‖a‖²_F − ‖b‖²_F``. Gradie
 any loss of the product ``a·b`` conserves it; SAM (sharpness-aware
 minimisation) drives it towards 0 (Li, Zhang, He, NeurIPS 2024, arXiv 2410.14802).
 
-**BAR, as derived here** (the authors publish no code and ALGORITHMS.md marks
-the rule unconfirmed, so jlora derives it from SAM and says so). For
+**BAR, as derived here** (the authors publish no code, so jlora derives the
+explicit term from SAM's balancedness dynamics and says so; docs/methods.md). For
 ``L = f(a·b)`` with ``G = ∇f(a·b)``, ``∇_a = G·bᵀ``, ``∇_b = aᵀ·G``. SAM takes
 the gradient at ``θ + ε``, ``ε = c·∇``, ``c = ρ/‖∇‖``. Taking the Hessian of
 ``f`` as the identity (exact for ``½‖a·b − M‖²``), ``G(θ+ε) = G + ε_a·b + a·ε_b
@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jlora._validate import function, real, transformation
 from jlora.tree import is_node
 
 
@@ -80,7 +81,9 @@ def bar(rho: float = 0.05) -> optax.GradientTransformation:
     """BAR: the explicit balancedness term matching SAM's drift (put it before the optimizer).
 
     ``optax.chain(jlora.optim.bar(0.05), optax.sgd(lr))``; ``update`` needs ``params``.
+    ``rho >= 0`` is SAM's neighbourhood radius whose drift BAR reproduces (0: no term).
     """
+    real("jlora.optim.bar", "rho", rho, ge=0.0)
 
     def init(params):
         return optax.EmptyState()
@@ -102,6 +105,8 @@ def bar(rho: float = 0.05) -> optax.GradientTransformation:
 
 def sam_gradient(loss_fn: Callable, params: Any, *args, rho: float = 0.05):
     """``(loss, grads)`` of SAM: the gradient at ``θ + ρ·∇/‖∇‖`` (two gradient calls)."""
+    function("jlora.optim.sam_gradient", "loss_fn", loss_fn)
+    real("jlora.optim.sam_gradient", "rho", rho, ge=0.0)
     loss, g = jax.value_and_grad(loss_fn)(params, *args)
     scale = rho / (optax.tree.norm(g) + 1e-12)
     perturbed = jax.tree.map(lambda p, gg: p + scale * gg, params, g)
@@ -128,6 +133,7 @@ class _Balanced(NamedTuple):
 
 def balora(inner: optax.GradientTransformation) -> optax.GradientTransformation:
     """Wrap ``inner`` so that every step lands on the balanced factorisation (BaLoRA)."""
+    transformation("jlora.optim.balora", "inner", inner)
 
     def init(params):
         return _Balanced(inner.init(params))

@@ -143,6 +143,32 @@ def server_step(optimizer, state, server: PyTree, aggregate: PyTree, **extra):
     return optax.apply_updates(server, updates), state
 
 
+def merged_step(optimizer, state, trainable: PyTree, frozen: PyTree, aggregate: PyTree, *,
+                spec, key: jax.Array, **extra):
+    """A server step on the merged weights, for rules that change the adapter's structure.
+
+    FLoRA's rank-stacked aggregate (and any other rule's) has no factor-wise
+    difference with the server's tree, but its merged weights do: with
+    ``W = merge(combine(trainable, frozen))`` and ``W_agg`` the aggregate
+    merged onto the same bases (``jlora.merge(aggregate, onto=unmerge(W))``),
+    the pseudo-gradient ``g = W − W_agg`` is minus the aggregated delta on
+    adapted leaves (and ``x − agg`` on ``Full`` leaves); ``W' =
+    apply_updates(W, optimizer.update(g, s, W))`` and the clients restart from
+    fresh adapters ``split(jlora.apply(W', spec, key=key))``, as FLoRA's rounds
+    do. ``state`` is ``optimizer.init(W)``: dense, as is what the server sends
+    (the update is full rank). Returns ``(trainable, frozen, state)``.
+    """
+    from jlora import core
+
+    adapted = core.combine(trainable, frozen)
+    cur = core.merge(adapted)
+    agg = core.merge(aggregate, onto=core.unmerge(cur, adapted))
+    updates, state = optimizer.update(pseudo_gradient(cur, agg), state, cur, **extra)
+    new = optax.apply_updates(cur, updates)
+    trainable, frozen = core.split(core.apply(new, spec, key=key))
+    return trainable, frozen, state
+
+
 def tree_bytes(tree: PyTree) -> int:
     """Bytes of the arrays (or ``ShapeDtypeStruct``s) in ``tree``; ``None`` holes count 0."""
     return int(sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
@@ -544,7 +570,7 @@ def communication_bytes(method: str, upload: PyTree, *, download: PyTree | None 
     * FedAvg, FedAdagrad/FedAdam/FedYogi (server-only state), FedSPS/FedDecSPS
       (step sizes never leave the client): model up, model down;
     * MimeLite: down model + base-optimizer state ``s`` (``base_optimizer.init``
-      of the model, so SGDm adds one copy, Adam two plus a count); up the
+      of ``upload``, so SGDm adds one copy, Adam two plus a count); up the
       model delta and the full-batch gradient at ``x``;
     * MIME: MimeLite plus the control variate ``c`` sent down (gradients are
       collected before training: one more exchange);
@@ -564,8 +590,9 @@ def communication_bytes(method: str, upload: PyTree, *, download: PyTree | None 
         if base_optimizer is None:
             raise ValueError(f"{_OWNER}.communication_bytes: method {method!r} needs "
                              "base_optimizer= (its state is sent to clients)")
-        shapes = jax.eval_shape(lambda t: t, upload if download is None else download)
-        state = tree_bytes(jax.eval_shape(base_optimizer.init, shapes))
+        # the statistics live in the coordinates clients train (the upload's), even when
+        # the model goes down in another form (FLoRA's stacked factors)
+        state = tree_bytes(jax.eval_shape(base_optimizer.init, jax.eval_shape(lambda t: t, upload)))
         extra_down = state + (tree_bytes(upload) if method == "mime" else 0)
         return Communication(up=2 * up, down=down + extra_down)
     if method == "fedlada":

@@ -30,11 +30,19 @@ import jax
 import jax.numpy as jnp
 
 from jlora.methods.base import from_matrix, to_matrix
+from jlora._validate import positive_int, real, real_or_traced
 from jlora.tree import is_node, map_with_paths
+
+
+def _check(owner: str, step: Any, total_steps: Any, rho: Any) -> None:
+    positive_int(owner, "total_steps", total_steps)
+    real(owner, "rho", rho, ge=0.0)
+    real_or_traced(owner, "step", step, ge=0, le=total_steps)
 
 
 def noise_scale(node, *, step, total_steps: int, rho: float) -> jax.Array:
     """``σ_j`` per output feature of the node's merged kernel (a ``(fan_out,)`` vector)."""
+    _check("jlora.optim.noise_scale", step, total_steps, rho)
     merged = to_matrix(jax.lax.stop_gradient(node.materialize()), node.in_axes)
     factor = 0.5 * (1.0 - jnp.cos(jnp.pi * step / total_steps))
     return factor * rho * jnp.linalg.norm(merged.astype(jnp.float32), axis=0) / math.sqrt(
@@ -42,8 +50,14 @@ def noise_scale(node, *, step, total_steps: int, rho: float) -> jax.Array:
 
 
 def flat_lora(adapted: Any, key: jax.Array, *, step, total_steps: int, rho: float = 0.05) -> Any:
-    """The adapted tree with every adapted kernel's frozen base perturbed for this step."""
+    """The adapted tree with every adapted kernel's frozen base perturbed for this step.
+
+    ``step`` (``0 <= step <= total_steps``; traced inside ``jit``) sets the cosine
+    ramp of the noise; ``rho >= 0`` its relative size (0: no perturbation).
+    """
     import zlib
+
+    _check("jlora.optim.flat_lora", step, total_steps, rho)
 
     def perturb(path, x):
         if not is_node(x) or getattr(x, "base", None) is None \

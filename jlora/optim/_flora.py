@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jlora._validate import positive_int, real
+
 
 class FloraState(NamedTuple):
     momentum: Any  # per leaf: compressed (τ, n) / (m, τ), or full for uncompressed leaves
@@ -42,6 +44,8 @@ def compressed(shape, *, min_dim: int, max_aspect: float) -> bool:
 
 def projection(key: jax.Array, index: int, shape, rank: int, dtype=jnp.float32) -> jax.Array:
     """``P`` for leaf ``index`` of a ``shape`` gradient: ``(τ, m)`` if ``m < n`` else ``(n, τ)``."""
+    positive_int("jlora.optim.projection", "rank", rank)
+    positive_int("jlora.optim.projection", "index", index, minimum=0)
     m, n = shape
     k = jax.random.fold_in(jax.random.wrap_key_data(key), index)
     p_shape = (rank, m) if m < n else (n, rank)
@@ -60,7 +64,19 @@ def _up(p, c, shape):
 
 def flora(rank: int = 8, *, kappa: int = 1000, beta: float = 0.9, seed: int = 0,
           min_dim: int = 128, max_aspect: float = 4.0) -> optax.GradientTransformation:
-    """FLORA compressed momentum (see the module docstring)."""
+    """FLORA compressed momentum (see the module docstring).
+
+    ``rank`` (τ >= 1) is the projection size, ``kappa >= 1`` the steps between
+    projection resamples, ``0 <= beta < 1`` the momentum decay; matrices with
+    ``min(m, n) < min_dim`` or aspect ``> max_aspect`` (>= 1) stay uncompressed.
+    """
+    owner = "jlora.optim.flora"
+    positive_int(owner, "rank", rank)
+    positive_int(owner, "kappa", kappa)
+    real(owner, "beta", beta, ge=0.0, lt=1.0)
+    positive_int(owner, "seed", seed, minimum=0)
+    positive_int(owner, "min_dim", min_dim)
+    real(owner, "max_aspect", max_aspect, ge=1.0)
 
     def init(params):
         leaves, treedef = jax.tree.flatten(params)

@@ -69,7 +69,22 @@ def glora_describe(codes) -> dict[Support, Form]:
 
 
 def glora_sample(key: jax.Array, tree: Any) -> Any:
-    """Draw a uniform configuration per layer (kernel and bias nodes agree); jit-safe."""
+    """Draw a uniform configuration per layer (kernel and bias nodes agree); jit-safe.
+
+    Each layer's draw comes from ``key`` folded with the layer's path, so one key
+    per training step trains the supernet without retracing:
+
+        >>> import jax, jax.numpy as jnp, jlora
+        >>> params = {"fc": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
+        >>> tree = jlora.apply(params, jlora.Spec({"fc/kernel": jlora.GLoRA(rank=2)}),
+        ...                    key=jax.random.key(0))
+        >>> drawn = jax.jit(jlora.optim.glora_sample)(jax.random.key(3), tree)
+        >>> bool((drawn["fc"]["kernel"].choice == drawn["fc"]["bias"].choice).all())
+        True
+        >>> jlora.optim.glora_describe(jlora.optim.glora_current(drawn)["fc"])["c"] in (
+        ...     "none", "vector", "lowrank")
+        True
+    """
     options = [jnp.asarray(ALLOWED[s], jnp.int32) for s in SUPPORTS]
 
     def draw(path, x):

@@ -19,20 +19,23 @@ Example::
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Literal
 
+import jax
 import optax
 
+from jlora._validate import function, real
 from jlora.tree import is_node
 
 FAST_FIELDS = frozenset({"b"})
+Label = Literal["base", "fast"]
 
 
 def labels(trainable) -> object:
-    """``"fast"`` for ``b`` factors and 1-D adapter vectors, ``"base"`` for the rest."""
-    import jax
+    """``"fast"`` for ``b`` factors and 1-D adapter vectors, ``"base"`` for the rest
+    (a tree of :data:`Label` in the shape of ``trainable``, for ``optax.partition``)."""
 
-    def label(x):
+    def label(x) -> Any:
         if not is_node(x):
             return "base"
         return x.replace(**{
@@ -42,8 +45,18 @@ def labels(trainable) -> object:
     return jax.tree.map(label, trainable, is_leaf=is_node)
 
 
-def lora_plus(make_optimizer: Callable[[float], optax.GradientTransformation], lr: float,
-              ratio: float = 16.0) -> optax.GradientTransformation:
-    """``make_optimizer(lr)`` for ``a``-side leaves, ``make_optimizer(lr·ratio)`` for ``b``-side."""
-    return optax.partition({"base": make_optimizer(lr), "fast": make_optimizer(lr * ratio)},
-                           labels)
+def lora_plus(make_optimizer: Callable[[Any], optax.GradientTransformation],
+              lr: float | optax.Schedule, ratio: float = 16.0) -> optax.GradientTransformation:
+    """``make_optimizer(lr)`` for ``a``-side leaves, ``make_optimizer(lr·ratio)`` for ``b``-side.
+
+    ``lr > 0`` is a number or an Optax schedule (then the ``b`` side gets
+    ``step -> ratio·lr(step)``); ``ratio > 0`` (LoRA+ suggests about 16).
+    """
+    owner = "jlora.optim.lora_plus"
+    function(owner, "make_optimizer", make_optimizer)
+    real(owner, "ratio", ratio, gt=0.0)
+    if callable(lr):
+        fast = lambda step: ratio * lr(step)  # noqa: E731
+    else:
+        fast = real(owner, "lr", lr, gt=0.0) * ratio
+    return optax.partition({"base": make_optimizer(lr), "fast": make_optimizer(fast)}, labels)

@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 import jax
 
+from jlora._validate import function, real_or_traced
+
 
 def perturbation(key: jax.Array, params: Any) -> Any:
     """The ``z`` tree for ``key``: one normal array per leaf (regenerable, never stored)."""
@@ -43,9 +45,17 @@ def _shift(params, key, scale):
     return jax.tree.map(lambda x, z: x + scale * z, params, perturbation(key, params))
 
 
+def _check(owner: str, loss_fn: Any, eps: Any, **numbers: Any) -> None:
+    function(owner, "loss_fn", loss_fn)
+    real_or_traced(owner, "eps", eps, gt=0.0)
+    for name, value in numbers.items():  # lr, weight_decay
+        real_or_traced(owner, name, value, ge=0.0)
+
+
 def projected_gradient(loss_fn: Callable, params: Any, key: jax.Array, *args,
                        eps: float = 1e-3) -> tuple[jax.Array, jax.Array]:
     """``(g, loss)``: the SPSA projected gradient along ``z(key)`` and ``(L+ + L-)/2``."""
+    _check("jlora.optim.projected_gradient", loss_fn, eps)
     lp = loss_fn(_shift(params, key, eps), *args)
     lm = loss_fn(_shift(params, key, -eps), *args)
     return (lp - lm) / (2 * eps), (lp + lm) / 2
@@ -53,7 +63,12 @@ def projected_gradient(loss_fn: Callable, params: Any, key: jax.Array, *args,
 
 def mezo_sgd(loss_fn: Callable, params: Any, key: jax.Array, *args, eps: float = 1e-3,
              lr: float = 1e-6, weight_decay: float = 0.0) -> tuple[Any, jax.Array]:
-    """One MeZO-SGD step: returns ``(new_params, loss)``."""
+    """One MeZO-SGD step: returns ``(new_params, loss)``.
+
+    ``eps > 0`` is the perturbation size, ``lr >= 0`` and ``weight_decay >= 0``
+    the SGD step; each may be traced (a scheduled ``lr`` inside ``jit``).
+    """
+    _check("jlora.optim.mezo_sgd", loss_fn, eps, lr=lr, weight_decay=weight_decay)
     g, loss = projected_gradient(loss_fn, params, key, *args, eps=eps)
     z = perturbation(key, params)
     return jax.tree.map(lambda x, zz: x - lr * (g * zz + weight_decay * x), params, z), loss
@@ -62,5 +77,6 @@ def mezo_sgd(loss_fn: Callable, params: Any, key: jax.Array, *args, eps: float =
 def mezo_gradient(loss_fn: Callable, params: Any, key: jax.Array, *args,
                   eps: float = 1e-3) -> tuple[jax.Array, Any]:
     """``(loss, g·z)``: the zero-order gradient estimate, for an Optax update."""
+    _check("jlora.optim.mezo_gradient", loss_fn, eps)
     g, loss = projected_gradient(loss_fn, params, key, *args, eps=eps)
     return loss, jax.tree.map(lambda zz: g * zz, perturbation(key, params))

@@ -97,3 +97,29 @@ def test_budget_reaches_exactly_target_rank_times_layers():
     assert counts[-1] == 2 * 3              # exactly target_rank x layers at the end
     assert all(c == 6 for c in counts[T - 30:])  # final phase: masked every step
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    (dict(total_steps=0), "total_steps"),
+    (dict(total_steps=10.0), "total_steps"),
+    (dict(total_steps=True), "total_steps"),
+    (dict(total_steps=10, init_warmup=-1), "init_warmup"),
+    (dict(total_steps=10, final_warmup=1.5), "final_warmup"),
+    (dict(total_steps=10, init_warmup=5, final_warmup=5), "total_steps"),
+    (dict(total_steps=10, delta_t=0), "delta_t"),
+    (dict(total_steps=10, beta1=1.0), "beta1"),
+    (dict(total_steps=10, beta2=float("nan")), "beta2"),
+    (dict(total_steps=10, beta2=-0.1), "beta2"),
+])
+def test_adalora_refuses_bad_options(kwargs, option):
+    with pytest.raises(ValueError, match=f"jlora.optim.adalora: {option}"):
+        jlora.optim.adalora(optax.sgd(0.1), **kwargs)
+
+
+def test_adalora_and_budget_refuse_a_non_transformation_and_bad_budgets():
+    with pytest.raises(ValueError, match="jlora.optim.adalora: inner must be an optax"):
+        jlora.optim.adalora(optax.sgd, total_steps=10)
+    with pytest.raises(ValueError, match="jlora.optim.budget: b_target .* must not exceed b0"):
+        jlora.optim.budget(1, b0=4, b_target=8, total_steps=10, init_warmup=0, final_warmup=0)
+    with pytest.raises(ValueError, match="jlora.optim.budget: b0 must be an int >= 1, got 0"):
+        jlora.optim.budget(1, b0=0, b_target=0, total_steps=10, init_warmup=0, final_warmup=0)

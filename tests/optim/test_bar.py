@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import jlora
 from helpers import f64
@@ -87,3 +88,18 @@ def test_balance_is_exact():
     u, _ = tx.update(jax.tree.map(jnp.ones_like, t), tx.init(t), t)
     stepped = optax.apply_updates(t, u)
     assert abs(float(jlora.optim.balancedness(stepped)[0])) < 1e-3
+
+
+@pytest.mark.parametrize("rho", [-0.1, float("nan"), float("inf"), "0.05", True, None])
+def test_bar_and_sam_refuse_a_bad_rho(rho):
+    with pytest.raises(ValueError, match=r"jlora.optim.bar: rho must be a finite number >= 0"):
+        jlora.optim.bar(rho)
+    with pytest.raises(ValueError, match=r"jlora.optim.sam_gradient: rho must be a finite number"):
+        jlora.optim.sam_gradient(lambda p: jnp.sum(p ** 2), jnp.ones(3), rho=rho)
+
+
+def test_sam_and_balora_refuse_what_is_not_a_loss_or_a_transformation():
+    with pytest.raises(ValueError, match="jlora.optim.sam_gradient: loss_fn must be callable"):
+        jlora.optim.sam_gradient(jnp.ones(3), jnp.ones(3))
+    with pytest.raises(ValueError, match="jlora.optim.balora: inner must be an optax"):
+        jlora.optim.balora(optax.sgd)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import jlora
 from helpers import f64, perturb
@@ -61,3 +62,32 @@ def test_flat_lora_training_lowers_the_loss_and_only_factors_get_gradients():
         trainable, opt, loss = step(trainable, opt, i)
         first = first if first is not None else float(loss)
     assert float(loss) < 0.5 * first
+
+
+def test_full_leaves_and_plain_leaves_are_not_perturbed():
+    params = {"fc": {"kernel": jnp.ones((6, 4)), "bias": jnp.ones(4)}, "head": jnp.ones((4, 2))}
+    adapted = jlora.apply(params, jlora.Spec({"fc/kernel": jlora.LoRA(rank=2), "head": jlora.Full()}),
+                          key=jax.random.key(0))
+    out = jlora.optim.flat_lora(adapted, jax.random.key(1), step=5, total_steps=10, rho=0.5)
+    np.testing.assert_array_equal(np.asarray(out["head"].value), np.asarray(adapted["head"].value))
+    np.testing.assert_array_equal(np.asarray(out["fc"]["bias"]), np.asarray(params["fc"]["bias"]))
+    assert not np.array_equal(np.asarray(out["fc"]["kernel"].base), np.asarray(params["fc"]["kernel"]))
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    (dict(step=1, total_steps=0), "total_steps"),
+    (dict(step=1, total_steps=10.5), "total_steps"),
+    (dict(step=1, total_steps=10, rho=-1.0), "rho"),
+    (dict(step=1, total_steps=10, rho=float("nan")), "rho"),
+    (dict(step=-1, total_steps=10), "step"),
+    (dict(step=11, total_steps=10), "step"),
+    (dict(step=True, total_steps=10), "step"),
+    (dict(step=jnp.float32(float("nan")), total_steps=10), "step"),
+])
+def test_flat_lora_refuses_bad_options(kwargs, option):
+    adapted = jlora.apply({"k": jnp.ones((4, 3))}, jlora.Spec({"k": jlora.LoRA(rank=1)}),
+                          key=jax.random.key(0))
+    with pytest.raises(ValueError, match=f"jlora.optim.flat_lora: {option} must be"):
+        jlora.optim.flat_lora(adapted, jax.random.key(1), **kwargs)
+    with pytest.raises(ValueError, match=f"jlora.optim.noise_scale: {option} must be"):
+        jlora.optim.noise_scale(adapted["k"], **{"rho": 0.05, **kwargs})

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import jlora
 from helpers import f64
@@ -60,3 +61,14 @@ def test_flora_trains_within_a_stated_gap_of_momentum():
     # the stated gap: rank-32 state on 256x256 matrices ends within 1.35x of the loss of
     # uncompressed momentum at the same learning rate (measured: 0.47 against 0.39)
     assert flora < 1.35 * mom
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    (dict(rank=0), "rank"), (dict(rank=2.0), "rank"), (dict(rank=True), "rank"),
+    (dict(kappa=0), "kappa"), (dict(beta=1.0), "beta"), (dict(beta=float("inf")), "beta"),
+    (dict(seed=-1), "seed"), (dict(min_dim=0), "min_dim"), (dict(max_aspect=0.5), "max_aspect"),
+    (dict(max_aspect=float("nan")), "max_aspect"),
+])
+def test_flora_refuses_bad_options(kwargs, option):
+    with pytest.raises(ValueError, match=f"jlora.optim.flora: {option} must be"):
+        jlora.optim.flora(**kwargs)

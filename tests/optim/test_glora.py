@@ -92,3 +92,40 @@ def test_supernet_training_lowers_the_loss():
     for i in range(150):
         trainable, opt, _ = step(trainable, opt, jax.random.key(i))
     assert eval_loss(trainable, (3, 3, 3, 2, 2)) < 0.5 * before
+
+
+def test_search_reports_each_generation_through_the_callback():
+    _, adapted = layer()
+    seen = []
+    res = jlora.optim.glora_search(lambda c: float(sum(c["fc"])), adapted, seed=1, population=6,
+                                   generations=4, parents=2, mutants=3, crossovers=3,
+                                   callback=lambda g, best: seen.append((g, best)))
+    assert seen == list(enumerate(res.history)) and len(seen) == 4
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    (dict(population=0), "population"), (dict(generations=2.0), "generations"),
+    (dict(parents=True), "parents"), (dict(mutants=-1), "mutants"),
+    (dict(crossovers=None), "crossovers"), (dict(p_mutate=1.5), "p_mutate"),
+    (dict(p_mutate=float("nan")), "p_mutate"), (dict(seed=-3), "seed"),
+    (dict(max_params=-1), "max_params"), (dict(callback=True), "callback"),
+])
+def test_search_refuses_bad_options(kwargs, option):
+    _, adapted = layer()
+    with pytest.raises(ValueError, match=f"jlora.optim.glora_search: {option} must be"):
+        jlora.optim.glora_search(lambda c: 0.0, adapted, **kwargs)
+    with pytest.raises(ValueError, match="jlora.optim.glora_search: evaluate must be callable"):
+        jlora.optim.glora_search(None, adapted)
+
+
+@pytest.mark.parametrize("codes, what", [
+    ((3, 3, 3, 2), "5 integer codes"), ((3, 3, 3, 2, 2.0), "5 integer codes"),
+    ((3, 3, 1, 2, 2), "c=1 is not one of"), ((3, 3, 3, 2, 7), "e=7 is not one of"),
+    ((3, -1, 3, 2, 2), "b=-1 is not one of"),
+])
+def test_fix_refuses_bad_codes(codes, what):
+    _, adapted = layer()
+    with pytest.raises(ValueError, match=f"jlora.optim.glora_fix: layer 'fc': .*{what}"):
+        jlora.optim.glora_fix(adapted, {"fc": codes})
+    with pytest.raises(ValueError, match="jlora.optim.glora_fix: no configuration for layer 'fc'"):
+        jlora.optim.glora_fix(adapted, {})

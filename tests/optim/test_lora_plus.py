@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import jlora
 from helpers import f64
@@ -22,3 +23,27 @@ def test_lora_plus_scales_b_side_only():
     np.testing.assert_allclose(f64(node.b), -3.2, rtol=1e-6)       # lr · ratio
     np.testing.assert_allclose(f64(node.m), -3.2, rtol=1e-6)       # 1-D adapter vector: fast
     np.testing.assert_allclose(f64(upd["head"]["kernel"].value), -0.2, rtol=1e-6)
+
+
+def test_lora_plus_takes_a_schedule_for_lr():
+    _, adapted = small_tree()
+    trainable, _ = jlora.split(adapted)
+    grads = jax.tree.map(jnp.ones_like, trainable)
+    tx = jlora.optim.lora_plus(optax.sgd, lambda step: 0.1 * (step + 1), ratio=4)
+    state = tx.init(trainable)
+    _, state = tx.update(grads, state, trainable)  # step 0: lr 0.1
+    upd, _ = tx.update(grads, state, trainable)    # step 1: lr 0.2, b side 0.8
+    np.testing.assert_allclose(f64(upd["fc"]["kernel"].a), -0.2, rtol=1e-6)
+    np.testing.assert_allclose(f64(upd["fc"]["kernel"].b), -0.8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    (dict(lr=0.0), "lr"), (dict(lr=-1e-3), "lr"), (dict(lr=float("nan")), "lr"),
+    (dict(lr="1e-3"), "lr"), (dict(lr=1e-3, ratio=0.0), "ratio"),
+    (dict(lr=1e-3, ratio=float("inf")), "ratio"), (dict(lr=1e-3, ratio=True), "ratio"),
+])
+def test_lora_plus_refuses_bad_options(kwargs, option):
+    with pytest.raises(ValueError, match=f"jlora.optim.lora_plus: {option} must be"):
+        jlora.optim.lora_plus(optax.sgd, **kwargs)
+    with pytest.raises(ValueError, match="jlora.optim.lora_plus: make_optimizer must be callable"):
+        jlora.optim.lora_plus(optax.sgd(0.1), lr=0.1)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import jlora
 from helpers import f64
@@ -80,3 +81,20 @@ def test_mezo_step_needs_less_memory_than_a_backprop_step():
 
 def state_bytes_of(state):
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    (dict(eps=0.0), "eps"), (dict(eps=-1e-3), "eps"), (dict(eps=float("nan")), "eps"),
+    (dict(lr=-1.0), "lr"), (dict(lr=float("inf")), "lr"), (dict(lr=jnp.float32(-1.0)), "lr"),
+    (dict(lr=jnp.ones(2)), "lr"), (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(weight_decay=True), "weight_decay"),
+])
+def test_mezo_refuses_bad_options(kwargs, option):
+    loss = lambda p: jnp.sum(p ** 2)
+    with pytest.raises(ValueError, match=f"jlora.optim.mezo_sgd: {option} must be"):
+        jlora.optim.mezo_sgd(loss, jnp.ones(3), jax.random.key(0), **kwargs)
+    if option == "eps":
+        with pytest.raises(ValueError, match="jlora.optim.mezo_gradient: eps must be"):
+            jlora.optim.mezo_gradient(loss, jnp.ones(3), jax.random.key(0), **kwargs)
+    with pytest.raises(ValueError, match="jlora.optim.mezo_sgd: loss_fn must be callable"):
+        jlora.optim.mezo_sgd(None, jnp.ones(3), jax.random.key(0))
