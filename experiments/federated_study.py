@@ -258,10 +258,10 @@ def run(study, name, split, train_lists, test_lists, key, bar):
               clients_per_round=m, callback=on_round)
     personal_acc = None
     memo = lambda what, fn: study.fns.setdefault((name, what), fn)
-    upd = memo("update", lambda t, fr, d, kk: study.train(t, fr["params"], fr, d, kk))
 
     if name in ("FedAvg-LoRA", "LoRA-FAIR", "FFA-LoRA"):
         agg = {"FedAvg-LoRA": fl.fedavg, "LoRA-FAIR": fl.lora_fair, "FFA-LoRA": fl.ffa}[name]
+        upd = memo("update", lambda t, fr, d, kk: study.train(t, fr["params"], fr, d, kk))
         state = fl.simulate(upd, t0, frozen, data, aggregate=agg, **kw)
         comm = [2 * m * nbytes(t0)] * args.rounds
     elif name == "FLoRA":
