@@ -43,10 +43,10 @@ import jax.numpy as jnp
 
 from jlora import _layers
 from jlora._layers import register
-from jlora.core import merge
 from jlora.methods.full import FullNode
+from jlora.methods._experts import is_slice, is_stacked
 from jlora.spec import Spec
-from jlora.tree import is_node, leaves_with_paths
+from jlora.tree import is_node, leaves_with_paths, map_nodes
 
 _local = threading.local()
 
@@ -118,6 +118,8 @@ def _einsum(module: nn.Einsum, node, method, args, kwargs, key):
     x_sub, k_sub, out_sub = _layers.einsum_parts(eq)
     if "." in eq or len(k_sub) != len(node.shape):
         return NotImplemented
+    if is_stacked(node):
+        return _expert_einsum(module, node, eq, x, key)
     # the node is seen with its input axes first (orientation checked by the caller)
     in_letters = "".join(c for c in k_sub if c in x_sub)
     out_letters = [c for c in k_sub if c not in x_sub]
@@ -141,6 +143,42 @@ def _einsum(module: nn.Einsum, node, method, args, kwargs, key):
         _, bshape = module._get_bias_shape(eq, x, k)
         return _bias(module, y, bshape)
     return y
+
+
+def _expert_einsum(module: nn.Einsum, node, eq: str, x, key):
+    """Einsum dispatch over a stacked expert kernel, e.g. ``"ecd,edf->ecf"``: the
+    expert letter is kept in ``x`` and the output, the node's input axes are
+    contracted and the output letters sit where the contracted ones were in ``x``."""
+    lhs, out_sub = eq.split("->")
+    x_sub, k_sub = lhs.split(",")
+    e = k_sub[0]
+    contracted = [k_sub[i] for i in node.in_axes]
+    outs = [c for i, c in enumerate(k_sub) if i and i not in node.in_axes]
+    if (e not in x_sub or e not in out_sub or len(contracted) != 1 or len(outs) != 1
+            or any(c in out_sub or c not in x_sub for c in contracted)
+            or out_sub != x_sub.replace(contracted[0], outs[0])):
+        return NotImplemented
+
+    def op(x, k):
+        clone = module.clone(parent=None, name=None, use_bias=False, shape=tuple(k.shape),
+                             einsum_str=None)
+        return clone.apply({"params": {"kernel": k}}, x, einsum_str=eq)
+
+    y = node.dot(x, op, dropout_key=key)
+    if module.use_bias:
+        _, bshape = module._get_bias_shape(eq, x, jnp.zeros(node.shape, y.dtype))
+        return _bias(module, y, bshape)
+    return y
+
+
+def _merged_call(module: nn.Module, method: str, args, kwargs):
+    """Run ``module`` on its own variables with every adapter node merged (the
+    always-correct path for a node handed to a layer that cannot consume it)."""
+    variables = dict(module.variables)
+    variables["params"] = map_nodes(
+        lambda n: (n.slice_view() if is_slice(n) else n).materialize(), variables["params"])
+    clone = module.clone(parent=None, name=None)
+    return clone.apply(variables, *args, method=method, **kwargs)
 
 
 def _registered(module: nn.Module, node, method, args, kwargs, key):
@@ -175,6 +213,21 @@ _HANDLERS: dict[type, tuple[str, Callable]] = {
     nn.Embed: ("embedding", _embed),
     nn.Einsum: ("kernel", _einsum),
 }
+
+
+def _holds_node(module: nn.Module) -> bool:
+    """Whether one of ``module``'s own params (not a child's) is an adapter node."""
+    if module.scope is None:
+        return False
+    return any(is_node(v) for v in module.variables.get("params", {}).values())
+
+
+def _run_busy(fn, *args):
+    _local.busy = True
+    try:
+        return fn(*args)
+    finally:
+        _local.busy = False
 
 
 def _run(model, variables, args, kwargs):
@@ -251,7 +304,9 @@ def apply(model, variables: Any, *args, dropout_key: jax.Array | None = None,
     if params is None:
         raise ValueError("jlora.linen.apply: variables has no 'params' collection")
     nodes = {path: node for path, node in leaves_with_paths(params) if is_node(node)}
-    variables["params"] = merge(params)
+    # Stacked nodes (expert_axis) travel inside the params, so that nn.scan hands
+    # each iteration its slice; every other node is served merged.
+    variables["params"] = map_nodes(lambda n: n if is_stacked(n) else n.materialize(), params)
     hits: set[str] = set()
     misses: dict[str, str] = {}
 
@@ -261,37 +316,52 @@ def apply(model, variables: Any, *args, dropout_key: jax.Array | None = None,
         entry = _HANDLERS.get(cls)
         if entry is None and _layers.registered(cls) is not None:
             entry = (_layers.registered(cls).kernel, _registered)
-        if getattr(_local, "busy", False) or entry is None:
+        if getattr(_local, "busy", False):
+            return next_fun(*call_args, **call_kwargs)
+        method = context.method_name
+        if entry is None:
+            if not getattr(cls, "jlora_nodes", False) and _holds_node(module):
+                return _run_busy(_merged_call, module, method, call_args, call_kwargs)
             return next_fun(*call_args, **call_kwargs)
         name, handler = entry
         path = "/".join(map(str, module.path + (name,)))
-        node = nodes.get(path)
+        var = module.get_variable("params", name) if module.has_variable("params", name) else None
+        handed = is_node(var)  # a stacked node (or its nn.scan slice) inside the params
+        node = var if handed else nodes.get(path)
+        fallback = ((lambda: _run_busy(_merged_call, module, method, call_args, call_kwargs))
+                    if handed else (lambda: next_fun(*call_args, **call_kwargs)))
+        if (node is not None and not handed and var is not None
+                and tuple(jnp.shape(var)) == tuple(node.shape[1:])):
+            raise ValueError(
+                f"{path}: the adapted kernel has shape {tuple(node.shape)} but the layer "
+                f"sees {tuple(jnp.shape(var))}: it is stacked (nn.scan or vmap) along axis "
+                f"0, and its adapter treats that axis as input features; adapt it per "
+                f"slice with {node.method}(..., expert_axis=0)")
         if (
             node is None
-            or context.method_name not in ("__call__", "attend")
-            or not module.has_variable("params", name)
-            or tuple(jnp.shape(module.get_variable("params", name))) != tuple(node.shape)
+            or method not in ("__call__", "attend")
+            or var is None
+            or (not handed and tuple(jnp.shape(var)) != tuple(node.shape))
         ):
-            return next_fun(*call_args, **call_kwargs)
-        axes = _layers.contracted_axes(module, context.method_name, call_args, call_kwargs)
-        if axes != tuple(node.in_axes):
-            misses[path] = (f"{cls.__name__}.{context.method_name} has no factorized form"
-                            if axes is None else
-                            f"{cls.__name__} contracts kernel axes {axes}, the adapter has "
-                            f"in_axes {node.in_axes}")
-            return next_fun(*call_args, **call_kwargs)
+            return fallback()
+        if is_slice(node):
+            node = node.slice_view()
+        if not is_stacked(node):
+            axes = _layers.contracted_axes(module, method, call_args, call_kwargs)
+            if axes != tuple(node.in_axes):
+                misses[path] = (f"{cls.__name__}.{method} has no factorized form"
+                                if axes is None else
+                                f"{cls.__name__} contracts kernel axes {axes}, the adapter has "
+                                f"in_axes {node.in_axes}")
+                return fallback()
+            node = _layers.leading_view(node)
         key = None
         if dropout_key is not None:
             key = jax.random.fold_in(dropout_key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-        _local.busy = True
-        try:
-            y = handler(module, _layers.leading_view(node), context.method_name, call_args,
-                        call_kwargs, key)
-        finally:
-            _local.busy = False
+        y = _run_busy(handler, module, node, method, call_args, call_kwargs, key)
         if y is NotImplemented:
             misses[path] = f"{cls.__name__} options the fast path does not cover"
-            return next_fun(*call_args, **call_kwargs)
+            return fallback()
         hits.add(path)
         if _consumed is not None:
             _consumed.append(path)
