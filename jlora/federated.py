@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jlora.methods.base import lowrank_svd  # noqa: F401  (re-exported)
 from jlora.methods.lora import LoRANode
 from jlora.tree import is_node, path_str
 
@@ -384,18 +385,6 @@ def flora(clients: Sequence[PyTree], weights) -> PyTree:
         return _with_rank(col[0], r, a, b, alpha=float(r), rslora=False)
 
     return _aggregate(clients, weights, "flora", rule)
-
-
-def lowrank_svd(a: jax.Array, b: jax.Array):
-    """SVD of ``a·b`` without forming it: ``(U, S, Vt)`` with ``U·diag(S)·Vt = a·b``.
-
-    QR of ``a`` and of ``bᵀ``, SVD of the small core ``R_a·R_bᵀ``: cost
-    ``O((fan_in + fan_out)·r²)`` for ``a (fan_in, r)``, ``b (r, fan_out)``.
-    """
-    qa, ra = jnp.linalg.qr(a)
-    qb, rb = jnp.linalg.qr(b.T)
-    u, s, vt = jnp.linalg.svd(ra @ rb.T, full_matrices=False)
-    return qa @ u, s, vt @ qb.T
 
 
 def flexlora(clients: Sequence[PyTree], weights, ranks: Sequence[int] | None = None) -> list:
