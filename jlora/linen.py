@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 
 from jlora.core import merge
-from jlora.tree import is_node, leaves_with_paths
+from jlora.methods.stacked import bind_adapter_ids
+from jlora.tree import is_node, leaves_with_paths, map_with_paths
 
 _local = threading.local()
 
@@ -150,7 +151,7 @@ _HANDLERS: dict[type, tuple[str, Callable]] = {
 
 
 def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None = None,
-          _consumed: list | None = None, **kwargs):
+          adapter_ids: Any = None, _consumed: list | None = None, **kwargs):
     """``model.apply(variables, *args, **kwargs)`` with adapters computed factorized.
 
     Args:
@@ -160,13 +161,18 @@ def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None
       *args, **kwargs: passed to ``model.apply`` (``method=``, ``rngs=``,
         ``mutable=`` included).
       dropout_key: enables adapter dropout (training); ``None`` at eval.
+      adapter_ids: ``(batch,)`` ints for a tree from ``jlora.compose.stack``:
+        example ``j`` runs with adapter ``adapter_ids[j]`` (``-1``: the base alone).
     """
     variables = dict(variables)
     params = variables.get("params")
     if params is None:
         raise ValueError("jlora.linen.apply: variables has no 'params' collection")
     nodes = {path: node for path, node in leaves_with_paths(params) if is_node(node)}
-    variables["params"] = merge(params)
+    stacked = bind_adapter_ids(nodes, adapter_ids)
+    variables["params"] = merge(params) if not stacked else merge(map_with_paths(
+        lambda p, x: x.base if p in stacked else x, params))
+    hits = [] if _consumed is None else _consumed
 
     def interceptor(next_fun, call_args, call_kwargs, context):
         module = context.module
@@ -193,12 +199,16 @@ def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None
             _local.busy = False
         if y is NotImplemented:
             return next_fun(*call_args, **call_kwargs)
-        if _consumed is not None:
-            _consumed.append(path)
+        hits.append(path)
         return y
 
     with nn.intercept_methods(interceptor):
-        return model.apply(variables, *args, **kwargs)
+        out = model.apply(variables, *args, **kwargs)
+    missed = [p for p in stacked if p not in hits]
+    if missed:
+        raise ValueError(f"{missed[0]}: a stacked adapter runs only on the fast path, and this "
+                         "layer is not on it (jlora.linen.consumed lists what is)")
+    return out
 
 
 def consumed(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, list[str]]:
