@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._validate import positive_int
-from jlora.methods import AdapterNode, config_from_dict, config_to_dict
+from jlora.methods import AdapterNode
+from jlora.spec import config_from_dict, config_to_dict
 from jlora.methods.base import Config
 from jlora.spec import Spec, spec_from_json, spec_to_json
 from jlora.tree import is_node, path_str

@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import fields
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.methods.full import FullNode
 from jlora.spec import Spec
-from jlora.tree import is_node, leaves_with_paths, map_nodes, map_with_paths
-
-PyTree = Any
-
-
-def path_key(key: jax.Array, path: str) -> jax.Array:
-    """A per-leaf key that depends on the path only (stable when rules change)."""
-    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+from jlora.tree import (PyTree, is_node, leaves_with_paths, map_nodes, map_with_paths, path_key,
+                        require_whole)
 
 
 def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
-    """Adapt every leaf of ``params`` that a rule of ``spec`` matches.
+    """Adapt params: replace every leaf a rule of ``spec`` targets by an adapter node.
 
+    (To *run* a Linen model on the result, see ``jlora.linen.apply``.)
     Returns a new tree of the same structure in which each targeted leaf is an
     adapter node (for LoRA: fields ``base``, ``a`` of shape ``(fan_in, rank)``,
     ``b`` of shape ``(rank, fan_out)``). ``params`` itself is never modified.
@@ -33,9 +25,14 @@ def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
     arrays. Each leaf's random init uses ``fold_in(key, crc32(path))``, so
     adding a rule does not reshuffle the other leaves' inits.
 
+    Each leaf is matched against the rules once; every problem found is
+    reported together in one error.
+
     Raises:
-      ValueError: a rule that selects no leaf, a rank above
-        ``min(fan_in, fan_out)``, a non-floating target, an already adapted leaf.
+      ValueError: listing every rule that selects no leaf (or only leaves an
+        earlier rule claims), every rank above ``min(fan_in, fan_out)``, every
+        non-floating (integer, boolean) or non-array target and every already
+        adapted leaf, each naming its path.
 
     Example::
 
@@ -43,62 +40,67 @@ def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
         >>> params = {"attn": {"query": {"kernel": jnp.ones((8, 8))}}}
         >>> spec = jlora.Spec({"**/query/kernel": jlora.LoRA(rank=2)})
         >>> adapted = jlora.apply(params, spec, key=jax.random.key(0))
-        >>> type(adapted["attn"]["query"]["kernel"]).__name__
-        'LoRANode'
+        >>> node = adapted["attn"]["query"]["kernel"]
+        >>> node.method, node.a.shape, node.b.shape
+        ('LoRA', (8, 2), (2, 8))
     """
     if not isinstance(spec, Spec):
         raise ValueError(f"jlora.apply: spec must be a jlora.Spec, got {type(spec).__name__}")
     leaves = leaves_with_paths(params)
-    winners: dict[int, int] = {}
+    by_path = dict(leaves)
+    problems: list[str] = []
     touched = [0] * len(spec.rules)
+    won = [0] * len(spec.rules)
+    claims = {}  # path -> config of the first matching rule (one pass over the leaves)
     for path, leaf in leaves:
-        hits = [i for i, rule in enumerate(spec.rules) if rule.matches(path)]
+        hits = spec.hits(path)
         for i in hits:
             touched[i] += 1
-        if hits:
-            winners[hits[0]] = winners.get(hits[0], 0) + 1
-            if is_node(leaf):
-                raise ValueError(f"{path}: already adapted ({leaf.method}); apply a spec once")
+        if not hits:
+            continue
+        won[hits[0]] += 1
+        if is_node(leaf):
+            problems.append(f"{path}: already adapted ({leaf.method}); apply a spec once")
+        elif not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
+            problems.append(f"{path}: not an array leaf ({type(leaf).__name__})")
+        else:
+            claims[path] = spec.rules[hits[0]].config
     for i, rule in enumerate(spec.rules):
         if not touched[i]:
-            raise ValueError(
-                f"Spec pattern {rule.describe(rule.pattern)} matches no leaf; "
-                f"paths look like {[p for p, _ in leaves[:3]]}"
-            )
-        if not winners.get(i):
-            raise ValueError(
-                f"Spec pattern {rule.describe(rule.pattern)} only matches leaves "
-                "that an earlier rule already claims (first match wins)"
-            )
+            problems.append(f"Spec pattern {rule.describe(rule.pattern)} matches no leaf; "
+                            f"paths look like {[p for p, _ in leaves[:3]]}")
+        elif not won[i]:
+            problems.append(f"Spec pattern {rule.describe(rule.pattern)} only matches leaves "
+                            "that an earlier rule already claims (first match wins)")
 
+    nodes = {}
     # Some methods adapt a layer, not one leaf (GLoRA also rewrites the bias):
     # their config names the sibling leaf it builds a companion node for.
-    by_path = dict(leaves)
-    companions = {}
-    for path, leaf in leaves:
-        config = spec.match(path)
-        sibling = getattr(config, "companion", lambda p: None)(path)
+    for path, config in claims.items():
+        sibling = config.companion(path)
         if sibling is None:
             continue
-        if sibling in by_path and spec.match(sibling) is not None:
-            raise ValueError(f"{sibling}: adapted by the {type(config).__name__} rule of {path} "
-                             "and also matched by a rule of its own")
-        node = config.build_companion(path_key(key, sibling), by_path.get(sibling), leaf,
-                                      path=sibling)
+        if sibling in claims:
+            problems.append(f"{sibling}: adapted by the {type(config).__name__} rule of {path} "
+                            "and also matched by a rule of its own")
+            continue
+        try:
+            node = config.build_companion(path_key(key, sibling), by_path.get(sibling),
+                                          by_path[path], path=sibling)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
         if node is not None:
-            companions[sibling] = node
-
-    def adapt(path: str, leaf):
-        if path in companions:
-            return companions[path]
-        config = spec.match(path)
-        if config is None:
-            return leaf
-        if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
-            raise ValueError(f"{path}: not an array leaf ({type(leaf).__name__})")
-        return config.build(path_key(key, path), jnp.asarray(leaf), path=path)
-
-    return map_with_paths(adapt, params)
+            nodes[sibling] = node
+    for path, config in claims.items():
+        try:
+            nodes[path] = config.build(path_key(key, path), jnp.asarray(by_path[path]), path=path)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError(f"jlora.apply: {len(problems)} spec problem(s):\n  "
+                         + "\n  ".join(problems))
+    return map_with_paths(lambda path, leaf: nodes.get(path, leaf), params)
 
 
 def _none_fields(node, keep: bool):
@@ -161,6 +163,11 @@ def merge(adapted: PyTree, *, onto: PyTree | None = None) -> PyTree:
     is how a served, already merged model switches tasks together with
     :func:`unmerge`. ``Full`` leaves take their trained value either way.
 
+    Each merged leaf keeps its base's dtype: a bfloat16 base merges to a
+    bfloat16 weight (the delta is computed and added in at least float32, then
+    the sum is rounded once to bfloat16). A ``split`` half is refused (combine
+    the halves first).
+
     Example::
 
         >>> import jax, jax.numpy as jnp, jlora
@@ -170,17 +177,10 @@ def merge(adapted: PyTree, *, onto: PyTree | None = None) -> PyTree:
         >>> bool(jnp.allclose(jlora.merge(adapted)["w"]["kernel"], 1.0))  # b = 0 at init
         True
     """
+    require_whole(adapted, "jlora.merge")
     if onto is None:
         return map_nodes(lambda n: n.materialize(), adapted)
-
-    def add(node, leaf):
-        if not is_node(node):
-            return leaf
-        if isinstance(node, FullNode):
-            return node.value
-        return (leaf.astype(jnp.float32) + node.delta()).astype(leaf.dtype)
-
-    return _zip_nodes(add, adapted, onto, "merge")
+    return _zip_nodes(lambda node, leaf: node.merge_onto(leaf), adapted, onto, "merge")
 
 
 def unmerge(params: PyTree, adapted: PyTree) -> PyTree:
@@ -191,20 +191,31 @@ def unmerge(params: PyTree, adapted: PyTree) -> PyTree:
     switches a served model from task 1 to task 2 without keeping a second
     copy of the base. ``Full`` leaves have no original to go back to and are
     left as they are.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp, jlora
+        >>> params = {"w": {"kernel": jnp.ones((4, 4))}}
+        >>> adapted = jlora.apply(params, jlora.Spec({"w/kernel": jlora.LoRA(rank=2)}),
+        ...                       key=jax.random.key(0))
+        >>> restored = jlora.unmerge(jlora.merge(adapted), adapted)
+        >>> bool(jnp.allclose(restored["w"]["kernel"], 1.0))
+        True
     """
-
-    def sub(node, leaf):
-        if not is_node(node) or isinstance(node, FullNode):
-            return leaf
-        return (leaf.astype(jnp.float32) - node.delta()).astype(leaf.dtype)
-
-    return _zip_nodes(sub, adapted, params, "unmerge")
+    require_whole(adapted, "jlora.unmerge")
+    return _zip_nodes(lambda node, leaf: node.unmerge_from(leaf), adapted, params, "unmerge")
 
 
 def _zip_nodes(fn, adapted, params, what):
+    """``fn(node, leaf)`` at every path where ``adapted`` holds a node; other leaves kept."""
     adapted_leaves = dict(leaves_with_paths(adapted))
     missing = [p for p, x in adapted_leaves.items() if is_node(x)]
-    out = map_with_paths(lambda path, leaf: fn(adapted_leaves.get(path), leaf), params)
+
+    def one(path, leaf):
+        node = adapted_leaves.get(path)
+        return fn(node, leaf) if is_node(node) else leaf
+
+    out = map_with_paths(one, params)
     present = {p for p, _ in leaves_with_paths(params)}
     missing = [p for p in missing if p not in present]
     if missing:
@@ -228,15 +239,14 @@ def summary(adapted: PyTree) -> str:
         >>> print(jlora.summary(adapted).splitlines()[-1])
         trainable 16 of 36 parameters (44.44%)
     """
+    require_whole(adapted, "jlora.summary")
     rows, trainable_total, total = [], 0, 0
     for path, leaf in leaves_with_paths(adapted):
         if is_node(leaf):
             n_train = leaf.trainable_size()
-            n_base = math.prod(leaf.shape)
             trainable_total += n_train
             # Parameters a model holds: the base plus whatever the adapter adds.
-            extra = 0 if isinstance(leaf, FullNode) else n_train
-            total += n_base + extra
+            total += math.prod(leaf.shape) + leaf.added_size()
             rank = "-" if leaf.rank is None else str(leaf.rank)
             rows.append((path, leaf.method, "x".join(map(str, leaf.shape)), rank,
                          f"{n_train:,}"))

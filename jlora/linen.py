@@ -32,8 +32,6 @@ Example::
 
 from __future__ import annotations
 
-import threading
-import zlib
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -42,9 +40,7 @@ import jax.numpy as jnp
 
 from jlora.core import merge
 from jlora.methods.stacked import bind_adapter_ids
-from jlora.tree import is_node, leaves_with_paths, map_with_paths
-
-_local = threading.local()
+from jlora.tree import is_node, leaves_with_paths, map_with_paths, path_key
 
 
 def _sub_apply(module: nn.Module, kernel: jax.Array, x: jax.Array, **updates) -> jax.Array:
@@ -67,6 +63,8 @@ def _bias(module: nn.Module, y: jax.Array, shape: tuple[int, ...] | None = None)
 
 def _dense(module: nn.Dense, node, method, args, kwargs, key):
     (x,) = args
+    if node.shape != (jnp.shape(x)[-1], module.features):
+        return NotImplemented  # Flax's own path checks the declaration
     op = lambda x, k: _sub_apply(module, k, x, features=k.shape[-1])
     # XLA:CPU runs the rank-r weight-gradient contractions far faster as 2-D
     # matmuls than over several contracting axes: flatten the batch axes.
@@ -75,10 +73,18 @@ def _dense(module: nn.Dense, node, method, args, kwargs, key):
     return _bias(module, y.reshape(x.shape[:-1] + y.shape[-1:]))
 
 
+def _as_tuple(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
 def _dense_general(module: nn.DenseGeneral, node, method, args, kwargs, key):
     (x,) = args
-    axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+    axis = _as_tuple(module.axis)
+    features = _as_tuple(module.features)
     if module.batch_dims or len(node.in_axes) != len(axis):
+        return NotImplemented
+    ndim = jnp.ndim(x)
+    if node.shape != tuple(jnp.shape(x)[a % ndim] for a in axis) + features:
         return NotImplemented
     n_in = len(axis)
     op = lambda x, k: _sub_apply(module, k, x, features=tuple(k.shape[n_in:]))
@@ -89,6 +95,8 @@ def _conv(module: nn.Conv, node, method, args, kwargs, key):
     (x,) = args
     if module.feature_group_count != 1 or len(node.in_axes) != len(node.shape) - 1:
         return NotImplemented
+    if node.shape != _as_tuple(module.kernel_size) + (jnp.shape(x)[-1], module.features):
+        return NotImplemented
     op = lambda x, k: _sub_apply(module, k, x, features=k.shape[-1])
     return _bias(module, node.dot(x, op, dropout_key=key))
 
@@ -96,6 +104,8 @@ def _conv(module: nn.Conv, node, method, args, kwargs, key):
 def _embed(module: nn.Embed, node, method, args, kwargs, key):
     if method != "__call__" or node.in_axes != (0,):
         return NotImplemented  # Embed.attend contracts the feature axis: merged path
+    if node.shape != (module.num_embeddings, module.features):
+        return NotImplemented
     (ids,) = args
     if not jnp.issubdtype(jnp.asarray(ids).dtype, jnp.integer):
         raise ValueError(f"Embed {'/'.join(module.path)}: input must be integer ids")
@@ -111,10 +121,14 @@ def _embed(module: nn.Embed, node, method, args, kwargs, key):
 def _einsum(module: nn.Einsum, node, method, args, kwargs, key):
     x = args[0]
     eq = args[1] if len(args) > 1 else kwargs.get("einsum_str", module.einsum_str)
+    if not isinstance(eq, str):
+        return NotImplemented
     eq = eq.replace(" ", "")
+    if "." in eq or "->" not in eq or eq.count(",") != 1:
+        return NotImplemented
     lhs, out_sub = eq.split("->")
     x_sub, k_sub = lhs.split(",")
-    if "." in eq or len(k_sub) != len(node.shape):
+    if len(k_sub) != len(node.shape) or node.shape != tuple(module.shape):
         return NotImplemented
     in_axes = tuple(i for i, c in enumerate(k_sub) if c in x_sub)
     out_letters = [c for c in k_sub if c not in x_sub]
@@ -135,9 +149,10 @@ def _einsum(module: nn.Einsum, node, method, args, kwargs, key):
     now = rest + "".join(out_letters)
     y = jnp.transpose(y, [now.index(c) for c in out_sub])
     if module.use_bias:
-        k = jnp.zeros(node.shape, y.dtype)
-        _, bshape = module._get_bias_shape(eq, x, k)
-        return _bias(module, y, bshape)
+        # As Flax: the bias spans the output axes that come from the kernel,
+        # broadcast over the others.
+        bshape = [node.shape[k_sub.index(c)] if c in k_sub else 1 for c in out_sub]
+        return _bias(module, y, tuple(bshape))
     return y
 
 
@@ -151,8 +166,13 @@ _HANDLERS: dict[type, tuple[str, Callable]] = {
 
 
 def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None = None,
-          adapter_ids: Any = None, _consumed: list | None = None, **kwargs):
-    """``model.apply(variables, *args, **kwargs)`` with adapters computed factorized.
+          adapter_ids: Any = None, **kwargs):
+    """Run a Linen model on adapted params, each adapter computed factorized.
+
+    ``model.apply(variables, *args, **kwargs)`` where every supported layer
+    whose parameter is an adapter node computes ``op(x, W)`` through the
+    node's ``dot`` (see the module docstring). (To *adapt* params, see
+    ``jlora.apply``.)
 
     Args:
       model: a Linen module.
@@ -164,20 +184,29 @@ def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None
       adapter_ids: ``(batch,)`` ints for a tree from ``jlora.compose.stack``:
         example ``j`` runs with adapter ``adapter_ids[j]`` (``-1``: the base alone).
     """
+    return _run(model, variables, args, kwargs, dropout_key=dropout_key,
+                adapter_ids=adapter_ids, on_hit=None)
+
+
+def _run(model: nn.Module, variables: Any, args: tuple, kwargs: dict, *,
+         dropout_key: jax.Array | None, on_hit: Callable[[str], None] | None,
+         adapter_ids: Any = None):
     variables = dict(variables)
     params = variables.get("params")
     if params is None:
         raise ValueError("jlora.linen.apply: variables has no 'params' collection")
     nodes = {path: node for path, node in leaves_with_paths(params) if is_node(node)}
+    # stacked adapters (jlora.compose.stack) get the batch's ids; they have no merged form
     stacked = bind_adapter_ids(nodes, adapter_ids)
-    variables["params"] = merge(params) if not stacked else merge(map_with_paths(
-        lambda p, x: x.base if p in stacked else x, params))
-    hits = [] if _consumed is None else _consumed
+    variables["params"] = merge(map_with_paths(lambda p, x: x.base if p in stacked else x, params))
+    busy = False  # a handler's own sub-layer calls go straight through
+    hits: list[str] = []
 
     def interceptor(next_fun, call_args, call_kwargs, context):
+        nonlocal busy
         module = context.module
         entry = _HANDLERS.get(type(module))
-        if getattr(_local, "busy", False) or entry is None:
+        if busy or entry is None:
             return next_fun(*call_args, **call_kwargs)
         name, handler = entry
         path = "/".join(map(str, module.path + (name,)))
@@ -186,20 +215,19 @@ def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None
             node is None
             or context.method_name not in ("__call__", "attend")
             or not module.has_variable("params", name)
-            or tuple(jnp.shape(module.get_variable("params", name))) != tuple(node.shape)
         ):
             return next_fun(*call_args, **call_kwargs)
-        key = None
-        if dropout_key is not None:
-            key = jax.random.fold_in(dropout_key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-        _local.busy = True
+        key = None if dropout_key is None else path_key(dropout_key, path)
+        busy = True
         try:
             y = handler(module, node, context.method_name, call_args, call_kwargs, key)
         finally:
-            _local.busy = False
+            busy = False
         if y is NotImplemented:
             return next_fun(*call_args, **call_kwargs)
         hits.append(path)
+        if on_hit is not None:
+            on_hit(path)
         return y
 
     with nn.intercept_methods(interceptor):
@@ -216,10 +244,13 @@ def consumed(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, lis
 
     Traces the model abstractly (``jax.eval_shape``, no FLOPs) and returns
     ``{"factorized": [...], "merged": [...]}``, so you can check your model's
-    layers hit the fast path.
+    layers hit the fast path. Arguments are those of :func:`apply`.
     """
     hits: list[str] = []
-    jax.eval_shape(lambda v: apply(model, v, *args, _consumed=hits, **kwargs), variables)
+    dropout_key = kwargs.pop("dropout_key", None)
+    adapter_ids = kwargs.pop("adapter_ids", None)
+    jax.eval_shape(lambda v: _run(model, v, args, kwargs, dropout_key=dropout_key,
+                                  adapter_ids=adapter_ids, on_hit=hits.append), variables)
     nodes = [p for p, x in leaves_with_paths(variables["params"]) if is_node(x)]
     return {
         "factorized": [p for p in nodes if p in hits],

@@ -28,16 +28,13 @@ call ``jax.distributed.initialize()`` first and build the mesh from
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jlora.core import apply as _apply
 from jlora.spec import Spec
-from jlora.tree import is_node, leaves_with_paths, map_with_paths
-
-PyTree = Any
+from jlora.tree import PyTree, Role, is_node, leaves_with_paths, map_with_paths, require_whole
 
 
 def _is_spec(x) -> bool:
@@ -65,24 +62,24 @@ def node_specs(node, base_spec: P | None):
     ins = _fold(entries[i] for i in node.in_axes)
     outs = _fold(entries[i] for i in range(ndim) if i not in node.in_axes)
     layout = {
-        "base": P(*entries),
-        "in_rank": P(ins, None),
-        "rank_out": P(None, outs),
-        "out": P(outs),
-        "in": P(ins),
-        "replicated": P(),
+        Role.BASE: P(*entries),
+        Role.IN_RANK: P(ins, None),
+        Role.RANK_OUT: P(None, outs),
+        Role.OUT: P(outs),
+        Role.IN: P(ins),
+        Role.REPLICATED: P(),
         # a frozen copy of a sibling kernel held by a bias node: its output axis
         # is the bias's axis; its input axis is not known here, so replicated
-        "kernel": P(None, outs),
+        Role.KERNEL: P(None, outs),
+        # one spec for the whole quantized pytree (a prefix of codes and scales)
+        Role.QUANTIZED: P(),
     }
     changes = {}
     for f in fields(node):
         if not f.metadata.get("pytree_node", True) or getattr(node, f.name) is None:
             continue
-        role = type(node).field_axes.get(f.name)
-        if role is None:
-            raise ValueError(f"{type(node).__name__}.{f.name} has no sharding role in field_axes")
-        changes[f.name] = layout[role]
+        # every array field has a Role (checked when the node class is defined)
+        changes[f.name] = layout[type(node).field_axes[f.name]]
     return node.replace(**changes)
 
 
@@ -94,6 +91,7 @@ def specs(adapted: PyTree, base_specs: PyTree) -> PyTree:
     hold the bases' specs is accepted too. Leaves that are not adapted keep
     their own spec.
     """
+    require_whole(adapted, "jlora.sharding.specs")
     by_path = {}
     for path, s in leaves_with_paths(base_specs, is_leaf=_is_spec):
         by_path[path] = s.base if is_node(s) else s

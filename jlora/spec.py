@@ -23,10 +23,13 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Iterable, Mapping
 
-from jlora.methods.base import Config
+import jax.numpy as jnp
+
+from jlora.methods.base import CONFIGS, Config
 
 
 def glob_to_regex(pattern: str) -> str:
@@ -130,10 +133,15 @@ class Spec:
             raise ValueError("Spec: no rules given")
 
     def match_rule(self, path: str) -> Rule | None:
+        """The first rule matching ``path``, or ``None``."""
         for rule in self.rules:
             if rule.matches(path):
                 return rule
         return None
+
+    def hits(self, path: str) -> list[int]:
+        """Indices of every rule matching ``path`` (the first one wins)."""
+        return [i for i, rule in enumerate(self.rules) if rule.matches(path)]
 
     def match(self, path: str) -> Config | None:
         """The config of the first rule matching ``path``, or ``None``."""
@@ -153,10 +161,37 @@ class Spec:
         return hash(tuple((Rule.describe(r.pattern), r.config) for r in self.rules))
 
 
+def config_to_dict(config: Config) -> dict:
+    """A JSON-ready description of a config: ``{"method": name, option: value, ...}``."""
+    name = type(config).__name__
+    if CONFIGS.get(name) is not type(config):
+        raise ValueError(f"config {config!r} is not a registered jlora method")
+    out = {"method": name}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if f.name == "dtype" and v is not None:
+            v = jnp.dtype(v).name
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def config_from_dict(d: dict) -> Config:
+    """Inverse of :func:`config_to_dict` (the method is looked up in the registry)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a method config must be a JSON object, got {d!r}")
+    d = dict(d)
+    name = d.pop("method", None)
+    if not isinstance(name, str) or name not in CONFIGS:
+        raise ValueError(f"unknown jlora method {name!r}; known: {sorted(CONFIGS)}")
+    if isinstance(d.get("in_axes"), list):
+        d["in_axes"] = tuple(d["in_axes"])
+    return CONFIGS[name](**d)
+
+
 def spec_to_json(spec: Spec) -> list:
     """Rules as JSON: ``[{"glob" | "regex": pattern, "config": {...}}]``."""
-    from jlora.methods import config_to_dict
-
     return [
         {("regex" if isinstance(r.pattern, re.Pattern) else "glob"):
              (r.pattern.pattern if isinstance(r.pattern, re.Pattern) else r.pattern),
@@ -166,8 +201,7 @@ def spec_to_json(spec: Spec) -> list:
 
 
 def spec_from_json(rules: list) -> Spec:
-    from jlora.methods import config_from_dict
-
+    """Inverse of :func:`spec_to_json`."""
     return Spec([
         (re.compile(r["regex"]) if "regex" in r else r["glob"], config_from_dict(r["config"]))
         for r in rules

@@ -1,27 +1,85 @@
-"""Paths and traversal over param pytrees (Linen dicts, ``nnx.State``, plain nests).
+"""Paths, traversal and the shared vocabulary of param pytrees.
 
 A *path* is a leaf's keys joined by ``/``: ``encoder/layers_3/attn/query/kernel``.
 Dict keys, list indices and attribute names render as themselves; the ``value``
 attribute that ``nnx.Variable`` wraps around an array is dropped, so an NNX
 ``fc1/kernel`` reads the same as the Linen one.
+
+This module is also the one home of the type aliases (``PyTree``, ``Array``),
+of the per-path PRNG key (:func:`path_key`), of the parent-path helper
+(:func:`parent`) and of the sharding roles (:class:`Role`) that adapter node
+classes give their array fields.
+
+    >>> from jlora.tree import parent, Role
+    >>> parent("enc/q/kernel"), parent("kernel")
+    ('enc/q', '')
+    >>> Role("in_rank") is Role.IN_RANK
+    True
 """
 
 from __future__ import annotations
 
+import enum
+import zlib
 from typing import Any, Callable
 
 import jax
 
-from jlora.methods.base import AdapterNode
+PyTree = Any
+Array = jax.Array
 
 # Attribute keys that only unwrap a container (nnx.Variable and friends) and are
 # not part of the name a user sees.
 _WRAPPER_ATTRS = frozenset({"value", "raw_value"})
 
 
+class Role(str, enum.Enum):
+    """How an adapter node's array field is laid out relative to its base weight.
+
+    ``jlora.sharding`` derives each field's ``PartitionSpec`` from its base's
+    spec by role; a node class maps every array field to one role in
+    ``field_axes`` and an unknown role fails when the class is defined.
+    """
+
+    BASE = "base"              # the base's own axes
+    IN_RANK = "in_rank"        # (fan_in, r): input axes, then a replicated rank axis
+    RANK_OUT = "rank_out"      # (r, fan_out)
+    OUT = "out"                # (fan_out,): a vector over the output features
+    IN = "in"                  # (fan_in,)
+    REPLICATED = "replicated"  # small arrays every device holds whole
+    KERNEL = "kernel"          # a bias node's frozen copy of its sibling kernel (in, out)
+    QUANTIZED = "quantized"    # a quantized base (a pytree of codes and scales), replicated
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class NodeBase:
+    """Marker base of every adapter node (``jlora.methods.base.AdapterNode``).
+
+    Lets traversals tell adapter nodes from plain leaves without importing
+    the methods.
+    """
+
+    __slots__ = ()
+
+
 def is_node(x: Any) -> bool:
     """True for an adapter node (a leaf as far as jlora's traversals go)."""
-    return isinstance(x, AdapterNode)
+    return isinstance(x, NodeBase)
+
+
+def path_key(key: Array, path: str) -> Array:
+    """A PRNG key for ``path`` that depends on the path only: ``fold_in(key, crc32(path))``.
+
+    Adding or removing a rule never reshuffles the other leaves' random draws.
+    """
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def parent(path: str) -> str:
+    """The module path holding a leaf: ``"enc/q/kernel"`` -> ``"enc/q"``; a root leaf -> ``""``."""
+    return path.rpartition("/")[0]
 
 
 def _key_str(key: Any) -> str | None:
@@ -57,6 +115,20 @@ def map_with_paths(fn: Callable[[str, Any], Any], tree: Any, *rest: Any) -> Any:
     )
 
 
-def map_nodes(fn: Callable[[AdapterNode], Any], tree: Any) -> Any:
+def map_nodes(fn: Callable[[Any], Any], tree: Any) -> Any:
     """Apply ``fn`` to every adapter node, leaving other leaves as they are."""
     return jax.tree.map(lambda x: fn(x) if is_node(x) else x, tree, is_leaf=is_node)
+
+
+def require_whole(tree: Any, what: str) -> None:
+    """A ``ValueError`` if ``tree`` holds a node from one half of ``jlora.split``.
+
+    ``merge``, ``unmerge``, ``summary`` and ``sharding.specs`` need whole nodes
+    (base and factors); the error names the first half-node's path.
+    """
+    for path, x in leaves_with_paths(tree):
+        half = x.half() if is_node(x) else None
+        if half is not None:
+            raise ValueError(
+                f"{what}: {path or '<root>'} is a node of the {half} half from jlora.split; "
+                "combine the halves first: jlora.combine(trainable, frozen)")

@@ -214,17 +214,17 @@ def _(tmp):
 # ---------------------------------------------------------------- method configs
 
 
-@case("method configs", "`LoRA(rank=0)`", r"LoRA: rank must be a positive int, got 0")
+@case("method configs", "`LoRA(rank=0)`", r"LoRA: rank must be an int >= 1, got 0")
 def _(tmp):
     _jl().LoRA(rank=0)
 
 
-@case("method configs", "`LoRA(rank=True)` (a bool is not a rank)", r"LoRA: rank must be a positive int, got True")
+@case("method configs", "`LoRA(rank=True)` (a bool is not a rank)", r"LoRA: rank must be an int >= 1, got True")
 def _(tmp):
     _jl().LoRA(rank=True)
 
 
-@case("method configs", "`LoRA(rank=2.0)`", r"LoRA: rank must be a positive int, got 2.0")
+@case("method configs", "`LoRA(rank=2.0)`", r"LoRA: rank must be an int >= 1, got 2.0")
 def _(tmp):
     _jl().LoRA(rank=2.0)
 
@@ -254,12 +254,12 @@ def _(tmp):
     _jl().LoRA(rank=2, rs_lora=True)
 
 
-@case("method configs", "`DoRA(rank=0)`", r"DoRA: rank must be a positive int, got 0")
+@case("method configs", "`DoRA(rank=0)`", r"DoRA: rank must be an int >= 1, got 0")
 def _(tmp):
     _jl().DoRA(rank=0)
 
 
-@case("method configs", "`VeRA(rank=0)`", r"VeRA: rank must be a positive int, got 0")
+@case("method configs", "`VeRA(rank=0)`", r"VeRA: rank must be an int >= 1, got 0")
 def _(tmp):
     _jl().VeRA(rank=0)
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from bad_inputs import CASES, DOC, render
+from tests.bad_inputs import CASES, DOC, render
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.area}: {c.what}" for c in CASES])

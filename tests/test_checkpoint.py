@@ -20,9 +20,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jlora
 
+from tests import ckpt_worker
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import ckpt_worker  # noqa: E402
 
 
 def small():

@@ -11,7 +11,7 @@ import torch
 from peft.utils import merge_utils
 
 import jlora
-from helpers import f64
+from tests._refs import f64
 
 C = jlora.compose
 SHAPES = {"d1": (12, 10), "d2": (10, 16), "conv": (3, 3, 2, 9)}

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import jlora
-from helpers import f64, lora_merged_ref, perturb
+from tests._refs import f64, lora_merged_ref, perturb
 
 
 def make_params():
@@ -145,3 +145,58 @@ def test_jit_merge_and_no_retrace():
     out2 = f(trainable2, frozen)  # new values, same structure: no retrace
     assert not np.allclose(out1["enc"]["layers_0"]["attn"]["query"]["kernel"],
                            out2["enc"]["layers_0"]["attn"]["query"]["kernel"])
+
+
+def test_apply_reports_every_spec_problem_at_once():
+    params = {"enc": {"q": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)},
+                      "ids": jnp.zeros((4, 4), jnp.int32), "mask": jnp.zeros((4, 4), bool)}}
+    spec = jlora.Spec({
+        "enc/q/kernel": jlora.LoRA(rank=5),        # rank above min(fan_in, fan_out)
+        "enc/ids": jlora.LoRA(rank=1),             # integer leaf
+        "enc/mask": jlora.Full(),                  # boolean leaf
+        "enc/k/kernel": jlora.LoRA(rank=1),        # matches nothing
+        "enc/*/kernel": jlora.LoRA(rank=1),        # shadowed by the first rule
+    })
+    with pytest.raises(ValueError) as err:
+        jlora.apply(params, spec, key=jax.random.key(0))
+    msg = str(err.value)
+    assert msg.startswith("jlora.apply: 5 spec problem(s)")
+    for part in ("enc/q/kernel: rank 5 exceeds min(fan_in, fan_out) = 4",
+                 "enc/ids: LoRA needs a floating-point leaf, got dtype int32",
+                 "enc/mask: Full needs a floating-point leaf, got dtype bool",
+                 "'enc/k/kernel' matches no leaf",
+                 "'enc/*/kernel' only matches leaves that an earlier rule already claims"):
+        assert part in msg, msg
+
+
+@pytest.mark.parametrize("which", ["trainable", "frozen"])
+def test_halves_are_refused_where_a_whole_tree_is_needed(which):
+    params = make_params()
+    adapted = jlora.apply(params, SPEC, key=jax.random.key(0))
+    half = dict(zip(("trainable", "frozen"), jlora.split(adapted)))[which]
+    base_specs = jax.tree.map(lambda _: None, params)
+    calls = {
+        "jlora.merge": lambda: jlora.merge(half),
+        "jlora.unmerge": lambda: jlora.unmerge(params, half),
+        "jlora.summary": lambda: jlora.summary(half),
+        "jlora.sharding.specs": lambda: jlora.sharding.specs(half, base_specs),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"{name}: enc/layers_0/attn/query/kernel is a node "
+                                             f"of the {which} half.*combine the halves first"):
+            call()
+
+
+def test_merge_keeps_a_bf16_base_in_bf16():
+    k0 = jax.random.normal(jax.random.key(0), (8, 6)).astype(jnp.bfloat16)
+    adapted = perturb(jlora.apply({"k": k0}, jlora.Spec({"k": jlora.LoRA(rank=2, alpha=4)}),
+                                  key=jax.random.key(1)))
+    node = adapted["k"]
+    merged = jlora.merge(adapted)["k"]
+    onto = jlora.merge(adapted, onto={"k": k0})["k"]
+    assert merged.dtype == onto.dtype == jnp.bfloat16
+    ref = lora_merged_ref(k0, node.a, node.b, node.scale)
+    # one rounding to bf16 of the float32 sum: within half a bf16 ulp (2**-8 relative)
+    np.testing.assert_allclose(f64(merged), ref, rtol=2 ** -8, atol=1e-6)
+    np.testing.assert_allclose(f64(onto), ref, rtol=2 ** -8, atol=1e-6)
+    assert jlora.unmerge({"k": merged}, adapted)["k"].dtype == jnp.bfloat16

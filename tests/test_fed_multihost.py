@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-import _multiprocess
-import fed_multihost_worker as worker
+from tests import _multiprocess
+from tests import fed_multihost_worker as worker
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import jlora
-from helpers import f64, perturb
+from tests._refs import f64, perturb
 
 O = jlora.optim
 FAN_IN, FAN_OUT, RANK, SCALE = 6, 3, 2, 1.5

@@ -17,7 +17,7 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Message, MessageType,  #
 
 import jlora  # noqa: E402
 import jlora.flower as jf  # noqa: E402
-from helpers import f64, perturb  # noqa: E402
+from tests._refs import f64, perturb  # noqa: E402
 
 PARAMS = {"enc": {"q": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(10, 9)),
                                               jnp.float32)},

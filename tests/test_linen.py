@@ -1,6 +1,7 @@
 """The factorized fast path against float64 references and the merged path."""
 
 import chex
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import jlora
-from helpers import f64, perturb
+from tests._refs import f64, perturb
 
 
 class Zoo(nn.Module):
@@ -195,3 +196,31 @@ def test_training_step_does_not_retrace():
 
     for _ in range(3):
         trainable, opt = step(trainable, opt)
+
+
+@pytest.mark.parametrize("model,x,name,bad", [
+    (nn.Dense(4), jnp.ones((1, 2)), "kernel", (2, 8)),
+    (nn.DenseGeneral(features=(4,), axis=-1), jnp.ones((1, 2)), "kernel", (2, 8)),
+    (nn.Conv(4, kernel_size=(3,)), jnp.ones((1, 5, 2)), "kernel", (3, 2, 8)),
+    (nn.Embed(5, 4), jnp.array([[1, 2]]), "embedding", (5, 8)),
+    (nn.Einsum((2, 4), "bi,io->bo"), jnp.ones((1, 2)), "kernel", (2, 8)),
+], ids=["Dense", "DenseGeneral", "Conv", "Embed", "Einsum"])
+def test_adapted_param_must_fit_the_layer_declaration(model, x, name, bad):
+    # Dense(features=4) handed an adapted (2, 8) kernel: Flax's own shape error,
+    # exactly as for the same plain param, never a width-8 output.
+    params = dict(model.init(jax.random.key(0), x)["params"])
+    params[name] = jnp.ones(bad)
+    adapted = jlora.apply(params, jlora.Spec({name: jlora.LoRA(rank=1)}), key=jax.random.key(1))
+    with pytest.raises(flax.errors.ScopeParamShapeError):
+        model.apply({"params": params}, x)
+    with pytest.raises(flax.errors.ScopeParamShapeError):
+        jlora.linen.apply(model, {"params": adapted}, x)
+
+
+def test_embed_with_float_ids_names_the_layer():
+    model = nn.Embed(5, 4)
+    params = model.init(jax.random.key(0), jnp.array([1]))["params"]
+    adapted = jlora.apply(params, jlora.Spec({"embedding": jlora.LoRA(rank=1)}),
+                          key=jax.random.key(1))
+    with pytest.raises(ValueError, match="Embed .*integer ids"):
+        jlora.linen.apply(model, {"params": adapted}, jnp.array([1.0]))

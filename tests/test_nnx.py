@@ -7,7 +7,7 @@ import optax
 from flax import nnx
 
 import jlora
-from helpers import f64, perturb
+from tests._refs import f64, perturb
 
 
 class MLP(nnx.Module):

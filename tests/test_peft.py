@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import jlora
-from helpers import f64, perturb
+from tests._refs import f64, perturb
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "peft")
 HAVE_TORCH_PEFT = all(importlib.util.find_spec(m) for m in ("torch", "peft"))

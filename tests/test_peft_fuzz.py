@@ -25,7 +25,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import jlora
-from test_peft import FIXTURES, assert_same_adapter, base_params
+from tests.test_peft import FIXTURES, assert_same_adapter, base_params
 
 N_MUTATIONS = 1200
 CASES = ("lora", "dora", "patterns", "rslora")

@@ -11,8 +11,8 @@ import pytest
 import jlora
 from jlora import quant as Q
 from jlora.methods.qlora import quantized_dot
-from helpers import f64
-from quant_ref import near_midpoint, ref_quantize
+from tests._refs import f64
+from tests.quant_ref import near_midpoint, ref_quantize
 
 
 def _bump(adapted, size=0.1):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 import jlora
 from jlora import quant as Q
-from quant_ref import near_midpoint, ref_quantize
+from tests.quant_ref import near_midpoint, ref_quantize
 
 # bitsandbytes get_4bit_type("nf4"), as printed in the QLoRA code.
 NF4_REF = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

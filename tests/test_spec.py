@@ -108,10 +108,10 @@ def test_one_dimensional_target_is_an_error():
     "kwargs,msg",
     [
         ({"rank": 2, "rs_lora": True}, r"unknown option\(s\) \['rs_lora'\]"),
-        ({"rank": 0}, "rank must be a positive int"),
-        ({"rank": 2, "init": "svd"}, "unknown init 'svd'"),
+        ({"rank": 0}, "rank must be an int >= 1, got 0"),
+        ({"rank": 2, "init": "svd"}, "init must be one of .*got 'svd'"),
         ({"rank": 2, "dropout": 1.0}, "dropout"),
-        ({"rank": 2, "alpha": -1}, "alpha must be positive"),
+        ({"rank": 2, "alpha": -1}, "alpha must be a finite number > 0"),
     ],
 )
 def test_bad_options_are_value_errors(kwargs, msg):

@@ -28,21 +28,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from jlora import _validate as v
 from jlora.methods.base import (
     AdapterNode,
     Array,
     Config,
     LinearOp,
-    check_positive_int,
-    factor_dtype,
+    Role,
+    base_plus_lowrank,
     freeze_in_axes,
     from_matrix,
-    leading_in_axes,
-    resolve_in_axes,
     strict_options,
-    to_matrix,
+    view_leaf,
 )
 
 
@@ -53,9 +51,9 @@ class AdaLoRA(Config):
 
     Args:
       init_rank: starting rank ``r_init`` of every matrix.
-      target_rank: average rank the allocator prunes down to.
-      alpha: scale numerator; ``s = alpha / init_rank`` (default ``init_rank``, s = 1).
-      init_std: std of the ``p``, ``q`` init (0.02 as the official code).
+      target_rank: average rank the allocator prunes down to, in ``[0, init_rank]``.
+      alpha: scale numerator (finite, > 0); ``s = alpha / init_rank`` (default ``init_rank``, s = 1).
+      init_std: std (finite, >= 0) of the ``p``, ``q`` init (0.02 as the official code).
       dtype, in_axes: as ``LoRA``.
     """
 
@@ -67,10 +65,13 @@ class AdaLoRA(Config):
     in_axes: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        check_positive_int("AdaLoRA", "init_rank", self.init_rank)
-        if not isinstance(self.target_rank, int) or not 0 <= self.target_rank <= self.init_rank:
+        v.positive_int("AdaLoRA", "init_rank", self.init_rank)
+        v.positive_int("AdaLoRA", "target_rank", self.target_rank, minimum=0)
+        if self.target_rank > self.init_rank:
             raise ValueError(f"AdaLoRA: target_rank must be an int in [0, init_rank], "
-                             f"got {self.target_rank!r}")
+                             f"got {self.target_rank!r} with init_rank={self.init_rank}")
+        v.real("AdaLoRA", "alpha", self.alpha, gt=0.0, allow_none=True)
+        v.real("AdaLoRA", "init_std", self.init_std, ge=0.0)
         freeze_in_axes(self)
 
     @property
@@ -78,22 +79,15 @@ class AdaLoRA(Config):
         return (self.init_rank if self.alpha is None else self.alpha) / self.init_rank
 
     def build(self, key: Array, base: Array, *, path: str) -> "AdaLoRANode":
-        self.check_leaf(base, path)
-        in_axes = resolve_in_axes(base.shape, self.in_axes, path)
-        fan_in, fan_out = to_matrix(base, in_axes).shape
-        if self.init_rank > min(fan_in, fan_out):
-            raise ValueError(f"{path}: init_rank {self.init_rank} exceeds min(fan_in, fan_out) = "
-                             f"{min(fan_in, fan_out)} for a leaf of shape {base.shape}")
-        dt = factor_dtype(base.dtype, self.dtype)
+        view = view_leaf(self, base, path, rank=self.init_rank, rank_name="init_rank")
+        dt, r = view.dtype, self.init_rank
         kp, kq = jax.random.split(key)
-        r = self.init_rank
         return AdaLoRANode(
-            base=base, p=self.init_std * jax.random.normal(kp, (fan_in, r), dt),
-            lam=jnp.zeros((r,), dt), q=self.init_std * jax.random.normal(kq, (r, fan_out), dt),
-            config=self, shape=tuple(base.shape), in_axes=in_axes)
+            base=base, p=self.init_std * jax.random.normal(kp, (view.fan_in, r), dt),
+            lam=jnp.zeros((r,), dt), q=self.init_std * jax.random.normal(kq, (r, view.fan_out), dt),
+            config=self, shape=view.shape, in_axes=view.in_axes)
 
 
-@struct.dataclass
 class AdaLoRANode(AdapterNode):
     """``K = base + s·p·diag(λ)·q``; trainable ``p``, ``lam``, ``q``."""
 
@@ -101,13 +95,11 @@ class AdaLoRANode(AdapterNode):
     p: Array
     lam: Array
     q: Array
-    config: AdaLoRA = struct.field(pytree_node=False, default=None)
-    shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
-    in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
+    config_class = AdaLoRA
     trainable = ("p", "lam", "q")
-    method = "AdaLoRA"
-    field_axes = {"base": "base", "p": "in_rank", "lam": "replicated", "q": "rank_out"}
+    field_axes = {"base": Role.BASE, "p": Role.IN_RANK, "lam": Role.REPLICATED,
+                  "q": Role.RANK_OUT}
 
     @property
     def rank(self) -> int:
@@ -120,12 +112,5 @@ class AdaLoRANode(AdapterNode):
     def delta(self) -> Array:
         return from_matrix(self.scale * ((self.p * self.lam) @ self.q), self.shape, self.in_axes)
 
-
-    def dot(self, x: Array, op: LinearOp, **_) -> Array:
-        if not leading_in_axes(self):
-            return op(x, self.materialize())
-        y = op(x, self.base)
-        r = self.config.init_rank
-        h = op(x, self.p.reshape(self.in_shape + (r,))) * (self.lam * self.scale)
-        lo = jnp.tensordot(h, self.q.reshape((r,) + self.out_shape).astype(h.dtype), axes=1)
-        return y + lo.astype(y.dtype)
+    def dot(self, x: Array, op: LinearOp, **context: Any) -> Array:
+        return base_plus_lowrank(x, op, self, self.p, self.q, mid=self.lam, scale=self.scale)

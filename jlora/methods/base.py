@@ -1,22 +1,47 @@
 """The method protocol shared by every jlora adapter.
 
-A method is two things:
+A method is two classes:
 
 * a **config** (``LoRA(rank=8)``): a frozen, hashable dataclass of options that a
   ``Spec`` maps patterns to. ``config.build(key, base, path=...)`` builds a node.
 * an **adapter node**: a pytree dataclass holding the frozen ``base`` array and
-  the method's factors. Static options (rank, scale, axes) are pytree metadata,
-  so ``jit``, sharding and Orbax only ever see arrays. A node class names its
-  ``trainable`` fields and implements
+  the method's factors. Static options (the config, the leaf's ``shape`` and
+  ``in_axes``) are pytree metadata declared once here, so ``jit``, sharding and
+  Orbax only ever see arrays. A node class declares its array fields, names its
+  ``trainable`` ones and their sharding roles (``field_axes``), and implements
 
-  - ``materialize()`` -> the full weight ``W`` with the adapter folded in,
   - ``delta()`` -> ``W - W_original`` (what ``merge``/``unmerge`` add or remove),
-  - ``dot(x, op)`` -> ``op(x, W)`` computed without forming ``W`` (the fast path),
+  - ``materialize()`` -> the full weight ``W`` (default: ``base + delta()``),
+  - ``dot(x, op, *, dropout_key=None, **context)`` -> ``op(x, W)`` computed
+    without forming ``W`` (the fast path; default: ``op(x, materialize())``),
     where ``op(x, kernel)`` is the host layer's linear map, applicable to any
     kernel whose leading axes are the input axes and trailing axes are outputs.
+    ``context`` carries optional keywords from the caller (e.g. ``adapter_ids``);
+    a method ignores the ones it does not use.
+
+  ``core``, ``sharding``, ``checkpoint`` and ``peft`` never name a method: they
+  call these hooks and ``merge_onto(leaf)``, ``unmerge_from(leaf)``,
+  ``added_size()``, ``trainable`` and ``field_axes``.
 
 Kernels of any rank are viewed as ``(fan_in, fan_out)`` matrices: ``in_axes`` are
 flattened into rows, the remaining axes (in order) into columns.
+
+Adding a method (one file; ``tests/test_new_method.py`` is a worked example):
+
+1. A config: ``@strict_options @dataclasses.dataclass(frozen=True) class X(Config)``
+   whose ``__post_init__`` checks every option with ``jlora._validate``
+   (the error names the option and the value).
+2. ``X.build(key, base, *, path)``: start with ``view = view_leaf(self, base, path,
+   rank=...)`` (checks the dtype, resolves the axes and the rank) and return a node.
+3. A node: ``class XNode(AdapterNode)`` declaring only its array fields
+   (``base: Array``, factors ...), ``config_class = X``, ``trainable = (...)``
+   and ``field_axes = {field: Role...}`` (every array field, one ``Role`` each).
+4. ``delta()``; a factorized ``dot`` when there is one (``lowrank_dot``
+   computes ``((drop(x)·a)·mid·scale)·b·out``), and ``merge_onto``/``added_size``
+   only if the defaults do not fit.
+5. Defining the two classes registers the method (``REGISTRY``); export it
+   from ``jlora/methods/__init__.py`` if it is part of the public API.
+6. Tests against a float64 numpy reference of the paper's formula, and a doctest.
 """
 
 from __future__ import annotations
@@ -24,47 +49,138 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-Array = jax.Array
+from jlora.tree import Array, NodeBase, Role
+
 # ``op(x, kernel) -> y``: the host layer's linear map for a kernel of shape
 # ``in_shape + out_shape`` (any out_shape), output axes last.
 LinearOp = Callable[[Array, Array], Array]
 
+#: method name -> (config class, node class), filled in by defining the classes.
+REGISTRY: dict[str, tuple[type, type | None]] = {}
+#: config class name -> config class (every ``Config`` subclass).
+CONFIGS: dict[str, type] = {}
+#: node class name -> node class (every ``AdapterNode`` subclass).
+NODES: dict[str, type] = {}
 
-class AdapterNode:
-    """Base class of adapter nodes. Subclasses are ``flax.struct.dataclass``es."""
 
+def _register(table: dict, name: str, cls: type) -> None:
+    old = table.get(name)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"jlora method name {name!r} is taken by {old.__module__}."
+                         f"{old.__qualname__}; give {cls.__module__}.{cls.__qualname__} "
+                         "another class name")
+    table[name] = cls
+
+
+class AdapterNode(struct.PyTreeNode, NodeBase, kw_only=True):
+    """Base class of adapter nodes: keyword-only pytree dataclasses.
+
+    Subclasses declare only their array fields; ``config``, ``shape`` (the base
+    leaf's shape) and ``in_axes`` are declared here as static metadata.
+    """
+
+    config: Any = struct.field(pytree_node=False)
+    shape: tuple[int, ...] = struct.field(pytree_node=False)
+    in_axes: tuple[int, ...] = struct.field(pytree_node=False)
+
+    #: names of the fields ``jlora.split`` puts in the trainable half
     trainable: ClassVar[tuple[str, ...]] = ()
+    #: display name (``summary``); default: the config class's name
     method: ClassVar[str] = "?"
-    # How each array field is laid out relative to the base weight, so that
-    # sharding can derive a factor's PartitionSpec from its base's:
-    # "base" (the base's own axes), "in_rank" ((fan_in, r)), "rank_out"
-    # ((r, fan_out)), "out" ((fan_out,)), "in" ((fan_in,)), "replicated".
-    field_axes: ClassVar[dict[str, str]] = {}
+    #: the config class this node is built from (registers the method)
+    config_class: ClassVar[type | None] = None
+    #: sharding role of every array field (see :class:`jlora.tree.Role`)
+    field_axes: ClassVar[dict[str, Role]] = {}
 
-    # Every subclass defines these two static fields.
-    shape: tuple[int, ...]
-    in_axes: tuple[int, ...]
+    def __init_subclass__(cls, **kwargs):
+        kwargs.setdefault("kw_only", True)
+        super().__init_subclass__(**kwargs)
+        arrays = [f.name for f in dataclasses.fields(cls) if f.metadata.get("pytree_node", True)]
+        roles = {}
+        for name, role in cls.field_axes.items():
+            if name not in arrays:
+                raise ValueError(f"{cls.__name__}.field_axes names {name!r}, which is not an "
+                                 f"array field of {cls.__name__} (fields: {arrays})")
+            try:
+                roles[name] = Role(role)
+            except ValueError:
+                raise ValueError(f"{cls.__name__}.field_axes[{name!r}] = {role!r} is not a "
+                                 f"sharding role; use one of {[r.value for r in Role]}") from None
+        missing = [f for f in arrays if f not in roles]
+        if missing:
+            raise ValueError(f"{cls.__name__}: array field(s) {missing} have no sharding role "
+                             "in field_axes")
+        cls.field_axes = roles
+        if isinstance(cls.__dict__.get("trainable"), tuple):
+            bad = [f for f in cls.trainable if f not in arrays]
+            if bad:
+                raise ValueError(f"{cls.__name__}.trainable names {bad}, which are not array "
+                                 f"fields (fields: {arrays})")
+        config_cls = cls.__dict__.get("config_class")
+        if "method" not in cls.__dict__:
+            cls.method = config_cls.__name__ if config_cls else cls.__name__.removesuffix("Node")
+        _register(NODES, cls.__name__, cls)
+        if config_cls is not None:
+            REGISTRY[config_cls.__name__] = (config_cls, cls)
+
+    # ------------------------------------------------------------ the math
+
+    def delta(self) -> Array:
+        """``W - W_original``: what ``merge`` adds to (and ``unmerge`` removes from) a weight."""
+        raise NotImplementedError(f"{type(self).__name__} defines no delta()")
 
     def materialize(self) -> Array:
         """``base + delta()`` in the delta's precision, cast back to the base dtype."""
         d = self.delta()
         return (self.base.astype(d.dtype) + d).astype(self.base.dtype)
 
-    def delta(self) -> Array:
-        raise NotImplementedError
+    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
+            **context: Any) -> Array:
+        """``op(x, W)``; default: the layer applied to the materialized weight (always correct).
 
-    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None) -> Array:
-        """Default: apply the layer to the materialized weight (always correct).
-
-        ``dropout_key`` is for methods with adapter-branch dropout; others ignore it.
+        ``dropout_key`` is for methods with adapter-branch dropout; ``context``
+        holds optional keywords (e.g. ``adapter_ids``) for the methods that use them.
         """
         return op(x, self.materialize())
+
+    # ------------------------------------------------------------ hooks
+
+    def merge_onto(self, leaf: Array) -> Array:
+        """``leaf + delta()`` (in at least float32), in ``leaf``'s dtype: ``merge(onto=...)``."""
+        dt = jnp.promote_types(leaf.dtype, jnp.float32)
+        return (leaf.astype(dt) + self.delta()).astype(leaf.dtype)
+
+    def unmerge_from(self, leaf: Array) -> Array:
+        """``leaf - delta()`` in ``leaf``'s dtype: the inverse of :meth:`merge_onto`."""
+        dt = jnp.promote_types(leaf.dtype, jnp.float32)
+        return (leaf.astype(dt) - self.delta()).astype(leaf.dtype)
+
+    def trainable_size(self) -> int:
+        """Number of trainable parameters (present trainable fields)."""
+        return sum(_size(getattr(self, f)) for f in self.trainable
+                   if getattr(self, f) is not None)
+
+    def added_size(self) -> int:
+        """Parameters the adapter adds to the model's count (default: the trainable ones)."""
+        return self.trainable_size()
+
+    def half(self) -> str | None:
+        """``"trainable"``/``"frozen"`` if this is one half of ``jlora.split``, else ``None``."""
+        train = set(self.trainable)
+        arrays = [f.name for f in dataclasses.fields(self) if f.metadata.get("pytree_node", True)]
+        if any(getattr(self, f) is None for f in train):
+            return "frozen"
+        others = [f for f in arrays if f not in train]
+        if others and all(getattr(self, f) is None for f in others):
+            return "trainable"
+        return None
 
     @property
     def rank(self) -> int | None:
@@ -78,12 +194,9 @@ class AdapterNode:
     def out_shape(self) -> tuple[int, ...]:
         return tuple(d for i, d in enumerate(self.shape) if i not in self.in_axes)
 
-    def trainable_size(self) -> int:
-        return sum(
-            int(np.prod(getattr(self, f).shape))
-            for f in self.trainable
-            if getattr(self, f) is not None
-        )
+
+def _size(x) -> int:
+    return int(np.prod(x.shape))
 
 
 # ---------------------------------------------------------------- kernel views
@@ -133,6 +246,105 @@ def leading_in_axes(node: AdapterNode) -> bool:
     return node.in_axes == tuple(range(len(node.in_axes)))
 
 
+class LeafView(NamedTuple):
+    """A leaf seen as a ``(fan_in, fan_out)`` matrix, as :func:`view_leaf` returns it."""
+
+    in_axes: tuple[int, ...]  # normalised input axes
+    fan_in: int
+    fan_out: int
+    dtype: Any  # the factors' dtype (``factor_dtype``)
+    shape: tuple[int, ...]  # the leaf's shape
+
+
+def view_leaf(config: "Config", base: Array, path: str, *, rank: int | None = None,
+              rank_name: str = "rank") -> LeafView:
+    """The prologue of every factorized ``build``: check the leaf, resolve its axes.
+
+    Raises a ``ValueError`` naming ``path`` for a non-floating leaf (integer and
+    boolean leaves are never adapted), a leaf of fewer than 2 axes, bad
+    ``config.in_axes``, or ``rank > min(fan_in, fan_out)``.
+
+        >>> import jax.numpy as jnp, jlora
+        >>> from jlora.methods.base import view_leaf
+        >>> view_leaf(jlora.LoRA(rank=2), jnp.ones((3, 4, 5)), "w").fan_in
+        12
+    """
+    config.check_leaf(base, path)
+    in_axes = resolve_in_axes(tuple(base.shape), getattr(config, "in_axes", None), path)
+    fan_in = math.prod(base.shape[i] for i in in_axes)
+    fan_out = math.prod(d for i, d in enumerate(base.shape) if i not in in_axes)
+    if rank is not None and rank > min(fan_in, fan_out):
+        raise ValueError(f"{path}: {rank_name} {rank} exceeds min(fan_in, fan_out) = "
+                         f"{min(fan_in, fan_out)} for a leaf of shape {tuple(base.shape)}")
+    return LeafView(in_axes, fan_in, fan_out,
+                    factor_dtype(base.dtype, getattr(config, "dtype", None)), tuple(base.shape))
+
+
+# ---------------------------------------------------------------- low-rank math
+
+
+def branch_dropout(x: Array, key: Array | None, rate: float) -> Array:
+    """Inverted dropout of ``x`` (identity without a key or at rate 0)."""
+    if key is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def lowrank_dot(x: Array, op: LinearOp, node: AdapterNode, a: Array, b: Array, *,
+                mid: Array | None = None, out: Array | None = None, scale: float = 1.0,
+                dropout_key: Array | None = None, dropout: float = 0.0) -> Array:
+    """The low-rank term ``((op(drop(x), a) · mid · scale) · b) · out`` of a fast path.
+
+    ``a (fan_in, r)`` is laid out as an ``in_shape + (r,)`` kernel for ``op``,
+    ``b (r, fan_out)`` is contracted with a ``tensordot``; ``mid (r,)`` scales
+    the rank axis (VeRA's ``λ_d``, AdaLoRA's ``λ``), ``out (fan_out,)`` the
+    output features (VeRA's ``λ_b``). LoRA is ``mid = out = None``. The result
+    has the layer's output axes; the caller adds it to ``op(x, base)``.
+    """
+    x = branch_dropout(x, dropout_key, dropout)
+    r = a.shape[-1]
+    h = op(x, a.reshape(node.in_shape + (r,)))
+    h = h * (scale if mid is None else mid * scale)
+    lo = jnp.tensordot(h, b.reshape((r,) + node.out_shape).astype(h.dtype), axes=1)
+    if out is not None:
+        lo = lo * out.reshape(node.out_shape)
+    return lo
+
+
+
+def base_plus_lowrank(x: Array, op: LinearOp, node: AdapterNode, a: Array, b: Array,
+                      **kwargs: Any) -> Array:
+    """``op(x, base) + lowrank_dot(x, op, node, a, b, **kwargs)`` in the output's dtype.
+
+    Falls back to ``op(x, materialize())`` when the input axes do not lead.
+    """
+    if not leading_in_axes(node):
+        return op(x, node.materialize())
+    y = op(x, node.base)
+    return y + lowrank_dot(x, op, node, a, b, **kwargs).astype(y.dtype)
+
+
+def lowrank_svd(a: Array, b: Array) -> tuple[Array, Array, Array]:
+    """Thin SVD ``u·diag(s)·vt = a·b`` without forming the ``(fan_in, fan_out)`` product.
+
+    QR of ``a`` and of ``bᵀ``, then the SVD of the small core ``R_a·R_bᵀ``:
+    ``a·b = Q_a·(R_a·R_bᵀ)·Q_bᵀ``. Costs ``O((fan_in + fan_out)·r²)``.
+
+        >>> import jax, jax.numpy as jnp
+        >>> from jlora.methods.base import lowrank_svd
+        >>> a = jax.random.normal(jax.random.key(0), (6, 2))
+        >>> b = jax.random.normal(jax.random.key(1), (2, 5))
+        >>> u, s, vt = lowrank_svd(a, b)
+        >>> bool(jnp.allclose((u * s) @ vt, a @ b, atol=1e-5)), s.shape
+        (True, (2,))
+    """
+    qa, ra = jnp.linalg.qr(a)
+    qb, rb = jnp.linalg.qr(b.T)
+    u, s, vt = jnp.linalg.svd(ra @ rb.T, full_matrices=False)
+    return qa @ u, s, vt @ qb.T
+
+
 # ---------------------------------------------------------------- configs
 
 
@@ -162,28 +374,63 @@ def strict_options(cls):
 
 
 class Config:
-    """Base class of method configs (frozen dataclasses)."""
+    """Base class of method configs (frozen dataclasses); subclasses register themselves."""
 
-    def build(self, key: Array, base: Array, *, path: str) -> Any:
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _register(CONFIGS, cls.__name__, cls)
+        REGISTRY.setdefault(cls.__name__, (cls, None))
+
+    def build(self, key: Array, base: Array, *, path: str) -> AdapterNode:
+        """The adapter node for leaf ``base`` at ``path`` (random init from ``key``)."""
+        raise NotImplementedError
+
+    def companion(self, path: str) -> str | None:
+        """Path of a sibling leaf this rule also adapts (GLoRA: the bias); default none."""
+        return None
+
+    def build_companion(self, key: Array, leaf: Array | None, target: Array, *,
+                        path: str) -> AdapterNode | None:
+        """The node for the companion leaf ``leaf`` (``None`` if absent) of ``target``."""
         raise NotImplementedError
 
     def check_leaf(self, base: Array, path: str) -> None:
+        """A ``ValueError`` naming ``path`` unless ``base`` is a floating-point array."""
         if not jnp.issubdtype(base.dtype, jnp.floating):
             raise ValueError(
                 f"{path}: {type(self).__name__} needs a floating-point leaf, "
-                f"got dtype {base.dtype}"
+                f"got dtype {base.dtype} (integer and boolean leaves are never adapted)"
             )
 
 
-def check_positive_int(method: str, name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{method}: {name} must be a positive int, got {value!r}")
-
-
 def freeze_in_axes(config) -> None:
-    """Store a config's ``in_axes`` as a tuple (configs are hashable static metadata)."""
-    if config.in_axes is not None:
-        object.__setattr__(config, "in_axes", tuple(config.in_axes))
+    """Check a config's ``in_axes`` and ``dtype`` options; store ``in_axes`` as a tuple.
+
+    ``in_axes``: ``None`` or a sequence of ints (configs are hashable static
+    metadata); ``dtype``: ``None`` or a floating dtype. Errors name the option.
+    """
+    owner = type(config).__name__
+    axes = getattr(config, "in_axes", None)
+    if axes is not None:
+        if isinstance(axes, int) and not isinstance(axes, bool):
+            axes = (axes,)
+        try:
+            axes = tuple(axes)
+        except TypeError:
+            raise ValueError(f"{owner}: in_axes must be a tuple of ints, got {axes!r}") from None
+        if not axes or any(not isinstance(a, (int, np.integer)) or isinstance(a, bool)
+                           for a in axes):
+            raise ValueError(f"{owner}: in_axes must be a non-empty tuple of ints, "
+                             f"got {config.in_axes!r}")
+        object.__setattr__(config, "in_axes", tuple(int(a) for a in axes))
+    dt = getattr(config, "dtype", None)
+    if dt is not None:
+        try:
+            ok = jnp.issubdtype(jnp.dtype(dt), jnp.floating)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{owner}: dtype must be None or a floating dtype, got {dt!r}")
 
 
 def factor_dtype(base_dtype, dtype) -> jnp.dtype:

@@ -13,6 +13,13 @@ numerator only. This is the paper's memory-saving choice (section 4.3): the
 backward needs no ``∂n/∂(a, b)`` path, at a negligible accuracy cost. Set it to
 ``False`` for the exact gradient of ``K'``.
 
+Norms carry an epsilon: ``n_j = sqrt(‖V[:, j]‖² + 1e-24)``. PEFT (0.21) has
+none, so a kernel with an all-zero output column gives ``0/0 = NaN`` there;
+with the epsilon such a column starts at ``m_j = n_j = 1e-12``, a ratio of
+exactly 1, and stays finite in the forward and in both gradient modes. For
+any column with ``‖V[:, j]‖² ≫ 1e-24`` (every non-degenerate float32 or
+float64 weight) the epsilon is below rounding and values match PEFT.
+
 The fast path never forms the dense ``V`` (PEFT does, every forward): with
 dropout on the adapter branch,
 
@@ -20,7 +27,7 @@ dropout on the adapter branch,
 
 and the norm comes from ``n_j² = ‖K0[:, j]‖² + 2s·((K0ᵀ·a) ⊙ bᵀ).sum(-1)_j +
 s²·(bᵀ·(aᵀa)·b)_jj``, which costs one ``(out, in) × (in, r)`` product and an
-``r × r`` Gram matrix (ALGORITHMS.md, "do better than PEFT").
+``r × r`` Gram matrix, where PEFT forms the dense weight every forward.
 
 Example::
 
@@ -37,20 +44,25 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from jlora import _validate as v
 from jlora.methods.base import (
     Array,
     LinearOp,
+    Role,
     from_matrix,
     leading_in_axes,
     strict_options,
     to_matrix,
 )
 from jlora.methods.lora import LoRA, LoRANode
+
+#: added to every squared column norm (see the module docstring)
+NORM_EPS = 1e-24
 
 
 @strict_options
@@ -60,6 +72,10 @@ class DoRA(LoRA):
 
     detach_norm: bool = True
 
+    def __post_init__(self):
+        super().__post_init__()
+        v.boolean("DoRA", "detach_norm", self.detach_norm)
+
     def build(self, key: Array, base: Array, *, path: str) -> "DoRANode":
         in_axes, base, a, b, a0, b0 = self.init_factors(key, base, path=path)
         node = DoRANode(base=base, a=a, b=b, m=jnp.zeros(()), a0=a0, b0=b0, config=self,
@@ -67,31 +83,30 @@ class DoRA(LoRA):
         return node.replace(m=node.column_norms())
 
 
-@struct.dataclass
 class DoRANode(LoRANode):
     """``K' = (base + s·a·b) ⊙ m / ‖base + s·a·b‖``; trainable ``a``, ``b``, ``m``.
 
-    Shares LoRANode's fields (``base``, ``a``, ``b``, ``a0``, ``b0``, static
-    config and axes) and adds the magnitude ``m (fan_out,)``.
+    Shares LoRANode's fields (``base``, ``a``, ``b``, ``a0``, ``b0``) and adds
+    the magnitude ``m (fan_out,)``.
     """
 
-    m: Array = None
+    m: Array
 
-    method = "DoRA"
-    field_axes = {**LoRANode.field_axes, "m": "out"}
+    config_class = DoRA
+    field_axes = {**LoRANode.field_axes, "m": Role.OUT}
 
     @property
     def trainable(self) -> tuple[str, ...]:
         return ("a", "b", "m") if self.config.train_a else ("b", "m")
 
     def column_norms(self) -> Array:
-        """``‖(K0 + s·a·b)[:, j]‖`` for every output feature, without forming ``a·b``."""
+        """``sqrt(‖(K0 + s·a·b)[:, j]‖² + NORM_EPS)`` per output feature, without forming ``a·b``."""
         k0 = to_matrix(self.base, self.in_axes).astype(self.a.dtype)
         a, b, s = self.a, self.b, self.scale
         sq = (jnp.sum(k0 * k0, axis=0)
               + 2 * s * jnp.sum((k0.T @ a) * b.T, axis=-1)
               + s * s * jnp.sum(((a.T @ a) @ b) * b, axis=0))
-        return jnp.sqrt(jnp.maximum(sq, 0.0))
+        return jnp.sqrt(jnp.maximum(sq, 0.0) + NORM_EPS)
 
     def _ratio(self) -> Array:
         n = self.column_norms()
@@ -100,8 +115,8 @@ class DoRANode(LoRANode):
         return self.m / n
 
     def materialize(self) -> Array:
-        v = to_matrix(self.base, self.in_axes).astype(self.a.dtype) + self.scale * (self.a @ self.b)
-        k = from_matrix(v * self._ratio(), self.shape, self.in_axes)
+        vm = to_matrix(self.base, self.in_axes).astype(self.a.dtype) + self.scale * (self.a @ self.b)
+        k = from_matrix(vm * self._ratio(), self.shape, self.in_axes)
         return k.astype(self.base.dtype)
 
     def delta(self) -> Array:
@@ -111,7 +126,8 @@ class DoRANode(LoRANode):
         return self.materialize().astype(original.dtype) - from_matrix(
             original, self.shape, self.in_axes)
 
-    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None) -> Array:
+    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
+            **context: Any) -> Array:
         if not leading_in_axes(self):
             return op(x, self.materialize())
         # (m/n) ⊙ (x·K0 + s·(drop(x)·a)·b): LoRA's factorized product, rescaled

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
-from flax import struct
 
 from jlora.methods.base import Array, strict_options
 from jlora.methods.pf2lora import PF2LoRA, PF2LoRANode
@@ -57,12 +56,12 @@ class FedDPA(PF2LoRA):
         return FedDPANode(**f, weight=jnp.asarray(self.weight, jnp.float32))
 
 
-@struct.dataclass
 class FedDPANode(PF2LoRANode):
     """``K = base + w·s·a·b + (1 − w)·s̃·c·d``; ``(a, b)`` global, ``(c, d)`` local."""
 
-    weight: Array | None = None
+    weight: Array
 
+    config_class = FedDPA
     method = "FedDPA"
     field_axes = {**PF2LoRANode.field_axes, "weight": "replicated"}
 

@@ -16,10 +16,9 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-from flax import struct
-
-from jlora.methods.base import AdapterNode, Array, Config, LinearOp, strict_options
+from jlora.methods.base import AdapterNode, Array, Config, LinearOp, Role, strict_options
 
 
 @strict_options
@@ -33,16 +32,14 @@ class Full(Config):
                         in_axes=tuple(range(base.ndim - 1)))
 
 
-@struct.dataclass
 class FullNode(AdapterNode):
-    value: Array
-    config: Full = struct.field(pytree_node=False, default=None)
-    shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
-    in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
+    """The leaf itself, trainable; ``merge`` takes its value, ``unmerge`` leaves it."""
 
+    value: Array
+
+    config_class = Full
     trainable = ("value",)
-    method = "Full"
-    field_axes = {"value": "base"}
+    field_axes = {"value": Role.BASE}
 
     def materialize(self) -> Array:
         return self.value
@@ -53,5 +50,14 @@ class FullNode(AdapterNode):
             "trained leaf itself (it is part of the trainable tree)"
         )
 
-    def dot(self, x: Array, op: LinearOp, **_) -> Array:
+    def merge_onto(self, leaf: Array) -> Array:
+        return self.value
+
+    def unmerge_from(self, leaf: Array) -> Array:
+        return leaf  # no original to go back to
+
+    def added_size(self) -> int:
+        return 0  # it replaces the leaf, adds nothing
+
+    def dot(self, x: Array, op: LinearOp, **context: Any) -> Array:
         return op(x, self.value)

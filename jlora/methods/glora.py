@@ -49,9 +49,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
-
-from jlora.methods.base import AdapterNode, Array, Config, factor_dtype, strict_options
+from jlora import _validate as v
+from jlora.methods.base import (AdapterNode, Array, Config, Role, factor_dtype, freeze_in_axes,
+                                strict_options, view_leaf)
+from jlora.tree import parent
 
 SUPPORTS = ("a", "b", "c", "d", "e")
 FORMS = ("none", "scalar", "vector", "lowrank")
@@ -60,6 +61,8 @@ ALLOWED = {"a": (0, 1, 2, 3), "b": (0, 1, 2, 3), "c": (0, 2, 3), "d": (0, 1, 2),
 
 def parse_form(support: str, text: str) -> tuple[int, int]:
     """``"lowrank:4"`` -> ``(3, 4)``; ``"vector"`` -> ``(2, 0)``."""
+    if not isinstance(text, str):
+        raise ValueError(f"GLoRA: {support} must be a form string such as 'vector', got {text!r}")
     name, _, r = text.partition(":")
     if name not in FORMS or FORMS.index(name) not in ALLOWED[support]:
         allowed = [FORMS[i] + (":r" if i == 3 else "") for i in ALLOWED[support]]
@@ -96,8 +99,10 @@ class GLoRA(Config):
         forms = [parse_form(s, getattr(self, s)) for s in SUPPORTS]
         if self.rank is None:
             object.__setattr__(self, "rank", max([r for _, r in forms] + [0]) or 4)
+        v.positive_int("GLoRA", "rank", self.rank)
         if any(r > self.rank for _, r in forms):
             raise ValueError(f"GLoRA: a lowrank form exceeds rank={self.rank}")
+        freeze_in_axes(self)
 
     def choice(self) -> jnp.ndarray:
         """The forms as the ``(5,)`` int code array nodes carry (0 none .. 3 lowrank)."""
@@ -111,11 +116,8 @@ class GLoRA(Config):
         self.check_leaf(base, path)
         if base.ndim != 2:
             raise ValueError(f"{path}: GLoRA adapts 2-D (in, out) kernels, got shape {base.shape}")
-        fan_in, fan_out = base.shape
-        if self.rank > min(fan_in, fan_out):
-            raise ValueError(f"{path}: GLoRA rank {self.rank} exceeds min(fan_in, fan_out) = "
-                             f"{min(fan_in, fan_out)}")
-        dt = factor_dtype(base.dtype, self.dtype)
+        view = view_leaf(self, base, path, rank=self.rank, rank_name="GLoRA rank")
+        fan_in, fan_out, dt = view.fan_in, view.fan_out, view.dtype
         ka, kb = jax.random.split(key)
         r = self.rank
         return GLoRANode(base=base, a_u=_kaiming(ka, (fan_in, r), dt), a_d=jnp.zeros((r, fan_out), dt),
@@ -124,7 +126,7 @@ class GLoRA(Config):
 
     # A kernel rule also adapts the layer's bias (C, D, E live there).
     def companion(self, path: str) -> str | None:
-        return path.rsplit("/", 1)[0] + "/bias" if "/" in path else "bias"
+        return f"{parent(path)}/bias" if parent(path) else "bias"
 
     def build_companion(self, key: Array, bias: Array | None, kernel: Array, *, path: str):
         needs_bias = any(parse_form(s, getattr(self, s))[0] for s in ("c", "d", "e"))
@@ -133,6 +135,7 @@ class GLoRA(Config):
                 raise ValueError(f"{path}: GLoRA with c/d/e forms needs the layer's bias leaf; "
                                  "use c='none', d='none', e='none' for a bias-free layer")
             return None
+        self.check_leaf(bias, path)
         fan_in, fan_out = kernel.shape
         dt = factor_dtype(bias.dtype, self.dtype)
         r = self.rank
@@ -156,7 +159,6 @@ def _support(form, rank_mask, up, down, out_shape):
     return jnp.select([form == 3, form == 2, form == 1], [lowrank, vector, scalar], zero)
 
 
-@struct.dataclass
 class GLoRANode(AdapterNode):
     """``K' = K0 + K0 ⊙ A + B``; trainable ``a_u, a_d, b_u, b_d``."""
 
@@ -166,14 +168,11 @@ class GLoRANode(AdapterNode):
     b_u: Array
     b_d: Array
     choice: Array
-    config: GLoRA = struct.field(pytree_node=False, default=None)
-    shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
-    in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
+    config_class = GLoRA
     trainable = ("a_u", "a_d", "b_u", "b_d")
-    method = "GLoRA"
-    field_axes = {"base": "base", "a_u": "in_rank", "a_d": "rank_out", "b_u": "in_rank",
-                  "b_d": "rank_out", "choice": "replicated"}
+    field_axes = {"base": Role.BASE, "a_u": Role.IN_RANK, "a_d": Role.RANK_OUT,
+                  "b_u": Role.IN_RANK, "b_d": Role.RANK_OUT, "choice": Role.REPLICATED}
 
     @property
     def rank(self) -> int:
@@ -192,7 +191,6 @@ class GLoRANode(AdapterNode):
 
 
 
-@struct.dataclass
 class GLoRABiasNode(AdapterNode):
     """``b' = b0 + b0 ⊙ D + E + C·K0``; trainable ``c_d, c_u, d, e``; ``kernel`` is K0 (frozen)."""
 
@@ -203,14 +201,12 @@ class GLoRABiasNode(AdapterNode):
     d: Array
     e: Array
     choice: Array
-    config: GLoRA = struct.field(pytree_node=False, default=None)
-    shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
-    in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
     trainable = ("c_d", "c_u", "d", "e")
     method = "GLoRA-bias"
-    field_axes = {"base": "out", "kernel": "kernel", "c_d": "in_rank", "c_u": "replicated",
-                  "d": "out", "e": "out", "choice": "replicated"}
+    field_axes = {"base": Role.OUT, "kernel": Role.KERNEL, "c_d": Role.IN_RANK,
+                  "c_u": Role.REPLICATED, "d": Role.OUT, "e": Role.OUT,
+                  "choice": Role.REPLICATED}
 
     @property
     def rank(self) -> int:

@@ -47,28 +47,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from jlora import _validate as v
 from jlora.methods.base import (
     AdapterNode,
     Array,
     Config,
     LinearOp,
-    check_positive_int,
-    factor_dtype,
+    Role,
+    base_plus_lowrank,
     freeze_in_axes,
     from_matrix,
-    leading_in_axes,
-    resolve_in_axes,
     strict_options,
     to_matrix,
+    view_leaf,
 )
 
-INITS = ("kaiming", "gaussian", "pissa", "pissa_fast", "olora")
+Init = Literal["kaiming", "gaussian", "pissa", "pissa_fast", "olora"]
+INITS: tuple[str, ...] = get_args(Init)
 _SKETCH_OVERSAMPLE = 8
 
 
@@ -79,19 +79,19 @@ class LoRA(Config):
 
     Args:
       rank: the rank ``r`` of ``a·b``; at most ``min(fan_in, fan_out)``.
-      alpha: scale numerator; default ``rank`` (so ``s = 1`` for plain LoRA).
+      alpha: scale numerator (finite, > 0); default ``rank`` (so ``s = 1`` for plain LoRA).
       init: ``"kaiming"``, ``"gaussian"``, ``"pissa"``, ``"pissa_fast"``, ``"olora"``.
       rslora: use ``s = alpha/√rank`` instead of ``alpha/rank``.
       train_a: ``False`` freezes ``a`` (LoRA-FA / FFA-LoRA).
-      dropout: dropout rate on the adapter branch input (fast path, training only).
+      dropout: dropout rate in ``[0, 1)`` on the adapter branch input (fast path, training only).
       dtype: factor dtype; default float32 (or the base dtype if wider).
-      niter: power iterations for ``"pissa_fast"``.
+      niter: power iterations (>= 0) for ``"pissa_fast"``.
       in_axes: which kernel axes are inputs; default all but the last.
     """
 
     rank: int
     alpha: float | None = None
-    init: str = "kaiming"
+    init: Init = "kaiming"
     rslora: bool = False
     train_a: bool = True
     dropout: float = 0.0
@@ -100,15 +100,14 @@ class LoRA(Config):
     in_axes: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        check_positive_int(type(self).__name__, "rank", self.rank)
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"LoRA: alpha must be positive, got {self.alpha!r}")
-        if self.init not in INITS:
-            raise ValueError(f"LoRA: unknown init {self.init!r}; choose one of {INITS}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA: dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.niter, int) or self.niter < 0:
-            raise ValueError(f"LoRA: niter must be a non-negative int, got {self.niter!r}")
+        name = type(self).__name__
+        v.positive_int(name, "rank", self.rank)
+        v.real(name, "alpha", self.alpha, gt=0.0, allow_none=True)
+        v.choice(name, "init", self.init, INITS)
+        v.boolean(name, "rslora", self.rslora)
+        v.boolean(name, "train_a", self.train_a)
+        v.real(name, "dropout", self.dropout, ge=0.0, lt=1.0)
+        v.positive_int(name, "niter", self.niter, minimum=0)
         freeze_in_axes(self)
 
     @property
@@ -118,16 +117,8 @@ class LoRA(Config):
 
     def init_factors(self, key: Array, base: Array, *, path: str):
         """Return ``(in_axes, base, a, b, a0, b0)`` for a leaf; shared with DoRA."""
-        self.check_leaf(base, path)
-        in_axes = resolve_in_axes(base.shape, self.in_axes, path)
-        k0 = to_matrix(base, in_axes)
-        fan_in, fan_out = k0.shape
-        if self.rank > min(fan_in, fan_out):
-            raise ValueError(
-                f"{path}: rank {self.rank} exceeds min(fan_in, fan_out) = "
-                f"{min(fan_in, fan_out)} for a leaf of shape {base.shape}"
-            )
-        dt = factor_dtype(base.dtype, self.dtype)
+        view = view_leaf(self, base, path, rank=self.rank)
+        fan_in, fan_out, dt = view.fan_in, view.fan_out, view.dtype
         r, s = self.rank, self.scale
         a0 = b0 = None
         if self.init in ("kaiming", "gaussian"):
@@ -136,13 +127,13 @@ class LoRA(Config):
                 rand = jax.random.uniform(key, (fan_in, r), dt, -bound, bound)
             else:
                 rand = jax.random.normal(key, (fan_in, r), dt) / r
-            if path.rsplit("/", 1)[-1] == "embedding" and self.train_a:
+            if path.rpartition("/")[2] == "embedding" and self.train_a:
                 a = jnp.zeros((fan_in, r), dt)
                 b = jax.random.normal(key, (r, fan_out), dt)
             else:
                 a, b = rand, jnp.zeros((r, fan_out), dt)
         else:
-            m = k0.astype(jnp.float32)
+            m = to_matrix(base, view.in_axes).astype(jnp.float32)
             if self.init == "pissa":
                 u, sv, vt = jnp.linalg.svd(m, full_matrices=False)
                 u, sv, vt = u[:, :r], sv[:r], vt[:r]
@@ -156,9 +147,9 @@ class LoRA(Config):
                 a, b = rr[:r].T, q[:, :r].T
             a, b = a.astype(dt), b.astype(dt)
             base = from_matrix(m - s * (a.astype(jnp.float32) @ b.astype(jnp.float32)),
-                               base.shape, in_axes).astype(base.dtype)
+                               base.shape, view.in_axes).astype(base.dtype)
             a0, b0 = a, b
-        return in_axes, base, a, b, a0, b0
+        return view.in_axes, base, a, b, a0, b0
 
     def build(self, key: Array, base: Array, *, path: str) -> "LoRANode":
         in_axes, base, a, b, a0, b0 = self.init_factors(key, base, path=path)
@@ -178,18 +169,6 @@ def randomized_svd(key: Array, m: Array, rank: int, *, niter: int):
     return (basis @ u_small)[:, :rank], sv[:rank], vt[:rank]
 
 
-def lowrank_dot(x: Array, op: LinearOp, node, a: Array, b: Array, scale: float,
-                *, dropout_key: Array | None, dropout: float) -> Array:
-    """``s·op(drop(x), a)·b`` with ``a`` laid out as an ``in_shape + (r,)`` kernel."""
-    if dropout_key is not None and dropout > 0.0:
-        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
-    r = a.shape[-1]
-    h = op(x, a.reshape(node.in_shape + (r,)))
-    return jnp.tensordot(h * scale, b.reshape((r,) + node.out_shape).astype(h.dtype), axes=1)
-
-
-@struct.dataclass
 class LoRANode(AdapterNode):
     """``K = base + s·a·b``; trainable ``a`` and ``b`` (only ``b`` under LoRA-FA)."""
 
@@ -198,13 +177,10 @@ class LoRANode(AdapterNode):
     b: Array
     a0: Array | None = None
     b0: Array | None = None
-    config: LoRA = struct.field(pytree_node=False, default=None)
-    shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
-    in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
-    method = "LoRA"
-    field_axes = {"base": "base", "a": "in_rank", "b": "rank_out", "a0": "in_rank",
-                  "b0": "rank_out"}
+    config_class = LoRA
+    field_axes = {"base": Role.BASE, "a": Role.IN_RANK, "b": Role.RANK_OUT,
+                  "a0": Role.IN_RANK, "b0": Role.RANK_OUT}
 
     @property
     def trainable(self) -> tuple[str, ...]:
@@ -231,10 +207,7 @@ class LoRANode(AdapterNode):
             d = d - self._product(self.a0, self.b0)
         return d
 
-    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None) -> Array:
-        if not leading_in_axes(self):
-            return op(x, self.materialize())
-        y = op(x, self.base)
-        lo = lowrank_dot(x, op, self, self.a, self.b, self.scale,
-                         dropout_key=dropout_key, dropout=self.config.dropout)
-        return y + lo.astype(y.dtype)
+    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
+            **context: Any) -> Array:
+        return base_plus_lowrank(x, op, self, self.a, self.b, scale=self.scale,
+                                 dropout_key=dropout_key, dropout=self.config.dropout)

@@ -32,23 +32,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from jlora._validate import positive_int
 from jlora.methods.base import (
     AdapterNode,
     Array,
     Config,
     LinearOp,
-    check_positive_int,
-    factor_dtype,
     freeze_in_axes,
     from_matrix,
     leading_in_axes,
-    resolve_in_axes,
+    lowrank_dot,
     strict_options,
-    to_matrix,
+    view_leaf,
 )
-from jlora.methods.lora import lowrank_dot
 
 
 def _scale(alpha, rank, rslora):
@@ -88,8 +85,8 @@ class PF2LoRA(Config):
 
     def __post_init__(self):
         name = type(self).__name__
-        check_positive_int(name, "rank", self.rank)
-        check_positive_int(name, "personal_rank", self.personal_rank)
+        positive_int(name, "rank", self.rank)
+        positive_int(name, "personal_rank", self.personal_rank)
         for opt in ("alpha", "personal_alpha"):
             v = getattr(self, opt)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
@@ -110,14 +107,8 @@ class PF2LoRA(Config):
         return _scale(self.personal_alpha, self.personal_rank, self.rslora)
 
     def factors(self, key: Array, base: Array, *, path: str):
-        self.check_leaf(base, path)
-        in_axes = resolve_in_axes(base.shape, self.in_axes, path)
-        fan_in, fan_out = to_matrix(base, in_axes).shape
-        top = max(self.rank, self.personal_rank)
-        if top > min(fan_in, fan_out):
-            raise ValueError(f"{path}: rank {top} exceeds min(fan_in, fan_out) = "
-                             f"{min(fan_in, fan_out)} for a leaf of shape {base.shape}")
-        dt = factor_dtype(base.dtype, self.dtype)
+        view = view_leaf(self, base, path, rank=max(self.rank, self.personal_rank))
+        fan_in, fan_out, dt, in_axes = view.fan_in, view.fan_out, view.dtype, view.in_axes
         ka, kc = jax.random.split(key)
         return dict(base=base, a=_kaiming(ka, fan_in, self.rank, dt),
                     b=jnp.zeros((self.rank, fan_out), dt),
@@ -129,7 +120,6 @@ class PF2LoRA(Config):
         return PF2LoRANode(**self.factors(key, base, path=path))
 
 
-@struct.dataclass
 class PF2LoRANode(AdapterNode):
     """``K = base + s·a·b + s̃·c·d``; ``(a, b)`` shared, ``(c, d)`` personal."""
 
@@ -138,10 +128,8 @@ class PF2LoRANode(AdapterNode):
     b: Array
     c: Array
     d: Array
-    config: PF2LoRA = struct.field(pytree_node=False, default=None)
-    shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
-    in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
+    config_class = PF2LoRA
     trainable = ("a", "b", "c", "d")
     personal_fields = ("c", "d")
     method = "PF2LoRA"
@@ -178,14 +166,15 @@ class PF2LoRANode(AdapterNode):
         d = self.delta()
         return (self.base.astype(d.dtype) + d).astype(self.base.dtype)
 
-    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None) -> Array:
+    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
+            **context: Any) -> Array:
         if not leading_in_axes(self):
             return op(x, self.materialize())
         y = op(x, self.base)
         drop = self.config.dropout
-        shared = lowrank_dot(x, op, self, self.a, self.b, self.scale,
+        shared = lowrank_dot(x, op, self, self.a, self.b, scale=self.scale,
                              dropout_key=dropout_key, dropout=drop)
-        own = lowrank_dot(x, op, self, self.c, self.d, self.personal_scale,
+        own = lowrank_dot(x, op, self, self.c, self.d, scale=self.personal_scale,
                           dropout_key=dropout_key, dropout=drop)
         w_shared, w_personal = self.branch_weights()
         w_shared, w_personal = _rows(w_shared, y), _rows(w_personal, y)

@@ -41,7 +41,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from jlora import quant as Q
 from jlora._validate import boolean, choice, positive_int, real
@@ -52,9 +51,10 @@ from jlora.methods.base import (
     LinearOp,
     from_matrix,
     leading_in_axes,
+    lowrank_dot,
     strict_options,
 )
-from jlora.methods.lora import LoRA, lowrank_dot
+from jlora.methods.lora import LoRA
 
 
 @strict_options
@@ -158,17 +158,14 @@ def quantized_dot(x: Array, q: Q.QuantizedArray, op: LinearOp, dtype: Any) -> Ar
     return f(x, q)
 
 
-@struct.dataclass
 class QLoRANode(AdapterNode):
     """``K = deq(quantized) + s·a·b``; trainable ``a`` and ``b``."""
 
     quantized: Q.QuantizedArray
     a: Array
     b: Array
-    config: QLoRA = struct.field(pytree_node=False, default=None)
-    shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
-    in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
+    config_class = QLoRA
     method = "QLoRA"
     trainable = ("a", "b")
     field_axes = {"quantized": "quantized", "a": "in_rank", "b": "rank_out"}
@@ -201,11 +198,12 @@ class QLoRANode(AdapterNode):
         d = self.delta()
         return (self.base.astype(d.dtype) + d).astype(self.compute_dtype)
 
-    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None) -> Array:
+    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
+            **context: Any) -> Array:
         if not leading_in_axes(self):
             return op(x, self.materialize())
         xc = x.astype(self.compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
         y = quantized_dot(xc, self.quantized, op, self.compute_dtype)
-        lo = lowrank_dot(x, op, self, self.a, self.b, self.scale,
+        lo = lowrank_dot(x, op, self, self.a, self.b, scale=self.scale,
                          dropout_key=dropout_key, dropout=self.config.dropout)
         return y + lo.astype(y.dtype)

@@ -35,21 +35,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from jlora import _validate as v
 from jlora.methods.base import (
     AdapterNode,
     Array,
     Config,
     LinearOp,
-    check_positive_int,
-    factor_dtype,
+    Role,
+    base_plus_lowrank,
     freeze_in_axes,
     from_matrix,
-    leading_in_axes,
-    resolve_in_axes,
     strict_options,
-    to_matrix,
+    view_leaf,
 )
 
 
@@ -60,8 +58,8 @@ class VeRA(Config):
 
     Args:
       rank: width of the shared random projection (PEFT's default 256).
-      seed: seed of the frozen pair (the same seed and shape give the same pair).
-      d_initial: initial value of every ``λ_d`` entry (0.1 in the paper).
+      seed: seed of the frozen pair, an int >= 0 (the same seed and shape give the same pair).
+      d_initial: initial value of every ``λ_d`` entry (0.1 in the paper); finite.
       dtype: dtype of the vectors and the pair; default float32.
       in_axes: which kernel axes are inputs; default all but the last.
     """
@@ -73,19 +71,18 @@ class VeRA(Config):
     in_axes: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        check_positive_int("VeRA", "rank", self.rank)
+        v.positive_int("VeRA", "rank", self.rank)
+        v.positive_int("VeRA", "seed", self.seed, minimum=0)
+        v.real("VeRA", "d_initial", self.d_initial)
         freeze_in_axes(self)
 
     def build(self, key: Array, base: Array, *, path: str) -> "VeRANode":
-        self.check_leaf(base, path)
-        in_axes = resolve_in_axes(base.shape, self.in_axes, path)
-        fan_in, fan_out = to_matrix(base, in_axes).shape
-        dt = factor_dtype(base.dtype, self.dtype)
-        a, b = shared_pair(self.seed, fan_in, fan_out, self.rank, dt)
+        view = view_leaf(self, base, path)  # rank may exceed the fans: a projection
+        a, b = shared_pair(self.seed, view.fan_in, view.fan_out, self.rank, view.dtype)
         return VeRANode(base=base, a=a, b=b,
-                        lambda_d=jnp.full((self.rank,), self.d_initial, dt),
-                        lambda_b=jnp.zeros((fan_out,), dt), config=self,
-                        shape=tuple(base.shape), in_axes=in_axes)
+                        lambda_d=jnp.full((self.rank,), self.d_initial, view.dtype),
+                        lambda_b=jnp.zeros((view.fan_out,), view.dtype), config=self,
+                        shape=view.shape, in_axes=view.in_axes)
 
 
 def shared_pair(seed: int, fan_in: int, fan_out: int, rank: int, dtype):
@@ -97,7 +94,6 @@ def shared_pair(seed: int, fan_in: int, fan_out: int, rank: int, dtype):
     return a, b
 
 
-@struct.dataclass
 class VeRANode(AdapterNode):
     """``K = base + ((a·diag(λ_d))·b)·diag(λ_b)``; trainable ``lambda_d``, ``lambda_b``."""
 
@@ -106,14 +102,11 @@ class VeRANode(AdapterNode):
     b: Array
     lambda_d: Array
     lambda_b: Array
-    config: VeRA = struct.field(pytree_node=False, default=None)
-    shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
-    in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
+    config_class = VeRA
     trainable = ("lambda_d", "lambda_b")
-    method = "VeRA"
-    field_axes = {"base": "base", "a": "in_rank", "b": "rank_out", "lambda_d": "replicated",
-                  "lambda_b": "out"}
+    field_axes = {"base": Role.BASE, "a": Role.IN_RANK, "b": Role.RANK_OUT,
+                  "lambda_d": Role.REPLICATED, "lambda_b": Role.OUT}
 
     @property
     def rank(self) -> int:
@@ -123,12 +116,6 @@ class VeRANode(AdapterNode):
         return from_matrix(((self.a * self.lambda_d) @ self.b) * self.lambda_b,
                            self.shape, self.in_axes)
 
-
-    def dot(self, x: Array, op: LinearOp, **_) -> Array:
-        if not leading_in_axes(self):
-            return op(x, self.materialize())
-        y = op(x, self.base)
-        r = self.config.rank
-        h = op(x, self.a.reshape(self.in_shape + (r,))) * self.lambda_d
-        lo = jnp.tensordot(h, self.b.reshape((r,) + self.out_shape).astype(h.dtype), axes=1)
-        return y + (lo * self.lambda_b.reshape(self.out_shape)).astype(y.dtype)
+    def dot(self, x: Array, op: LinearOp, **context: Any) -> Array:
+        return base_plus_lowrank(x, op, self, self.a, self.b, mid=self.lambda_d,
+                                 out=self.lambda_b)

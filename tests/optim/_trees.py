@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
-from helpers import perturb
+from tests._refs import perturb
 
 
 def small_tree(config=None):

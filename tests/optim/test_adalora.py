@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import jlora
-from helpers import f64
+from tests._refs import f64
 
 
 @pytest.mark.parametrize("t", [1, 10, 11, 15, 30, 45, 46, 60])

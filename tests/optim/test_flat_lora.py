@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import jlora
-from helpers import f64, perturb
+from tests._refs import f64, perturb
 
 
 def test_flat_lora_noise_scale_and_statistics():

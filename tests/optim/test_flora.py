@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import jlora
-from helpers import f64
+from tests._refs import f64
 
 
 def test_flora_state_is_low_rank_and_one_step_matches_numpy():

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import jlora
-from helpers import f64
+from tests._refs import f64
 
 from ._trees import small_tree
 

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import jlora
-from helpers import f64
+from tests._refs import f64
 
 
 def test_mezo_one_step_against_numpy():

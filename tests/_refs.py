@@ -1,4 +1,4 @@
-"""Shared test helpers: float64 numpy references and small fixtures."""
+"""Shared test references: float64 numpy formulas and small fixtures (`from tests._refs import ...`)."""
 
 import jax
 import numpy as np

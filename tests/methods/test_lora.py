@@ -1,4 +1,4 @@
-"""LoRA math and inits against float64 numpy references written from ALGORITHMS.md."""
+"""LoRA math and inits against float64 numpy references written from the papers (Hu et al. 2021; PiSSA, Meng et al. 2024; OLoRA)."""
 
 import math
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jlora
-from helpers import f64, lora_merged_ref, perturb
+from tests._refs import f64, lora_merged_ref, perturb
 
 RNG = np.random.default_rng(0)
 K_IN, K_OUT = 24, 16

@@ -1,4 +1,4 @@
-"""VeRA against float64 numpy references written from ALGORITHMS.md."""
+"""VeRA against float64 numpy references written from the paper's formulas (Kopiczko et al. 2024)."""
 
 import math
 
@@ -9,7 +9,7 @@ import numpy as np
 import optax
 
 import jlora
-from helpers import f64
+from tests._refs import f64
 
 
 def adapt(shape=(12, 6), rank=5, **kw):

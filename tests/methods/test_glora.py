@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jlora
-from helpers import f64
+from tests._refs import f64
 from jlora.methods.glora import ALLOWED, SUPPORTS
 
 IN, OUT, R = 6, 5, 3

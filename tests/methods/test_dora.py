@@ -1,4 +1,4 @@
-"""DoRA against float64 numpy references written from ALGORITHMS.md."""
+"""DoRA against float64 numpy references written from the paper's formulas (Liu et al. 2024)."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jlora
-from helpers import f64
+from tests._refs import f64
 
 
 def dora_ref(k0, a, b, m, s):
@@ -108,3 +108,30 @@ def test_dora_trains():
     for _ in range(80):
         trainable, opt, loss = step(trainable, opt)
     assert float(loss) < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_all_zero_output_column_stays_finite(detach_norm):
+    # PEFT gives 0/0 = NaN here; jlora's norm epsilon keeps the ratio at 1.
+    model = nn.Dense(3)
+    x = jax.random.normal(jax.random.key(0), (5, 4))
+    params = model.init(jax.random.key(1), x)["params"]
+    params = {**params, "kernel": params["kernel"].at[:, 1].set(0.0)}
+    spec = jlora.Spec({"kernel": jlora.DoRA(rank=2, detach_norm=detach_norm)})
+    adapted = jlora.apply(params, spec, key=jax.random.key(2))
+    node = adapted["kernel"]
+    np.testing.assert_allclose(node.m[1], 1e-12, rtol=1e-6)
+    np.testing.assert_array_equal(jlora.merge(adapted)["kernel"][:, 1], 0.0)
+    np.testing.assert_allclose(jlora.merge(adapted)["kernel"], params["kernel"], atol=1e-6)
+    trainable, frozen = jlora.split(adapted)
+
+    def loss(t):
+        y = jlora.linen.apply(model, {"params": jlora.combine(t, frozen)}, x)
+        return jnp.mean((y - 1.0) ** 2)
+
+    value, grads = jax.value_and_grad(loss)(trainable)
+    assert np.isfinite(float(value))
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    stepped = jax.tree.map(lambda p, g: p - 0.1 * g, trainable, grads)
+    merged = jlora.merge(jlora.combine(stepped, frozen))["kernel"]
+    assert bool(jnp.isfinite(merged).all())

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jlora
-from helpers import f64
+from tests._refs import f64
 
 
 def test_node_math_and_identity_at_init():
