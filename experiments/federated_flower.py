@@ -18,7 +18,7 @@ the replies' records are decoded and checked by path, aggregated with a
 The server evaluates the global model on held-out tweets after every round
 and the script prints accuracy and the bytes Flower serialised per round.
 
-    python experiments/federated_flower.py [--rule flora --clients 4 --rounds 3]
+    python experiments/federated_flower.py [--rule flora --clients 4 --rounds 5]
 """
 
 from __future__ import annotations
@@ -192,16 +192,16 @@ def make_apps(args, parts, feats, labels, test):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--train", type=int, default=1200)
     ap.add_argument("--test", type=int, default=400)
     ap.add_argument("--features", choices=("minilm", "hashed"), default="minilm")
     ap.add_argument("--rule", choices=("fedavg", "flora", "flexlora"), default="flora")
     ap.add_argument("--server-opt", choices=tuple(SERVER_OPTS), default="none")
-    ap.add_argument("--dirichlet", type=float, default=0.5)
-    ap.add_argument("--local-steps", type=int, default=20)
+    ap.add_argument("--dirichlet", type=float, default=1.0)
+    ap.add_argument("--local-steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.server_opt != "none" and args.rule != "fedavg":

@@ -151,6 +151,22 @@ def build_pmap(model, params, *, lr=1e-3, key=None, devices=None):
     return pstep, rep(trainable), rep(opt_state), rep(frozen)
 
 
+def host_batch(batch, sharding):
+    """Put a global batch on the mesh, each process contributing only its own rows.
+
+    On a pod slice every host runs this with the same global ``batch`` shape; host
+    ``i`` supplies rows ``i·B/n ... (i+1)·B/n`` (with a real dataset it reads only
+    those), and ``jax.make_array_from_process_local_data`` assembles the global,
+    ``sharding``-ed array. On one process this is ``jax.device_put``.
+    """
+    n, i = jax.process_count(), jax.process_index()
+    if n == 1:
+        return jax.device_put(batch, sharding)
+    batch = np.asarray(batch)
+    rows = batch.reshape(n, -1, *batch.shape[1:])[i]
+    return jax.make_array_from_process_local_data(sharding, rows, batch.shape)
+
+
 def counting_batch(key, batch, seq, vocab):
     """A learnable synthetic task: each row counts upward mod vocab."""
     start = jax.random.randint(key, (batch, 1), 0, vocab)
@@ -170,9 +186,15 @@ def main(argv=None):
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     ap.add_argument("--pmap", action="store_true", help="pmap data parallelism over all devices")
     ap.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize()")
+    ap.add_argument("--coordinator", help="host:port of process 0 (off a TPU pod or SLURM)")
+    ap.add_argument("--num-processes", type=int)
+    ap.add_argument("--process-id", type=int)
     args = ap.parse_args(argv)
     if args.multihost:
-        jax.distributed.initialize()
+        # On a TPU pod slice (or under SLURM) JAX finds its peers by itself.
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes,
+                                   process_id=args.process_id)
 
     model = DecoderLM(vocab=args.vocab, d_model=args.d_model, n_layers=args.layers,
                       n_heads=max(1, args.d_model // 64), max_len=args.seq)
@@ -186,7 +208,7 @@ def main(argv=None):
     else:
         mesh = make_mesh(parse_mesh(args.mesh))
         step, trainable, opt, frozen, batch_sh = build(model, params, mesh, lr=args.lr, full=args.full)
-        shard = lambda t: jax.device_put(t, batch_sh)
+        shard = lambda t: host_batch(t, batch_sh)
         desc = f"mesh {dict(mesh.shape)}"
     print(f"{'full fine-tuning' if args.full else 'LoRA'} on {desc}, "
           f"{jax.device_count()} {jax.devices()[0].platform} devices")

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.spec import Spec
-from jlora.tree import (PyTree, is_node, leaves_with_paths, map_nodes, map_with_paths, path_key,
-                        require_whole)
+from jlora.tree import (PyTree, half_error, is_node, leaves_with_paths, map_nodes, map_with_paths,
+                        path_key, require_whole)
 
 
 def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
@@ -115,7 +115,7 @@ def _none_fields(node, keep: bool):
 
 
 def split(adapted: PyTree) -> tuple[PyTree, PyTree]:
-    """Partition into ``(trainable, frozen)``: two trees with ``None`` holes.
+    """Freeze by partition: ``(trainable, frozen)``, two trees with ``None`` holes.
 
     ``trainable`` holds only the fields each method trains (LoRA: ``a``, ``b``;
     LoRA-FA: ``b``; ``Full``: the leaf); everything else is in ``frozen``. Take
@@ -142,7 +142,7 @@ def split(adapted: PyTree) -> tuple[PyTree, PyTree]:
 
 
 def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
-    """Inverse of :func:`split`: fill each ``None`` hole from the other tree."""
+    """Rebuild the adapted tree from :func:`split`'s halves: fill each ``None`` hole from the other."""
     try:
         return jax.tree.map(
             lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
@@ -166,7 +166,8 @@ def merge(adapted: PyTree, *, onto: PyTree | None = None) -> PyTree:
     Each merged leaf keeps its base's dtype: a bfloat16 base merges to a
     bfloat16 weight (the delta is computed and added in at least float32, then
     the sum is rounded once to bfloat16). A ``split`` half is refused (combine
-    the halves first).
+    the halves first), except that ``onto=`` needs only the deltas, which a
+    trainable half holds when every factor trains.
 
     Example::
 
@@ -177,8 +178,8 @@ def merge(adapted: PyTree, *, onto: PyTree | None = None) -> PyTree:
         >>> bool(jnp.allclose(jlora.merge(adapted)["w"]["kernel"], 1.0))  # b = 0 at init
         True
     """
-    require_whole(adapted, "jlora.merge")
     if onto is None:
+        require_whole(adapted, "jlora.merge")
         return map_nodes(lambda n: n.materialize(), adapted)
     return _zip_nodes(lambda node, leaf: node.merge_onto(leaf), adapted, onto, "merge")
 
@@ -202,18 +203,29 @@ def unmerge(params: PyTree, adapted: PyTree) -> PyTree:
         >>> bool(jnp.allclose(restored["w"]["kernel"], 1.0))
         True
     """
-    require_whole(adapted, "jlora.unmerge")
     return _zip_nodes(lambda node, leaf: node.unmerge_from(leaf), adapted, params, "unmerge")
 
 
 def _zip_nodes(fn, adapted, params, what):
-    """``fn(node, leaf)`` at every path where ``adapted`` holds a node; other leaves kept."""
+    """``fn(node, leaf)`` at every path where ``adapted`` holds a node; other leaves kept.
+
+    Only each node's delta is needed, so a trainable half of ``split`` works
+    when it holds every factor the delta reads; a frozen half never does.
+    """
+    require_whole(adapted, f"jlora.{what}", allow_trainable=True)
     adapted_leaves = dict(leaves_with_paths(adapted))
     missing = [p for p, x in adapted_leaves.items() if is_node(x)]
 
     def one(path, leaf):
         node = adapted_leaves.get(path)
-        return fn(node, leaf) if is_node(node) else leaf
+        if not is_node(node):
+            return leaf
+        try:
+            return fn(node, leaf)
+        except (AttributeError, TypeError):
+            if node.half() is None:
+                raise
+            raise half_error(f"jlora.{what}", path, node.half()) from None
 
     out = map_with_paths(one, params)
     present = {p for p, _ in leaves_with_paths(params)}

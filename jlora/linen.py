@@ -32,14 +32,19 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jlora import _layers
+from jlora._layers import register
 from jlora.core import merge
+from jlora.methods.full import FullNode
 from jlora.methods.stacked import bind_adapter_ids
+from jlora.spec import Spec
 from jlora.tree import is_node, leaves_with_paths, map_with_paths, path_key
 
 
@@ -63,8 +68,6 @@ def _bias(module: nn.Module, y: jax.Array, shape: tuple[int, ...] | None = None)
 
 def _dense(module: nn.Dense, node, method, args, kwargs, key):
     (x,) = args
-    if node.shape != (jnp.shape(x)[-1], module.features):
-        return NotImplemented  # Flax's own path checks the declaration
     op = lambda x, k: _sub_apply(module, k, x, features=k.shape[-1])
     # XLA:CPU runs the rank-r weight-gradient contractions far faster as 2-D
     # matmuls than over several contracting axes: flatten the batch axes.
@@ -73,18 +76,10 @@ def _dense(module: nn.Dense, node, method, args, kwargs, key):
     return _bias(module, y.reshape(x.shape[:-1] + y.shape[-1:]))
 
 
-def _as_tuple(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
-
-
 def _dense_general(module: nn.DenseGeneral, node, method, args, kwargs, key):
     (x,) = args
-    axis = _as_tuple(module.axis)
-    features = _as_tuple(module.features)
+    axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
     if module.batch_dims or len(node.in_axes) != len(axis):
-        return NotImplemented
-    ndim = jnp.ndim(x)
-    if node.shape != tuple(jnp.shape(x)[a % ndim] for a in axis) + features:
         return NotImplemented
     n_in = len(axis)
     op = lambda x, k: _sub_apply(module, k, x, features=tuple(k.shape[n_in:]))
@@ -95,8 +90,6 @@ def _conv(module: nn.Conv, node, method, args, kwargs, key):
     (x,) = args
     if module.feature_group_count != 1 or len(node.in_axes) != len(node.shape) - 1:
         return NotImplemented
-    if node.shape != _as_tuple(module.kernel_size) + (jnp.shape(x)[-1], module.features):
-        return NotImplemented
     op = lambda x, k: _sub_apply(module, k, x, features=k.shape[-1])
     return _bias(module, node.dot(x, op, dropout_key=key))
 
@@ -104,8 +97,6 @@ def _conv(module: nn.Conv, node, method, args, kwargs, key):
 def _embed(module: nn.Embed, node, method, args, kwargs, key):
     if method != "__call__" or node.in_axes != (0,):
         return NotImplemented  # Embed.attend contracts the feature axis: merged path
-    if node.shape != (module.num_embeddings, module.features):
-        return NotImplemented
     (ids,) = args
     if not jnp.issubdtype(jnp.asarray(ids).dtype, jnp.integer):
         raise ValueError(f"Embed {'/'.join(module.path)}: input must be integer ids")
@@ -120,21 +111,15 @@ def _embed(module: nn.Embed, node, method, args, kwargs, key):
 
 def _einsum(module: nn.Einsum, node, method, args, kwargs, key):
     x = args[0]
-    eq = args[1] if len(args) > 1 else kwargs.get("einsum_str", module.einsum_str)
-    if not isinstance(eq, str):
+    eq = _layers.einsum_equation(module, args, kwargs).replace(" ", "")
+    x_sub, k_sub, out_sub = _layers.einsum_parts(eq)
+    if "." in eq or len(k_sub) != len(node.shape):
         return NotImplemented
-    eq = eq.replace(" ", "")
-    if "." in eq or "->" not in eq or eq.count(",") != 1:
-        return NotImplemented
-    lhs, out_sub = eq.split("->")
-    x_sub, k_sub = lhs.split(",")
-    if len(k_sub) != len(node.shape) or node.shape != tuple(module.shape):
-        return NotImplemented
-    in_axes = tuple(i for i, c in enumerate(k_sub) if c in x_sub)
+    # the node is seen with its input axes first (orientation checked by the caller)
+    in_letters = "".join(c for c in k_sub if c in x_sub)
     out_letters = [c for c in k_sub if c not in x_sub]
-    if node.in_axes != in_axes or any(c not in out_sub for c in out_letters):
+    if any(c not in out_sub for c in out_letters):
         return NotImplemented
-    in_letters = "".join(k_sub[i] for i in in_axes)
     rest = "".join(c for c in out_sub if c not in out_letters)
     unused = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
 
@@ -149,10 +134,35 @@ def _einsum(module: nn.Einsum, node, method, args, kwargs, key):
     now = rest + "".join(out_letters)
     y = jnp.transpose(y, [now.index(c) for c in out_sub])
     if module.use_bias:
-        # As Flax: the bias spans the output axes that come from the kernel,
-        # broadcast over the others.
-        bshape = [node.shape[k_sub.index(c)] if c in k_sub else 1 for c in out_sub]
+        # As Flax: the bias spans the output axes that come from the kernel
+        # (sized by the layer's declared shape), broadcast over the others.
+        bshape = [module.shape[k_sub.index(c)] if c in k_sub else 1 for c in out_sub]
         return _bias(module, y, tuple(bshape))
+    return y
+
+
+def _registered(module: nn.Module, node, method, args, kwargs, key):
+    """A registered Dense-like layer: ``y = x·K (+ bias)`` over the node's input axes."""
+    layer = _layers.registered(type(module))
+    x = jnp.asarray(args[0])
+    n_in = len(node.in_axes)
+    if x.shape[x.ndim - n_in:] != node.in_shape:
+        return NotImplemented
+    dtype = getattr(module, "dtype", None)
+    precision = getattr(module, "precision", None)
+
+    def op(x, k):
+        if dtype is not None:
+            x, k = x.astype(dtype), k.astype(dtype)
+        return jax.lax.dot_general(x, k, ((tuple(range(x.ndim - n_in, x.ndim)),
+                                           tuple(range(n_in))), ((), ())), precision=precision)
+
+    lead = x.shape[: x.ndim - n_in]
+    y = node.dot(x.reshape((-1,) + node.in_shape), op, dropout_key=key)
+    y = y.reshape(lead + y.shape[1:])
+    if layer.bias is not None and module.has_variable("params", layer.bias):
+        bias = jnp.asarray(module.get_variable("params", layer.bias))
+        y = y + (bias if dtype is None else bias.astype(dtype)).astype(y.dtype)
     return y
 
 
@@ -165,32 +175,115 @@ _HANDLERS: dict[type, tuple[str, Callable]] = {
 }
 
 
-def apply(model: nn.Module, variables: Any, *args, dropout_key: jax.Array | None = None,
-          adapter_ids: Any = None, **kwargs):
+def _as_tuple(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def _declared_shape(module: nn.Module, args) -> tuple[int, ...] | None:
+    """The kernel shape a built-in layer declares for this input (None: not known here).
+
+    A node whose shape disagrees is left to the layer's own forward, which
+    raises Flax's ``ScopeParamShapeError`` exactly as for a plain param.
+    """
+    cls, x = type(module), args[0] if args else None
+    if cls is nn.Dense:
+        return (jnp.shape(x)[-1], module.features)
+    if cls is nn.DenseGeneral and not module.batch_dims:
+        ndim = jnp.ndim(x)
+        return (tuple(jnp.shape(x)[a % ndim] for a in _as_tuple(module.axis))
+                + _as_tuple(module.features))
+    if cls is nn.Conv and isinstance(module.kernel_size, (tuple, list)):
+        groups = module.feature_group_count
+        return tuple(module.kernel_size) + (jnp.shape(x)[-1] // groups, module.features)
+    if cls is nn.Embed:
+        return (module.num_embeddings, module.features)
+    if cls is nn.Einsum:
+        return tuple(module.shape)
+    return None
+
+
+def _call_model(model, variables, args, kwargs):
+    """``model.apply(variables, ...)``; a Hugging Face Flax model is called with ``params=``."""
+    if isinstance(model, nn.Module):
+        return model.apply(variables, *args, **kwargs)
+    if isinstance(getattr(model, "module", None), nn.Module) and callable(model):
+        extra = set(variables) - {"params"}
+        if extra:
+            raise ValueError(f"jlora.linen: a Hugging Face model takes params only, got "
+                             f"collections {sorted(extra)}")
+        return model(*args, params=variables["params"], **kwargs)
+    raise ValueError(f"jlora.linen: model must be a flax.linen.Module (or a Hugging Face Flax "
+                     f"model), got {type(model).__name__}")
+
+
+def resolve(model, variables: Any, *args, spec: Spec, **kwargs) -> Spec:
+    """``spec`` with every targeted kernel oriented as the model's layers use it.
+
+    Traces ``model.apply(variables, *args, **kwargs)`` abstractly (``jax.eval_shape``,
+    no FLOPs) and records, for each kernel of a ``Dense``, ``DenseGeneral``,
+    ``Conv``, ``Embed``, ``Einsum`` (from its equation: the kernel letters that
+    also index the input) or :func:`register`-ed layer, which kernel axes the
+    layer contracts with its input. The returned spec carries them as each
+    config's ``in_axes``, so :func:`jlora.apply` builds factors ``a: (fan_in, r)``,
+    ``b: (r, fan_out)`` in the layer's own orientation (GPT-2's ``(out, in)``
+    ``FlaxConv1D`` kernels, Gemma's ``(heads, d_model, head_dim)`` einsum
+    kernels), the fast path factorizes them and PEFT files describe them.
+
+    ``model`` may also be a Hugging Face Flax model (called as
+    ``model(*args, params=variables["params"], **kwargs)``).
+
+    Raises:
+      ValueError: a targeted kernel that no known layer uses and whose
+        orientation its shape does not settle (square, or more than 2 axes),
+        naming the path (a non-square one is assumed ``(in, out)`` with a
+        warning); a config ``in_axes`` that disagrees with the layer.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
+        >>> model = nn.Einsum((2, 8, 4), "btd,ndh->btnh")  # heads, d_model, head_dim
+        >>> x = jnp.ones((1, 3, 8))
+        >>> variables = model.init(jax.random.key(0), x)
+        >>> spec = jlora.linen.resolve(model, variables, x,
+        ...                            spec=jlora.Spec({"kernel": jlora.LoRA(rank=2)}))
+        >>> spec.match("kernel").in_axes
+        (1,)
+    """
+    found = _layers.trace_axes(lambda v: _call_model(model, v, args, kwargs), variables)
+    return _layers.orient_spec(spec, variables["params"], found)
+
+
+def apply(model, variables: Any, *args, dropout_key: jax.Array | None = None,
+          strict: bool = False, adapter_ids: Any = None, **kwargs):
     """Run a Linen model on adapted params, each adapter computed factorized.
 
-    ``model.apply(variables, *args, **kwargs)`` where every supported layer
-    whose parameter is an adapter node computes ``op(x, W)`` through the
-    node's ``dot`` (see the module docstring). (To *adapt* params, see
-    ``jlora.apply``.)
+    ``model.apply(variables, *args, **kwargs)`` in which every supported layer
+    whose parameter is an adapter node computes its output through the node's
+    ``dot`` (see the module docstring). (To *adapt* params, see ``jlora.apply``.)
 
     Args:
-      model: a Linen module.
+      model: a Linen module (or a Hugging Face Flax model, see :func:`resolve`).
       variables: ``{"params": adapted, ...}``; ``adapted`` from ``jlora.apply``
         (or ``jlora.combine(trainable, frozen)``).
       *args, **kwargs: passed to ``model.apply`` (``method=``, ``rngs=``,
         ``mutable=`` included).
       dropout_key: enables adapter dropout (training); ``None`` at eval.
+      strict: raise instead of warn when an adapter is served merged.
       adapter_ids: ``(batch,)`` ints for a tree from ``jlora.compose.stack``:
         example ``j`` runs with adapter ``adapter_ids[j]`` (``-1``: the base alone).
+
+    Every low-rank adapter the fast path could not compute factorized (its layer
+    is unknown, or contracts other axes than the adapter's ``in_axes``) is served
+    from merged weights and named in a warning (a ``ValueError`` with
+    ``strict=True``); under ``jit`` the check runs once, at trace time.
     """
-    return _run(model, variables, args, kwargs, dropout_key=dropout_key,
-                adapter_ids=adapter_ids, on_hit=None)
+    return _intercepted(model, variables, args, kwargs, dropout_key=dropout_key,
+                        strict=strict, on_hit=None, adapter_ids=adapter_ids)
 
 
-def _run(model: nn.Module, variables: Any, args: tuple, kwargs: dict, *,
-         dropout_key: jax.Array | None, on_hit: Callable[[str], None] | None,
-         adapter_ids: Any = None):
+def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
+                 dropout_key: jax.Array | None, strict: bool,
+                 on_hit: Callable[[str], None] | None, adapter_ids: Any = None):
     variables = dict(variables)
     params = variables.get("params")
     if params is None:
@@ -199,13 +292,17 @@ def _run(model: nn.Module, variables: Any, args: tuple, kwargs: dict, *,
     # stacked adapters (jlora.compose.stack) get the batch's ids; they have no merged form
     stacked = bind_adapter_ids(nodes, adapter_ids)
     variables["params"] = merge(map_with_paths(lambda p, x: x.base if p in stacked else x, params))
+    hits: set[str] = set()
+    misses: dict[str, str] = {}
     busy = False  # a handler's own sub-layer calls go straight through
-    hits: list[str] = []
 
     def interceptor(next_fun, call_args, call_kwargs, context):
         nonlocal busy
         module = context.module
-        entry = _HANDLERS.get(type(module))
+        cls = type(module)
+        entry = _HANDLERS.get(cls)
+        if entry is None and _layers.registered(cls) is not None:
+            entry = (_layers.registered(cls).kernel, _registered)
         if busy or entry is None:
             return next_fun(*call_args, **call_kwargs)
         name, handler = entry
@@ -217,26 +314,54 @@ def _run(model: nn.Module, variables: Any, args: tuple, kwargs: dict, *,
             or not module.has_variable("params", name)
         ):
             return next_fun(*call_args, **call_kwargs)
+        declared = _declared_shape(module, call_args)
+        if declared is not None and tuple(declared) != tuple(node.shape):
+            return next_fun(*call_args, **call_kwargs)  # Flax reports the mismatch
+        axes = _layers.contracted_axes(module, context.method_name, call_args, call_kwargs)
+        if axes != tuple(node.in_axes):
+            misses[path] = (f"{cls.__name__}.{context.method_name} has no factorized form"
+                            if axes is None else
+                            f"{cls.__name__} contracts kernel axes {axes}, the adapter has "
+                            f"in_axes {node.in_axes}")
+            return next_fun(*call_args, **call_kwargs)
         key = None if dropout_key is None else path_key(dropout_key, path)
         busy = True
         try:
-            y = handler(module, node, context.method_name, call_args, call_kwargs, key)
+            y = handler(module, _layers.leading_view(node), context.method_name, call_args,
+                        call_kwargs, key)
         finally:
             busy = False
         if y is NotImplemented:
+            misses[path] = f"{cls.__name__} options the fast path does not cover"
             return next_fun(*call_args, **call_kwargs)
-        hits.append(path)
+        hits.add(path)
         if on_hit is not None:
             on_hit(path)
         return y
 
     with nn.intercept_methods(interceptor):
-        out = model.apply(variables, *args, **kwargs)
-    missed = [p for p in stacked if p not in hits]
+        out = _call_model(model, variables, args, kwargs)
+    missed = sorted(p for p in stacked if p not in hits)
     if missed:
         raise ValueError(f"{missed[0]}: a stacked adapter runs only on the fast path, and this "
                          "layer is not on it (jlora.linen.consumed lists what is)")
+    _report(nodes, hits, misses, strict)
     return out
+
+
+def _report(nodes, hits, misses, strict):
+    merged = [p for p, n in nodes.items()
+              if not isinstance(n, FullNode) and len(n.shape) >= 2
+              and (p in misses or p not in hits)]
+    if not merged:
+        return
+    lines = [f"{p} ({misses.get(p, 'no known layer uses it')})" for p in merged]
+    msg = ("jlora.linen.apply: served from merged weights, not factorized: " + "; ".join(lines)
+           + ". Build the spec with jlora.linen.resolve, or register custom layers with "
+           "jlora.linen.register.")
+    if strict:
+        raise ValueError(msg)
+    warnings.warn(msg, stacklevel=3)
 
 
 def consumed(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, list[str]]:
@@ -249,8 +374,11 @@ def consumed(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, lis
     hits: list[str] = []
     dropout_key = kwargs.pop("dropout_key", None)
     adapter_ids = kwargs.pop("adapter_ids", None)
-    jax.eval_shape(lambda v: _run(model, v, args, kwargs, dropout_key=dropout_key,
-                                  adapter_ids=adapter_ids, on_hit=hits.append), variables)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jax.eval_shape(lambda v: _intercepted(model, v, args, kwargs, dropout_key=dropout_key,
+                                              strict=False, on_hit=hits.append,
+                                              adapter_ids=adapter_ids), variables)
     nodes = [p for p, x in leaves_with_paths(variables["params"]) if is_node(x)]
     return {
         "factorized": [p for p in nodes if p in hits],

@@ -219,6 +219,8 @@ def _kind(path: str, node) -> str:
         return "embedding"
     if len(node.shape) == 2 and node.in_axes == (0,):
         return "linear"
+    if len(node.shape) == 2 and node.in_axes == (1,):
+        return "linear_t"  # kernel stored (out, in): PEFT's fan_in_fan_out layers
     if len(node.shape) == 4 and node.in_axes == (0, 1, 2):
         return "conv"
     raise ValueError(
@@ -363,7 +365,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         if kind == "embedding":
             put(f"{key}.lora_embedding_A", a.T, path)
             put(f"{key}.lora_embedding_B", b.T, path)
-        elif kind == "linear":
+        elif kind in ("linear", "linear_t"):
             put(f"{key}.lora_A.weight", a.T, path)
             put(f"{key}.lora_B.weight", b.T, path)
         else:
@@ -371,12 +373,12 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
             put(f"{key}.lora_A.weight", a.reshape(kh, kw, cin, rank).transpose(3, 2, 0, 1), path)
             put(f"{key}.lora_B.weight", b.T.reshape(-1, rank, 1, 1), path)
         if isinstance(node, DoRANode):
-            if kind != "linear":
+            if kind not in ("linear", "linear_t"):
                 raise ValueError(f"{path}: jlora exports DoRA for Linear layers only")
             put(f"{key}.lora_magnitude_vector", np.asarray(node.m, np.float32), path)
         modules[module] = {"r": rank, "alpha": alpha, "rslora": node.config.rslora,
                            "dora": isinstance(node, DoRANode), "dropout": node.config.dropout,
-                           "path": path}
+                           "path": path, "transposed": kind == "linear_t"}
     if not modules:
         raise ValueError("jlora.peft.save: the tree holds no LoRA/DoRA adapter")
     both = sorted(set(modules) & set(to_save))
@@ -408,7 +410,9 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         "lora_dropout": first["dropout"],
         "bias": "none",
         "lora_bias": False,
-        "fan_in_fan_out": False,
+        # PEFT applies fan_in_fan_out to its Conv1D-style layers (GPT-2) and turns it
+        # off for nn.Linear ones, so one flag describes a mixed model.
+        "fan_in_fan_out": any(m["transposed"] for m in modules.values()),
         "modules_to_save": to_save or None,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -535,7 +539,9 @@ def _read_config(path: str) -> dict:
         elif key not in _READ and not _is_default(key, value):
             raise ValueError(f"{path}: key {key!r} is set to {value!r}, which jlora does not "
                              "implement; refusing to load rather than ignore it")
-    for key, ok in {"fan_in_fan_out": False, "lora_bias": False, "bias": "none"}.items():
+    if type(config.get("fan_in_fan_out", False)) is not bool:
+        _bad(path, "fan_in_fan_out", "true or false", config["fan_in_fan_out"])
+    for key, ok in {"lora_bias": False, "bias": "none"}.items():
         if config.get(key, ok) != ok or type(config.get(key, ok)) is not type(ok):
             raise ValueError(f"{path}: key {key!r} = {config[key]!r} is not supported "
                              f"(only {ok!r})")
@@ -634,14 +640,27 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def load(directory: str, params: Any, *, name_map: NameMap = None,
-         adapter_name: str = "default") -> Any:
+         adapter_name: str = "default", in_axes: dict | None = None) -> Any:
     """Read a PEFT LoRA adapter directory into an adapted tree over ``params``.
 
     Honours ``r``/``lora_alpha`` with ``rank_pattern``/``alpha_pattern``,
-    ``use_rslora``, ``use_dora``, ``target_modules``, ``exclude_modules`` and
-    ``modules_to_save``. ``params`` is not modified; the returned tree is
-    complete or a ``ValueError`` names the file and key at fault.
+    ``use_rslora``, ``use_dora``, ``fan_in_fan_out``, ``target_modules``,
+    ``exclude_modules`` and ``modules_to_save``. ``params`` is not modified; the
+    returned tree is complete or a ``ValueError`` names the file and key at fault.
+
+    Orientation of a 2-D kernel: PEFT's ``lora_A`` is ``(r, in)`` and ``lora_B``
+    ``(out, r)``, so a non-square kernel of shape ``(in, out)`` gets
+    ``in_axes=(0,)`` and one of shape ``(out, in)`` (Hugging Face Flax GPT-2's
+    ``FlaxConv1D``) ``in_axes=(1,)``. A square kernel follows ``in_axes``
+    (``{kernel path: (0,) or (1,)}``, e.g. read off the configs of a
+    ``jlora.linen.resolve``-d spec) when given, else the file's
+    ``fan_in_fan_out`` (true: the Flax port of a ``Conv1D`` model, stored
+    ``(out, in)``).
     """
+    given = {} if in_axes is None else in_axes
+    if not isinstance(given, dict) or any(tuple(v) not in ((0,), (1,)) for v in given.values()):
+        raise ValueError(f"jlora.peft.load: in_axes must map kernel paths to (0,) or (1,), "
+                         f"got {in_axes!r}")
     folder = _adapter_folder(directory, adapter_name)
     by_module = _torch_modules(params, name_map, "jlora.peft.load")
     cfg_path = os.path.join(folder, CONFIG_FILE)
@@ -684,7 +703,8 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
         mpath = by_module[module]
         join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
         if any(s.startswith("lora_") for s in parts):
-            nodes.update(_lora_node(config, module, parts, join, leaves, weights_path, key))
+            nodes.update(_lora_node(config, module, parts, join, leaves, weights_path, key,
+                                    given))
         else:
             nodes.update(_full_nodes(parts, join, leaves, weights_path, key))
     return map_with_paths(lambda p, x: nodes.get(p, x), params)
@@ -755,7 +775,18 @@ def _full_nodes(parts, join, leaves, weights_path, key) -> dict:
     return nodes
 
 
-def _lora_node(config, module, parts, join, leaves, weights_path, key):
+def _linear_in_axes(path, shape, r, a_t, b_t, config, given) -> tuple[int, ...]:
+    """``(0,)`` for an ``(in, out)`` kernel, ``(1,)`` for ``(out, in)``; see :func:`load`."""
+    if path in given:
+        return tuple(given[path])
+    rows, cols = shape
+    if rows != cols:
+        flipped = (tuple(a_t.shape), tuple(b_t.shape)) == ((r, cols), (rows, r))
+        return (1,) if flipped else (0,)
+    return (1,) if config.get("fan_in_fan_out") else (0,)
+
+
+def _lora_node(config, module, parts, join, leaves, weights_path, key, given):
     embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
     names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
     path = join("embedding" if embedding else "kernel")
@@ -782,7 +813,11 @@ def _lora_node(config, module, parts, join, leaves, weights_path, key):
         want, in_axes = ((r_file, cin, kh, kw), (cout, r_file, 1, 1)), (0, 1, 2)
     elif base.ndim == 2:
         rows, cols = (base.shape[0], base.shape[1])
-        want, in_axes = ((r_file, rows), (cols, r_file)), (0,)
+        in_axes = (0,) if embedding else _linear_in_axes(path, (rows, cols), r_file, a_t,
+                                                          b_t, config, given)
+        if in_axes == (1,):
+            rows, cols = cols, rows
+        want = ((r_file, rows), (cols, r_file))
     else:
         raise ValueError(f"{weights_path}: {key} adapts {path} of shape {base.shape}, which "
                          "has no PEFT LoRA layout")

@@ -120,15 +120,21 @@ def map_nodes(fn: Callable[[Any], Any], tree: Any) -> Any:
     return jax.tree.map(lambda x: fn(x) if is_node(x) else x, tree, is_leaf=is_node)
 
 
-def require_whole(tree: Any, what: str) -> None:
+def half_error(what: str, path: str, half: str) -> ValueError:
+    """The error for a node from one half of ``jlora.split`` where a whole node is needed."""
+    return ValueError(f"{what}: {path or '<root>'} is a node of the {half} half from jlora.split; "
+                      "combine the halves first: jlora.combine(trainable, frozen)")
+
+
+def require_whole(tree: Any, what: str, *, allow_trainable: bool = False) -> None:
     """A ``ValueError`` if ``tree`` holds a node from one half of ``jlora.split``.
 
-    ``merge``, ``unmerge``, ``summary`` and ``sharding.specs`` need whole nodes
-    (base and factors); the error names the first half-node's path.
+    ``merge``, ``summary`` and ``sharding.specs`` need whole nodes (base and
+    factors); ``merge(onto=...)`` and ``unmerge`` only need each node's delta,
+    which a trainable half may hold (``allow_trainable``). The error names the
+    first offending node's path.
     """
     for path, x in leaves_with_paths(tree):
         half = x.half() if is_node(x) else None
-        if half is not None:
-            raise ValueError(
-                f"{what}: {path or '<root>'} is a node of the {half} half from jlora.split; "
-                "combine the halves first: jlora.combine(trainable, frozen)")
+        if half is not None and not (allow_trainable and half == "trainable"):
+            raise half_error(what, path, half)

@@ -411,9 +411,9 @@ def _(tmp):
     load_edited(tmp, config={"layer_replication": [[0, 1]]})
 
 
-@case("peft.load", "`fan_in_fan_out: true`", r"adapter_config.json: key 'fan_in_fan_out' = True is not supported")
+@case("peft.load", "`fan_in_fan_out` not a boolean", r"adapter_config.json: key 'fan_in_fan_out' must be true or false, got 'true'")
 def _(tmp):
-    load_edited(tmp, config={"fan_in_fan_out": True})
+    load_edited(tmp, config={"fan_in_fan_out": "true"})
 
 
 @case("peft.load", "`init_lora_weights: \"pissa\"` (tensors for a modified base)", r"adapter_config.json: key 'init_lora_weights' is 'pissa': that initialisation replaces the base weights")

@@ -177,14 +177,31 @@ def test_halves_are_refused_where_a_whole_tree_is_needed(which):
     base_specs = jax.tree.map(lambda _: None, params)
     calls = {
         "jlora.merge": lambda: jlora.merge(half),
-        "jlora.unmerge": lambda: jlora.unmerge(params, half),
         "jlora.summary": lambda: jlora.summary(half),
         "jlora.sharding.specs": lambda: jlora.sharding.specs(half, base_specs),
     }
+    if which == "frozen":  # no factors: no delta to add or remove
+        calls["jlora.merge"] = lambda: jlora.merge(half, onto=params)
+        calls["jlora.unmerge"] = lambda: jlora.unmerge(params, half)
     for name, call in calls.items():
         with pytest.raises(ValueError, match=f"{name}: enc/layers_0/attn/query/kernel is a node "
                                              f"of the {which} half.*combine the halves first"):
             call()
+
+
+def test_deltas_of_a_trainable_half_merge_onto_params():
+    params = make_params()
+    adapted = perturb(jlora.apply(params, SPEC, key=jax.random.key(0)))
+    trainable, _ = jlora.split(adapted)
+    for got, want in zip(jax.tree.leaves(jlora.merge(trainable, onto=params)),
+                         jax.tree.leaves(jlora.merge(adapted))):
+        np.testing.assert_array_equal(got, want)
+    # LoRA-FA's trainable half lacks the frozen ``a``: its delta needs the other half
+    fa = jlora.apply(params, jlora.Spec({"head/kernel": jlora.LoRA(rank=2, train_a=False)}),
+                     key=jax.random.key(1))
+    with pytest.raises(ValueError, match="jlora.unmerge: head/kernel is a node of the trainable "
+                                         "half.*combine the halves first"):
+        jlora.unmerge(params, jlora.split(fa)[0])
 
 
 def test_merge_keeps_a_bf16_base_in_bf16():

@@ -193,7 +193,7 @@ def test_mixed_rslora_is_refused(tmp_path):
 def torch_tiny(params):
     import torch
 
-    from fixtures.make_peft_fixtures import Tiny as TorchTiny
+    from tests.fixtures.make_peft_fixtures import Tiny as TorchTiny
 
     m = TorchTiny()
     sd = {"emb.weight": params["emb"]["embedding"], "fc1.weight": params["fc1"]["kernel"].T,

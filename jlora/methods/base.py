@@ -184,7 +184,8 @@ class AdapterNode(struct.PyTreeNode, NodeBase, kw_only=True):
 
     @property
     def rank(self) -> int | None:
-        return None
+        """The config's ``rank`` (``None`` for methods without one)."""
+        return getattr(self.config, "rank", None)
 
     @property
     def in_shape(self) -> tuple[int, ...]:

@@ -174,10 +174,6 @@ class GLoRANode(AdapterNode):
     field_axes = {"base": Role.BASE, "a_u": Role.IN_RANK, "a_d": Role.RANK_OUT,
                   "b_u": Role.IN_RANK, "b_d": Role.RANK_OUT, "choice": Role.REPLICATED}
 
-    @property
-    def rank(self) -> int:
-        return self.config.rank
-
     def _ab(self):
         ra, rb = self.config.ranks()[:2]
         r = jnp.arange(self.config.rank)
@@ -207,10 +203,6 @@ class GLoRABiasNode(AdapterNode):
     field_axes = {"base": Role.OUT, "kernel": Role.KERNEL, "c_d": Role.IN_RANK,
                   "c_u": Role.REPLICATED, "d": Role.OUT, "e": Role.OUT,
                   "choice": Role.REPLICATED}
-
-    @property
-    def rank(self) -> int:
-        return self.config.rank
 
     def delta(self) -> Array:
         rc = self.config.ranks()[2]

@@ -190,10 +190,6 @@ class LoRANode(AdapterNode):
     def scale(self) -> float:
         return self.config.scale
 
-    @property
-    def rank(self) -> int:
-        return self.config.rank
-
     def _product(self, a, b) -> Array:
         return from_matrix(self.scale * (a @ b), self.shape, self.in_axes)
 

@@ -144,10 +144,6 @@ class PF2LoRANode(AdapterNode):
     def personal_scale(self) -> float:
         return self.config.personal_scale
 
-    @property
-    def rank(self) -> int:
-        return self.config.rank
-
     def branch_weights(self):
         """Multipliers of the shared and personal branches (1 and 1 here)."""
         return 1.0, 1.0

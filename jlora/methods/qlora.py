@@ -175,10 +175,6 @@ class QLoRANode(AdapterNode):
         return self.config.scale
 
     @property
-    def rank(self) -> int:
-        return self.config.rank
-
-    @property
     def compute_dtype(self):
         return jnp.dtype(self.config.compute_dtype or self.quantized.dtype)
 

@@ -108,10 +108,6 @@ class VeRANode(AdapterNode):
     field_axes = {"base": Role.BASE, "a": Role.IN_RANK, "b": Role.RANK_OUT,
                   "lambda_d": Role.REPLICATED, "lambda_b": Role.OUT}
 
-    @property
-    def rank(self) -> int:
-        return self.config.rank
-
     def delta(self) -> Array:
         return from_matrix(((self.a * self.lambda_d) @ self.b) * self.lambda_b,
                            self.shape, self.in_axes)

@@ -19,7 +19,8 @@ and re-exported here once; import it from ``jlora.optim``.
   optimizers over the pseudo-gradient (``server_step``, ``merged_step``,
   ``communication_bytes``; ``_fedopt.py``).
 
-The math and source paper of each is in ``docs/methods.md``.
+``docs/methods.md`` states the math and source paper of each single-model tool
+above; the federated optimizers cite theirs in ``_fedopt.py``.
 """
 
 from jlora.optim._adalora import AdaLoRAState, adalora, adalora_orthogonality, budget
