@@ -8,8 +8,8 @@
     >>> served = jlora.merge(jlora.combine(trainable, frozen))
 """
 
-from jlora import (checkpoint, compose, federated, glora, linen, nnx, optim, peft, presets,
-                   quant, sharding)
+from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, optim, peft,
+                   presets, quant, sharding)
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.quant import dequantize, quantize
 from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
@@ -38,6 +38,7 @@ __all__ = [
     "compose",
     "count_trainable",
     "dequantize",
+    "experts",
     "federated",
     "glora",
     "is_node",

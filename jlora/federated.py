@@ -662,6 +662,48 @@ class SimState(NamedTuple):
     clients: np.ndarray  # the clients sampled in the last round
 
 
+_ROUNDS: dict = {}  # (local_update, aggregate, server_opt, restart, broadcast) -> jitted round
+
+
+def _round_program(local_update, aggregate, server_opt, restart, broadcast, sharding):
+    """One round as a pure function of arrays (see :func:`simulate`)."""
+
+    def run_round(tr, fr, pers, opt_state, data, ids, p, k_clients, k_server):
+        m = ids.shape[0]
+        sel = jax.tree.map(lambda x: x[ids], data)
+        keys = jax.vmap(lambda i: jax.random.fold_in(k_clients, i))(ids)
+        if broadcast is not None:
+            starts = jax.vmap(lambda i: broadcast(tr, i))(ids)
+        else:
+            starts = jax.tree.map(lambda x: jnp.broadcast_to(x, (m,) + x.shape), tr)
+        template = None if pers is None else jax.tree.map(lambda x: x[0], pers)
+        if pers is not None:
+            starts = jax.vmap(combine)(_take(starts, template, keep=False),
+                                       jax.tree.map(lambda x: x[ids], pers))
+        if sharding is not None:
+            starts = sharding(starts)
+        results = jax.vmap(local_update, in_axes=(0, None, 0, 0))(starts, fr, sel, keys)
+        if sharding is not None:
+            results = sharding(results)
+        uploads = results
+        if pers is not None:
+            mine = _take(results, template, keep=True)
+            pers = jax.tree.map(lambda x, y: x.at[ids].set(y), pers, mine)
+            uploads = _take(results, template, keep=False)
+        agg = aggregate(unstack(uploads, m), p)
+        if restart is not None:
+            tr, fr = restart(agg, fr, k_server)
+        elif server_opt is not None:
+            grad = jax.tree.map(lambda x, y: (x - y).astype(x.dtype), tr, agg)
+            upd, opt_state = server_opt.update(grad, opt_state, tr)
+            tr = optax.apply_updates(tr, upd)
+        else:
+            tr = agg
+        return tr, fr, pers, opt_state
+
+    return run_round
+
+
 def simulate(local_update: Callable, trainable: PyTree, frozen: PyTree, data: PyTree, *,
              rounds: int, key: jax.Array, weights=None, clients_per_round: int | None = None,
              aggregate: Callable = fedavg, server_opt: optax.GradientTransformation | None = None,
@@ -773,42 +815,15 @@ def simulate(local_update: Callable, trainable: PyTree, frozen: PyTree, data: Py
             return jax.tree.map(lambda x, s: x if s is None else
                                 jax.lax.with_sharding_constraint(x, s), tree, sh)
 
-    template = None if personal is None else jax.tree.map(lambda x: x[0], personal)
-
     data = jax.tree.map(jnp.asarray, data) if mesh is None else data
-
-    def run_round(tr, fr, pers, opt_state, data, ids, p, k_clients, k_server):
-        sel = jax.tree.map(lambda x: x[ids], data)
-        keys = jax.vmap(lambda i: jax.random.fold_in(k_clients, i))(ids)
-        if broadcast is not None:
-            starts = jax.vmap(lambda i: broadcast(tr, i))(ids)
-        else:
-            starts = jax.tree.map(lambda x: jnp.broadcast_to(x, (m,) + x.shape), tr)
-        if pers is not None:
-            starts = jax.vmap(combine)(_take(starts, template, keep=False),
-                                       jax.tree.map(lambda x: x[ids], pers))
-        if sharding is not None:
-            starts = sharding(starts)
-        results = jax.vmap(local_update, in_axes=(0, None, 0, 0))(starts, fr, sel, keys)
-        if sharding is not None:
-            results = sharding(results)
-        uploads = results
-        if pers is not None:
-            mine = _take(results, template, keep=True)
-            pers = jax.tree.map(lambda x, y: x.at[ids].set(y), pers, mine)
-            uploads = _take(results, template, keep=False)
-        agg = aggregate(unstack(uploads, m), p)
-        if restart is not None:
-            tr, fr = restart(agg, fr, k_server)
-        elif server_opt is not None:
-            grad = jax.tree.map(lambda x, y: (x - y).astype(x.dtype), tr, agg)
-            upd, opt_state = server_opt.update(grad, opt_state, tr)
-            tr = optax.apply_updates(tr, upd)
-        else:
-            tr = agg
-        return tr, fr, pers, opt_state
-
-    step = jax.jit(run_round)
+    fns = (local_update, aggregate, server_opt, restart, broadcast)
+    if sharding is None:  # the same functions reuse one compiled round
+        step = _ROUNDS.pop(fns, None) or jax.jit(_round_program(*fns, None))
+        _ROUNDS[fns] = step
+        while len(_ROUNDS) > 16:
+            _ROUNDS.pop(next(iter(_ROUNDS)))
+    else:
+        step = jax.jit(_round_program(*fns, sharding))
     opt_state = None if server_opt is None else server_opt.init(trainable)
     state = SimState(0, trainable, frozen, personal, opt_state, np.arange(m))
     for t in range(rounds):

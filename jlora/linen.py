@@ -41,8 +41,8 @@ import jax.numpy as jnp
 
 from jlora import _layers
 from jlora._layers import register
-from jlora.core import merge
 from jlora.methods.full import FullNode
+from jlora.methods._experts import is_slice, is_stacked
 from jlora.methods.stacked import bind_adapter_ids
 from jlora.spec import Spec
 from jlora.tree import is_node, leaves_with_paths, map_with_paths, path_key
@@ -115,6 +115,8 @@ def _einsum(module: nn.Einsum, node, method, args, kwargs, key):
     x_sub, k_sub, out_sub = _layers.einsum_parts(eq)
     if "." in eq or len(k_sub) != len(node.shape):
         return NotImplemented
+    if is_stacked(node):
+        return _expert_einsum(module, node, eq, x, key)
     # the node is seen with its input axes first (orientation checked by the caller)
     in_letters = "".join(c for c in k_sub if c in x_sub)
     out_letters = [c for c in k_sub if c not in x_sub]
@@ -134,11 +136,49 @@ def _einsum(module: nn.Einsum, node, method, args, kwargs, key):
     now = rest + "".join(out_letters)
     y = jnp.transpose(y, [now.index(c) for c in out_sub])
     if module.use_bias:
-        # As Flax: the bias spans the output axes that come from the kernel
-        # (sized by the layer's declared shape), broadcast over the others.
-        bshape = [module.shape[k_sub.index(c)] if c in k_sub else 1 for c in out_sub]
-        return _bias(module, y, tuple(bshape))
+        return _bias(module, y, _bias_shape(k_sub, out_sub, tuple(module.shape)))
     return y
+
+
+def _bias_shape(k_sub: str, out_sub: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """As Flax's Einsum: the bias spans the output axes that come from the kernel
+    (sized by the kernel's declared shape), broadcast over the others."""
+    return tuple(shape[k_sub.index(c)] if c in k_sub else 1 for c in out_sub)
+
+
+def _expert_einsum(module: nn.Einsum, node, eq: str, x, key):
+    """Einsum dispatch over a stacked expert kernel, e.g. ``"ecd,edf->ecf"``: the
+    expert letter is kept in ``x`` and the output, the node's input axes are
+    contracted and the output letters sit where the contracted ones were in ``x``."""
+    lhs, out_sub = eq.split("->")
+    x_sub, k_sub = lhs.split(",")
+    e = k_sub[0]
+    contracted = [k_sub[i] for i in node.in_axes]
+    outs = [c for i, c in enumerate(k_sub) if i and i not in node.in_axes]
+    if (e not in x_sub or e not in out_sub or len(contracted) != 1 or len(outs) != 1
+            or any(c in out_sub or c not in x_sub for c in contracted)
+            or out_sub != x_sub.replace(contracted[0], outs[0])):
+        return NotImplemented
+
+    def op(x, k):
+        clone = module.clone(parent=None, name=None, use_bias=False, shape=tuple(k.shape),
+                             einsum_str=None)
+        return clone.apply({"params": {"kernel": k}}, x, einsum_str=eq)
+
+    y = node.dot(x, op, dropout_key=key)
+    if module.use_bias:
+        return _bias(module, y, _bias_shape(k_sub, out_sub, tuple(node.shape)))
+    return y
+
+
+def _merged_call(module: nn.Module, method: str, args, kwargs):
+    """Run ``module`` on its own variables with every adapter node merged (the
+    always-correct path for a node handed to a layer that cannot consume it)."""
+    variables = dict(module.variables)
+    variables["params"] = map_nodes(
+        lambda n: (n.slice_view() if is_slice(n) else n).materialize(), variables["params"])
+    clone = module.clone(parent=None, name=None)
+    return clone.apply(variables, *args, method=method, **kwargs)
 
 
 def _registered(module: nn.Module, node, method, args, kwargs, key):
@@ -173,6 +213,13 @@ _HANDLERS: dict[type, tuple[str, Callable]] = {
     nn.Embed: ("embedding", _embed),
     nn.Einsum: ("kernel", _einsum),
 }
+
+
+def _holds_node(module: nn.Module) -> bool:
+    """Whether one of ``module``'s own params (not a child's) is an adapter node."""
+    if module.scope is None:
+        return False
+    return any(is_node(v) for v in module.variables.get("params", {}).values())
 
 
 def _as_tuple(v) -> tuple:
@@ -289,51 +336,79 @@ def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
     if params is None:
         raise ValueError("jlora.linen.apply: variables has no 'params' collection")
     nodes = {path: node for path, node in leaves_with_paths(params) if is_node(node)}
-    # stacked adapters (jlora.compose.stack) get the batch's ids; they have no merged form
-    stacked = bind_adapter_ids(nodes, adapter_ids)
-    variables["params"] = merge(map_with_paths(lambda p, x: x.base if p in stacked else x, params))
+    # Adapters stacked for mixed batches (jlora.compose.stack) get the batch's ids
+    # and have no merged form: the fallback sees their base.
+    mixed = bind_adapter_ids(nodes, adapter_ids)
+    # Stacked nodes (expert_axis) travel inside the params, so that nn.scan hands
+    # each iteration its slice; every other node is served merged.
+    variables["params"] = map_with_paths(
+        lambda p, n: n if not is_node(n) else n.base if p in mixed else n if is_stacked(n)
+        else n.materialize(), params)
     hits: set[str] = set()
     misses: dict[str, str] = {}
     busy = False  # a handler's own sub-layer calls go straight through
 
-    def interceptor(next_fun, call_args, call_kwargs, context):
+    def _run_busy(fn, *args):
         nonlocal busy
+        busy = True
+        try:
+            return fn(*args)
+        finally:
+            busy = False
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
         module = context.module
         cls = type(module)
         entry = _HANDLERS.get(cls)
         if entry is None and _layers.registered(cls) is not None:
             entry = (_layers.registered(cls).kernel, _registered)
-        if busy or entry is None:
+        if busy:
+            return next_fun(*call_args, **call_kwargs)
+        method = context.method_name
+        if entry is None:
+            if not getattr(cls, "jlora_nodes", False) and _holds_node(module):
+                return _run_busy(_merged_call, module, method, call_args, call_kwargs)
             return next_fun(*call_args, **call_kwargs)
         name, handler = entry
         path = "/".join(map(str, module.path + (name,)))
-        node = nodes.get(path)
+        var = module.get_variable("params", name) if module.has_variable("params", name) else None
+        handed = is_node(var)  # a stacked node (or its nn.scan slice) inside the params
+        node = var if handed else nodes.get(path)
+        fallback = ((lambda: _run_busy(_merged_call, module, method, call_args, call_kwargs))
+                    if handed else (lambda: next_fun(*call_args, **call_kwargs)))
+        if (node is not None and not handed and var is not None
+                and tuple(jnp.shape(var)) == tuple(node.shape[1:])):
+            raise ValueError(
+                f"{path}: the adapted kernel has shape {tuple(node.shape)} but the layer "
+                f"sees {tuple(jnp.shape(var))}: it is stacked (nn.scan or vmap) along axis "
+                f"0, and its adapter treats that axis as input features; adapt it per "
+                f"slice with {node.method}(..., expert_axis=0)")
         if (
             node is None
-            or context.method_name not in ("__call__", "attend")
-            or not module.has_variable("params", name)
+            or method not in ("__call__", "attend")
+            or var is None
+            or (not handed and tuple(jnp.shape(var)) != tuple(node.shape))
         ):
-            return next_fun(*call_args, **call_kwargs)
-        declared = _declared_shape(module, call_args)
+            return fallback()
+        declared = None if handed else _declared_shape(module, call_args)
         if declared is not None and tuple(declared) != tuple(node.shape):
-            return next_fun(*call_args, **call_kwargs)  # Flax reports the mismatch
-        axes = _layers.contracted_axes(module, context.method_name, call_args, call_kwargs)
-        if axes != tuple(node.in_axes):
-            misses[path] = (f"{cls.__name__}.{context.method_name} has no factorized form"
-                            if axes is None else
-                            f"{cls.__name__} contracts kernel axes {axes}, the adapter has "
-                            f"in_axes {node.in_axes}")
-            return next_fun(*call_args, **call_kwargs)
+            return fallback()  # the layer's own forward raises Flax's shape error
+        if is_slice(node):
+            node = node.slice_view()
+        if not is_stacked(node):
+            axes = _layers.contracted_axes(module, method, call_args, call_kwargs)
+            if axes != tuple(node.in_axes):
+                misses[path] = (f"{cls.__name__}.{method} has no factorized form"
+                                if axes is None else
+                                f"{cls.__name__} contracts kernel axes {axes}, the adapter has "
+                                f"in_axes {node.in_axes}")
+                return fallback()
+            node = _layers.leading_view(node)
         key = None if dropout_key is None else path_key(dropout_key, path)
-        busy = True
-        try:
-            y = handler(module, _layers.leading_view(node), context.method_name, call_args,
-                        call_kwargs, key)
-        finally:
-            busy = False
+        y = _run_busy(handler, module, node, method, call_args, call_kwargs, key)
         if y is NotImplemented:
             misses[path] = f"{cls.__name__} options the fast path does not cover"
-            return next_fun(*call_args, **call_kwargs)
+            return fallback()
         hits.add(path)
         if on_hit is not None:
             on_hit(path)
@@ -341,7 +416,7 @@ def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
 
     with nn.intercept_methods(interceptor):
         out = _call_model(model, variables, args, kwargs)
-    missed = sorted(p for p in stacked if p not in hits)
+    missed = sorted(p for p in mixed if p not in hits)
     if missed:
         raise ValueError(f"{missed[0]}: a stacked adapter runs only on the fast path, and this "
                          "layer is not on it (jlora.linen.consumed lists what is)")
@@ -369,7 +444,7 @@ def consumed(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, lis
 
     Traces the model abstractly (``jax.eval_shape``, no FLOPs) and returns
     ``{"factorized": [...], "merged": [...]}``, so you can check your model's
-    layers hit the fast path. Arguments are those of :func:`apply`.
+    layers hit the fast path.
     """
     hits: list[str] = []
     dropout_key = kwargs.pop("dropout_key", None)

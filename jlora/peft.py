@@ -72,6 +72,7 @@ import numpy as np
 from jlora.methods.dora import DoRA, DoRANode
 from jlora.methods.full import Full, FullNode
 from jlora.methods.lora import LoRA, LoRANode
+from jlora.methods.qlora import QLoRANode
 from jlora.tree import is_node, leaves_with_paths, map_with_paths
 
 PREFIX = "base_model.model."
@@ -233,7 +234,7 @@ def _export_factors(path, node):
     cfg = node.config
     alpha = cfg.rank if cfg.alpha is None else cfg.alpha
     a, b, rank = np.asarray(node.a, np.float32), np.asarray(node.b, np.float32), cfg.rank
-    if node.a0 is not None:
+    if getattr(node, "a0", None) is not None:
         if isinstance(node, DoRANode):
             raise ValueError(f"{path}: exporting a PiSSA/OLoRA-initialised DoRA adapter is not supported")
         a = np.concatenate([a, np.asarray(node.a0, np.float32)], axis=1)
@@ -358,7 +359,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
             if module not in to_save:
                 to_save.append(module)
             continue
-        if not isinstance(node, (LoRANode, DoRANode)):
+        if not isinstance(node, (LoRANode, DoRANode, QLoRANode)):  # QLoRA: its delta alone
             raise ValueError(f"{path}: {node.method} adapters have no PEFT LoRA layout")
         kind = _kind(path, node)
         a, b, rank, alpha = _export_factors(path, node)

@@ -196,6 +196,7 @@ class QuantizedArray:
     shape: tuple[int, ...] = ()
     perm: tuple[int, ...] = ()
     dtype: str = "float32"
+    n_stack: int = 0
 
     @property
     def double_quant(self) -> bool:
@@ -217,25 +218,49 @@ class QuantizedArray:
                    for x in (self.codes, self.absmax, self.absmax2, self.offset)
                    if x is not None)
 
+    def _per_slice(self, fn):
+        """``fn(codes, absmax, absmax2, offset)`` of one slice, mapped over the
+        ``n_stack`` leading stacked axes."""
+        for _ in range(self.n_stack):
+            fn = jax.vmap(fn)
+        return fn(self.codes, self.absmax, self.absmax2, self.offset)
+
     def scales(self) -> Array:
-        """The float32 block absmax values, flat (double quantization undone)."""
-        absmax = self.absmax.reshape(-1)
-        if self.absmax2 is None:
-            return absmax.astype(jnp.float32)
-        return dequantize_blockwise(absmax, self.absmax2, DYNAMIC, DQ_BLOCK) + self.offset
+        """The float32 block absmax values (double quantization undone), flat per slice."""
+        def one(codes, absmax, absmax2, offset):
+            absmax = absmax.reshape(-1)
+            if absmax2 is None:
+                return absmax.astype(jnp.float32)
+            return dequantize_blockwise(absmax, absmax2, DYNAMIC, DQ_BLOCK) + offset
+        return self._per_slice(one)
 
     def stored(self, dtype: Any = jnp.float32) -> Array:
         """The dequantized array in stored order (``transpose(x, perm)``)."""
-        n = self.size
-        if self.quant == "int8":
-            q = self.codes.reshape(-1).astype(jnp.float32) / np.float32(127.0)
-            scale = jnp.repeat(self.scales(), self.block_size,
-                               total_repeat_length=self.absmax.size * self.block_size)[:n]
-            flat = q * scale
-        else:
-            flat = dequantize_blockwise(unpack(self.codes, n), self.scales(),
-                                        codebook(self.quant), self.block_size)
-        return flat.astype(dtype).reshape(self.stored_shape)
+        slice_shape = self.stored_shape[self.n_stack:]
+        n = math.prod(slice_shape)
+        code = None if self.quant == "int8" else codebook(self.quant)
+        bs = self.block_size
+
+        def one(codes, absmax, absmax2, offset):
+            scales = QuantizedArray.scales(dataclasses.replace(
+                self, codes=codes, absmax=absmax, absmax2=absmax2, offset=offset, n_stack=0))
+            if code is None:
+                q = codes.reshape(-1).astype(jnp.float32) / np.float32(127.0)
+                flat = q * jnp.repeat(scales, bs, total_repeat_length=scales.size * bs)[:n]
+            else:
+                flat = dequantize_blockwise(unpack(codes, n), scales, code, bs)
+            return flat.astype(dtype).reshape(slice_shape)
+        return self._per_slice(one)
+
+    def slice_view(self) -> "QuantizedArray":
+        """The array of one slice, for arrays whose leading stacked axis a map
+        (``nn.scan``, ``vmap``) has already removed."""
+        if not self.n_stack:
+            raise ValueError("QuantizedArray.slice_view: the array is not stacked")
+        axis = self.perm[0]
+        shape = self.shape[:axis] + self.shape[axis + 1:]
+        perm = tuple(p - (p > axis) for p in self.perm[1:])
+        return dataclasses.replace(self, shape=shape, perm=perm, n_stack=self.n_stack - 1)
 
     def dequantize(self, dtype: Any = None) -> Array:
         """The dequantized array in its own shape; ``dtype`` defaults to the original."""
@@ -245,7 +270,7 @@ class QuantizedArray:
 
 jax.tree_util.register_dataclass(
     QuantizedArray, data_fields=["codes", "absmax", "absmax2", "offset"],
-    meta_fields=["quant", "block_size", "shape", "perm", "dtype"])
+    meta_fields=["quant", "block_size", "shape", "perm", "dtype", "n_stack"])
 
 
 def _storage_perm(ndim: int, in_axes: tuple[int, ...] | None,
@@ -278,8 +303,9 @@ def quantize(x: Array, quant: str = "nf4", block_size: int = 64, double_quant: b
       block_size: values a block, along the contracting axes (bitsandbytes: 64).
       double_quant: 8-bit codes for the block scales (QLoRA's double quantization).
       in_axes: the contracting axes; blocks run along them.
-      stack_axes: leading axes of stacked kernels (experts, scanned layers): each
-        slice is laid out as its own bitsandbytes weight, slices one after another.
+      stack_axes: axes of stacked kernels (experts, scanned layers): each slice is
+        quantized as its own bitsandbytes weight (its own double-quantization
+        offset and scales), stacked along leading axes of every field.
 
     Returns:
       a :class:`QuantizedArray` (a pytree; :func:`dequantize` inverts it).
@@ -293,15 +319,18 @@ def quantize(x: Array, quant: str = "nf4", block_size: int = 64, double_quant: b
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"jlora.quantize: needs a floating-point array, got dtype {x.dtype}")
     perm = _storage_perm(x.ndim, in_axes, tuple(stack_axes))
-    codes, absmax, absmax2, offset = _quantize_stored(
-        jnp.transpose(x, perm), quant, block_size, double_quant)
+    fn = functools.partial(_quantize_stored, quant=quant, block_size=block_size,
+                           double_quant=double_quant)
+    for _ in stack_axes:
+        fn = jax.vmap(fn)
+    codes, absmax, absmax2, offset = fn(jnp.transpose(x, perm))
     return QuantizedArray(codes=codes, absmax=absmax, absmax2=absmax2, offset=offset,
                           quant=quant, block_size=block_size, shape=tuple(x.shape),
-                          perm=perm, dtype=jnp.dtype(x.dtype).name)
+                          perm=perm, dtype=jnp.dtype(x.dtype).name, n_stack=len(stack_axes))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _quantize_stored(stored: Array, quant: str, block_size: int, double_quant: bool):
+@functools.partial(jax.jit, static_argnames=("quant", "block_size", "double_quant"))
+def _quantize_stored(stored: Array, *, quant: str, block_size: int, double_quant: bool):
     """Codes and scales of an array already in stored order (one compiled program,
     so eager and jitted callers get the same bits)."""
     flat = stored.reshape(-1)

@@ -59,6 +59,10 @@ def node_specs(node, base_spec: P | None):
     entries = tuple(base_spec or ()) + (None,) * (ndim - len(tuple(base_spec or ())))
     if len(entries) > ndim:
         raise ValueError(f"PartitionSpec {base_spec} has more entries than the base's {ndim} axes")
+    own = getattr(node, "partition_specs", None)
+    own = own(entries, _fold) if own is not None else None
+    if own is not None:  # stacked and quantized nodes lay their fields out themselves
+        return node.replace(**own)
     ins = _fold(entries[i] for i in node.in_axes)
     outs = _fold(entries[i] for i in range(ndim) if i not in node.in_axes)
     layout = {

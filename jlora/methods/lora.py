@@ -53,6 +53,17 @@ import jax
 import jax.numpy as jnp
 
 from jlora import _validate as v
+from jlora.methods._experts import (
+    check_expert_axis,
+    factor_specs,
+    is_slice,
+    is_stacked,
+    slice_config,
+    slice_static,
+    stacked_init,
+    stacked_lowrank,
+    stacked_product,
+)
 from jlora.methods.base import (
     AdapterNode,
     Array,
@@ -87,6 +98,11 @@ class LoRA(Config):
       dtype: factor dtype; default float32 (or the base dtype if wider).
       niter: power iterations (>= 0) for ``"pissa_fast"``.
       in_axes: which kernel axes are inputs; default all but the last.
+      expert_axis: ``0`` for stacked kernels ``(E, in, out)`` (MoE experts, layers
+        under ``nn.scan``): independent factors per slice, ``a (E, in, r)``,
+        ``b (E, r, out)``; see ``jlora.methods._experts``.
+      rank_per_expert: ``"full"`` (rank ``r`` per slice) or ``"divide"``
+        (``max(1, r // E)`` per slice).
     """
 
     rank: int
@@ -98,8 +114,14 @@ class LoRA(Config):
     dtype: Any = None
     niter: int = 4
     in_axes: tuple[int, ...] | None = None
+    expert_axis: int | None = None
+    rank_per_expert: str = "full"
 
     def __post_init__(self):
+        check_expert_axis(type(self).__name__, self.expert_axis, self.rank_per_expert)
+        if self.expert_axis is not None and type(self) is not LoRA:
+            raise ValueError(f"{type(self).__name__}: expert_axis is supported by LoRA and "
+                             "QLoRA only")
         name = type(self).__name__
         v.positive_int(name, "rank", self.rank)
         v.real(name, "alpha", self.alpha, gt=0.0, allow_none=True)
@@ -152,7 +174,11 @@ class LoRA(Config):
         return view.in_axes, base, a, b, a0, b0
 
     def build(self, key: Array, base: Array, *, path: str) -> "LoRANode":
-        in_axes, base, a, b, a0, b0 = self.init_factors(key, base, path=path)
+        if self.expert_axis is not None:
+            self.check_leaf(base, path)
+            in_axes, base, a, b, a0, b0 = stacked_init(self, key, base, path=path)
+        else:
+            in_axes, base, a, b, a0, b0 = self.init_factors(key, base, path=path)
         return LoRANode(base=base, a=a, b=b, a0=a0, b0=b0, config=self,
                         shape=tuple(base.shape), in_axes=in_axes)
 
@@ -188,9 +214,30 @@ class LoRANode(AdapterNode):
 
     @property
     def scale(self) -> float:
+        if is_stacked(self):
+            return slice_config(self.config, self.shape[0]).scale
         return self.config.scale
 
+    @property
+    def rank(self) -> int:
+        if is_stacked(self):
+            return slice_config(self.config, self.shape[0]).rank
+        return self.config.rank
+
+    def partition_specs(self, entries, fold):
+        """Stacked nodes: the expert axis shards like the base's (see ``jlora.sharding``)."""
+        if not is_stacked(self):
+            return None
+        from jax.sharding import PartitionSpec as P
+        return {"base": P(*entries), **factor_specs(self, entries, fold)}
+
+    def slice_view(self) -> "LoRANode":
+        """One slice of a stacked node whose fields ``nn.scan`` has cut."""
+        return self.replace(**slice_static(self))
+
     def _product(self, a, b) -> Array:
+        if is_stacked(self):
+            return stacked_product(self, a, b, self.scale)
         return from_matrix(self.scale * (a @ b), self.shape, self.in_axes)
 
     def materialize(self) -> Array:
@@ -205,5 +252,12 @@ class LoRANode(AdapterNode):
 
     def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
             **context: Any) -> Array:
+        if is_slice(self):
+            return self.slice_view().dot(x, op, dropout_key=dropout_key, **context)
+        if is_stacked(self):
+            y = op(x, self.base)
+            lo = stacked_lowrank(x, op, self, self.a, self.b, self.scale,
+                                 dropout_key=dropout_key, dropout=self.config.dropout)
+            return y + lo.astype(y.dtype)
         return base_plus_lowrank(x, op, self, self.a, self.b, scale=self.scale,
                                  dropout_key=dropout_key, dropout=self.config.dropout)

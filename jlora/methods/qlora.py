@@ -44,6 +44,17 @@ import numpy as np
 
 from jlora import quant as Q
 from jlora._validate import boolean, choice, positive_int, real
+from jlora.methods._experts import (
+    check_expert_axis,
+    factor_specs,
+    is_slice,
+    is_stacked,
+    slice_config,
+    slice_static,
+    stacked_init,
+    stacked_lowrank,
+    stacked_product,
+)
 from jlora.methods.base import (
     AdapterNode,
     Array,
@@ -75,6 +86,9 @@ class QLoRA(Config):
       dropout: dropout rate on the adapter branch input (fast path, training).
       dtype: factor dtype; default float32.
       in_axes: which kernel axes are inputs; default all but the last.
+      expert_axis: ``0`` for stacked kernels (MoE experts, ``nn.scan`` layers):
+        factors per slice and one bitsandbytes weight per slice.
+      rank_per_expert: ``"full"`` or ``"divide"`` (``max(1, rank // E)``).
     """
 
     rank: int
@@ -88,9 +102,12 @@ class QLoRA(Config):
     dropout: float = 0.0
     dtype: Any = None
     in_axes: tuple[int, ...] | None = None
+    expert_axis: int | None = None
+    rank_per_expert: str = "full"
 
     def __post_init__(self):
         positive_int("QLoRA", "rank", self.rank)
+        check_expert_axis("QLoRA", self.expert_axis, self.rank_per_expert)
         real("QLoRA", "alpha", self.alpha, gt=0.0, allow_none=True)
         choice("QLoRA", "quant", self.quant, Q.QUANTS)
         positive_int("QLoRA", "block_size", self.block_size, minimum=2)
@@ -119,11 +136,17 @@ class QLoRA(Config):
     def lora(self) -> LoRA:
         """The LoRA config of the adapter part (shared init and checks)."""
         return LoRA(rank=self.rank, alpha=self.alpha, init=self.init, rslora=self.rslora,
-                    dropout=self.dropout, dtype=self.dtype, in_axes=self.in_axes)
+                    dropout=self.dropout, dtype=self.dtype, in_axes=self.in_axes,
+                    expert_axis=self.expert_axis, rank_per_expert=self.rank_per_expert)
 
     def build(self, key: Array, base: Array, *, path: str) -> "QLoRANode":
-        in_axes, base, a, b, _, _ = self.lora().init_factors(key, base, path=path)
-        q = Q.quantize(base, self.quant, self.block_size, self.double_quant, in_axes=in_axes)
+        self.check_leaf(base, path)
+        if self.expert_axis is not None:
+            in_axes, base, a, b, _, _ = stacked_init(self.lora(), key, base, path=path)
+        else:
+            in_axes, base, a, b, _, _ = self.lora().init_factors(key, base, path=path)
+        q = Q.quantize(base, self.quant, self.block_size, self.double_quant, in_axes=in_axes,
+                       stack_axes=() if self.expert_axis is None else (0,))
         return QLoRANode(quantized=q, a=a, b=b, config=self, shape=tuple(base.shape),
                          in_axes=in_axes)
 
@@ -172,7 +195,36 @@ class QLoRANode(AdapterNode):
 
     @property
     def scale(self) -> float:
+        if is_stacked(self):
+            return slice_config(self.config, self.shape[0]).scale
         return self.config.scale
+
+    @property
+    def rank(self) -> int:
+        if is_stacked(self):
+            return slice_config(self.config, self.shape[0]).rank
+        return self.config.rank
+
+    def partition_specs(self, entries, fold):
+        """Codes and block scales shard with the base axes they store (the packed
+        input axis included), per-slice double-quantization state with the
+        expert axis; factors as LoRA's."""
+        from jax.sharding import PartitionSpec as P
+
+        q = self.quantized
+        stored = [entries[p] for p in q.perm]
+        lead = stored[:q.n_stack]
+        structured = q.codes.ndim == len(q.shape)
+        grid = P(*stored) if structured else P(*lead, None)
+        qspecs = dataclasses.replace(
+            q, codes=grid, absmax=grid,
+            absmax2=None if q.absmax2 is None else P(*lead, None),
+            offset=None if q.offset is None else P(*lead))
+        return {"quantized": qspecs, **factor_specs(self, entries, fold)}
+
+    def slice_view(self) -> "QLoRANode":
+        """One slice of a stacked node whose fields ``nn.scan`` has cut."""
+        return self.replace(quantized=self.quantized.slice_view(), **slice_static(self))
 
     @property
     def compute_dtype(self):
@@ -188,6 +240,8 @@ class QLoRANode(AdapterNode):
         return self.quantized.nbytes
 
     def delta(self) -> Array:
+        if is_stacked(self):
+            return stacked_product(self, self.a, self.b, self.scale)
         return from_matrix(self.scale * (self.a @ self.b), self.shape, self.in_axes)
 
     def materialize(self) -> Array:
@@ -196,10 +250,62 @@ class QLoRANode(AdapterNode):
 
     def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
             **context: Any) -> Array:
-        if not leading_in_axes(self):
+        if is_slice(self):
+            return self.slice_view().dot(x, op, dropout_key=dropout_key, **context)
+        if not is_stacked(self) and not leading_in_axes(self):
             return op(x, self.materialize())
         xc = x.astype(self.compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
         y = quantized_dot(xc, self.quantized, op, self.compute_dtype)
-        lo = lowrank_dot(x, op, self, self.a, self.b, scale=self.scale,
-                         dropout_key=dropout_key, dropout=self.config.dropout)
+        if is_stacked(self):
+            lo = stacked_lowrank(x, op, self, self.a, self.b, self.scale,
+                                 dropout_key=dropout_key, dropout=self.config.dropout)
+        else:
+            lo = lowrank_dot(x, op, self, self.a, self.b, scale=self.scale,
+                             dropout_key=dropout_key, dropout=self.config.dropout)
         return y + lo.astype(y.dtype)
+
+
+def from_lora(adapted: Any, quantized: Any = None, *, quant: str = "nf4", block_size: int = 64,
+              double_quant: bool = True, compute_dtype: Any = None) -> Any:
+    """Turn the plain LoRA nodes of ``adapted`` into QLoRA nodes with the same factors.
+
+    ``quantized`` (optional) is a tree with a :class:`jlora.quant.QuantizedArray`
+    at each adapted path (e.g. from ``jlora.quant.quantize_tree``): its codes and
+    scales become the nodes' base unchanged, which is how a PEFT adapter is put
+    on a jlora-quantized model::
+
+        adapted = jlora.peft.load(folder, jlora.quant.dequantize_tree(qparams))
+        adapted = jlora.methods.qlora.from_lora(adapted, qparams)
+
+    Without ``quantized``, each node's float base is quantized with the given
+    options. Nodes with PiSSA/OLoRA's initial factors or a stacked axis keep
+    their own class.
+    """
+    from jlora.methods.lora import LoRANode
+    from jlora.tree import leaves_with_paths, map_with_paths
+
+    given = {}
+    if quantized is not None:
+        given = {p: q for p, q in leaves_with_paths(
+            quantized, is_leaf=lambda x: isinstance(x, Q.QuantizedArray))
+            if isinstance(q, Q.QuantizedArray)}
+
+    def one(path, node):
+        if type(node) is not LoRANode or node.a0 is not None or is_stacked(node):
+            return node
+        c = node.config
+        q = given.get(path)
+        if q is None:
+            if quantized is not None:
+                raise ValueError(f"jlora.methods.qlora.from_lora: no QuantizedArray at {path}")
+            q = Q.quantize(node.base, quant, block_size, double_quant, in_axes=node.in_axes)
+        elif tuple(q.shape) != tuple(node.shape):
+            raise ValueError(f"{path}: quantized base has shape {q.shape}, the adapter "
+                             f"{tuple(node.shape)}")
+        cfg = QLoRA(rank=c.rank, alpha=c.alpha, quant=q.quant, block_size=q.block_size,
+                    double_quant=q.absmax2 is not None, compute_dtype=compute_dtype,
+                    rslora=c.rslora, dropout=c.dropout, dtype=c.dtype, in_axes=c.in_axes)
+        return QLoRANode(quantized=q, a=node.a, b=node.b, config=cfg, shape=node.shape,
+                         in_axes=node.in_axes)
+
+    return map_with_paths(one, adapted)

@@ -1,0 +1,70 @@
+"""Mixture-of-experts fast paths for stacked adapter nodes (``expert_axis=0``).
+
+For expert kernels ``W (E, d, f)`` with per-expert factors ``a (E, d, r)``,
+``b (E, r, f)`` (``LoRA(..., expert_axis=0)`` or ``QLoRA(..., expert_axis=0)``):
+
+* :func:`ragged_dot` — dropless MoE, tokens sorted by expert with routing
+  ``group_sizes (E,)``: ``y = ragged_dot(x, W) + s·ragged_dot(ragged_dot(x, a), b)``
+  reusing the same group sizes; ``ΔW`` is never formed and the extra cost is
+  ``O(T·r·(d + f))``.
+* :func:`einsum` — capacity (einsum) dispatch ``"ecd,edf->ecf"``:
+  ``y = einsum(x, W) + s·einsum(einsum(x, a), b)``.
+
+Both take a plain array too (then they are ``jax.lax.ragged_dot`` /
+``jnp.einsum``), so one MoE layer serves a base and an adapted model. In a
+Linen module, set the class attribute ``jlora_nodes = True`` so that
+``jlora.linen.apply`` hands the module its adapter nodes instead of merged
+weights. The router is an ordinary parameter: it stays frozen unless the spec
+targets it.
+
+Example::
+
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> w = jax.random.normal(jax.random.key(0), (4, 16, 8))            # (E, d, f)
+    >>> node = jlora.apply({"w": w}, jlora.Spec({"w": jlora.LoRA(rank=2, expert_axis=0)}),
+    ...                    key=jax.random.key(1))["w"]
+    >>> x, gs = jnp.ones((6, 16)), jnp.array([1, 2, 0, 3])              # sorted tokens
+    >>> y = jlora.experts.ragged_dot(x, node, gs)
+    >>> bool(jnp.allclose(y, jax.lax.ragged_dot(x, w, gs), atol=1e-5))  # b = 0 at init
+    True
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jlora.methods._experts import is_slice, is_stacked
+from jlora.tree import is_node
+
+Array = jax.Array
+
+
+def _check(node, what: str):
+    if is_node(node) and (not is_stacked(node) or is_slice(node)):
+        raise ValueError(f"jlora.experts.{what}: needs a stacked node (expert_axis=0) "
+                         f"with its expert axis, got a {node.method} node of shape "
+                         f"{tuple(node.shape)}")
+
+
+def ragged_dot(x: Array, w, group_sizes: Array, **kwargs) -> Array:
+    """``jax.lax.ragged_dot(x, W, group_sizes)`` with ``W`` an array or a stacked node.
+
+    ``x (T, d)`` holds the routed tokens sorted by expert; ``group_sizes (E,)``
+    how many go to each expert. ``kwargs`` go to ``jax.lax.ragged_dot``.
+    """
+    op = lambda x, k: jax.lax.ragged_dot(x, k, group_sizes, **kwargs)
+    if not is_node(w):
+        return op(x, w)
+    _check(w, "ragged_dot")
+    return w.dot(x, op)
+
+
+def einsum(eq: str, x: Array, w, **kwargs) -> Array:
+    """``jnp.einsum(eq, x, W)`` for expert dispatch (``"ecd,edf->ecf"``), ``W`` an
+    array or a stacked node whose input axis is the contracted letter."""
+    op = lambda x, k: jnp.einsum(eq, x, k, **kwargs)
+    if not is_node(w):
+        return op(x, w)
+    _check(w, "einsum")
+    return w.dot(x, op)

@@ -1,0 +1,125 @@
+"""Stacked kernels: mixture-of-experts weights ``(E, in, out)`` and layers stacked by
+``nn.scan`` / ``nnx.scan`` (``(layers, in, out)``), adapted slice by slice.
+
+With ``expert_axis=0`` a factorized method keeps independent factors per slice,
+
+    a: (E, in, r),  b: (E, r, out),   K[e] = K0[e] + s·a[e]·b[e]
+
+(QLoRA's base: one bitsandbytes weight per slice). Inside ``nn.scan`` each
+iteration sees one slice of every node field; a node whose factors have lost
+the stacked axis is a *slice view* and computes as an ordinary 2-D adapter. On
+a whole stack, the fast path takes the layer's expert-batched linear map ``op``
+(an einsum ``"ecd,edf->ecf"`` or ``jax.lax.ragged_dot`` with the routing's
+group sizes) and never forms the delta:
+
+    y = op(x, K0) + s·op(op(drop(x), a), b)
+
+``rank_per_expert="divide"`` gives each slice rank ``max(1, rank // E)`` (the
+parameter budget of one dense adapter, as SkyRL and Thinking Machines do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jlora.methods.base import Array, from_matrix, resolve_in_axes
+
+RANK_MODES = ("full", "divide")
+
+
+def check_expert_axis(owner: str, expert_axis, rank_per_expert: str) -> None:
+    if expert_axis is not None and (isinstance(expert_axis, bool) or expert_axis != 0):
+        raise ValueError(f"{owner}: expert_axis must be None or 0 (the leading axis, where "
+                         f"MoE layers and nn.scan stack their kernels), got {expert_axis!r}")
+    if rank_per_expert not in RANK_MODES:
+        raise ValueError(f"{owner}: rank_per_expert must be one of {RANK_MODES}, "
+                         f"got {rank_per_expert!r}")
+
+
+def slice_config(config, n_slices: int):
+    """The per-slice config: no expert axis, in_axes relative to a slice, and
+    rank ``max(1, rank // E)`` under ``rank_per_expert="divide"``."""
+    rank = config.rank
+    if config.rank_per_expert == "divide":
+        rank = max(1, rank // n_slices)
+    in_axes = None if config.in_axes is None else tuple(a - 1 for a in config.in_axes)
+    return dataclasses.replace(config, expert_axis=None, rank=rank, in_axes=in_axes)
+
+
+def stacked_init(config, key: Array, base: Array, *, path: str):
+    """``(in_axes, base, a, b, a0, b0)`` of a stacked kernel, each slice initialised
+    by ``config``'s own ``init_factors`` with its own key (``in_axes`` of the
+    whole kernel: the slice's shifted by one)."""
+    if base.ndim < 3:
+        raise ValueError(f"{path}: expert_axis=0 needs a stacked kernel (E, in..., out...) "
+                         f"with at least 3 dims, got shape {tuple(base.shape)}")
+    if config.in_axes is not None and 0 in [a % base.ndim for a in config.in_axes]:
+        raise ValueError(f"{path}: in_axes {config.in_axes} include the expert axis 0")
+    one = slice_config(config, base.shape[0])
+    in_axes = resolve_in_axes(tuple(base.shape[1:]), one.in_axes, path)
+    keys = jax.random.split(key, base.shape[0])
+
+    def init(k, w):
+        return one.init_factors(k, w, path=path)[1:]
+
+    base, a, b, a0, b0 = jax.vmap(init)(keys, base)
+    return tuple(i + 1 for i in in_axes), base, a, b, a0, b0
+
+
+def is_stacked(node) -> bool:
+    return getattr(node.config, "expert_axis", None) is not None
+
+
+def is_slice(node) -> bool:
+    """A stacked node whose fields a map (``nn.scan``) has cut to one slice."""
+    return is_stacked(node) and node.a.ndim == 2
+
+
+def slice_static(node) -> dict:
+    """Static fields of one slice of a stacked node."""
+    return {"shape": tuple(node.shape[1:]), "in_axes": tuple(i - 1 for i in node.in_axes),
+            "config": slice_config(node.config, node.shape[0])}
+
+
+def stacked_product(node, a: Array, b: Array, scale: float) -> Array:
+    """``s·a[e]·b[e]`` for every slice, in the kernel's layout."""
+    shape, in_axes = tuple(node.shape[1:]), tuple(i - 1 for i in node.in_axes)
+    return jax.vmap(lambda a, b: from_matrix(scale * (a @ b), shape, in_axes))(a, b)
+
+
+def stacked_lowrank(x: Array, op, node, a: Array, b: Array, scale: float, *,
+                    dropout_key: Array | None, dropout: float) -> Array:
+    """``s·op(op(drop(x), a), b)``: the expert-batched low-rank branch. ``a`` is
+    ``(E, in..., r)`` and ``b`` ``(E, r, out...)`` as kernels of the layer's op."""
+    if dropout_key is not None and dropout > 0.0:
+        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+    e, r = node.shape[0], a.shape[-1]
+    in_shape = tuple(node.shape[i] for i in node.in_axes)
+    out_shape = tuple(d for i, d in enumerate(node.shape) if i and i not in node.in_axes)
+    h = op(x, a.reshape((e,) + in_shape + (r,)))
+    b = b.reshape((e, r) + out_shape)
+    if len(in_shape) != 1:
+        raise ValueError("stacked fast path needs one input axis per slice")
+    return op(h * scale, b.astype(h.dtype))
+
+
+def factor_specs(node, entries, fold) -> dict:
+    """PartitionSpecs of a (stacked or not) node's ``a``, ``b``, ``a0``, ``b0``:
+    the expert axis keeps the base's mesh axis (expert parallelism), ``a``'s rows
+    the input axes', ``b``'s columns the output axes'; the rank is replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    stacked = is_stacked(node)
+    lead = (entries[0],) if stacked else ()
+    ins = fold(entries[i] for i in node.in_axes)
+    outs = fold(entries[i] for i in range(len(node.shape))
+                if i not in node.in_axes and not (stacked and i == 0))
+    specs = {"a": P(*lead, ins, None), "b": P(*lead, None, outs)}
+    for name, spec in (("a0", specs["a"]), ("b0", specs["b"])):
+        if getattr(node, name, None) is not None:
+            specs[name] = spec
+    return {k: v for k, v in specs.items() if getattr(node, k, None) is not None}

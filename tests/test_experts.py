@@ -1,0 +1,221 @@
+"""Stacked kernels (expert_axis=0): MoE experts and nn.scan blocks, against
+per-slice float64 numpy loops; QLoRA's residuals and memory under nn.scan."""
+
+import math
+import re
+
+import flax.linen as nn
+import jax
+import jax.ad_checkpoint
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+from helpers import f64
+
+E, D, F = 3, 16, 12
+
+
+def _bump(adapted, size=0.2):
+    def one(n):
+        if not jlora.is_node(n) or not hasattr(n, "b"):
+            return n
+        return n.replace(b=size * jax.random.normal(jax.random.key(n.b.size), n.b.shape))
+    return jax.tree.map(one, adapted, is_leaf=jlora.is_node)
+
+
+def _experts(cfg, seed=0):
+    k = np.random.default_rng(seed).standard_normal((E, D, F)).astype(np.float32)
+    node = jlora.apply({"w": jnp.asarray(k)}, jlora.Spec({"w": cfg}), key=jax.random.key(seed))
+    return k, _bump(node)["w"]
+
+
+def test_expert_factors_and_merge_per_slice():
+    k, node = _experts(jlora.LoRA(rank=2, alpha=4, expert_axis=0))
+    assert node.a.shape == (E, D, 2) and node.b.shape == (E, 2, F) and node.scale == 2.0
+    assert not np.allclose(node.a[0], node.a[1])  # independent inits per expert
+    merged = f64(jlora.merge({"w": node})["w"])
+    for e in range(E):
+        np.testing.assert_allclose(merged[e], k[e] + 2.0 * f64(node.a[e]) @ f64(node.b[e]),
+                                   rtol=1e-5, atol=1e-5)
+    # unmerge(merge) gives back the base
+    back = jlora.unmerge(jlora.merge({"w": node}), {"w": node})["w"]
+    np.testing.assert_allclose(back, k, atol=1e-5)
+    _, divided = _experts(jlora.LoRA(rank=6, expert_axis=0, rank_per_expert="divide"))
+    assert divided.a.shape == (E, D, 2) and divided.rank == 2 and divided.scale == 1.0
+    assert jlora.count_trainable({"w": divided}) == E * 2 * (D + F)
+
+
+def test_ragged_dot_fast_path_against_per_token_loop_and_gradients():
+    k, node = _experts(jlora.LoRA(rank=2, expert_axis=0))
+    gs = jnp.array([2, 0, 4])
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((6, D)), jnp.float32)
+    merged = f64(jlora.merge({"w": node})["w"])
+    expert_of = np.repeat(np.arange(E), np.asarray(gs))
+    ref = np.stack([f64(x[t]) @ merged[expert_of[t]] for t in range(6)])
+    np.testing.assert_allclose(jlora.experts.ragged_dot(x, node, gs), ref, rtol=1e-5, atol=1e-5)
+    trainable, frozen = jlora.split({"w": node})
+
+    def loss(t, fast):
+        n = jlora.combine(t, frozen)
+        y = (jlora.experts.ragged_dot(x, n["w"], gs) if fast
+             else jax.lax.ragged_dot(x, jlora.merge(n)["w"], gs))
+        return jnp.sum(jnp.sin(y))
+
+    for a, b in zip(jax.tree.leaves(jax.grad(loss)(trainable, True)),
+                    jax.tree.leaves(jax.grad(loss)(trainable, False))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+class EinsumMoE(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # x: (E, capacity, D), dispatched
+        router = self.param("router", nn.initializers.normal(), (D, E))
+        y = nn.Einsum((E, D, F), "ecd,edf->ecf", use_bias=False, name="experts")(x)
+        return y, x.mean(1) @ router
+
+
+def test_einsum_dispatch_fast_path_and_router_frozen():
+    model = EinsumMoE()
+    x = jax.random.normal(jax.random.key(0), (E, 5, D))
+    params = model.init(jax.random.key(1), x)["params"]
+    adapted = _bump(jlora.apply(params, jlora.Spec({"experts/kernel": jlora.LoRA(
+        rank=2, expert_axis=0)}), key=jax.random.key(2)))
+    assert jlora.linen.consumed(model, {"params": adapted}, x)["factorized"] == ["experts/kernel"]
+    trainable, frozen = jlora.split(adapted)
+    assert trainable["router"] is None and frozen["router"] is not None  # router frozen
+    y, _ = jlora.linen.apply(model, {"params": adapted}, x)
+    merged = f64(jlora.merge(adapted)["experts"]["kernel"])
+    ref = np.stack([f64(x[e]) @ merged[e] for e in range(E)])
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return h + nn.Dense(h.shape[-1], use_bias=False)(jnp.tanh(h)), None
+
+
+class Scanned(nn.Module):
+    layers: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        length=self.layers)
+        h, _ = stack(name="blocks")(x, None)
+        return h
+
+
+def _scanned(d, cfg):
+    model, x = Scanned(), jax.random.normal(jax.random.key(0), (8, d))
+    params = model.init(jax.random.key(1), x)["params"]
+    adapted = _bump(jlora.apply(params, jlora.Spec({"blocks/**/kernel": cfg}),
+                                key=jax.random.key(2)), size=0.05)
+    return model, x, params, adapted
+
+
+def _loss(model, x):
+    def loss(t, f, fast):
+        a = jlora.combine(t, f)
+        y = (jlora.linen.apply(model, {"params": a}, x) if fast
+             else model.apply({"params": jlora.merge(a)}, x))
+        return jnp.sum(jnp.sin(y))
+    return loss
+
+
+@pytest.mark.parametrize("method", [jlora.LoRA, jlora.QLoRA])
+def test_scanned_blocks_adapted_per_layer_fast_path_inside_scan(method):
+    model, x, params, adapted = _scanned(64, method(rank=2, expert_axis=0))
+    node = adapted["blocks"]["Dense_0"]["kernel"]
+    assert node.a.shape == (4, 64, 2)
+    assert jlora.linen.consumed(model, {"params": adapted}, x)["factorized"] == [
+        "blocks/Dense_0/kernel"]
+    # per-layer numpy loop of the merged kernels
+    merged = f64(jlora.merge(adapted)["blocks"]["Dense_0"]["kernel"])
+    base = f64(node.base)
+    h = f64(x)
+    for layer in range(4):
+        np.testing.assert_allclose(merged[layer], base[layer] + node.scale * f64(
+            node.a[layer]) @ f64(node.b[layer]), rtol=1e-5, atol=1e-5)
+        h = h + np.tanh(h) @ merged[layer]
+    np.testing.assert_allclose(jlora.linen.apply(model, {"params": adapted}, x), h,
+                               rtol=1e-4, atol=1e-4)
+    t, f = jlora.split(adapted)
+    loss = jax.jit(jax.grad(_loss(model, x)), static_argnums=2)
+    for a, b in zip(jax.tree.leaves(loss(t, f, True)), jax.tree.leaves(loss(t, f, False))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_scanned_kernel_adapted_as_one_matrix_is_refused():
+    model, x, _, adapted = _scanned(16, jlora.LoRA(rank=2))
+    with pytest.raises(ValueError, match="expert_axis=0"):
+        jlora.linen.apply(model, {"params": adapted}, x)
+    with pytest.raises(ValueError, match="expert_axis"):
+        jlora.LoRA(rank=2, expert_axis=1)
+    with pytest.raises(ValueError, match="at least 3 dims"):
+        jlora.apply({"w": jnp.ones((4, 4))}, jlora.Spec({"w": jlora.LoRA(rank=2, expert_axis=0)}),
+                    key=jax.random.key(0))
+    with pytest.raises(ValueError, match="LoRA and QLoRA only"):
+        jlora.DoRA(rank=2, expert_axis=0)
+
+
+def _float_residuals(capsys, fn, *args):
+    """Shapes of the float residuals ``jax.ad_checkpoint.print_saved_residuals`` lists."""
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(fn, *args)
+    shapes = []
+    for line in capsys.readouterr().out.splitlines():
+        m = re.match(r"(bf16|f16|f32|f64)\[([\d,]*)\]", line)
+        if m:
+            shapes.append(tuple(int(v) for v in m.group(2).split(",") if v))
+    return shapes
+
+
+def test_qlora_scan_keeps_codes_not_dequantized_weights(capsys):
+    d = 256
+    model, x, _, adapted = _scanned(d, jlora.QLoRA(rank=4, expert_axis=0))
+    t, f = jlora.split(adapted)
+    loss = _loss(model, x)
+    # no weight-sized float array is saved for the backward pass
+    fast = _float_residuals(capsys, lambda t, f: loss(t, f, True), t, f)
+    assert fast and all(math.prod(s) < d * d for s in fast)
+    plain = _float_residuals(capsys, lambda t, f: loss(t, f, False), t, f)
+    assert (4, d, d) in plain  # what the custom VJP avoids
+    dequantized_bytes = 4 * d * d * 4
+    temps = {fast: jax.jit(jax.grad(loss), static_argnums=2).lower(t, f, fast).compile()
+             .memory_analysis().temp_size_in_bytes for fast in (True, False)}
+    assert temps[True] < dequantized_bytes < temps[False]
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+def test_expert_factors_and_quantized_codes_shard_like_their_base():
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("expert", "tensor"))
+    params = {"moe": {"w": jax.random.normal(jax.random.key(0), (4, 128, 64))},
+              "q": {"w": jax.random.normal(jax.random.key(1), (4, 128, 64))}}
+    spec = jlora.Spec({"moe/w": jlora.LoRA(rank=2, expert_axis=0),
+                       "q/w": jlora.QLoRA(rank=2, expert_axis=0)})
+    base = {"moe": {"w": P("expert", None, "tensor")}, "q": {"w": P("expert", None, "tensor")}}
+    adapted = _bump(jlora.apply(params, spec, key=jax.random.key(2)))
+    s = jlora.sharding.specs(adapted, base)
+    assert (s["moe"]["w"].a, s["moe"]["w"].b) == (P("expert", None, None),
+                                                  P("expert", None, "tensor"))
+    q = s["q"]["w"].quantized  # codes stored (E, out, in/2): expert and output axes sharded
+    assert (q.codes, q.absmax, q.offset) == (P("expert", "tensor", None),
+                                             P("expert", "tensor", None), P("expert"))
+    placed = jlora.sharding.place(adapted, mesh, base)
+    x = jax.random.normal(jax.random.key(3), (4, 5, 128))
+
+    def loss(t, f):
+        a = jlora.combine(t, f)
+        y = sum(jlora.experts.einsum("ecd,edf->ecf", x, a[k]["w"]) for k in ("moe", "q"))
+        return jnp.sum(jnp.sin(y))
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    (l1, g1), (l2, g2) = grad(*jlora.split(placed)), grad(*jlora.split(adapted))
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
