@@ -37,8 +37,10 @@ def build(name: str, seed: int = 0):
 
     _, flax_cls, _, cfg_cls, kw = FAMILIES[name]
     config = getattr(transformers, cfg_cls)(**kw)
-    model = getattr(transformers, flax_cls)(config, seed=seed)
-    return model, model.params
+    model = getattr(transformers, flax_cls)(config, _do_init=False)
+    # one compiled init instead of hundreds of eagerly dispatched ops
+    params = jax.jit(model.init_weights, static_argnums=1)(jax.random.key(seed), model.input_shape)
+    return model, params
 
 
 def torch_twin(name: str, params):

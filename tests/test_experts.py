@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jlora
-from helpers import f64
+from tests._refs import f64
 
 E, D, F = 3, 16, 12
 

@@ -31,6 +31,12 @@ TARGETS = {"bert": ["query", "key", "value", "attention.output.dense", "intermed
 _CACHE = {}
 
 
+def adapt(params, spec):
+    """``jlora.apply`` with non-zero factors, compiled once (eager dispatch is slow)."""
+    return jax.jit(lambda p: perturb(jlora.apply(p, spec, key=jax.random.key(1)), size=0.3))(
+        params)
+
+
 def adapted_model(name):
     """(model, params, ids, adapted): all-linear preset, resolved against the model."""
     if name not in _CACHE:
@@ -38,7 +44,7 @@ def adapted_model(name):
         ids = tokens()
         spec = jlora.linen.resolve(model, {"params": params}, ids,
                                    spec=jlora.presets.spec(name, "all-linear", CONFIG))
-        adapted = perturb(jlora.apply(params, spec, key=jax.random.key(1)), size=0.3)
+        adapted = adapt(params, spec)
         _CACHE[name] = model, params, ids, adapted
     return _CACHE[name]
 
@@ -152,7 +158,7 @@ def test_gpt2_square_kernel_orientation_is_read_not_guessed():
     spec = jlora.Spec({"**/attn/c_proj/kernel": CONFIG})  # no preset, no in_axes
     resolved = jlora.linen.resolve(model, {"params": params}, ids, spec=spec)
     assert resolved.match("transformer/h/0/attn/c_proj/kernel").in_axes == (1,)
-    guessed = perturb(jlora.apply(params, spec, key=jax.random.key(0)), size=0.3)
+    guessed = adapt(params, spec)
     with pytest.raises(ValueError, match="transformer/h/0/attn/c_proj/kernel"):
         logits(model, guessed, ids, strict=True)
     with pytest.warns(UserWarning, match="contracts kernel axes \\(1,\\)"):
@@ -195,7 +201,7 @@ def test_unknown_square_kernel_is_an_error_naming_the_path():
 def gemma_setup():
     model = GemmaLM()
     ids = tokens()
-    params = model.init(jax.random.key(0), ids)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), ids)["params"]
     spec = jlora.presets.spec("gemma", "all-linear", CONFIG)
     return model, params, ids, spec
 
@@ -206,14 +212,14 @@ def test_gemma_einsum_block_presets_resolve_and_factorize():
     want = {"attn/q_einsum/kernel": (1,), "attn/kv_einsum/kernel": (2,),
             "attn/attn_vec_einsum/kernel": (0, 1), "mlp/gating_einsum/kernel": (2,),
             "mlp/linear/kernel": (0,)}
-    adapted = perturb(jlora.apply(params, resolved, key=jax.random.key(1)), size=0.3)
+    adapted = adapt(params, resolved)
     got = {p: n.in_axes for p, n in jlora.tree.leaves_with_paths(adapted) if jlora.is_node(n)}
     assert got == want
     # the preset alone (no model) already carries Gemma's layouts
     assert {p: spec.match(p).in_axes for p in want} == want
 
-    fast = jlora.linen.apply(model, {"params": adapted}, ids, strict=True)
-    merged = model.apply({"params": jlora.merge(adapted)}, ids)
+    fast = jax.jit(lambda p: jlora.linen.apply(model, {"params": p}, ids, strict=True))(adapted)
+    merged = jax.jit(lambda p: model.apply({"params": jlora.merge(p)}, ids))(adapted)
     np.testing.assert_allclose(f64(fast), f64(merged), rtol=1e-5, atol=1e-5)
     # float64 reference of one layer: q = x·(K0 + s·a·b) with the (N, D, H) kernel
     node = adapted["attn"]["q_einsum"]["kernel"]
@@ -234,16 +240,16 @@ def test_gemma_block_peft_file_round_trip(tmp_path):
     model, params, ids, _ = gemma_setup()
     spec = jlora.linen.resolve(model, {"params": params}, ids,
                                spec=jlora.Spec({"mlp/linear/kernel": CONFIG}))
-    adapted = perturb(jlora.apply(params, spec, key=jax.random.key(1)), size=0.3)
+    adapted = adapt(params, spec)
     jlora.peft.save(str(tmp_path), adapted)
     back = jlora.peft.load(str(tmp_path), params)
-    np.testing.assert_allclose(f64(jlora.linen.apply(model, {"params": back}, ids, strict=True)),
-                               f64(jlora.linen.apply(model, {"params": adapted}, ids)),
-                               rtol=1e-5, atol=1e-6)
+    run = jax.jit(lambda p: jlora.linen.apply(model, {"params": p}, ids, strict=True))
+    np.testing.assert_allclose(f64(run(back)), f64(run(adapted)), rtol=1e-5, atol=1e-6)
     spec3 = jlora.linen.resolve(model, {"params": params}, ids,
                                 spec=jlora.presets.spec("gemma", "qv", CONFIG))
     with pytest.raises(ValueError, match="attn/kv_einsum/kernel"):
-        jlora.peft.save(str(tmp_path / "3d"), jlora.apply(params, spec3, key=jax.random.key(1)))
+        jlora.peft.save(str(tmp_path / "3d"), jax.eval_shape(
+            lambda p: jlora.apply(p, spec3, key=jax.random.key(1)), params))
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "gpt2", "llama", "mistral", "vit"])
@@ -266,20 +272,22 @@ def test_presets_match_each_hf_family(family):
                 dict(small, image_size=8, patch_size=4, num_labels=3)),
     }
     cls, cfg, kw = make[family]
-    params = getattr(transformers, cls)(getattr(transformers, cfg)(**kw), seed=0).params
+    # shapes are all a preset needs: no initialisation, no FLOPs
+    model = getattr(transformers, cls)(getattr(transformers, cfg)(**kw), _do_init=False)
+    params = jax.eval_shape(lambda: model.init_weights(jax.random.key(0), model.input_shape))
     detected = jlora.presets.detect(params)
     assert detected == family or {detected, family} <= {"llama", "mistral"}
     counts = {}
     for targets in jlora.presets.TARGETS:
-        adapted = jlora.apply(params, jlora.presets.spec(family, targets, CONFIG),
-                              key=jax.random.key(0))
+        spec = jlora.presets.spec(family, targets, CONFIG)
+        adapted = jax.eval_shape(lambda p: jlora.apply(p, spec, key=jax.random.key(0)), params)
         paths = [p for p, n in jlora.tree.leaves_with_paths(adapted) if jlora.is_node(n)]
         assert not any(h in p for p in paths for h in ("lm_head", "classifier", "router"))
         counts[targets] = len(paths)
     want = {"gpt2": (1, 2, 4), "llama": (2, 4, 7), "mistral": (2, 4, 7)}.get(family, (2, 4, 6))
     assert (counts["qv"], counts["attention"], counts["all-linear"]) == want
     if family != "gpt2":  # GPT-2's read-out is tied to the token embedding: no head leaf
-        head = jlora.apply(params, jlora.presets.spec(family, "qv", CONFIG, head=jlora.Full()),
-                           key=jax.random.key(0))
+        spec = jlora.presets.spec(family, "qv", CONFIG, head=jlora.Full())
+        head = jax.eval_shape(lambda p: jlora.apply(p, spec, key=jax.random.key(0)), params)
         assert any(("lm_head" in p or "classifier" in p) and jlora.is_node(n)
                    for p, n in jlora.tree.leaves_with_paths(head))

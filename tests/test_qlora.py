@@ -173,12 +173,16 @@ def test_peft_save_is_a_plain_lora_adapter_that_peft_loads_on_bnb_4bit(tmp_path)
 
 
 @pytest.mark.experiments
-def test_study_smoke(tmp_path):
-    from experiments import qlora_study
+def test_study_smoke():
+    import argparse
 
-    results = qlora_study.main(["--d-model", "32", "--layers", "1", "--vocab", "16", "--seq", "8",
-                                "--batch", "4", "--pretrain-steps", "2", "--steps", "2",
-                                "--out", str(tmp_path)])
-    assert [r["variant"] for r in results] == ["full", "lora_bf16", "qlora"]
-    q = results[-1]
-    assert 0.5 < q["base_bytes_per_param"] < 0.6 and (tmp_path / "qlora_study.md").exists()
+    from experiments import qlora_study
+    from experiments.models.decoder import DecoderLM
+
+    args = argparse.Namespace(d_model=32, layers=1, vocab=16, seq=8, batch=4, steps=2, rank=2,
+                              lr=1e-3, lr_full=1e-3, seed=0)
+    model = DecoderLM(vocab=16, d_model=32, n_layers=1, n_heads=1, max_len=8)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    r = qlora_study.run_variant("qlora", params, args)
+    assert r["variant"] == "qlora" and len(r["losses"]) == 2 and 0 <= r["accuracy"] <= 1
+    assert 0.5 < r["base_bytes_per_param"] < 0.6

@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -57,7 +62,7 @@ import jlora
 
 warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
 if SMOKE:
-    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32)
     gpt2 = transformers.FlaxGPT2LMHeadModel(config, seed=0)
     ids = np.asarray(jax.random.randint(jax.random.key(0), (4, 16), 0, 64), np.int32)
 else:
@@ -163,7 +168,7 @@ print("reloaded in_axes:", back["transformer"]["h"]["0"]["attn"]["c_attn"]["kern
 # Gemma-style einsum attention, ViT.
 
 # %%
-bert_config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+bert_config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, intermediate_size=64)
 bert = transformers.FlaxBertForSequenceClassification(bert_config, seed=0)
 spec = jlora.linen.resolve(bert, {"params": bert.params}, ids % 64,

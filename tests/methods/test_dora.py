@@ -110,14 +110,14 @@ def test_dora_trains():
     assert float(loss) < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("detach_norm", [True, False])
-def test_all_zero_output_column_stays_finite(detach_norm):
+def test_all_zero_output_column_stays_finite():
     # PEFT gives 0/0 = NaN here; jlora's norm epsilon keeps the ratio at 1.
     model = nn.Dense(3)
     x = jax.random.normal(jax.random.key(0), (5, 4))
     params = model.init(jax.random.key(1), x)["params"]
     params = {**params, "kernel": params["kernel"].at[:, 1].set(0.0)}
-    spec = jlora.Spec({"kernel": jlora.DoRA(rank=2, detach_norm=detach_norm)})
+    # the exact norm gradient (detach_norm=False) is the case a bare sqrt makes NaN
+    spec = jlora.Spec({"kernel": jlora.DoRA(rank=2, detach_norm=False)})
     adapted = jlora.apply(params, spec, key=jax.random.key(2))
     node = adapted["kernel"]
     np.testing.assert_allclose(node.m[1], 1e-12, rtol=1e-6)
@@ -129,7 +129,7 @@ def test_all_zero_output_column_stays_finite(detach_norm):
         y = jlora.linen.apply(model, {"params": jlora.combine(t, frozen)}, x)
         return jnp.mean((y - 1.0) ** 2)
 
-    value, grads = jax.value_and_grad(loss)(trainable)
+    value, grads = jax.jit(jax.value_and_grad(loss))(trainable)
     assert np.isfinite(float(value))
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
     stepped = jax.tree.map(lambda p, g: p - 0.1 * g, trainable, grads)
