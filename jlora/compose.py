@@ -64,7 +64,7 @@ import numpy as np
 from jlora._validate import choice, positive_int, real
 from jlora.core import merge, path_key, unmerge
 from jlora.methods.adalora import AdaLoRANode
-from jlora.methods.base import from_matrix, to_matrix
+from jlora.methods.base import lowrank_svd, to_matrix
 from jlora.methods.dora import DoRANode
 from jlora.methods.lora import LoRA, LoRANode
 from jlora.methods.stacked import original, stack_nodes
@@ -176,14 +176,6 @@ def lora_node(like, base, a, b) -> LoRANode:
                     in_axes=tuple(like.in_axes))
 
 
-def _lowrank_svd(a, b):
-    """``a·b = u·diag(s)·vt`` from a QR of ``a`` and of ``bᵀ`` and the SVD of the small core."""
-    qa, ra = jnp.linalg.qr(a)
-    qb, rb = jnp.linalg.qr(b.T)
-    u, s, vt = jnp.linalg.svd(ra @ rb.T, full_matrices=False)
-    return qa @ u, s, vt @ qb.T
-
-
 def _truncate(u, s, vt, rank: int):
     """Rank-``rank`` factors ``(u·, diag(s)·vt)``, zero-padded when fewer values exist."""
     u, s, vt = u[:, :rank], s[:rank], vt[:rank]
@@ -260,7 +252,7 @@ def linear(adapters: Sequence[PyTree], weights, *, peft_compat: bool = False) ->
 
 @jax.jit
 def _svds(tree):
-    return {p: _lowrank_svd(n.a, n.b) for p, n in leaves_with_paths(tree) if is_node(n)}
+    return {p: lowrank_svd(n.a, n.b) for p, n in leaves_with_paths(tree) if is_node(n)}
 
 
 @jax.jit
@@ -308,7 +300,7 @@ def _svd(adapters, w, rank):
             out[path] = _dense_adapter(path, nodes[0], sum(
                 w[i] * _delta(path, n) for i, n in enumerate(nodes)), rank)
             continue
-        u, s, vt = _lowrank_svd(jnp.concatenate([w[i] * f[0] for i, f in enumerate(fs)], axis=1),
+        u, s, vt = lowrank_svd(jnp.concatenate([w[i] * f[0] for i, f in enumerate(fs)], axis=1),
                                 jnp.concatenate([f[1] for f in fs], axis=0))
         out[path] = lora_node(nodes[0], original(nodes[0]), *_truncate(u, s, vt, rank))
     return _rebuild(adapters, out)

@@ -43,8 +43,9 @@ from jlora import _layers
 from jlora._layers import register
 from jlora.methods.full import FullNode
 from jlora.methods._experts import is_slice, is_stacked
+from jlora.methods.stacked import bind_adapter_ids
 from jlora.spec import Spec
-from jlora.tree import is_node, leaves_with_paths, map_nodes, path_key
+from jlora.tree import is_node, leaves_with_paths, map_with_paths, path_key
 
 
 def _sub_apply(module: nn.Module, kernel: jax.Array, x: jax.Array, **updates) -> jax.Array:
@@ -300,7 +301,7 @@ def resolve(model, variables: Any, *args, spec: Spec, **kwargs) -> Spec:
 
 
 def apply(model, variables: Any, *args, dropout_key: jax.Array | None = None,
-          strict: bool = False, **kwargs):
+          strict: bool = False, adapter_ids: Any = None, **kwargs):
     """Run a Linen model on adapted params, each adapter computed factorized.
 
     ``model.apply(variables, *args, **kwargs)`` in which every supported layer
@@ -315,6 +316,8 @@ def apply(model, variables: Any, *args, dropout_key: jax.Array | None = None,
         ``mutable=`` included).
       dropout_key: enables adapter dropout (training); ``None`` at eval.
       strict: raise instead of warn when an adapter is served merged.
+      adapter_ids: ``(batch,)`` ints for a tree from ``jlora.compose.stack``:
+        example ``j`` runs with adapter ``adapter_ids[j]`` (``-1``: the base alone).
 
     Every low-rank adapter the fast path could not compute factorized (its layer
     is unknown, or contracts other axes than the adapter's ``in_axes``) is served
@@ -322,20 +325,25 @@ def apply(model, variables: Any, *args, dropout_key: jax.Array | None = None,
     ``strict=True``); under ``jit`` the check runs once, at trace time.
     """
     return _intercepted(model, variables, args, kwargs, dropout_key=dropout_key,
-                        strict=strict, on_hit=None)
+                        strict=strict, on_hit=None, adapter_ids=adapter_ids)
 
 
 def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
                  dropout_key: jax.Array | None, strict: bool,
-                 on_hit: Callable[[str], None] | None):
+                 on_hit: Callable[[str], None] | None, adapter_ids: Any = None):
     variables = dict(variables)
     params = variables.get("params")
     if params is None:
         raise ValueError("jlora.linen.apply: variables has no 'params' collection")
     nodes = {path: node for path, node in leaves_with_paths(params) if is_node(node)}
+    # Adapters stacked for mixed batches (jlora.compose.stack) get the batch's ids
+    # and have no merged form: the fallback sees their base.
+    mixed = bind_adapter_ids(nodes, adapter_ids)
     # Stacked nodes (expert_axis) travel inside the params, so that nn.scan hands
     # each iteration its slice; every other node is served merged.
-    variables["params"] = map_nodes(lambda n: n if is_stacked(n) else n.materialize(), params)
+    variables["params"] = map_with_paths(
+        lambda p, n: n if not is_node(n) else n.base if p in mixed else n if is_stacked(n)
+        else n.materialize(), params)
     hits: set[str] = set()
     misses: dict[str, str] = {}
     busy = False  # a handler's own sub-layer calls go straight through
@@ -408,6 +416,10 @@ def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
 
     with nn.intercept_methods(interceptor):
         out = _call_model(model, variables, args, kwargs)
+    missed = sorted(p for p in mixed if p not in hits)
+    if missed:
+        raise ValueError(f"{missed[0]}: a stacked adapter runs only on the fast path, and this "
+                         "layer is not on it (jlora.linen.consumed lists what is)")
     _report(nodes, hits, misses, strict)
     return out
 
@@ -436,10 +448,12 @@ def consumed(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, lis
     """
     hits: list[str] = []
     dropout_key = kwargs.pop("dropout_key", None)
+    adapter_ids = kwargs.pop("adapter_ids", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         jax.eval_shape(lambda v: _intercepted(model, v, args, kwargs, dropout_key=dropout_key,
-                                              strict=False, on_hit=hits.append), variables)
+                                              strict=False, on_hit=hits.append,
+                                              adapter_ids=adapter_ids), variables)
     nodes = [p for p, x in leaves_with_paths(variables["params"]) if is_node(x)]
     return {
         "factorized": [p for p in nodes if p in hits],

@@ -22,11 +22,76 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 from flax import nnx
 
 from jlora.core import merge as _merge_tree
+from jlora.methods.stacked import bind_adapter_ids
+from jlora.tree import is_node, leaves_with_paths, map_with_paths
 
 
 def merge(graphdef: Any, adapted: Any, *rest: Any) -> nnx.Module:
     """``nnx.merge(graphdef, jlora.merge(adapted), *rest)``: a working plain module."""
     return nnx.merge(graphdef, _merge_tree(adapted), *rest)
+
+
+def apply(graphdef: Any, adapted: Any, *args, adapter_ids: Any = None, **kwargs) -> Any:
+    """Run an NNX model on adapted state, ``Linear`` and ``Embed`` adapters factorized.
+
+    ``nnx.merge(graphdef, adapted)(*args, **kwargs)`` where each ``nnx.Linear``
+    / ``nnx.Embed`` whose kernel is an adapter node computes ``node.dot(x, op)``
+    with ``op`` the layer's own map (other layers use merged weights). With a
+    tree from ``jlora.compose.stack``, ``adapter_ids`` gives each example its
+    adapter (``-1``: the base alone), as in ``jlora.linen.apply``.
+
+        >>> import jax, jax.numpy as jnp, jlora
+        >>> from flax import nnx
+        >>> graphdef, state = nnx.split(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+        >>> trees = [jlora.apply(state, jlora.Spec({"kernel": jlora.LoRA(rank=2)}),
+        ...                      key=jax.random.key(i)) for i in range(2)]
+        >>> y = jlora.nnx.apply(graphdef, jlora.compose.stack(trees), jnp.ones((3, 4)),
+        ...                     adapter_ids=jnp.array([0, 1, -1]))
+        >>> y.shape
+        (3, 3)
+    """
+    nodes = {p: n for p, n in leaves_with_paths(adapted) if is_node(n)}
+    stacked = bind_adapter_ids(nodes, adapter_ids)
+    plain = _merge_tree(map_with_paths(lambda p, x: x.base if p in stacked else x, adapted))
+    module = nnx.merge(graphdef, plain)
+    hits = set()
+    for path, sub in nnx.iter_modules(module):
+        kind = type(sub)
+        name = {nnx.Linear: "kernel", nnx.Embed: "embedding"}.get(kind)
+        full = "/".join(map(str, path + (name,))) if name else None
+        node = nodes.get(full)
+        if node is None or node.in_axes != (0,):
+            continue
+        sub.__class__ = _fast(kind, node)
+        hits.add(full)
+    missed = sorted(p for p in stacked if p not in hits)
+    if missed:
+        raise ValueError(f"{missed[0]}: a stacked adapter runs only on the fast path "
+                         "(nnx.Linear and nnx.Embed)")
+    return module(*args, **kwargs)
+
+
+def _fast(kind, node):
+    """A subclass of ``kind`` whose call runs ``node.dot`` (made per layer, at trace time)."""
+    if kind is nnx.Linear:
+        def call(self, x):
+            def op(x, k):
+                x, k = self.promote_dtype((x, k), dtype=self.dtype)
+                return self.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())),
+                                        precision=self.precision)
+            y = node.dot(x.reshape(-1, x.shape[-1]), op)
+            y = y.reshape(x.shape[:-1] + y.shape[-1:])
+            if self.bias is not None:
+                y = y + self.bias[...].astype(y.dtype)
+            return y
+    else:
+        def call(self, ids):
+            def op(ids, table):
+                (table,) = self.promote_dtype((table,), dtype=self.dtype, inexact=False)
+                return jnp.take(table, ids, axis=0)
+            return node.dot(ids, op)
+    return type(f"Factorized{kind.__name__}", (kind,), {"__call__": call})

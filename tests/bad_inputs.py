@@ -254,6 +254,26 @@ def _(tmp):
     _jl().LoRA(rank=2, rs_lora=True)
 
 
+@case("method configs", "`LoRA(train_a=\"no\")` (a string is not a bool)", r"LoRA: train_a must be a bool \(True or False\), got 'no'")
+def _(tmp):
+    _jl().LoRA(rank=2, train_a="no")
+
+
+@case("method configs", "`LoRA(rslora=1)`", r"LoRA: rslora must be a bool \(True or False\), got 1")
+def _(tmp):
+    _jl().LoRA(rank=2, rslora=1)
+
+
+@case("method configs", "`LoRA(dtype='float99')`", r"LoRA: dtype must be None or a floating dtype, got 'float99'")
+def _(tmp):
+    _jl().LoRA(rank=2, dtype="float99")
+
+
+@case("method configs", "`GLoRA(rank=0)`", r"GLoRA: rank must be an int >= 1, got 0")
+def _(tmp):
+    _jl().GLoRA(rank=0)
+
+
 @case("method configs", "`DoRA(rank=0)`", r"DoRA: rank must be an int >= 1, got 0")
 def _(tmp):
     _jl().DoRA(rank=0)
@@ -285,6 +305,28 @@ def _(tmp):
 def _(tmp):
     jlora = _jl()
     jlora.merge(adapted(), onto={"fc2": params()["fc2"]})
+
+
+def _half_case(fn_name, which, call):
+    case("split / combine / merge", f"`{fn_name}` of the {which} half",
+         rf"jlora.{fn_name}: fc1/kernel is a node of the {which} half from jlora.split; combine the halves first")(
+        lambda tmp: call(_jl(), _jl().split(adapted())[0 if which == "trainable" else 1]))
+
+
+_half_case("merge", "trainable", lambda j, h: j.merge(h))
+_half_case("merge", "frozen", lambda j, h: j.merge(h))
+_half_case("summary", "trainable", lambda j, h: j.summary(h))
+_half_case("summary", "frozen", lambda j, h: j.summary(h))
+
+
+@case("sharding", "`specs` of the trainable half",
+      r"jlora.sharding.specs: fc1/kernel is a node of the trainable half from jlora.split; combine the halves first")
+def _(tmp):
+    from jax.sharding import PartitionSpec as P
+
+    jlora = _jl()
+    jlora.sharding.specs(jlora.split(adapted())[0], {"fc1": {"kernel": P(), "bias": P()},
+                                                     "fc2": {"kernel": P(), "bias": P()}})
 
 
 # ---------------------------------------------------------------- linen

@@ -35,9 +35,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from jlora.methods.base import AdapterNode, Array, LinearOp, from_matrix, to_matrix
+from jlora.methods.base import AdapterNode, Array, LinearOp, branch_dropout, from_matrix, to_matrix
 from jlora.methods.dora import DoRANode
 from jlora.methods.lora import LoRANode
 from jlora.methods.vera import VeRANode
@@ -73,13 +72,6 @@ def _per_example(v: Array, y: Array) -> Array:
     """
     n, k = v.shape
     return (y.reshape((n, -1, k)) * v[:, None, :].astype(y.dtype)).reshape(y.shape)
-
-
-def _dropout(x, key, rate):
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 class _StackedBase(AdapterNode):
@@ -150,7 +142,6 @@ def _check_axes(node):
         raise ValueError("stacked adapters need the input axes first (the layers' kernel layout)")
 
 
-@struct.dataclass
 class StackedLoRANode(_StackedBase):
     """``n`` LoRA/rsLoRA adapters: ``a (n, fan_in, r)``, ``b (n, r, fan_out)``, ``scale (n,)``."""
 
@@ -159,9 +150,6 @@ class StackedLoRANode(_StackedBase):
     b: Array
     scale: Array
     ids: Array | None = None
-    config: Stacked = struct.field(pytree_node=False, default=None)
-    shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
-    in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
     trainable = ("a", "b")
     method = "StackedLoRA"
@@ -176,16 +164,15 @@ class StackedLoRANode(_StackedBase):
             adapter_ids=None, **_) -> Array:
         idx, valid, ids = self._ids(adapter_ids)
         y = op(x, self.base)
-        xd = _dropout(x, dropout_key, self.config.dropout)
+        xd = branch_dropout(x, dropout_key, self.config.dropout)
         lo = self._lowrank(xd, op, self.a, self.b, self._coef(idx, valid), ids, idx, valid)
         return _nan_invalid(y + lo.astype(y.dtype), ids, self.n)
 
 
-@struct.dataclass
 class StackedDoRANode(StackedLoRANode):
     """``n`` DoRA adapters: LoRA's stacked factors plus magnitudes ``m (n, fan_out)``."""
 
-    m: Array = None
+    m: Array
 
     trainable = ("a", "b", "m")
     method = "StackedDoRA"
@@ -207,14 +194,13 @@ class StackedDoRANode(StackedLoRANode):
             adapter_ids=None, **_) -> Array:
         idx, valid, ids = self._ids(adapter_ids)
         y = op(x, self.base)
-        xd = _dropout(x, dropout_key, self.config.dropout)
+        xd = branch_dropout(x, dropout_key, self.config.dropout)
         y = y + self._lowrank(xd, op, self.a, self.b, self._coef(idx, valid), ids, idx, valid).astype(y.dtype)
         ratio = jnp.where(valid[:, None], jnp.take(self.ratios(), idx, axis=0), 1.0)
         y = _per_example(ratio, y)
         return _nan_invalid(y, ids, self.n)
 
 
-@struct.dataclass
 class StackedVeRANode(_StackedBase):
     """``n`` VeRA adapters over one frozen pair ``a (fan_in, r)``, ``b (r, fan_out)``."""
 
@@ -224,16 +210,14 @@ class StackedVeRANode(_StackedBase):
     lambda_d: Array
     lambda_b: Array
     ids: Array | None = None
-    config: Stacked = struct.field(pytree_node=False, default=None)
-    shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
-    in_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
     trainable = ("lambda_d", "lambda_b")
     method = "StackedVeRA"
     field_axes = {"base": "base", "a": "in_rank", "b": "rank_out", "lambda_d": "replicated",
                   "lambda_b": "replicated", "ids": "replicated"}
 
-    def dot(self, x: Array, op: LinearOp, *, adapter_ids=None, **_) -> Array:
+    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
+            adapter_ids=None, **_) -> Array:
         idx, valid, ids = self._ids(adapter_ids)
         _rows(x, ids)
         y = op(x, self.base)

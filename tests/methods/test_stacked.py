@@ -1,0 +1,192 @@
+"""Mixed-adapter batches: a stacked tree equals per-example single-adapter runs."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+
+N, T = 5, 4
+IDS = np.array([1, -1, 0, 2, 1], np.int32)
+
+
+class Net(nn.Module):
+    """Every layer type the Linen fast path covers."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        h = nn.Embed(20, 8)(tokens)                      # embedding (20, 8)
+        h = nn.Dense(8)(h)                               # (8, 8), (N, T, 8) flattened
+        h = nn.DenseGeneral((2, 4), axis=-1)(h)          # (8, 2, 4)
+        h = h.reshape(h.shape[:2] + (8,))
+        h = nn.Einsum((8, 6), "btd,dk->btk")(h)         # (8, 6)
+        return nn.Conv(5, (3,))(jnp.tanh(h))            # (3, 6, 5)
+
+
+MODEL = Net()
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 20, (N, T)), jnp.int32)
+PARAMS = MODEL.init(jax.random.key(0), TOKENS)["params"]
+
+
+def spec(cfg):
+    return jlora.Spec({"DenseGeneral_0/kernel": type(cfg)(**{**_fields(cfg), "in_axes": (0,)}),
+                       "*/{kernel,embedding}": cfg})
+
+
+def _fields(cfg):
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def trained(cfg, seed):
+    t = jlora.apply(PARAMS, spec(cfg), key=jax.random.key(seed))
+    rng = np.random.default_rng(seed + 50)
+
+    def bump(n):
+        if not jlora.is_node(n):
+            return n
+        new = {f: getattr(n, f) + jnp.asarray(rng.normal(scale=0.3, size=getattr(n, f).shape),
+                                              jnp.float32) for f in n.trainable}
+        return n.replace(**new)
+
+    return jax.tree.map(bump, t, is_leaf=jlora.is_node)
+
+
+FAMILIES = {
+    "lora": [jlora.LoRA(rank=2, alpha=4), jlora.LoRA(rank=4, alpha=8, rslora=True),
+             jlora.LoRA(rank=3)],
+    "dora": [jlora.DoRA(rank=2, alpha=4), jlora.DoRA(rank=3), jlora.DoRA(rank=2, alpha=1)],
+    "vera": [jlora.VeRA(rank=6), jlora.VeRA(rank=6, d_initial=0.5), jlora.VeRA(rank=6)],
+}
+
+
+_CACHE = {}
+
+
+def family(name):
+    if name not in _CACHE:
+        _CACHE[name] = [trained(c, i) for i, c in enumerate(FAMILIES[name])]
+    return _CACHE[name]
+
+
+def per_example(adapters, ids=IDS):
+    """Row j from a run of the whole batch with adapter ids[j] alone (examples are independent)."""
+    runs = {g: np.asarray(MODEL.apply({"params": PARAMS}, TOKENS) if g < 0 else
+                          single_run(*jlora.split(adapters[g]), COT)[0])
+            for g in set(ids.tolist())}
+    return np.stack([runs[g][j] for j, g in enumerate(ids.tolist())])
+
+
+COT = jnp.asarray(np.random.default_rng(1).normal(size=(N, T, 5)), jnp.float32)
+
+
+@jax.jit
+def mixed_run(trainable, frozen, ids, cot):
+    """The mixed batch's output and the gradient of ``Σ y·cot`` for every stacked adapter."""
+    f = lambda t: jlora.linen.apply(MODEL, {"params": jlora.combine(t, frozen)}, TOKENS,
+                                    adapter_ids=ids)
+    return f(trainable), jax.grad(lambda t: jnp.sum(f(t) * cot))(trainable)
+
+
+@jax.jit
+def single_run(tr, fr, cot):
+    """One adapter on the whole batch; the gradient sums the examples ``cot`` keeps."""
+    f = lambda t: jlora.linen.apply(MODEL, {"params": jlora.combine(t, fr)}, TOKENS)
+    return f(tr), jax.grad(lambda t: jnp.sum(f(t) * cot))(tr)
+
+
+@pytest.mark.parametrize("name,mode", [("lora", "gather"), ("lora", "onehot"), ("lora", "ragged"),
+                                       ("dora", "gather"), ("vera", "onehot")])
+def test_mixed_batch_equals_per_example_runs_and_gradients_add_up(name, mode):
+    adapters = family(name)
+    stacked = jlora.compose.stack(adapters, mode=mode)
+    trainable, frozen = jlora.split(stacked)
+    y, grads = mixed_run(trainable, frozen, jnp.asarray(IDS), COT)
+    want_y = np.asarray(MODEL.apply({"params": PARAMS}, TOKENS))  # rows with id -1
+    for g, adapter in enumerate(adapters):
+        keep = (IDS == g)[:, None, None]
+        y_g, ref = single_run(*jlora.split(adapter), COT * keep)
+        want_y = np.where(keep, np.asarray(y_g), want_y)  # each row from its own adapter's run
+        for path, node in jlora.tree.leaves_with_paths(ref):
+            if not jlora.is_node(node):
+                continue
+            got = dict(jlora.tree.leaves_with_paths(grads))[path]
+            for f in node.trainable:
+                want = np.asarray(getattr(node, f))
+                mine = np.asarray(getattr(got, f))[g]
+                if f in ("a", "b") and want.shape != mine.shape:  # ranks padded with zeros
+                    ax = 1 if f == "a" else 0
+                    r = want.shape[ax]
+                    pad = np.take(mine, np.arange(r, mine.shape[ax]), axis=ax)
+                    np.testing.assert_allclose(pad, 0.0, atol=1e-6)
+                    mine = np.take(mine, np.arange(r), axis=ax)
+                np.testing.assert_allclose(mine, want, atol=1e-4 * (1 + np.abs(want).max()),
+                                           err_msg=f"{name} {path}.{f} adapter {g}")
+    np.testing.assert_allclose(np.asarray(y), want_y, atol=2e-5, rtol=2e-5)
+    hits = jlora.linen.consumed(MODEL, {"params": stacked}, TOKENS, adapter_ids=IDS)
+    assert not hits["merged"] and len(hits["factorized"]) == 5
+
+
+def test_hot_swap_of_stacked_adapters_and_ids_never_retraces():
+    adapters = family("lora")
+    others = [trained(c, i + 10) for i, c in enumerate(FAMILIES["lora"])]
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def serve(stacked, tokens, ids):
+        return jlora.linen.apply(MODEL, {"params": stacked}, tokens, adapter_ids=ids)
+
+    for trees, ids in [(adapters, IDS), (others, IDS[::-1].copy()), (others[::-1], IDS)]:
+        got = serve(jlora.compose.stack(trees), TOKENS, jnp.asarray(ids))
+        np.testing.assert_allclose(np.asarray(got), per_example(trees, ids), atol=2e-5, rtol=2e-5)
+
+
+def test_bad_ids_and_merging_a_stack_are_refused():
+    adapters = family("lora")
+    stacked = jlora.compose.stack(adapters)
+    run = lambda ids, **kw: jlora.linen.apply(MODEL, {"params": stacked}, TOKENS, adapter_ids=ids)
+    with pytest.raises(ValueError, match=r"out of range \[-1, 3\)"):
+        run(np.array([0, 1, 3, 0, 0]))
+    with pytest.raises(ValueError, match="multiple of"):
+        run(np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="adapter_ids"):
+        jlora.linen.apply(MODEL, {"params": stacked}, TOKENS)
+    with pytest.raises(ValueError, match="no single merged weight"):
+        jlora.merge(stacked)
+    # under jit the ids are not known: an out-of-range id gives NaN rows, never a wrong answer
+    y = jax.jit(lambda i: jlora.linen.apply(MODEL, {"params": stacked}, TOKENS, adapter_ids=i))(
+        jnp.array([0, 7, 1, 0, 0]))
+    assert np.isnan(np.asarray(y[1])).all() and np.isfinite(np.asarray(y[0])).all()
+    with pytest.raises(ValueError, match="different methods"):
+        jlora.compose.stack([adapters[0], trained(jlora.DoRA(rank=2), 5)])
+    with pytest.raises(ValueError, match="frozen pairs"):
+        jlora.compose.stack([trained(jlora.VeRA(rank=6), 0), trained(jlora.VeRA(rank=6, seed=1), 1)])
+
+
+def test_nnx_mixed_batch_equals_per_example_runs():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(20, 8, rngs=rngs)
+            self.fc = nnx.Linear(8, 5, rngs=rngs)
+
+        def __call__(self, tokens):
+            return self.fc(jnp.tanh(self.embed(tokens)))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    trees = [jlora.apply(state, jlora.Spec({"*/{kernel,embedding}": c}), key=jax.random.key(i))
+             for i, c in enumerate(FAMILIES["lora"])]
+    trees = [jax.tree.map(lambda n, i=i: n.replace(b=n.b + 0.3 * jax.random.normal(
+        jax.random.key(i), n.b.shape), a=n.a + 0.1) if jlora.is_node(n) else n, t,
+        is_leaf=jlora.is_node) for i, t in enumerate(trees)]
+    run = jax.jit(lambda s, i: jlora.nnx.apply(graphdef, s, TOKENS, adapter_ids=i))
+    got = np.asarray(run(jlora.compose.stack(trees), jnp.asarray(IDS)))
+    for j, g in enumerate(IDS):
+        want = (nnx.merge(graphdef, state) if g < 0 else jlora.nnx.merge(graphdef, trees[g]))(
+            TOKENS[j:j + 1])
+        np.testing.assert_allclose(got[j], np.asarray(want)[0], atol=2e-5, rtol=2e-5)
