@@ -44,9 +44,8 @@ from jlora.methods import AdapterNode
 from jlora.spec import config_from_dict, config_to_dict
 from jlora.methods.base import Config
 from jlora.spec import Spec, spec_from_json, spec_to_json
-from jlora.tree import is_node, path_str
+from jlora.tree import PyTree, is_node, path_str
 
-PyTree = Any
 FORMAT = "jlora-checkpoint/2"
 _OLD_FORMATS = ("jlora-checkpoint/1",)
 _PARTS = ("trainable", "opt_state", "frozen")

@@ -69,9 +69,8 @@ from jlora.methods.dora import DoRANode
 from jlora.methods.lora import LoRA, LoRANode
 from jlora.methods.stacked import original, stack_nodes
 from jlora.methods.vera import VeRANode
-from jlora.tree import is_node, leaves_with_paths, map_with_paths
+from jlora.tree import PyTree, is_node, leaves_with_paths, map_with_paths
 
-PyTree = Any
 F32 = jnp.float32
 
 

@@ -42,7 +42,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -52,9 +51,8 @@ import optax
 
 from jlora.methods.base import lowrank_svd  # noqa: F401  (re-exported)
 from jlora.methods.lora import LoRANode
-from jlora.tree import is_node, path_str
+from jlora.tree import PyTree, is_node, path_str
 
-PyTree = Any
 
 # ---------------------------------------------------------------- zipping clients
 

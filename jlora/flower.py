@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jlora.tree import is_node, leaves_with_paths, path_str
+from jlora.tree import PyTree, is_node, leaves_with_paths, path_str
 
 try:  # the optional dependency: only this module needs it
     from flwr.app import (Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord,
@@ -59,7 +59,6 @@ try:  # the optional dependency: only this module needs it
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("jlora.flower needs Flower: pip install 'jlora[flower]'") from e
 
-PyTree = Any
 NUMPY_STYPE = "numpy.ndarray"
 _RANK_AXES = {"in_rank": -1, "rank_out": 0}
 

@@ -65,7 +65,6 @@ import shutil
 import tempfile
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -73,7 +72,7 @@ from jlora.methods.dora import DoRA, DoRANode
 from jlora.methods.full import Full, FullNode
 from jlora.methods.lora import LoRA, LoRANode
 from jlora.methods.qlora import QLoRANode
-from jlora.tree import is_node, leaves_with_paths, map_with_paths
+from jlora.tree import is_node, leaves_with_paths, map_with_paths, parent, require_whole
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -146,7 +145,7 @@ def _torch_modules(tree: Any, name_map: NameMap, what: str) -> dict[str, str]:
     namer = _module_namer(name_map)
     out: dict[str, str] = {}
     for path, _ in leaves_with_paths(tree):
-        flax = _module_of(path)
+        flax = parent(path)
         try:
             torch = namer(flax)
         except ValueError:
@@ -155,22 +154,6 @@ def _torch_modules(tree: Any, name_map: NameMap, what: str) -> dict[str, str]:
             raise ValueError(f"{what}: Flax modules {out[torch]!r} and {flax!r} both map to "
                              f"the PyTorch module {torch!r}")
     return out
-
-
-def _module_of(path: str) -> str:
-    return path.rsplit("/", 1)[0] if "/" in path else ""
-
-
-def _require_whole(tree: Any, what: str) -> None:
-    """Refuse a ``trainable`` or ``frozen`` half from ``jlora.split``."""
-    for path, node in leaves_with_paths(tree):
-        if not is_node(node):
-            continue
-        missing = [f for f in (*node.trainable, "base") if getattr(node, f, 0) is None]
-        if missing:
-            raise ValueError(f"{what}: {path} has no {missing[0]!r}: this is a trainable or "
-                             "frozen half from jlora.split; combine the halves first "
-                             "(jlora.combine(trainable, frozen))")
 
 
 # ---------------------------------------------------------------- PEFT's matching rules
@@ -329,7 +312,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
     """
     from safetensors.numpy import save_file
 
-    _require_whole(adapted, "jlora.peft.save")
+    require_whole(adapted, "jlora.peft.save")
     out = _adapter_folder(directory, adapter_name)
     namer = _module_namer(name_map)
     tensors: dict[str, np.ndarray] = {}
@@ -351,7 +334,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
     for path, node in leaves_with_paths(adapted):
         if not is_node(node):
             continue
-        module = namer(_module_of(path))
+        module = namer(parent(path))
         key = PREFIX + module
         if isinstance(node, FullNode):
             suffix, value = _torch_full(path, np.asarray(node.value, np.float32))
@@ -734,7 +717,7 @@ def _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped) -
         join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
         if _selects(config.get("modules_to_save"), module):
             for p in leaves:
-                if _module_of(p) == mpath:
+                if parent(p) == mpath:
                     suffix = "bias" if p.endswith("bias") else "weight"
                     if suffix not in grouped.get(module, {}):
                         raise ValueError(f"{weights_path}: missing tensor {PREFIX}{module}.{suffix} "

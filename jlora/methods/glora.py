@@ -24,7 +24,7 @@ in ``K0, b0``: ``merge`` gives one exact weight and bias.
 A GLoRA rule on a kernel also adapts its sibling ``bias`` leaf (C, D and E live
 there): the kernel node holds ``K0`` and A, B; the bias node holds ``b0``, a
 frozen reference to ``K0`` and C, D, E. Both carry the layer's current choice
-as a small frozen int array, so ``jlora.glora.sample`` can draw a new
+as a small frozen int array, so ``jlora.optim.glora_sample`` can draw a new
 configuration for every step inside ``jit`` without retracing. ``⊙ A`` has no
 factorized form (it touches every weight), so GLoRA layers compute with the
 materialized weight, also on the fast path.

@@ -81,9 +81,8 @@ import numpy as np
 import optax
 
 from jlora._validate import choice, real
-from jlora.tree import path_str
+from jlora.tree import PyTree, path_str
 
-PyTree = Any
 
 _OWNER = "jlora.optim"
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jlora.methods.base import from_matrix, to_matrix
 from jlora._validate import positive_int, real, real_or_traced
-from jlora.tree import is_node, map_with_paths
+from jlora.tree import is_node, map_with_paths, path_key
 
 
 def _check(owner: str, step: Any, total_steps: Any, rho: Any) -> None:
@@ -55,8 +55,6 @@ def flat_lora(adapted: Any, key: jax.Array, *, step, total_steps: int, rho: floa
     ``step`` (``0 <= step <= total_steps``; traced inside ``jit``) sets the cosine
     ramp of the noise; ``rho >= 0`` its relative size (0: no perturbation).
     """
-    import zlib
-
     _check("jlora.optim.flat_lora", step, total_steps, rho)
 
     def perturb(path, x):
@@ -64,7 +62,7 @@ def flat_lora(adapted: Any, key: jax.Array, *, step, total_steps: int, rho: floa
                 or tuple(x.base.shape) != tuple(x.shape) or len(x.shape) < 2:
             return x
         sigma = noise_scale(x, step=step, total_steps=total_steps, rho=rho)
-        k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        k = path_key(key, path)
         fan_in = math.prod(x.shape[i] for i in x.in_axes)
         eps = jax.random.normal(k, (fan_in, sigma.shape[0]), jnp.float32) * sigma
         base = x.base.astype(jnp.float32) + from_matrix(eps, x.shape, x.in_axes)

@@ -25,7 +25,6 @@ Example::
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -36,15 +35,11 @@ import numpy as np
 from jlora.methods.glora import (ALLOWED, FORMS, SUPPORTS, GLoRABiasNode, GLoRANode,
                                  support_params)
 from jlora._validate import positive_int, real
-from jlora.tree import leaves_with_paths, map_with_paths
+from jlora.tree import leaves_with_paths, map_with_paths, parent, path_key
 
 Choices = dict  # module path -> tuple of 5 form codes (a, b, c, d, e)
 Support = Literal["a", "b", "c", "d", "e"]
 Form = Literal["none", "scalar", "vector", "lowrank"]
-
-
-def _module(path: str) -> str:
-    return path.rsplit("/", 1)[0] if "/" in path else ""
 
 
 def _glora(x) -> bool:
@@ -53,13 +48,13 @@ def _glora(x) -> bool:
 
 def glora_layers(tree: Any) -> dict[str, tuple[int, int]]:
     """``{module path: (fan_in, fan_out)}`` of every GLoRA layer."""
-    return {_module(p): tuple(x.shape) for p, x in leaves_with_paths(tree)
+    return {parent(p): tuple(x.shape) for p, x in leaves_with_paths(tree)
             if isinstance(x, GLoRANode)}
 
 
 def glora_current(tree: Any) -> Choices:
     """The configuration every GLoRA layer carries now."""
-    return {_module(p): tuple(int(c) for c in np.asarray(x.choice))
+    return {parent(p): tuple(int(c) for c in np.asarray(x.choice))
             for p, x in leaves_with_paths(tree) if isinstance(x, GLoRANode)}
 
 
@@ -90,7 +85,7 @@ def glora_sample(key: jax.Array, tree: Any) -> Any:
     def draw(path, x):
         if not _glora(x):
             return x
-        k = jax.random.fold_in(key, zlib.crc32(_module(path).encode()) & 0x7FFFFFFF)
+        k = path_key(key, parent(path))
         ks = jax.random.split(k, len(SUPPORTS))
         choice = jnp.stack([o[jax.random.randint(kk, (), 0, o.shape[0])]
                             for o, kk in zip(options, ks)])
@@ -121,7 +116,7 @@ def glora_fix(tree: Any, choices: Choices) -> Any:
     def put(path, x):
         if not _glora(x):
             return x
-        m = _module(path)
+        m = parent(path)
         if m not in choices:
             raise ValueError(f"jlora.optim.glora_fix: no configuration for layer {m!r}")
         raw = choices[m]
@@ -135,7 +130,7 @@ def glora_fix(tree: Any, choices: Choices) -> Any:
 
 def glora_param_count(tree: Any, choices: Choices) -> int:
     """Parameters the configuration trains (what the paper's budget counts)."""
-    return sum(support_params(choices[_module(p)], x.config.ranks(), *x.shape)
+    return sum(support_params(choices[parent(p)], x.config.ranks(), *x.shape)
                for p, x in leaves_with_paths(tree) if isinstance(x, GLoRANode))
 
 
