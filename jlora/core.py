@@ -46,6 +46,7 @@ def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
     """
     if not isinstance(spec, Spec):
         raise ValueError(f"jlora.apply: spec must be a jlora.Spec, got {type(spec).__name__}")
+    _check_key(key)
     leaves = leaves_with_paths(params)
     by_path = dict(leaves)
     problems: list[str] = []
@@ -93,6 +94,11 @@ def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
         if node is not None:
             nodes[sibling] = node
     for path, config in claims.items():
+        leaf = by_path[path]
+        if not isinstance(leaf, jax.core.Tracer) and jnp.issubdtype(leaf.dtype, jnp.inexact) \
+                and not bool(jnp.isfinite(leaf).all()):
+            problems.append(f"{path}: the base holds NaN or infinite values")
+            continue
         try:
             nodes[path] = config.build(path_key(key, path), jnp.asarray(by_path[path]), path=path)
         except ValueError as e:
@@ -101,6 +107,16 @@ def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
         raise ValueError(f"jlora.apply: {len(problems)} spec problem(s):\n  "
                          + "\n  ".join(problems))
     return map_with_paths(lambda path, leaf: nodes.get(path, leaf), params)
+
+
+def _check_key(key) -> None:
+    """``key`` must be a PRNG key: a typed ``jax.random.key`` or a raw uint32 ``(2,)`` key."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and key.shape == ():
+        return
+    if dtype == jnp.uint32 and tuple(key.shape) == (2,):
+        return
+    raise ValueError(f"jlora.apply: key must be a PRNG key (jax.random.key(seed)), got {key!r}")
 
 
 def _none_fields(node, keep: bool):
@@ -220,6 +236,10 @@ def _zip_nodes(fn, adapted, params, what):
         node = adapted_leaves.get(path)
         if not is_node(node):
             return leaf
+        if tuple(getattr(leaf, "shape", ())) != tuple(node.shape):
+            raise ValueError(f"jlora.{what}: {path}: params leaf has shape "
+                             f"{tuple(getattr(leaf, 'shape', ()))}, the adapter was built for "
+                             f"{tuple(node.shape)}")
         try:
             return fn(node, leaf)
         except (AttributeError, TypeError):

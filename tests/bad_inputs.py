@@ -307,6 +307,35 @@ def _(tmp):
     jlora.merge(adapted(), onto={"fc2": params()["fc2"]})
 
 
+@case("split / combine / merge", "`merge(onto=)` params whose leaf has another shape",
+      r"jlora.merge: fc1/kernel: params leaf has shape \(8, 4\), the adapter was built for \(8, 16\)")
+def _(tmp):
+    import jax.numpy as jnp
+
+    jlora = _jl()
+    jlora.merge(adapted(), onto={"fc1": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)},
+                                 "fc2": params()["fc2"]})
+
+
+@case("Spec / apply", "`key=0` (an int, not a PRNG key)",
+      r"jlora.apply: key must be a PRNG key")
+def _(tmp):
+    jlora = _jl()
+    jlora.apply(params(), jlora.Spec({"fc1/kernel": jlora.LoRA(rank=2)}), key=0)
+
+
+@case("Spec / apply", "a targeted base holding NaN",
+      r"fc1/kernel: the base holds NaN or infinite values")
+def _(tmp):
+    import jax
+    import jax.numpy as jnp
+
+    jlora = _jl()
+    bad = params()
+    bad["fc1"]["kernel"] = bad["fc1"]["kernel"].at[0, 0].set(jnp.nan)
+    jlora.apply(bad, jlora.Spec({"fc1/kernel": jlora.LoRA(rank=2)}), key=jax.random.key(0))
+
+
 def _half_case(fn_name, which, call):
     case("split / combine / merge", f"`{fn_name}` of the {which} half",
          rf"jlora.{fn_name}: fc1/kernel is a node of the {which} half from jlora.split; combine the halves first")(
