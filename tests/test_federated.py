@@ -375,6 +375,11 @@ def test_simulate_server_state_reaches_clients_as_sequential_rounds(method):
     jax.tree.map(close, out.trainable, t)
     jax.tree.map(close, out.opt_state, state)
     assert float(jnp.abs(t["w"]["kernel"].b).max()) > 0   # the rounds moved the adapter
+    with pytest.raises(ValueError, match="prepare needs context"):
+        fl.simulate(local, t0, frozen, data, rounds=1, key=key, prepare=mime_prepare)
+    with pytest.raises(ValueError, match="context/prepare feed server_opt"):
+        fl.simulate(local, t0, frozen, data, rounds=1, key=key, context=context,
+                    restart=lambda agg, fr, k: (agg, fr))
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
