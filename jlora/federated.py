@@ -652,13 +652,23 @@ class SimState(NamedTuple):
 _ROUNDS: dict = {}  # (local_update, aggregate, server_opt, restart, broadcast) -> jitted round
 
 
-def _round_program(local_update, aggregate, server_opt, restart, broadcast, sharding):
+def _weighted_mean(tree, p):
+    """``Σ_i p_i·tree[i]`` over the leading client axis, in each leaf's dtype."""
+    return jax.tree.map(lambda v: jnp.tensordot(p.astype(v.dtype), v, axes=1), tree)
+
+
+def _round_program(local_update, aggregate, server_opt, restart, broadcast, prepare, context,
+                   sharding):
     """One round as a pure function of arrays (see :func:`simulate`)."""
 
     def run_round(tr, fr, pers, opt_state, data, ids, p, k_clients, k_server):
         m = ids.shape[0]
         sel = jax.tree.map(lambda x: x[ids], data)
         keys = jax.vmap(lambda i: jax.random.fold_in(k_clients, i))(ids)
+        pre = {}
+        if prepare is not None:   # e.g. MIME's full-batch gradient at the server model
+            pre = _weighted_mean(jax.vmap(prepare, in_axes=(None, None, 0, 0))(tr, fr, sel, keys),
+                                 p)
         if broadcast is not None:
             starts = jax.vmap(lambda i: broadcast(tr, i))(ids)
         else:
@@ -669,7 +679,14 @@ def _round_program(local_update, aggregate, server_opt, restart, broadcast, shar
                                        jax.tree.map(lambda x: x[ids], pers))
         if sharding is not None:
             starts = sharding(starts)
-        results = jax.vmap(local_update, in_axes=(0, None, 0, 0))(starts, fr, sel, keys)
+        reports = {}
+        if context is None:
+            results = jax.vmap(local_update, in_axes=(0, None, 0, 0))(starts, fr, sel, keys)
+        else:
+            ctx = context(opt_state, tr, pre)
+            results, reports = jax.vmap(local_update, in_axes=(0, None, 0, 0, None))(
+                starts, fr, sel, keys, ctx)
+            reports = _weighted_mean(reports, p)
         if sharding is not None:
             results = sharding(results)
         uploads = results
@@ -682,7 +699,7 @@ def _round_program(local_update, aggregate, server_opt, restart, broadcast, shar
             tr, fr = restart(agg, fr, k_server)
         elif server_opt is not None:
             grad = jax.tree.map(lambda x, y: (x - y).astype(x.dtype), tr, agg)
-            upd, opt_state = server_opt.update(grad, opt_state, tr)
+            upd, opt_state = server_opt.update(grad, opt_state, tr, **{**pre, **reports})
             tr = optax.apply_updates(tr, upd)
         else:
             tr = agg
@@ -696,7 +713,8 @@ def simulate(local_update: Callable, trainable: PyTree, frozen: PyTree, data: Py
              aggregate: Callable = fedavg, server_opt: optax.GradientTransformation | None = None,
              restart: Callable | None = None, broadcast: Callable | None = None,
              personal: PyTree | None = None, mesh=None, axis: str = "clients",
-             specs: PyTree | None = None, callback: Callable | None = None) -> SimState:
+             specs: PyTree | None = None, callback: Callable | None = None,
+             prepare: Callable | None = None, context: Callable | None = None) -> SimState:
     """Run ``rounds`` federated rounds; each round's clients train in one jitted ``vmap``.
 
     Round ``t`` (``t = 0..rounds-1``), with ``k_t = fold_in(key, t)`` split in
@@ -708,13 +726,22 @@ def simulate(local_update: Callable, trainable: PyTree, frozen: PyTree, data: Py
        server's tree), with its ``personal[i]`` filled in (:func:`combine`);
     3. ``local_update(start, frozen, data[i], fold_in(k_clients, i))`` for
        every sampled client at once (``jax.vmap`` over the client axis);
+       with ``context``, ``local_update(start, frozen, data[i], key_i, ctx)``
+       with ``ctx = context(opt_state, trainable, pre)`` the same for every
+       client, returning ``(tree, report)``; ``pre`` is the weighted mean
+       ``Σ p_i·prepare(trainable, frozen, data[i], key_i)`` over the sampled
+       clients (``{}`` without ``prepare``), computed in the same program
+       before the local steps (MIME's full-batch gradient ``c``);
     4. the results' personal parts (positions set in ``personal``) go back to
        ``personal[i]``; the rest is aggregated with
        ``aggregate(list_of_M_trees, weights[sampled])`` (any rule of this
        module, or your own);
     5. the server's tree becomes the aggregate, or ``trainable −
-       server_opt(trainable − aggregate)`` (FedOpt on the pseudo-gradient),
-       or ``restart(aggregate, frozen, k_server) -> (trainable, frozen)``
+       server_opt(trainable − aggregate)`` (FedOpt on the pseudo-gradient;
+       with ``context``, ``server_opt.update(g, opt_state, trainable,
+       **pre, **report)`` where ``report`` is the weighted mean of the
+       clients' reports: MIME's ``full_gradient``, FedLADA's ``nu_hat`` and
+       ``offset``), or ``restart(aggregate, frozen, k_server) -> (trainable, frozen)``
        (FLoRA: merge into the bases and restart from fresh adapters).
 
     Unequal datasets: pad with :func:`pad_clients` and weight by the mask.
@@ -742,6 +769,16 @@ def simulate(local_update: Callable, trainable: PyTree, frozen: PyTree, data: Py
       specs: the ``PartitionSpec`` tree of one client's tree (from
         ``jlora.sharding.specs``); default: replicated within a client.
       callback: called with the :class:`SimState` after every round (progress bars).
+      prepare: ``(trainable, frozen, data, key) -> dict`` of trees, one
+        client's statistics at the server model before training; the sampled
+        clients' weighted mean is ``pre`` (needs ``context``).
+      context: ``(opt_state, trainable, pre) -> ctx``, what the server sends
+        every client beside its tree (MIME's frozen base-optimizer state and
+        ``c``, FedLADA's ``ν`` and ``g_a``); switches ``local_update`` to
+        ``(start, frozen, data, key, ctx) -> (tree, report)`` with ``report``
+        a dict of trees whose weighted mean is passed to ``server_opt.update``
+        as keyword arguments (:func:`jlora.optim.mime_server`,
+        :func:`jlora.optim.fedlada_server`).
 
     Returns:
       The final :class:`SimState`.
@@ -756,6 +793,24 @@ def simulate(local_update: Callable, trainable: PyTree, frozen: PyTree, data: Py
         ...                   key=jax.random.key(0))
         >>> float(out.trainable["w"])   # 0.75 of the way to the mean 1.5
         1.125
+
+    MimeLite (Karimireddy et al. 2020, Alg. 1): clients take SGD-momentum steps
+    with the server's momentum frozen and report their gradient at the server
+    model, whose mean moves the momentum::
+
+        >>> import optax, jlora
+        >>> base = optax.sgd(0.5, momentum=0.9)
+        >>> loss = lambda t, d: 0.5 * (t["w"] - d["x"][0]) ** 2
+        >>> def mimelite(t, fr, d, k, ctx):
+        ...     g = jax.grad(loss)(t, d)
+        ...     tx = jlora.optim.mime_client(base, ctx)
+        ...     u, _ = tx.update(g, tx.init(t), t)
+        ...     return optax.apply_updates(t, u), {"full_gradient": g}
+        >>> out = fl.simulate(mimelite, {"w": jnp.zeros(())}, None, data, rounds=2,
+        ...                   key=jax.random.key(0), server_opt=jlora.optim.mime_server(base),
+        ...                   context=lambda state, t, pre: state)
+        >>> round(float(out.trainable["w"]), 4)   # x1 = 0.75, m = −1.5; x2 = x1 + 0.5·(1.35 + 0.75)
+        1.8
     """
     from jlora._validate import positive_int
 
@@ -803,7 +858,13 @@ def simulate(local_update: Callable, trainable: PyTree, frozen: PyTree, data: Py
                                 jax.lax.with_sharding_constraint(x, s), tree, sh)
 
     data = jax.tree.map(jnp.asarray, data) if mesh is None else data
-    fns = (local_update, aggregate, server_opt, restart, broadcast)
+    if context is None and prepare is not None:
+        raise ValueError("jlora.federated.simulate: prepare needs context (its result reaches "
+                         "clients only through context)")
+    if (context is not None or prepare is not None) and restart is not None:
+        raise ValueError("jlora.federated.simulate: context/prepare feed server_opt; give "
+                         "server_opt, not restart")
+    fns = (local_update, aggregate, server_opt, restart, broadcast, prepare, context)
     if sharding is None:  # the same functions reuse one compiled round
         step = _ROUNDS.pop(fns, None) or jax.jit(_round_program(*fns, None))
         _ROUNDS[fns] = step

@@ -1,5 +1,7 @@
 """jlora.federated against float64 numpy references written from the formulas."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -298,6 +300,81 @@ def test_simulate_server_opt_sgd1_is_plain_aggregation_and_flora_restart():
         pk * np_delta(r["w"]["kernel"].replace()) for pk, r in zip(p, res))
     np.testing.assert_allclose(out.frozen["w"]["kernel"].base, want, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(out.trainable["w"]["kernel"].b).max()) == 0.0  # fresh adapter
+
+
+def _loss(t, frozen, d, key):
+    w = jlora.merge(jlora.combine(t, frozen))["w"]["kernel"]
+    noise = 1.0 + 0.01 * jax.random.normal(key, ())
+    err = ((d["x"] @ w - d["y"]) ** 2).sum(-1) * noise
+    return jnp.sum(err * d["mask"]) / jnp.sum(d["mask"])
+
+
+STEPS, LR = 3, 0.05
+MIME_BASE = optax.sgd(LR, momentum=0.9)
+
+
+def mime_prepare(t, frozen, d, key):   # MIME's c: each client's gradient at the server model
+    return {"full_gradient": jax.grad(_loss)(t, frozen, d, jax.random.fold_in(key, 99))}
+
+
+def mime_local(t, frozen, d, key, ctx, *, lite=False):
+    state, c = ctx
+    x, tx = t, jlora.optim.mime_client(MIME_BASE, state)
+    st = tx.init(t)
+    for s in range(STEPS):
+        k = jax.random.fold_in(key, s)
+        g = jax.grad(_loss)(t, frozen, d, k)
+        if not lite:
+            g = jlora.optim.mime_gradient(g, jax.grad(_loss)(x, frozen, d, k), c)
+        u, st = tx.update(g, st, t)
+        t = optax.apply_updates(t, u)
+    report = {"full_gradient": mime_prepare(x, frozen, d, key)["full_gradient"]} if lite else {}
+    return t, report
+
+
+def fedlada_local(t, frozen, d, key, ctx):
+    x, tx = t, jlora.optim.fedlada_client(LR, ctx, alpha=0.5)
+    st = tx.init(t)
+    for s in range(STEPS):
+        u, st = tx.update(jax.grad(_loss)(t, frozen, d, jax.random.fold_in(key, s)), st, t)
+        t = optax.apply_updates(t, u)
+    return t, {"nu_hat": st.nu_hat, "offset": jlora.optim.fedlada_offset(x, t, LR, STEPS)}
+
+
+@pytest.mark.parametrize("method", ["MIME", "MimeLite", "FedLADA"])
+def test_simulate_server_state_reaches_clients_as_sequential_rounds(method):
+    """MIME/MimeLite/FedLADA in simulate's one jitted vmap == client-by-client rounds."""
+    adapted, data, counts = linear_problem(3)
+    t0, frozen = jlora.split(adapted)
+    key, rounds = jax.random.key(5), 3
+    p = counts / counts.sum()
+    if method == "FedLADA":
+        server, local, prepare = jlora.optim.fedlada_server(eps=1e-3), fedlada_local, None
+        context = lambda state, t, pre: state            # noqa: E731  (ν, g_a)
+    else:
+        server = jlora.optim.mime_server(MIME_BASE)
+        local = functools.partial(mime_local, lite=method == "MimeLite")
+        prepare = mime_prepare if method == "MIME" else None
+        context = lambda state, t, pre: (state, pre.get("full_gradient"))  # noqa: E731
+    out = fl.simulate(local, t0, frozen, data, rounds=rounds, key=key, weights=counts,
+                      server_opt=server, prepare=prepare, context=context)
+    # the same rounds with the existing functions, one client after the other
+    wmean = lambda trees: jax.tree.map(lambda *v: sum(pk * x for pk, x in zip(p, v)),  # noqa
+                                       *trees)
+    step, t, state = jax.jit(local), t0, server.init(t0)
+    for r in range(rounds):
+        k_clients = jax.random.split(jax.random.fold_in(key, r), 3)[1]
+        ck = [jax.random.fold_in(k_clients, i) for i in range(3)]
+        di = [jax.tree.map(lambda x: jnp.asarray(x[i]), data) for i in range(3)]
+        pre = {} if prepare is None else wmean([prepare(t, frozen, di[i], ck[i]) for i in range(3)])
+        ctx = context(state, t, pre)
+        res = [step(t, frozen, di[i], ck[i], ctx) for i in range(3)]
+        t, state = jlora.optim.server_step(server, state, t, fl.fedavg([y for y, _ in res], counts),
+                                           **pre, **wmean([rep for _, rep in res]))
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)  # noqa: E731
+    jax.tree.map(close, out.trainable, t)
+    jax.tree.map(close, out.opt_state, state)
+    assert float(jnp.abs(t["w"]["kernel"].b).max()) > 0   # the rounds moved the adapter
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
