@@ -39,6 +39,12 @@ def check_expert_axis(owner: str, expert_axis, rank_per_expert: str) -> None:
                          f"got {rank_per_expert!r}")
 
 
+def own_config(node):
+    """The config one slice of ``node`` uses (a stacked node may split its rank
+    across experts); the node's own config otherwise."""
+    return slice_config(node.config, node.shape[0]) if is_stacked(node) else node.config
+
+
 def slice_config(config, n_slices: int):
     """The per-slice config: no expert axis, in_axes relative to a slice, and
     rank ``max(1, rank // E)`` under ``rank_per_expert="divide"``."""

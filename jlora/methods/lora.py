@@ -58,7 +58,7 @@ from jlora.methods._experts import (
     factor_specs,
     is_slice,
     is_stacked,
-    slice_config,
+    own_config,
     slice_static,
     stacked_init,
     stacked_lowrank,
@@ -214,15 +214,11 @@ class LoRANode(AdapterNode):
 
     @property
     def scale(self) -> float:
-        if is_stacked(self):
-            return slice_config(self.config, self.shape[0]).scale
-        return self.config.scale
+        return own_config(self).scale
 
     @property
     def rank(self) -> int:
-        if is_stacked(self):
-            return slice_config(self.config, self.shape[0]).rank
-        return self.config.rank
+        return own_config(self).rank
 
     def partition_specs(self, entries, fold):
         """Stacked nodes: the expert axis shards like the base's (see ``jlora.sharding``)."""

@@ -49,7 +49,7 @@ from jlora.methods._experts import (
     factor_specs,
     is_slice,
     is_stacked,
-    slice_config,
+    own_config,
     slice_static,
     stacked_init,
     stacked_lowrank,
@@ -195,15 +195,11 @@ class QLoRANode(AdapterNode):
 
     @property
     def scale(self) -> float:
-        if is_stacked(self):
-            return slice_config(self.config, self.shape[0]).scale
-        return self.config.scale
+        return own_config(self).scale
 
     @property
     def rank(self) -> int:
-        if is_stacked(self):
-            return slice_config(self.config, self.shape[0]).rank
-        return self.config.rank
+        return own_config(self).rank
 
     def partition_specs(self, entries, fold):
         """Codes and block scales shard with the base axes they store (the packed
