@@ -44,7 +44,7 @@ from jlora.methods import AdapterNode
 from jlora.spec import config_from_dict, config_to_dict
 from jlora.methods.base import Config
 from jlora.spec import Spec, spec_from_json, spec_to_json
-from jlora.tree import PyTree, is_node, path_str
+from jlora.tree import PyTree, is_node, leaves_with_paths, path_str
 
 FORMAT = "jlora-checkpoint/2"
 _OLD_FORMATS = ("jlora-checkpoint/1",)
@@ -449,8 +449,7 @@ class Manager:
 
 
 def _nodes(tree: PyTree) -> dict:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
-    return {path_str(kp): x for kp, x in flat if is_node(x)}
+    return {p: x for p, x in leaves_with_paths(tree) if is_node(x)}
 
 
 def _check_spec(trainable: PyTree, saved: Spec | None, spec: Spec, where: str) -> None:

@@ -206,13 +206,17 @@ def cat(adapters: Sequence[PyTree], weights) -> PyTree:
     return _cat(adapters, w)
 
 
+def _stack(fs, w):
+    """``a = [w_i·a_i]`` side by side, ``b = [b_i]`` stacked: ``a·b = Σ w_i a_i b_i``."""
+    return (jnp.concatenate([w[i] * f[0] for i, f in enumerate(fs)], axis=1),
+            jnp.concatenate([f[1] for f in fs], axis=0))
+
+
 @jax.jit
 def _cat(adapters, w):
     out = {}
     for path, nodes in _group(adapters):
-        fs = [factors(path, n, "cat") for n in nodes]
-        a = jnp.concatenate([w[i] * f[0] for i, f in enumerate(fs)], axis=1)
-        b = jnp.concatenate([f[1] for f in fs], axis=0)
+        a, b = _stack([factors(path, n, "cat") for n in nodes], w)
         out[path] = lora_node(nodes[0], original(nodes[0]), a, b)
     return _rebuild(adapters, out)
 
@@ -299,8 +303,7 @@ def _svd(adapters, w, rank):
             out[path] = _dense_adapter(path, nodes[0], sum(
                 w[i] * _delta(path, n) for i, n in enumerate(nodes)), rank)
             continue
-        u, s, vt = lowrank_svd(jnp.concatenate([w[i] * f[0] for i, f in enumerate(fs)], axis=1),
-                                jnp.concatenate([f[1] for f in fs], axis=0))
+        u, s, vt = lowrank_svd(*_stack(fs, w))
         out[path] = lora_node(nodes[0], original(nodes[0]), *_truncate(u, s, vt, rank))
     return _rebuild(adapters, out)
 

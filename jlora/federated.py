@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jlora.methods.base import lowrank_svd  # noqa: F401  (re-exported)
+from jlora.methods.base import lowrank_svd
 from jlora.methods.lora import LoRANode
 from jlora.tree import PyTree, is_node, path_str
 
@@ -1004,10 +1004,11 @@ def fslora_aggregate(global_tree: PyTree, clients: Sequence[PyTree], sketches: S
     def one(g, r, *cs_and_ss):
         cs, ss = cs_and_ss[:n], cs_and_ss[n:]
         changes = {}
+        component_masks = [_component_mask(c, s) for c, s in zip(cs, ss)]
         for f in ("a", "b"):
             if getattr(g, f) is None:
                 continue
-            masks = [_component_mask(c, s)[f] for c, s in zip(cs, ss)]
+            masks = [m[f] for m in component_masks]
             num = sum(p[i] * masks[i] * (getattr(c, f) - getattr(g, f)) for i, c in enumerate(cs))
             if normalize:
                 den = sum(p[i] * masks[i] for i in range(n))

@@ -23,9 +23,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 
-from jlora.methods.base import Array, from_matrix, resolve_in_axes
+from jlora.methods.base import Array, branch_dropout, from_matrix, resolve_in_axes
 
 RANK_MODES = ("full", "divide")
 
@@ -100,16 +99,13 @@ def stacked_lowrank(x: Array, op, node, a: Array, b: Array, scale: float, *,
                     dropout_key: Array | None, dropout: float) -> Array:
     """``s·op(op(drop(x), a), b)``: the expert-batched low-rank branch. ``a`` is
     ``(E, in..., r)`` and ``b`` ``(E, r, out...)`` as kernels of the layer's op."""
-    if dropout_key is not None and dropout > 0.0:
-        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
     e, r = node.shape[0], a.shape[-1]
     in_shape = tuple(node.shape[i] for i in node.in_axes)
-    out_shape = tuple(d for i, d in enumerate(node.shape) if i and i not in node.in_axes)
-    h = op(x, a.reshape((e,) + in_shape + (r,)))
-    b = b.reshape((e, r) + out_shape)
     if len(in_shape) != 1:
         raise ValueError("stacked fast path needs one input axis per slice")
+    out_shape = tuple(d for i, d in enumerate(node.shape) if i and i not in node.in_axes)
+    h = op(branch_dropout(x, dropout_key, dropout), a.reshape((e,) + in_shape + (r,)))
+    b = b.reshape((e, r) + out_shape)
     return op(h * scale, b.astype(h.dtype))
 
 
@@ -125,7 +121,5 @@ def factor_specs(node, entries, fold) -> dict:
     outs = fold(entries[i] for i in range(len(node.shape))
                 if i not in node.in_axes and not (stacked and i == 0))
     specs = {"a": P(*lead, ins, None), "b": P(*lead, None, outs)}
-    for name, spec in (("a0", specs["a"]), ("b0", specs["b"])):
-        if getattr(node, name, None) is not None:
-            specs[name] = spec
+    specs.update(a0=specs["a"], b0=specs["b"])
     return {k: v for k, v in specs.items() if getattr(node, k, None) is not None}

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.methods.base import AdapterNode, Array, LinearOp, branch_dropout, from_matrix, to_matrix
-from jlora.methods.dora import DoRANode
+from jlora.methods.dora import NORM_EPS, DoRANode
 from jlora.methods.lora import LoRANode
 from jlora.methods.vera import VeRANode
 
@@ -185,7 +185,7 @@ class StackedDoRANode(StackedLoRANode):
         sq = (jnp.sum(k0 * k0, axis=0)[None]
               + 2 * s * jnp.sum(jnp.einsum("io,nir->nor", k0, a) * jnp.swapaxes(b, 1, 2), -1)
               + s * s * jnp.sum(jnp.einsum("nir,nis,nso->nro", a, a, b) * b, axis=1))
-        norm = jnp.sqrt(jnp.maximum(sq, 0.0))
+        norm = jnp.sqrt(jnp.maximum(sq, 0.0) + NORM_EPS)  # finite on an all-zero column, as DoRA
         if self.config.detach_norm:
             norm = jax.lax.stop_gradient(norm)
         return self.m / norm
