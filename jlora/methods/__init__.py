@@ -15,10 +15,12 @@ from jlora.methods.pf2lora import PF2LoRA, PF2LoRANode
 from jlora.methods.qlora import QLoRA, QLoRANode
 from jlora.methods.reft import (ConsReFT, ConsReFTNode, LoReFT, LoReFTNode, MeFT, MeFTNode,
                                 NoReFT, NoReFTNode)
+from jlora.methods.sparse import Sparse, SparseNode
 from jlora.methods.vera import VeRA, VeRANode
 
-__all__ = ["AdaLoRA", "AdaLoRANode", "AdapterNode", "Config", "ConsReFT", "ConsReFTNode", "DoRA",
-           "DoRANode", "FedDPA", "FedDPANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode",
-           "GLoRANode", "LoRA", "LoRANode", "LoReFT", "LoReFTNode", "MeFT", "MeFTNode", "NoReFT",
-           "NoReFTNode", "PF2LoRA", "PF2LoRANode", "QLoRA", "QLoRANode", "REGISTRY", "VeRA",
+__all__ = ["AdaLoRA", "AdaLoRANode", "AdapterNode", "Config", "DoRA", "DoRANode", "FedDPA",
+           "FedDPANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoRA",
+           "LoRANode", "PF2LoRA", "PF2LoRANode", "QLoRA", "QLoRANode", "REGISTRY", "Sparse", "SparseNode", "VeRA",
            "VeRANode"]
+__all__ += ["ConsReFT", "ConsReFTNode", "LoReFT", "LoReFTNode", "MeFT", "MeFTNode", "NoReFT",
+            "NoReFTNode"]
