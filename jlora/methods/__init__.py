@@ -13,6 +13,8 @@ from jlora.methods.glora import GLoRA, GLoRABiasNode, GLoRANode
 from jlora.methods.lora import LoRA, LoRANode
 from jlora.methods.pf2lora import PF2LoRA, PF2LoRANode
 from jlora.methods.qlora import QLoRA, QLoRANode
+from jlora.methods.reft import (ConsReFT, ConsReFTNode, LoReFT, LoReFTNode, MeFT, MeFTNode,
+                                NoReFT, NoReFTNode)
 from jlora.methods.sparse import Sparse, SparseNode
 from jlora.methods.trainable_tokens import TrainableTokens, TrainableTokensNode
 from jlora.methods.vera import VeRA, VeRANode
@@ -22,3 +24,5 @@ __all__ = ["AdaLoRA", "AdaLoRANode", "AdapterNode", "Config", "DoRA", "DoRANode"
            "LoRANode", "PF2LoRA", "PF2LoRANode", "QLoRA", "QLoRANode", "REGISTRY", "Sparse", "SparseNode",
            "TrainableTokens", "TrainableTokensNode", "VeRA",
            "VeRANode"]
+__all__ += ["ConsReFT", "ConsReFTNode", "LoReFT", "LoReFTNode", "MeFT", "MeFTNode", "NoReFT",
+            "NoReFTNode"]
