@@ -12,8 +12,8 @@ from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, o
                    presets, quant, sharding)
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.quant import dequantize, quantize
-from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
-                           PF2LoRA, QLoRA, Sparse, TrainableTokens, VeRA)
+from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoftQ,
+                           LoRA, PF2LoRA, QLoRA, Sparse, TrainableTokens, VeRA)
 from jlora.methods.reft import ConsReFT, LoReFT, MeFT, NoReFT
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
@@ -30,6 +30,7 @@ __all__ = [
     "FedDPA",
     "Full",
     "GLoRA",
+    "LoftQ",
     "LoRA",
     "LoReFT",
     "MeFT",
