@@ -13,7 +13,8 @@ from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, o
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.quant import dequantize, quantize
 from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
-                           PF2LoRA, QLoRA, VeRA)
+                           PF2LoRA, QLoRA, Sparse, VeRA)
+from jlora.methods.reft import ConsReFT, LoReFT, MeFT, NoReFT
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
@@ -24,13 +25,18 @@ __all__ = [
     "AdapterNode",
     "checkpoint",
     "Config",
+    "ConsReFT",
     "DoRA",
     "FedDPA",
     "Full",
     "GLoRA",
     "LoRA",
+    "LoReFT",
+    "MeFT",
+    "NoReFT",
     "PF2LoRA",
     "QLoRA",
+    "Sparse",
     "Spec",
     "VeRA",
     "apply",
