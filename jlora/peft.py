@@ -73,6 +73,7 @@ from jlora.methods._experts import is_stacked
 from jlora.methods.full import Full, FullNode
 from jlora.methods.lora import LoRA, LoRANode
 from jlora.methods.qlora import QLoRANode
+from jlora.methods.trainable_tokens import TrainableTokens, TrainableTokensNode, check_indices
 from jlora.tree import is_node, leaves_with_paths, map_with_paths, parent, require_whole
 
 PREFIX = "base_model.model."
@@ -83,7 +84,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 _READ = {"peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern",
          "alpha_pattern", "target_modules", "exclude_modules", "lora_dropout", "bias",
          "lora_bias", "fan_in_fan_out", "modules_to_save", "init_lora_weights",
-         "target_parameters"}
+         "trainable_token_indices", "target_parameters"}
 # Informational keys (and keys whose usual value changes nothing for a plain LoRA
 # adapter) with the JSON types they may hold.
 _INFO = {"base_model_name_or_path": (str, type(None)), "revision": (str, type(None)),
@@ -329,6 +330,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
     owner: dict[str, str] = {}  # torch tensor name -> Flax path
     modules: dict[str, dict] = {}
     to_save: list[str] = []
+    tokens: dict[str, tuple[str, Any]] = {}  # module -> (path, TrainableTokensNode)
     all_modules = _torch_modules(adapted, name_map, "jlora.peft.save")
     stacked: dict[str, Any] = {}  # Flax path -> stacked node (target_parameters)
 
@@ -352,6 +354,9 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
             put(f"{key}.{suffix}", value, path)
             if module not in to_save:
                 to_save.append(module)
+            continue
+        if isinstance(node, TrainableTokensNode):
+            tokens[module] = (path, node)
             continue
         if is_stacked(node):
             stacked[path] = node
@@ -378,6 +383,8 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
                            "dora": isinstance(node, DoRANode), "dropout": node.config.dropout,
                            "path": path, "transposed": kind == "linear_t"}
     experts = _save_experts(stacked, namer, parameter_order, put) if stacked else {}
+    if not modules and not experts and tokens and not to_save:
+        return _save_tokens_only(out, tokens, put, tensors, base_model_name_or_path, task_type)
     if not modules and not experts:
         raise ValueError("jlora.peft.save: the tree holds no LoRA/DoRA adapter")
     both = sorted(set(modules) & set(to_save))
@@ -430,6 +437,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
     if experts:
         config["target_parameters"] = sorted(experts)
         _check_expert_config(config, experts, adapted, name_map)
+    _put_token_rows(config, tokens, put)
     for module in all_modules:  # what PEFT will do with this config, module by module
         if _targeted(config, module) != (module in modules) or (
                 module in modules and _rank_alpha(config, module) != (modules[module]["r"],
@@ -683,8 +691,11 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
     by_module = _torch_modules(params, name_map, "jlora.peft.load")
     cfg_path = os.path.join(folder, CONFIG_FILE)
     weights_path = os.path.join(folder, WEIGHTS_FILE)
+    if _is_tokens_only(cfg_path):
+        return _load_tokens_only(cfg_path, weights_path, params, by_module)
     config = _read_config(cfg_path)
     tensors = _read_safetensors(weights_path)
+    tensors, token_rows = _token_tensors(tensors)
 
     leaves = dict(leaves_with_paths(params))
     for p, x in leaves.items():
@@ -728,6 +739,8 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
                                     given))
         else:
             nodes.update(_full_nodes(parts, join, leaves, weights_path, key))
+    nodes.update(_token_nodes(config.get("trainable_token_indices"), token_rows, by_module,
+                              leaves, cfg_path, weights_path, nodes))
     return map_with_paths(lambda p, x: nodes.get(p, x), params)
 
 
@@ -1081,3 +1094,158 @@ def _check_expert_config(config: dict, experts: dict, adapted, name_map) -> None
                 experts[name]["r"], experts[name]["alpha"]):
             raise ValueError(f"jlora.peft.save: PEFT's name matching cannot give parameter "
                              f"{name!r} exactly its adapter; rename modules with name_map")
+
+
+# ---------------------------------------------------------------- trainable tokens
+# PEFT's layouts: LoRA + ``trainable_token_indices = {module: [ids]}`` keeps the rows at
+# ``<module>.token_adapter.trainable_tokens_delta``; a standalone ``TRAINABLE_TOKENS``
+# adapter (``token_indices``, ``target_modules``) at ``<module>.trainable_tokens_delta``.
+# The tensor is ``(k, dim)``: the new row values, in the order of the indices.
+
+_TOKEN_SUFFIXES = ("token_adapter.trainable_tokens_delta", "trainable_tokens_delta")
+_TOKENS_KEYS = {"peft_type", "token_indices", "target_modules", "init_weights"}
+
+
+def _put_token_rows(config: dict, tokens: dict, put, suffix: str = _TOKEN_SUFFIXES[0]) -> None:
+    """Write each TrainableTokens node's rows and its indices (LoRA's ``trainable_token_indices``)."""
+    if not tokens:
+        return
+    for module, (path, node) in tokens.items():
+        put(f"{PREFIX}{module}.{suffix}", np.asarray(node.rows, np.float32), path)
+    config["trainable_token_indices"] = {m: list(n.indices) for m, (_, n) in tokens.items()}
+
+
+def _save_tokens_only(out, tokens, put, tensors, base_model_name_or_path, task_type) -> None:
+    from safetensors.numpy import save_file
+
+    indices = {n.indices for _, n in tokens.values()}
+    if len(indices) > 1:
+        raise ValueError("jlora.peft.save: TrainableTokens nodes with different indices "
+                         f"({sorted(p for p, _ in tokens.values())}) do not fit one PEFT "
+                         "TRAINABLE_TOKENS config (one token_indices list); save them apart")
+    config = {"peft_type": "TRAINABLE_TOKENS", "target_modules": sorted(tokens),
+              "init_weights": True, "inference_mode": True,
+              "base_model_name_or_path": base_model_name_or_path, "task_type": task_type,
+              "revision": None}
+    _put_token_rows(config, tokens, put, suffix=_TOKEN_SUFFIXES[1])
+    config["token_indices"] = list(indices.pop())
+    del config["trainable_token_indices"]
+    _write_atomically(out, {
+        WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+        CONFIG_FILE: lambda p: _write_json(p, config),
+    })
+
+
+def _token_tensors(tensors: dict) -> tuple[dict, dict]:
+    """Split off ``…token_adapter.trainable_tokens_delta`` tensors: (others, {module: rows})."""
+    rest, rows = {}, {}
+    for key, value in tensors.items():
+        tail = "." + _TOKEN_SUFFIXES[0]
+        if key.startswith(PREFIX) and key.endswith(tail):
+            rows[key[len(PREFIX):-len(tail)]] = value
+        else:
+            rest[key] = value
+    return rest, rows
+
+
+def _token_node(module, indices, rows, by_module, leaves, where, weights_path, key):
+    """A TrainableTokensNode for ``module``'s table from the file's indices and rows."""
+    if module not in by_module:
+        raise ValueError(f"{where}: trainable tokens of module {module!r}, which params do "
+                         "not have (check name_map)")
+    mpath = by_module[module]
+    join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
+    path = next((join(x) for x in ("embedding", "kernel") if join(x) in leaves), None)
+    if path is None:
+        raise ValueError(f"{where}: module {module!r} has no 'embedding' or 'kernel' leaf for "
+                         "its trainable tokens")
+    try:
+        config = TrainableTokens(indices=check_indices(where, f"token indices of {module!r}",
+                                                       indices))
+        node = config.build(None, jnp.asarray(leaves[path]), path=path)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if rows is None:
+        raise ValueError(f"{weights_path}: missing tensor {key}")
+    if tuple(rows.shape) != tuple(node.rows.shape):
+        raise ValueError(f"{weights_path}: tensor {key} has shape {tuple(rows.shape)}; "
+                         f"{len(config.indices)} tokens of {path} need {node.rows.shape}")
+    return {path: node.replace(rows=jnp.asarray(rows, node.rows.dtype))}
+
+
+def _token_nodes(spec, token_rows, by_module, leaves, cfg_path, weights_path, nodes) -> dict:
+    """The nodes of LoRA's ``trainable_token_indices`` (a dict ``{module: [ids]}``)."""
+    if spec is None:
+        if token_rows:
+            raise ValueError(f"{weights_path}: tensor {PREFIX}{next(iter(token_rows))}."
+                             f"{_TOKEN_SUFFIXES[0]} but {CONFIG_FILE} has no "
+                             "trainable_token_indices")
+        return {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"{cfg_path}: key 'trainable_token_indices' must be an object "
+                         "{module: [token ids]} (jlora needs the module named), got "
+                         f"{spec!r}")
+    out = {}
+    for module, indices in spec.items():
+        key = f"{PREFIX}{module}.{_TOKEN_SUFFIXES[0]}"
+        got = _token_node(module, indices, token_rows.pop(module, None), by_module, leaves,
+                          f"{cfg_path}: key 'trainable_token_indices'", weights_path, key)
+        if set(got) & set(nodes):
+            raise ValueError(f"{cfg_path}: {next(iter(got))} has a LoRA adapter and trainable "
+                             "tokens; jlora adapts a leaf with one method")
+        out.update(got)
+    if token_rows:
+        raise ValueError(f"{weights_path}: tensor {PREFIX}{next(iter(token_rows))}."
+                         f"{_TOKEN_SUFFIXES[0]} belongs to no trainable_token_indices entry")
+    return out
+
+
+def _is_tokens_only(cfg_path: str) -> bool:
+    config = _parse_json(_read_bytes(cfg_path), cfg_path)
+    return isinstance(config, dict) and config.get("peft_type") == "TRAINABLE_TOKENS"
+
+
+def _load_tokens_only(cfg_path, weights_path, params, by_module) -> Any:
+    """A standalone PEFT ``TRAINABLE_TOKENS`` adapter over ``params``."""
+    config = _parse_json(_read_bytes(cfg_path), cfg_path)
+    for key, value in config.items():
+        if key in _INFO:
+            if not isinstance(value, _INFO[key]) or isinstance(value, bool) and bool not in _INFO[key]:
+                _bad(cfg_path, key, " or ".join(t.__name__ for t in _INFO[key]), value)
+        elif key not in _TOKENS_KEYS and not _is_default(key, value):
+            raise ValueError(f"{cfg_path}: key {key!r} is set to {value!r}, which jlora does not "
+                             "implement; refusing to load rather than ignore it")
+    if config.get("init_weights", True) not in (True, False):
+        _bad(cfg_path, "init_weights", "true or false", config["init_weights"])
+    target = config.get("target_modules")
+    if isinstance(target, str):
+        _check_regex(cfg_path, "target_modules", target)
+    elif not (isinstance(target, list) and target and all(isinstance(t, str) for t in target)):
+        _bad(cfg_path, "target_modules", "a list of module names or a regular expression "
+             "(jlora needs the embedding named)", target)
+    leaves = dict(leaves_with_paths(params))
+    for p, x in leaves.items():
+        if is_node(x):
+            raise ValueError(f"jlora.peft.load: {p} is already adapted; pass plain params")
+    tensors = _read_safetensors(weights_path)
+    rows = {}
+    for key, value in tensors.items():
+        tail = "." + _TOKEN_SUFFIXES[1]
+        if not (key.startswith(PREFIX) and key.endswith(tail)) or key.endswith(_TOKEN_SUFFIXES[0]):
+            raise ValueError(f"{weights_path}: tensor {key!r} is not a trainable tokens tensor "
+                             f"({PREFIX}<module>.{_TOKEN_SUFFIXES[1]})")
+        rows[key[len(PREFIX):-len(tail)]] = value
+    modules = [m for m in by_module if _selects(target, m)]
+    if not modules:
+        raise ValueError(f"{cfg_path}: key 'target_modules' = {target!r} matches no module of "
+                         "params")
+    nodes = {}
+    for module in modules:
+        key = f"{PREFIX}{module}.{_TOKEN_SUFFIXES[1]}"
+        nodes.update(_token_node(module, config.get("token_indices"), rows.pop(module, None),
+                                 by_module, leaves, f"{cfg_path}: key 'token_indices'",
+                                 weights_path, key))
+    if rows:
+        raise ValueError(f"{weights_path}: tensor {PREFIX}{next(iter(rows))}."
+                         f"{_TOKEN_SUFFIXES[1]} targets a module target_modules does not select")
+    return map_with_paths(lambda p, x: nodes.get(p, x), params)
