@@ -12,7 +12,7 @@ from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, o
                    presets, quant, sharding)
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.quant import dequantize, quantize
-from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
+from jlora.methods import (AdaLoRA, AdaptFormer, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
                            PF2LoRA, QLoRA, VeRA)
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoRA",
+    "AdaptFormer",
     "AdapterNode",
     "checkpoint",
     "Config",
