@@ -59,22 +59,26 @@ SPEC = jlora.Spec({"layers_*/mlp": jlora.AdaptFormer(bottleneck=4, dropout=0.0),
 @pytest.fixture(scope="module")
 def setup():
     x = jax.random.normal(jax.random.key(0), (2, 6, D))
-    params = Encoder().init(jax.random.key(1), x)["params"]
-    adapted = jlora.apply(params, SPEC, key=jax.random.key(2))
+    params = jax.jit(Encoder().init)(jax.random.key(1), x)["params"]
+    adapted = jax.jit(lambda p: jlora.apply(p, SPEC, key=jax.random.key(2)))(params)
     return x, params, adapted
 
 
-def bumped(adapted, seed=5):
+@jax.jit
+def bumped(adapted):
     """Every trainable array moved off its init, so every adapter shows in the output."""
     trainable, frozen = jlora.split(adapted)
     leaves, tdef = jax.tree.flatten(trainable)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    keys = jax.random.split(jax.random.key(5), len(leaves))
     leaves = [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
     return jlora.combine(jax.tree.unflatten(tdef, leaves), frozen)
 
 
 def run(adapted, x, **kw):
     return jlora.linen.apply(Encoder(), {"params": adapted}, x, strict=True, **kw)
+
+
+run_jit = jax.jit(run)
 
 
 def test_apply_stores_the_node_beside_its_module(setup):
@@ -91,7 +95,7 @@ def test_apply_stores_the_node_beside_its_module(setup):
     assert jlora.count_trainable(adapted) == 2 * per_layer
     assert "layers_1/mlp@adaptformer  AdaptFormer" in jlora.summary(adapted)
     # identity at init (W_u = b_u = 0 and LoRA's b = 0)
-    np.testing.assert_allclose(run(adapted, x), Encoder().apply({"params": params}, x),
+    np.testing.assert_allclose(run_jit(adapted, x), jax.jit(Encoder().apply)({"params": params}, x),
                                rtol=1e-6, atol=1e-6)
 
 
@@ -125,7 +129,7 @@ def test_merge_refuses_adaptformer_naming_the_path_or_returns_the_residual(setup
     adapted = bumped(adapted)
     with pytest.raises(ValueError, match=r"layers_0/mlp: AdaptFormer cannot be merged.*ReLU"):
         jlora.merge(adapted)
-    plain, residual = jlora.merge(adapted, residual=True)
+    plain, residual = jax.jit(lambda a: jlora.merge(a, residual=True))(adapted)
     assert sorted(residual) == ["layers_0/mlp@adaptformer", "layers_1/mlp@adaptformer"]
     assert not any(jlora.is_node(v) for _, v in leaves_with_paths(plain))
     q = adapted["layers_0"]["query"]["kernel"]
@@ -136,7 +140,7 @@ def test_merge_refuses_adaptformer_naming_the_path_or_returns_the_residual(setup
     for path, node in residual.items():
         layer, key = path.split("/")
         back[layer][key] = node
-    np.testing.assert_allclose(run(back, x), run(adapted, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_jit(back, x), run_jit(adapted, x), rtol=1e-5, atol=1e-5)
 
 
 def test_checkpoint_round_trip(setup, tmp_path):
@@ -145,7 +149,8 @@ def test_checkpoint_round_trip(setup, tmp_path):
     jlora.checkpoint.save(str(tmp_path), trainable, step=3, spec=SPEC)
     state = jlora.checkpoint.restore(str(tmp_path), spec=SPEC, onto=frozen)
     chex.assert_trees_all_equal(state["trainable"], trainable)
-    np.testing.assert_array_equal(run(state["adapted"], x), run(jlora.combine(trainable, frozen), x))
+    np.testing.assert_array_equal(run_jit(state["adapted"], x),
+                                  run_jit(jlora.combine(trainable, frozen), x))
     other = jlora.Spec({"layers_*/mlp": jlora.AdaptFormer(bottleneck=4),
                         "**/query/kernel": jlora.LoRA(rank=2, alpha=4)})
     with pytest.raises(ValueError, match="layers_0/mlp@adaptformer.*different spec|different spec"):
@@ -261,22 +266,25 @@ class OutScaleNode(ModuleNode):
 def test_a_mergeable_module_method_rewrites_params_merges_and_gets_context(setup):
     x, params, _ = setup
     spec = jlora.Spec({"layers_1/mlp": OutScale(), "**/query/kernel": jlora.LoRA(rank=2)})
-    adapted = bumped(jlora.apply(params, spec, key=jax.random.key(3)))
+    adapted = bumped(jax.jit(lambda p: jlora.apply(p, spec, key=jax.random.key(3)))(params))
     g = adapted["layers_1"]["mlp@outscale"].g
-    y = run(adapted, x)
-    merged = jlora.merge(adapted)
+    y = run_jit(adapted, x)
+    merged = jax.jit(jlora.merge)(adapted)
     np.testing.assert_allclose(f64(merged["layers_1"]["mlp"]["fc2"]["kernel"]),
                                f64(params["layers_1"]["mlp"]["fc2"]["kernel"]) * (1 + f64(g)),
                                rtol=1e-6)
-    np.testing.assert_allclose(Encoder().apply({"params": merged}, x), y, rtol=1e-5, atol=1e-5)
-    back = jlora.unmerge(merged, adapted)
+    np.testing.assert_allclose(jax.jit(Encoder().apply)({"params": merged}, x), y,
+                               rtol=1e-5, atol=1e-5)
+    back = jax.jit(jlora.unmerge)(merged, adapted)
     chex.assert_trees_all_close(back, params, rtol=1e-5, atol=1e-6)
     # context keywords reach intercept, and not the model
     gate = jnp.full((D,), 0.5)
-    np.testing.assert_allclose(run(adapted, x, context={"gate": gate}) - run(adapted, x),
+    gated = jax.jit(lambda a: run(a, x, context={"gate": gate}))(adapted)
+    np.testing.assert_allclose(gated - y,
                                -0.5 * _mlp_out(adapted, x, gate), rtol=1e-4, atol=1e-4)
 
 
+@jax.jit
 def _mlp_out(adapted, x, gate):
     """The layers_1 MLP's output (what the gate halves), from Flax's sown intermediates."""
     _, state = jlora.linen.apply(Encoder(), {"params": adapted}, x, strict=True,
