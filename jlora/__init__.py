@@ -12,8 +12,9 @@ from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, o
                    presets, quant, sharding)
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.quant import dequantize, quantize
-from jlora.methods import (AdaLoRA, AdaptFormer, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
-                           PF2LoRA, QLoRA, VeRA)
+from jlora.methods import (AdaLoRA, AdaptFormer, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA,
+                           LoRA, PF2LoRA, QLoRA, Sparse, TrainableTokens, VeRA)
+from jlora.methods.reft import ConsReFT, LoReFT, MeFT, NoReFT
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
@@ -25,14 +26,20 @@ __all__ = [
     "AdapterNode",
     "checkpoint",
     "Config",
+    "ConsReFT",
     "DoRA",
     "FedDPA",
     "Full",
     "GLoRA",
     "LoRA",
+    "LoReFT",
+    "MeFT",
+    "NoReFT",
     "PF2LoRA",
     "QLoRA",
+    "Sparse",
     "Spec",
+    "TrainableTokens",
     "VeRA",
     "apply",
     "combine",

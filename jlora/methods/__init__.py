@@ -15,9 +15,16 @@ from jlora.methods.glora import GLoRA, GLoRABiasNode, GLoRANode
 from jlora.methods.lora import LoRA, LoRANode
 from jlora.methods.pf2lora import PF2LoRA, PF2LoRANode
 from jlora.methods.qlora import QLoRA, QLoRANode
+from jlora.methods.reft import (ConsReFT, ConsReFTNode, LoReFT, LoReFTNode, MeFT, MeFTNode,
+                                NoReFT, NoReFTNode)
+from jlora.methods.sparse import Sparse, SparseNode
+from jlora.methods.trainable_tokens import TrainableTokens, TrainableTokensNode
 from jlora.methods.vera import VeRA, VeRANode
 
 __all__ = ["AdaLoRA", "AdaLoRANode", "AdaptFormer", "AdaptFormerNode", "ModuleConfig", "ModuleNode", "AdapterNode", "Config", "DoRA", "DoRANode", "FedDPA",
            "FedDPANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoRA",
-           "LoRANode", "PF2LoRA", "PF2LoRANode", "QLoRA", "QLoRANode", "REGISTRY", "VeRA",
+           "LoRANode", "PF2LoRA", "PF2LoRANode", "QLoRA", "QLoRANode", "REGISTRY", "Sparse", "SparseNode",
+           "TrainableTokens", "TrainableTokensNode", "VeRA",
            "VeRANode"]
+__all__ += ["ConsReFT", "ConsReFTNode", "LoReFT", "LoReFTNode", "MeFT", "MeFTNode", "NoReFT",
+            "NoReFTNode"]
