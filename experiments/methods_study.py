@@ -153,7 +153,22 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
+    model, params, data = prepare(args)
+    results = []
+    for name in args.methods:
+        results.append(run_method(name, METHODS[name], model, params, data, args))
+        r = results[-1]
+        print(f"{name:<20} acc {r['accuracy']:.3f}  trainable {r['trainable']:>9,}  "
+              f"step {r['step_ms']:.0f} ms  peak {r['peak_mib']:.0f} MiB", flush=True)
+    write(results, args)
 
+
+def prepare(args):
+    """``(model, params, data)``: MiniLM with a zero head, and the tokenized tweet splits.
+
+    ``data`` is ``(train, test, val)``, each ``(ids, mask, labels)``; ``args``
+    carries ``train``, ``test``, ``val``, ``max_len`` and ``seed``.
+    """
     model_dir = minilm_dir()
     cfg, bert = load_pretrained(model_dir)
     (tx, ty), (vx, vy) = load_tweets(args.train + args.val, args.test, seed=args.seed)
@@ -164,13 +179,7 @@ def main(argv=None):
     model = SentenceClassifier(cfg, num_classes=len(LABELS))
     params = {"bert": bert, "classifier": {"kernel": jnp.zeros((cfg.hidden_size, len(LABELS))),
                                            "bias": jnp.zeros(len(LABELS))}}
-    results = []
-    for name in args.methods:
-        results.append(run_method(name, METHODS[name], model, params, data, args))
-        r = results[-1]
-        print(f"{name:<20} acc {r['accuracy']:.3f}  trainable {r['trainable']:>9,}  "
-              f"step {r['step_ms']:.0f} ms  peak {r['peak_mib']:.0f} MiB", flush=True)
-    write(results, args)
+    return model, params, data
 
 
 def write(results, args):
