@@ -14,6 +14,7 @@ from jlora.core import apply, combine, count_trainable, merge, split, summary, u
 from jlora.quant import dequantize, quantize
 from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
                            PF2LoRA, QLoRA, Sparse, VeRA)
+from jlora.methods.reft import ConsReFT, LoReFT, MeFT, NoReFT
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
@@ -24,11 +25,15 @@ __all__ = [
     "AdapterNode",
     "checkpoint",
     "Config",
+    "ConsReFT",
     "DoRA",
     "FedDPA",
     "Full",
     "GLoRA",
     "LoRA",
+    "LoReFT",
+    "MeFT",
+    "NoReFT",
     "PF2LoRA",
     "QLoRA",
     "Sparse",

@@ -13,6 +13,8 @@ from jlora.methods.glora import GLoRA, GLoRABiasNode, GLoRANode
 from jlora.methods.lora import LoRA, LoRANode
 from jlora.methods.pf2lora import PF2LoRA, PF2LoRANode
 from jlora.methods.qlora import QLoRA, QLoRANode
+from jlora.methods.reft import (ConsReFT, ConsReFTNode, LoReFT, LoReFTNode, MeFT, MeFTNode,
+                                NoReFT, NoReFTNode)
 from jlora.methods.sparse import Sparse, SparseNode
 from jlora.methods.vera import VeRA, VeRANode
 
@@ -20,3 +22,5 @@ __all__ = ["AdaLoRA", "AdaLoRANode", "AdapterNode", "Config", "DoRA", "DoRANode"
            "FedDPANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoRA",
            "LoRANode", "PF2LoRA", "PF2LoRANode", "QLoRA", "QLoRANode", "REGISTRY", "Sparse", "SparseNode", "VeRA",
            "VeRANode"]
+__all__ += ["ConsReFT", "ConsReFTNode", "LoReFT", "LoReFTNode", "MeFT", "MeFTNode", "NoReFT",
+            "NoReFTNode"]
