@@ -19,12 +19,13 @@ Writes ``experiments/results/activation_study.{md,json,png}``: held-out
 accuracy, trainable parameters, median step time, XLA's peak memory of the
 compiled step, SAM's selection time, and the loss curves.
 
-    python experiments/activation_study.py [--train 2000 --test 1000 --calib 8]
+    python experiments/activation_study.py [--train 1024 --test 600 --calib 8] [--methods ...] [--append]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -84,10 +85,10 @@ def _with_time(rules, seconds):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train", type=int, default=2000)
-    ap.add_argument("--test", type=int, default=1000)
+    ap.add_argument("--train", type=int, default=1024)
+    ap.add_argument("--test", type=int, default=600)
     ap.add_argument("--val", type=int, default=0)
-    ap.add_argument("--max-len", type=int, default=40)
+    ap.add_argument("--max-len", type=int, default=32)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -95,7 +96,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--append", action="store_true",
+                    help="add to (or replace in) the results already in --out, run with the same "
+                         "settings")
     args = ap.parse_args(argv)
+    previous = load_previous(args) if args.append else []
 
     model, params, data = prepare(args)
     params["classifier"]["kernel"] = 0.02 * jax.random.normal(
@@ -113,8 +118,29 @@ def main(argv=None):
         results.append(r)
         print(f"{name:<20} acc {r['accuracy']:.3f}  trainable {r['trainable']:>9,}  "
               f"step {r['step_ms']:.0f} ms  peak {r['peak_mib']:.0f} MiB", flush=True)
-    write(results, args)
+    order = list(table)
+    ran = {r["method"] for r in results}
+    merged = [r for r in previous if r["method"] not in ran] + results
+    merged.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+    write(merged, args)
     return results
+
+
+SETTINGS = ("train", "test", "max_len", "batch", "epochs", "lr", "calib", "seed")
+
+
+def load_previous(args) -> list[dict]:
+    """The results of an earlier run in ``args.out``; its settings must equal these."""
+    path = os.path.join(args.out, "activation_study.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        old = json.load(f)
+    differ = {k: (old["args"].get(k), getattr(args, k)) for k in SETTINGS
+              if old["args"].get(k) != getattr(args, k)}
+    if differ:
+        raise SystemExit(f"--append: {path} was run with other settings {differ}")
+    return old["results"]
 
 
 def write(results, args):
