@@ -13,7 +13,7 @@ from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, o
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.quant import dequantize, quantize
 from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
-                           PF2LoRA, QLoRA, Sparse, VeRA)
+                           PF2LoRA, QLoRA, Sparse, TrainableTokens, VeRA)
 from jlora.methods.reft import ConsReFT, LoReFT, MeFT, NoReFT
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
@@ -38,6 +38,7 @@ __all__ = [
     "QLoRA",
     "Sparse",
     "Spec",
+    "TrainableTokens",
     "VeRA",
     "apply",
     "combine",

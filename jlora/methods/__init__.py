@@ -16,11 +16,13 @@ from jlora.methods.qlora import QLoRA, QLoRANode
 from jlora.methods.reft import (ConsReFT, ConsReFTNode, LoReFT, LoReFTNode, MeFT, MeFTNode,
                                 NoReFT, NoReFTNode)
 from jlora.methods.sparse import Sparse, SparseNode
+from jlora.methods.trainable_tokens import TrainableTokens, TrainableTokensNode
 from jlora.methods.vera import VeRA, VeRANode
 
 __all__ = ["AdaLoRA", "AdaLoRANode", "AdapterNode", "Config", "DoRA", "DoRANode", "FedDPA",
            "FedDPANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoRA",
-           "LoRANode", "PF2LoRA", "PF2LoRANode", "QLoRA", "QLoRANode", "REGISTRY", "Sparse", "SparseNode", "VeRA",
+           "LoRANode", "PF2LoRA", "PF2LoRANode", "QLoRA", "QLoRANode", "REGISTRY", "Sparse", "SparseNode",
+           "TrainableTokens", "TrainableTokensNode", "VeRA",
            "VeRANode"]
 __all__ += ["ConsReFT", "ConsReFTNode", "LoReFT", "LoReFTNode", "MeFT", "MeFTNode", "NoReFT",
             "NoReFTNode"]
