@@ -11,6 +11,7 @@
 from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, optim, peft,
                    presets, quant, sharding)
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
+from jlora import init
 from jlora.quant import dequantize, quantize
 from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
                            PF2LoRA, QLoRA, Sparse, TrainableTokens, VeRA)
@@ -48,6 +49,7 @@ __all__ = [
     "experts",
     "federated",
     "glora",
+    "init",
     "is_node",
     "linen",
     "merge",
