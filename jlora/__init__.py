@@ -13,7 +13,8 @@ from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, o
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora import init
 from jlora.quant import dequantize, quantize
-from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoftQ,
+from jlora.methods import (AdaLoRA, AdaptFormer, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA,
+                           LoftQ,
                            LoRA, PF2LoRA, QLoRA, Sparse, TrainableTokens, VeRA)
 from jlora.methods.reft import ConsReFT, LoReFT, MeFT, NoReFT
 from jlora.spec import Spec
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoRA",
+    "AdaptFormer",
     "AdapterNode",
     "checkpoint",
     "Config",
