@@ -13,7 +13,7 @@ from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, o
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora.quant import dequantize, quantize
 from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
-                           PF2LoRA, QLoRA, VeRA)
+                           PF2LoRA, QLoRA, Subspace, VeRA)
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
@@ -32,6 +32,7 @@ __all__ = [
     "PF2LoRA",
     "QLoRA",
     "Spec",
+    "Subspace",
     "VeRA",
     "apply",
     "combine",

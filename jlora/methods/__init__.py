@@ -13,9 +13,10 @@ from jlora.methods.glora import GLoRA, GLoRABiasNode, GLoRANode
 from jlora.methods.lora import LoRA, LoRANode
 from jlora.methods.pf2lora import PF2LoRA, PF2LoRANode
 from jlora.methods.qlora import QLoRA, QLoRANode
+from jlora.methods.subspace import Subspace, SubspaceNode
 from jlora.methods.vera import VeRA, VeRANode
 
 __all__ = ["AdaLoRA", "AdaLoRANode", "AdapterNode", "Config", "DoRA", "DoRANode", "FedDPA",
            "FedDPANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoRA",
-           "LoRANode", "PF2LoRA", "PF2LoRANode", "QLoRA", "QLoRANode", "REGISTRY", "VeRA",
+           "LoRANode", "PF2LoRA", "PF2LoRANode", "QLoRA", "QLoRANode", "REGISTRY", "Subspace", "SubspaceNode", "VeRA",
            "VeRANode"]
