@@ -1006,6 +1006,8 @@ def _(tmp):
 
     _jl().init.lora_ga(params(), _init_spec(init="pissa"), lambda p, x: jnp.sum(_mlp(p, x)),
                        _xs())
+
+
 # ---------------------------------------------------------------- module-level adapters
 
 
