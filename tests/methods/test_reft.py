@@ -1,9 +1,11 @@
 """LoReFT, NoReFT, ConsReFT and MeFT against float64 numpy references written from the formulas
 (Wu et al. 2024, arXiv 2404.03592 eq. 2; pyreft's interventions and position rule)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jlora
@@ -203,7 +205,6 @@ def test_module_dims_and_bad_input():
 
 def test_meft_reduces_to_lora_forward_and_merge():
     """MeFT's defaults (every position, linear, c = 0, reading the input) on a Dense are LoRA."""
-    import flax.linen as nn
     model, x = nn.Dense(5), hidden((2, 4, 6))
     params = model.init(jax.random.key(0), x)["params"]
     lora = jlora.apply(params, jlora.Spec({"kernel": jlora.LoRA(2, alpha=6.0)}),
@@ -245,3 +246,77 @@ def test_meft_reduces_to_lora_forward_and_merge():
         build(jlora.MeFT(2)).merge_into(block_params(), path="blocks_0")
     with pytest.raises(ValueError, match="blocks_0: LoReFT cannot be merged"):
         build(jlora.LoReFT(2)).merge_into(block_params(), path="blocks_0")
+
+
+# ---------------------------------------------------------------- end to end
+
+
+class Block(nn.Module):
+    """A pre-norm residual block (a feature mixer, then an MLP), output = the residual stream."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = x + nn.Dense(D, name="mix")(nn.LayerNorm(name="ln1")(x))
+        return h + nn.Dense(D, name="down")(nn.relu(nn.Dense(16, name="up")(
+            nn.LayerNorm(name="ln2")(h))))
+
+
+class Tiny(nn.Module):
+    layers: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.layers):
+            x = Block(name=f"blocks_{i}")(x)
+        return nn.Dense(2, name="head")(x.mean(-2)) if self.layers > 1 else x
+
+
+def test_loreft_end_to_end_through_the_public_names():
+    """apply -> split/combine -> training steps (R stays orthonormal) -> linen.apply against
+    the float64 formula on the block's output; merge refuses and names the path."""
+    model, x = Tiny(), hidden((4, 6, D))
+    mask = jnp.asarray([[1] * 6, [1] * 4 + [0] * 2, [0] * 3 + [1] * 3, [0] + [1] * 5])
+    labels = jnp.asarray([0, 1, 1, 0])
+    params = model.init(jax.random.key(0), x)["params"]
+    spec = jlora.Spec({"blocks_*": jlora.LoReFT(R, positions="f1+l2"), "head/kernel": jlora.Full()})
+    adapted = jlora.apply(params, spec, key=jax.random.key(1))
+    node = adapted["blocks_0@loreft"]
+    assert isinstance(node, jlora.methods.LoReFTNode) and node.path == "blocks_0"
+    np.testing.assert_array_equal(np.asarray(adapted["blocks_0"]["mix"]["kernel"]),
+                                  np.asarray(params["blocks_0"]["mix"]["kernel"]))
+    trainable, frozen = jlora.split(adapted)
+    assert jlora.count_trainable(trainable) == 2 * (2 * D * R + R) + D * 2
+
+    def loss(tr):
+        logits = jlora.linen.apply(model, {"params": jlora.combine(tr, frozen)}, x,
+                                   context={"attention_mask": mask})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    opt = optax.adam(0.05)
+
+    @jax.jit
+    def step(tr, st):
+        val, g = jax.value_and_grad(loss)(tr)
+        up, st = opt.update(g, st, tr)
+        return optax.apply_updates(tr, up), st, val
+
+    st, losses = opt.init(trainable), []
+    for _ in range(5):
+        trainable, st, val = step(trainable, st)
+        losses.append(float(val))
+    assert losses[-1] < losses[0]
+    adapted = jlora.combine(trainable, frozen)
+    for i in range(2):
+        p = f64(adapted[f"blocks_{i}@loreft"].projection())
+        np.testing.assert_allclose(p.T @ p, np.eye(R), atol=1e-5)  # orthonormal after training
+    # one block with its trained intervention, against the formula on the plain block's output
+    b0 = adapted["blocks_0@loreft"]
+    h = f64(Block().apply({"params": params["blocks_0"]}, x))
+    p = ref_orthonormal(b0.p)
+    sel, _ = ref_positions(np.asarray(mask), 1, 2)
+    want = apply_at(h, h + (h @ f64(b0.w) + f64(b0.b) - h @ p) @ p.T, sel)
+    one = {"params": {"blocks_0": params["blocks_0"], "blocks_0@loreft": b0}}
+    got = jlora.linen.apply(Tiny(layers=1), one, x, context={"attention_mask": mask})
+    np.testing.assert_allclose(f64(got), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="blocks_0.*LoReFT"):
+        jlora.merge(adapted)
