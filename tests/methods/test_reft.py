@@ -320,3 +320,38 @@ def test_loreft_end_to_end_through_the_public_names():
     np.testing.assert_allclose(f64(got), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="blocks_0.*LoReFT"):
         jlora.merge(adapted)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+def test_sharded_equals_single_device():
+    """MeFT in ReFT form (reading the block output at f2+l1) on a 4×2 mesh: loss and gradients
+    equal the single-device ones."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    model, x = Tiny(), hidden((8, 6, D), seed=5)
+    mask = jnp.asarray(np.tril(np.ones((8, 6)), 3)[:, ::-1].copy())  # varied left padding
+    params = model.init(jax.random.key(0), x)["params"]
+    cfg = jlora.MeFT(R, positions="f2+l1", read="output", bias=True, activation="tanh")
+    adapted = jlora.apply(params, jlora.Spec({"blocks_*": cfg}), key=jax.random.key(1))
+    adapted = jax.tree.map(lambda n: n.replace(up=jnp.full_like(n.up, 0.1))
+                           if isinstance(n, jlora.methods.MeFTNode) else n, adapted,
+                           is_leaf=lambda n: isinstance(n, jlora.methods.MeFTNode))
+    trainable, frozen = jlora.split(adapted)
+
+    def loss(tr, fr, x, mask):
+        out = jlora.linen.apply(model, {"params": jlora.combine(tr, fr)}, x,
+                                context={"attention_mask": mask})
+        return (out ** 2).mean()
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    want_val, want_g = grad(trainable, frozen, x, mask)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+    base = jax.tree.map(lambda a: P(None, "model") if a.ndim == 2 and a.shape[-1] == D else None,
+                        params)
+    placed = jlora.sharding.place(adapted, mesh, base)
+    tr, fr = jlora.split(placed)
+    batch = NamedSharding(mesh, P("data"))
+    val, g = grad(tr, fr, jax.device_put(x, batch), jax.device_put(mask, batch))
+    np.testing.assert_allclose(float(val), float(want_val), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                                         atol=1e-6), g, want_g)
+    assert float(want_val) != float(loss(trainable, frozen, x, jnp.ones_like(mask)))  # mask matters
