@@ -204,48 +204,64 @@ def test_module_dims_and_bad_input():
 
 
 def test_meft_reduces_to_lora_forward_and_merge():
-    """MeFT's defaults (every position, linear, c = 0, reading the input) on a Dense are LoRA."""
-    model, x = nn.Dense(5), hidden((2, 4, 6))
-    params = model.init(jax.random.key(0), x)["params"]
-    lora = jlora.apply(params, jlora.Spec({"kernel": jlora.LoRA(2, alpha=6.0)}),
+    """MeFT's defaults (every position, linear, c = 0, reading the input) on a Dense are LoRA:
+    equal to a jlora.LoRA forward and to its merge, through the public names."""
+    wrap, x = _Wrap(), hidden((2, 4, 6))
+    params = wrap.init(jax.random.key(0), x)["params"]
+    lora = jlora.apply(params, jlora.Spec({"dense/kernel": jlora.LoRA(2, alpha=6.0)}),
                        key=jax.random.key(1))
     a = jax.random.normal(jax.random.key(2), (6, 2)); b = jax.random.normal(jax.random.key(3), (2, 5))
-    lora["kernel"] = lora["kernel"].replace(a=a, b=b)
-    meft = jlora.MeFT(2, alpha=6.0).build_module(jax.random.key(4), params, path="dense")
-    np.testing.assert_array_equal(np.asarray(meft.up), 0)  # LoRA's init: unchanged model
-    meft = meft.replace(down=a, up=b)
-    y_meft = meft.intercept(lambda z: model.apply({"params": params}, z), (x,), {})
-    ref_k = f64(params["kernel"]) + 3.0 * f64(a) @ f64(b)
-    want = f64(x) @ ref_k + f64(params["bias"])
-    np.testing.assert_allclose(f64(y_meft), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(f64(jlora.linen.apply(model, {"params": lora}, x)), want,
-                               rtol=1e-5, atol=1e-5)
-    merged = meft.merge_into(params, path="dense")
-    np.testing.assert_allclose(f64(merged["kernel"]), ref_k, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(f64(merged["kernel"]), f64(jlora.merge(lora)["kernel"]),
-                               rtol=1e-6, atol=1e-6)
+    lora["dense"]["kernel"] = lora["dense"]["kernel"].replace(a=a, b=b)
+    meft = jlora.apply(params, jlora.Spec({"dense": jlora.MeFT(2, alpha=6.0)}), key=jax.random.key(4))
+    np.testing.assert_array_equal(np.asarray(meft["dense@meft"].up), 0)  # LoRA's init
+    np.testing.assert_array_equal(np.asarray(jlora.linen.apply(wrap, {"params": meft}, x)),
+                                  np.asarray(wrap.apply({"params": params}, x)))
+    meft["dense@meft"] = meft["dense@meft"].replace(down=a, up=b)
+    ref_k = f64(params["dense"]["kernel"]) + 3.0 * f64(a) @ f64(b)
+    want = f64(x) @ ref_k + f64(params["dense"]["bias"])
+    for tree in (meft, lora):
+        np.testing.assert_allclose(f64(jlora.linen.apply(wrap, {"params": tree}, x)), want,
+                                   rtol=1e-5, atol=1e-5)
+    merged = jlora.merge(meft)
+    assert set(merged) == {"dense"}
+    np.testing.assert_allclose(f64(merged["dense"]["kernel"]), ref_k, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(f64(merged["dense"]["kernel"]),
+                               f64(jlora.merge(lora)["dense"]["kernel"]), rtol=1e-6, atol=1e-6)
     # reading the output with a bias c: h + s·(h·D + c)·U, merged into kernel and bias
-    out = jlora.MeFT(2, read="output", bias=True, alpha=6.0).build_module(
-        jax.random.key(4), params, path="dense").replace(down=b.T, up=b, c=jnp.arange(2.0))
-    h = f64(model.apply({"params": params}, x))
+    out = jlora.apply(params, jlora.Spec({"dense": jlora.MeFT(2, read="output", bias=True,
+                                                              alpha=6.0)}), key=jax.random.key(4))
+    out["dense@meft"] = out["dense@meft"].replace(down=b.T, up=b, c=jnp.arange(2.0))
+    h = f64(wrap.apply({"params": params}, x))
     want = h + 3.0 * (h @ f64(b).T + np.arange(2.0)) @ f64(b)
-    y = out.intercept(lambda z: model.apply({"params": params}, z), (x,), {})
-    np.testing.assert_allclose(f64(y), want, rtol=1e-5, atol=1e-5)
-    m2 = out.merge_into(params, path="dense")
+    np.testing.assert_allclose(f64(jlora.linen.apply(wrap, {"params": out}, x)), want,
+                               rtol=1e-5, atol=1e-5)
+    m2 = jlora.merge(out)["dense"]
     np.testing.assert_allclose(f64(x) @ f64(m2["kernel"]) + f64(m2["bias"]), want, rtol=1e-5,
                                atol=1e-5)
-    # not mergeable: positions, a nonlinear f, a block; the ReFT family never
+    back = out["dense@meft"].unmerge_from(m2)
+    np.testing.assert_allclose(f64(back["kernel"]), f64(params["dense"]["kernel"]), atol=1e-5)
+    np.testing.assert_allclose(f64(back["bias"]), f64(params["dense"]["bias"]), atol=1e-5)
+    # not mergeable: positions, a nonlinear f, a bias c without a module bias, a block
     for cfg, why in [(jlora.MeFT(2, positions="f1+l1"), "positions"),
                      (jlora.MeFT(2, activation="relu"), "activation"),
                      (jlora.MeFT(2, bias=True), "bias c")]:
-        node = cfg.build_module(jax.random.key(0), params, path="dense")
+        node = cfg.build_module(jax.random.key(0), params["dense"], path="dense")
         with pytest.raises(ValueError, match=f"dense: MeFT cannot be merged.*{why}"):
-            node.merge_into({"kernel": params["kernel"]} if why == "bias c" else params,
-                            path="dense")
+            node.merge_into({"kernel": params["dense"]["kernel"]} if why == "bias c"
+                            else params["dense"])
     with pytest.raises(ValueError, match="blocks_0: MeFT cannot.*not a Dense"):
-        build(jlora.MeFT(2)).merge_into(block_params(), path="blocks_0")
+        build(jlora.MeFT(2)).merge_into(block_params())
     with pytest.raises(ValueError, match="blocks_0: LoReFT cannot be merged"):
-        build(jlora.LoReFT(2)).merge_into(block_params(), path="blocks_0")
+        build(jlora.LoReFT(2)).merge_into(block_params())
+    plain, residual = jlora.merge(jlora.apply(params, jlora.Spec({"dense": jlora.LoReFT(2)}),
+                                              key=jax.random.key(0)), residual=True)
+    assert list(residual) == ["dense@loreft"] and set(plain) == {"dense"}
+
+
+class _Wrap(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(5, name="dense")(x)
 
 
 # ---------------------------------------------------------------- end to end
