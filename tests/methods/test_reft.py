@@ -371,3 +371,33 @@ def test_sharded_equals_single_device():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                                          atol=1e-6), g, want_g)
     assert float(want_val) != float(loss(trainable, frozen, x, jnp.ones_like(mask)))  # mask matters
+
+
+def test_loreft_on_the_nnx_path():
+    from flax import nnx
+
+    class NBlock(nnx.Module):
+        def __init__(self, rngs):
+            self.ln, self.mix = nnx.LayerNorm(D, rngs=rngs), nnx.Linear(D, D, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.mix(self.ln(x))
+
+    class NModel(nnx.Module):
+        def __init__(self, rngs):
+            self.block = NBlock(rngs)
+
+        def __call__(self, x):
+            return self.block(x)
+
+    graphdef, state = nnx.split(NModel(nnx.Rngs(0)))
+    x, mask = hidden((2, 5, D)), np.array([[1] * 5, [0, 0, 1, 1, 1]])
+    adapted = jlora.apply(state, jlora.Spec({"block": jlora.LoReFT(R, positions="f1+l1")}),
+                          key=jax.random.key(1))
+    node = adapted["block@loreft"]
+    y = jlora.nnx.apply(graphdef, adapted, x, context={"attention_mask": jnp.asarray(mask)})
+    h = f64(nnx.merge(graphdef, state)(x))
+    p = ref_orthonormal(node.p)
+    sel, _ = ref_positions(mask, 1, 1)
+    want = apply_at(h, h + (h @ f64(node.w) + f64(node.b) - h @ p) @ p.T, sel)
+    np.testing.assert_allclose(f64(y), want, rtol=1e-5, atol=1e-5)
