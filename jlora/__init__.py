@@ -11,9 +11,10 @@
 from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, optim, peft,
                    presets, quant, sharding)
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
+from jlora import init
 from jlora.quant import dequantize, quantize
-from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
-                           PF2LoRA, QLoRA, Sparse, VeRA)
+from jlora.methods import (AdaLoRA, AdaptFormer, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA,
+                           LoRA, PF2LoRA, QLoRA, Sparse, TrainableTokens, VeRA)
 from jlora.methods.reft import ConsReFT, LoReFT, MeFT, NoReFT
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoRA",
+    "AdaptFormer",
     "AdapterNode",
     "checkpoint",
     "Config",
@@ -38,6 +40,7 @@ __all__ = [
     "QLoRA",
     "Sparse",
     "Spec",
+    "TrainableTokens",
     "VeRA",
     "apply",
     "combine",
@@ -47,6 +50,7 @@ __all__ = [
     "experts",
     "federated",
     "glora",
+    "init",
     "is_node",
     "linen",
     "merge",
