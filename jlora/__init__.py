@@ -17,6 +17,7 @@ from jlora.methods import (AdaLoRA, AdaptFormer, AdapterNode, Config, DoRA, FedD
                            LoftQ,
                            LoRA, PF2LoRA, QLoRA, Sparse, TrainableTokens, VeRA)
 from jlora.methods.reft import ConsReFT, LoReFT, MeFT, NoReFT
+from jlora.methods.subspace import Subspace
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
@@ -42,6 +43,7 @@ __all__ = [
     "QLoRA",
     "Sparse",
     "Spec",
+    "Subspace",
     "TrainableTokens",
     "VeRA",
     "apply",

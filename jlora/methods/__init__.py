@@ -19,13 +19,14 @@ from jlora.methods.qlora import QLoRA, QLoRANode
 from jlora.methods.reft import (ConsReFT, ConsReFTNode, LoReFT, LoReFTNode, MeFT, MeFTNode,
                                 NoReFT, NoReFTNode)
 from jlora.methods.sparse import Sparse, SparseNode
+from jlora.methods.subspace import Subspace, SubspaceNode
 from jlora.methods.trainable_tokens import TrainableTokens, TrainableTokensNode
 from jlora.methods.vera import VeRA, VeRANode
 
 __all__ = ["AdaLoRA", "AdaLoRANode", "AdaptFormer", "AdaptFormerNode", "ModuleConfig", "ModuleNode", "AdapterNode", "Config", "DoRA", "DoRANode", "FedDPA",
            "FedDPANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoftQ", "LoRA",
            "LoRANode", "PF2LoRA", "PF2LoRANode", "QLoRA", "QLoRANode", "REGISTRY", "Sparse", "SparseNode",
-           "TrainableTokens", "TrainableTokensNode", "VeRA",
+           "Subspace", "SubspaceNode", "TrainableTokens", "TrainableTokensNode", "VeRA",
            "VeRANode"]
 __all__ += ["ConsReFT", "ConsReFTNode", "LoReFT", "LoReFTNode", "MeFT", "MeFTNode", "NoReFT",
             "NoReFTNode"]
