@@ -51,13 +51,16 @@ METHODS = {
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def run_method(name, rules, model, params, data, args, *, masked=False):
+def run_method(name, rules, model, params, data, args, *, masked=False, adapted=None):
     """Train one method and evaluate it; ``masked=True`` passes the attention mask to
-    the adapters as ``context={"attention_mask": mask}`` (position-selecting ones need it)."""
+    the adapters as ``context={"attention_mask": mask}`` (position-selecting ones need it).
+    ``adapted`` (optional) is an already adapted tree (a data-driven init) to train
+    instead of ``jlora.apply(params, rules + head)``."""
     kw = (lambda mask: {"context": {"attention_mask": mask}}) if masked else (lambda mask: {})
     (tr_ids, tr_mask, tr_y), (te_ids, te_mask, te_y), (va_ids, va_mask, va_y) = data
-    spec = jlora.Spec({**rules, **HEAD})
-    adapted = jlora.apply(params, spec, key=jax.random.key(args.seed))
+    if adapted is None:
+        spec = jlora.Spec({**rules, **HEAD})
+        adapted = jlora.apply(params, spec, key=jax.random.key(args.seed))
     trainable, frozen = jlora.split(adapted)
     n_train = jlora.count_trainable(trainable)
     steps = args.epochs * -(-len(tr_ids) // args.batch)
