@@ -12,9 +12,11 @@ from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, o
                    presets, quant, sharding)
 from jlora._alloc import AllocatorHint
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
+from jlora import init
 from jlora.quant import dequantize, quantize
-from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
-                           PF2LoRA, QLoRA, VeRA)
+from jlora.methods import (AdaLoRA, AdaptFormer, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA,
+                           LoRA, PF2LoRA, QLoRA, Sparse, TrainableTokens, VeRA)
+from jlora.methods.reft import ConsReFT, LoReFT, MeFT, NoReFT
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
@@ -22,18 +24,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoRA",
+    "AdaptFormer",
     "AllocatorHint",
     "AdapterNode",
     "checkpoint",
     "Config",
+    "ConsReFT",
     "DoRA",
     "FedDPA",
     "Full",
     "GLoRA",
     "LoRA",
+    "LoReFT",
+    "MeFT",
+    "NoReFT",
     "PF2LoRA",
     "QLoRA",
+    "Sparse",
     "Spec",
+    "TrainableTokens",
     "VeRA",
     "apply",
     "combine",
@@ -43,6 +52,7 @@ __all__ = [
     "experts",
     "federated",
     "glora",
+    "init",
     "is_node",
     "linen",
     "merge",

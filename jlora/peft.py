@@ -69,9 +69,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.methods.dora import DoRA, DoRANode
+from jlora.methods._experts import is_stacked
 from jlora.methods.full import Full, FullNode
 from jlora.methods.lora import LoRA, LoRANode
 from jlora.methods.qlora import QLoRANode
+from jlora.methods.trainable_tokens import TrainableTokens, TrainableTokensNode, check_indices
 from jlora.tree import is_node, leaves_with_paths, map_with_paths, parent, require_whole
 
 PREFIX = "base_model.model."
@@ -81,7 +83,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 # Keys jlora reads; everything else must sit at a default value.
 _READ = {"peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern",
          "alpha_pattern", "target_modules", "exclude_modules", "lora_dropout", "bias",
-         "lora_bias", "fan_in_fan_out", "modules_to_save", "init_lora_weights"}
+         "lora_bias", "fan_in_fan_out", "modules_to_save", "init_lora_weights",
+         "trainable_token_indices", "target_parameters"}
 # Informational keys (and keys whose usual value changes nothing for a plain LoRA
 # adapter) with the JSON types they may hold.
 _INFO = {"base_model_name_or_path": (str, type(None)), "revision": (str, type(None)),
@@ -299,7 +302,7 @@ def _write_atomically(out: str, files: dict[str, Callable[[str], None]]) -> None
 
 def save(directory: str, adapted: Any, *, name_map: NameMap = None,
          base_model_name_or_path: str | None = None, task_type: str | None = None,
-         adapter_name: str = "default") -> None:
+         adapter_name: str = "default", parameter_order=None) -> None:
     """Write ``adapted``'s adapters as a PEFT LoRA adapter directory.
 
     ``Full()`` leaves go to ``modules_to_save``. One adapter directory holds one
@@ -309,6 +312,14 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
     does. The written config is checked against PEFT's matching rules: every
     adapted module gets exactly its rank and alpha and no other module is
     targeted, or the save is refused.
+
+    Stacked kernels (``expert_axis=0``: a mixture-of-experts layer's ``(E, in,
+    out)`` expert weights) are written as PEFT ``target_parameters`` adapters
+    (``lora.ParamWrapper``) on the PyTorch parameter ``<module>.<leaf name>``.
+    Several of them on one module nest in PyTorch's parameter registration
+    order, which the Flax tree does not record: ``parameter_order`` lists the
+    parameter names in that order (e.g. ``["gate_up_proj", "down_proj"]``);
+    names it leaves out follow, sorted.
     """
     from safetensors.numpy import save_file
 
@@ -319,7 +330,9 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
     owner: dict[str, str] = {}  # torch tensor name -> Flax path
     modules: dict[str, dict] = {}
     to_save: list[str] = []
+    tokens: dict[str, tuple[str, Any]] = {}  # module -> (path, TrainableTokensNode)
     all_modules = _torch_modules(adapted, name_map, "jlora.peft.save")
+    stacked: dict[str, Any] = {}  # Flax path -> stacked node (target_parameters)
 
     def put(name, value, path):
         if name in owner:
@@ -342,6 +355,12 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
             if module not in to_save:
                 to_save.append(module)
             continue
+        if isinstance(node, TrainableTokensNode):
+            tokens[module] = (path, node)
+            continue
+        if is_stacked(node):
+            stacked[path] = node
+            continue
         if not isinstance(node, (LoRANode, DoRANode, QLoRANode)):  # QLoRA: its delta alone
             raise ValueError(f"{path}: {node.method} adapters have no PEFT LoRA layout")
         kind = _kind(path, node)
@@ -363,21 +382,29 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         modules[module] = {"r": rank, "alpha": alpha, "rslora": node.config.rslora,
                            "dora": isinstance(node, DoRANode), "dropout": node.config.dropout,
                            "path": path, "transposed": kind == "linear_t"}
-    if not modules:
+    experts = _save_experts(stacked, namer, parameter_order, put) if stacked else {}
+    if not modules and not experts and tokens and not to_save:
+        return _save_tokens_only(out, tokens, put, tensors, base_model_name_or_path, task_type)
+    if not modules and not experts:
         raise ValueError("jlora.peft.save: the tree holds no LoRA/DoRA adapter")
     both = sorted(set(modules) & set(to_save))
     if both:
         raise ValueError(f"jlora.peft.save: module {both[0]!r} has a LoRA adapter and a Full() "
                          "leaf; PEFT cannot adapt a module and also save it whole "
                          "(modules_to_save)")
+    every = {**modules, **experts}
     for flag in ("rslora", "dora", "dropout"):
-        if len({m[flag] for m in modules.values()}) > 1:
+        if len({m[flag] for m in every.values()}) > 1:
             name = {"rslora": "use_rslora", "dora": "use_dora", "dropout": "lora_dropout"}[flag]
             raise ValueError(f"jlora.peft.save: adapters mix {name} values; PEFT stores one "
                              "setting per adapter: save them as separate adapters")
-    r = _most_common(m["r"] for m in modules.values())
-    alpha = _most_common(m["alpha"] for m in modules.values())
-    first = next(iter(modules.values()))
+    if experts and any(m["transposed"] or m["dora"] for m in modules.values()):
+        raise ValueError("jlora.peft.save: PEFT's target_parameters adapters (stacked kernels) "
+                         "cannot share an adapter with fan_in_fan_out or DoRA modules: save "
+                         "them as separate adapters")
+    r = _most_common(m["r"] for m in every.values())
+    alpha = _most_common(m["alpha"] for m in every.values())
+    first = next(iter(every.values()))
     target = sorted(modules)
     if any(_selects(target, m) for m in all_modules if m not in modules):
         target = "|".join(re.escape(m) for m in target)  # exact names: PEFT fullmatches a str
@@ -388,8 +415,8 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         "use_rslora": first["rslora"],
         "use_dora": first["dora"],
         "target_modules": target,
-        "rank_pattern": {re.escape(k): m["r"] for k, m in modules.items() if m["r"] != r},
-        "alpha_pattern": {re.escape(k): m["alpha"] for k, m in modules.items()
+        "rank_pattern": {re.escape(k): m["r"] for k, m in every.items() if m["r"] != r},
+        "alpha_pattern": {re.escape(k): m["alpha"] for k, m in every.items()
                           if m["alpha"] != alpha},
         "lora_dropout": first["dropout"],
         "bias": "none",
@@ -407,6 +434,10 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         "layers_pattern": None,
         "exclude_modules": None,
     }
+    if experts:
+        config["target_parameters"] = sorted(experts)
+        _check_expert_config(config, experts, adapted, name_map)
+    _put_token_rows(config, tokens, put)
     for module in all_modules:  # what PEFT will do with this config, module by module
         if _targeted(config, module) != (module in modules) or (
                 module in modules and _rank_alpha(config, module) != (modules[module]["r"],
@@ -624,7 +655,8 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def load(directory: str, params: Any, *, name_map: NameMap = None,
-         adapter_name: str = "default", in_axes: dict | None = None) -> Any:
+         adapter_name: str = "default", in_axes: dict | None = None,
+         parameter_order=None) -> Any:
     """Read a PEFT LoRA adapter directory into an adapted tree over ``params``.
 
     Honours ``r``/``lora_alpha`` with ``rank_pattern``/``alpha_pattern``,
@@ -640,22 +672,37 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
     ``jlora.linen.resolve``-d spec) when given, else the file's
     ``fan_in_fan_out`` (true: the Flax port of a ``Conv1D`` model, stored
     ``(out, in)``).
+
+    ``target_parameters`` adapters (PEFT's LoRA on raw 3-D parameters, e.g.
+    stacked MoE experts) become stacked LoRA nodes (``expert_axis=0``) on the
+    leaf ``<module path>/<parameter name>``: ``(E, in, out)`` kernels get
+    ``in_axes=(1,)``, ``(E, out, in)`` ones ``(2,)`` (a square one: ``in_axes``
+    given for its path, else ``(1,)``). Wrappers nested on one module are
+    matched in ``parameter_order`` (see :func:`save`), or in the one order the
+    tensors' shapes fit.
     """
     given = {} if in_axes is None else in_axes
-    if not isinstance(given, dict) or any(tuple(v) not in ((0,), (1,)) for v in given.values()):
-        raise ValueError(f"jlora.peft.load: in_axes must map kernel paths to (0,) or (1,), "
+    if not isinstance(given, dict) or any(tuple(v) not in ((0,), (1,), (2,))
+                                          for v in given.values()):
+        raise ValueError(f"jlora.peft.load: in_axes must map kernel paths to (0,) or (1,) "
+                         f"(or (2,) for a stacked (E, out, in) kernel), "
                          f"got {in_axes!r}")
     folder = _adapter_folder(directory, adapter_name)
     by_module = _torch_modules(params, name_map, "jlora.peft.load")
     cfg_path = os.path.join(folder, CONFIG_FILE)
     weights_path = os.path.join(folder, WEIGHTS_FILE)
+    if _is_tokens_only(cfg_path):
+        return _load_tokens_only(cfg_path, weights_path, params, by_module)
     config = _read_config(cfg_path)
     tensors = _read_safetensors(weights_path)
+    tensors, token_rows = _token_tensors(tensors)
 
     leaves = dict(leaves_with_paths(params))
     for p, x in leaves.items():
         if is_node(x):
             raise ValueError(f"jlora.peft.load: {p} is already adapted; pass plain params")
+    nodes: dict[str, Any] = _load_experts(config, cfg_path, weights_path, tensors, leaves,
+                                          name_map, given, parameter_order)
 
     grouped: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     for key, value in tensors.items():
@@ -680,8 +727,9 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
                              f"target_modules does not select module {module!r}")
         grouped[module][suffix] = value
 
-    _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped)
-    nodes: dict[str, Any] = {}
+    namer = _module_namer(name_map)
+    _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped,
+                   [f"{namer(parent(p))}.{p.rsplit('/', 1)[-1]}" for p in nodes])
     for module, parts in grouped.items():
         key = PREFIX + module
         mpath = by_module[module]
@@ -691,10 +739,13 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
                                     given))
         else:
             nodes.update(_full_nodes(parts, join, leaves, weights_path, key))
+    nodes.update(_token_nodes(config.get("trainable_token_indices"), token_rows, by_module,
+                              leaves, cfg_path, weights_path, nodes))
     return map_with_paths(lambda p, x: nodes.get(p, x), params)
 
 
-def _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped) -> None:
+def _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped,
+                   parameters=()) -> None:
     """Every module the config selects has its tensors; every list entry selects a module."""
     for key in ("target_modules", "modules_to_save"):
         rule = config.get(key)
@@ -707,6 +758,7 @@ def _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped) -
                 _selects(rule, m) for m in by_module):
             raise ValueError(f"{cfg_path}: key {key!r} = {rule!r} matches no module of params")
     adapted = [m for m, parts in grouped.items() if any(s.startswith("lora_") for s in parts)]
+    adapted += parameters  # target_parameters: their patterns match parameter names
     for key in ("rank_pattern", "alpha_pattern"):
         for k in config.get(key) or {}:
             if not any(_pattern_hit(k, m) for m in adapted):
@@ -832,3 +884,368 @@ def _lora_node(config, module, parts, join, leaves, weights_path, key, given):
         raise ValueError(f"{weights_path}: unexpected tensor {key}.lora_magnitude_vector: "
                          f"{CONFIG_FILE} has use_dora false")
     return {path: LoRANode(**common, config=LoRA(**opts))}
+
+
+# ---------------------------------------------------------------- expert parameters
+# PEFT's ``target_parameters`` (``lora.ParamWrapper``): LoRA on a raw 3-D
+# ``nn.Parameter`` ``(E, d1, d2)`` such as a mixture-of-experts layer's stacked
+# expert weights. ``lora_A.weight`` is ``(r·E, in)`` expert-major and
+# ``lora_B.weight`` ``(out, r·E)`` expert-minor, so that
+# ``ΔW[e] = s · B.reshape(out, r, E)[:, :, e] · A.reshape(E, r, in)[e]``: with
+# jlora's per-slice factors ``a[e] = A.reshape(E, r, in)[e]ᵀ`` and
+# ``b[e] = B.reshape(out, r, E)[:, :, e]ᵀ``. Several targeted parameters of one
+# module nest their wrappers in the module's parameter registration order, the
+# first registered innermost: its tensors are named
+# ``<module>.base_layer.<...>.lora_A.weight`` with one ``base_layer`` per
+# wrapper around it.
+
+
+def _check_parameter_order(parameter_order) -> tuple[str, ...]:
+    if parameter_order is None:
+        return ()
+    if isinstance(parameter_order, str) or not all(
+            isinstance(n, str) and n for n in parameter_order):
+        raise ValueError(f"jlora.peft: parameter_order must be a sequence of parameter names, "
+                         f"got {parameter_order!r}")
+    return tuple(parameter_order)
+
+
+def _registration_order(names, parameter_order: tuple[str, ...]) -> list[str]:
+    """``names`` (parameter names of one module) in PyTorch registration order:
+    ``parameter_order`` first, in its order, then the rest sorted by name."""
+    rank = {n: i for i, n in enumerate(parameter_order)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+
+
+def _wrapper_keys(params_of_module: dict[str, list[str]], parameter_order) -> dict[str, str]:
+    """PyTorch parameter name -> the tensor key prefix of its ``ParamWrapper``."""
+    keys = {}
+    for module, names in params_of_module.items():
+        ordered = _registration_order(names, parameter_order)
+        for i, name in enumerate(ordered):
+            keys[f"{module}.{name}"] = PREFIX + module + ".base_layer" * (len(ordered) - 1 - i)
+    return keys
+
+
+def _expert_export(path: str, node):
+    """``(A, B, rank, alpha)`` in PEFT's ``ParamWrapper`` layout for a stacked node."""
+    from jlora.methods._experts import own_config
+
+    if isinstance(node, DoRANode) or not isinstance(node, (LoRANode, QLoRANode)):
+        raise ValueError(f"{path}: PEFT's target_parameters hold plain LoRA only, not "
+                         f"{node.method} on stacked kernels")
+    if len(node.shape) != 3 or node.in_axes not in ((1,), (2,)):
+        raise ValueError(f"{path}: PEFT's target_parameters need a 3-D stacked kernel "
+                         f"(E, in, out) or (E, out, in), got shape {node.shape} with "
+                         f"in_axes {node.in_axes}")
+    one = own_config(node)
+    rank, alpha = one.rank, one.rank if one.alpha is None else one.alpha
+    a, b = np.asarray(node.a, np.float32), np.asarray(node.b, np.float32)  # (E,in,r), (E,r,out)
+    if getattr(node, "a0", None) is not None:  # PiSSA/OLoRA: plain LoRA on the original weight
+        a = np.concatenate([a, np.asarray(node.a0, np.float32)], axis=-1)
+        b = np.concatenate([b, -np.asarray(node.b0, np.float32)], axis=-2)
+        rank *= 2
+        alpha = alpha * (math.sqrt(2) if one.rslora else 2)
+    e = node.shape[0]
+    big_a = a.transpose(0, 2, 1).reshape(e * rank, a.shape[1])  # expert-major rows
+    big_b = b.transpose(2, 1, 0).reshape(b.shape[2], rank * e)  # expert-minor columns
+    return big_a, big_b, rank, alpha
+
+
+def _save_experts(stacked: dict, namer, parameter_order, put) -> dict[str, dict]:
+    """Write the stacked nodes' tensors with ``put``; return PyTorch parameter name ->
+    its adapter's settings (as ``save`` keeps them per module)."""
+    order = _check_parameter_order(parameter_order)
+    names: dict[str, str] = {}  # torch parameter name -> Flax path
+    by_module: dict[str, list[str]] = collections.defaultdict(list)
+    for path in stacked:
+        module, leaf = namer(parent(path)), path.rsplit("/", 1)[-1]
+        names[f"{module}.{leaf}"] = path
+        by_module[module].append(leaf)
+    keys = _wrapper_keys(by_module, order)
+    out = {}
+    for name, path in names.items():
+        node = stacked[path]
+        big_a, big_b, rank, alpha = _expert_export(path, node)
+        if node.config.dropout:
+            raise ValueError(f"{path}: PEFT's target_parameters adapters cannot have "
+                             f"lora_dropout (got {node.config.dropout}); use dropout=0")
+        put(f"{keys[name]}.lora_A.weight", big_a, path)
+        put(f"{keys[name]}.lora_B.weight", big_b, path)
+        out[name] = {"r": rank, "alpha": alpha, "rslora": node.config.rslora, "dora": False,
+                     "dropout": node.config.dropout, "path": path, "transposed": False}
+    return out
+
+
+def _expert_axes(base_shape, a_t, b_t, r: int, given) -> tuple[int, ...] | None:
+    """The stacked kernel's in_axes, ``(1,)`` for ``(E, in, out)`` or ``(2,)`` for
+    ``(E, out, in)``, that the tensors fit (``given`` decides a square kernel;
+    ``(1,)`` otherwise), else ``None``."""
+    if len(base_shape) != 3 or a_t.ndim != 2 or b_t.ndim != 2:
+        return None
+    e, d1, d2 = base_shape
+    if a_t.shape[0] != r * e or b_t.shape[1] != r * e:
+        return None
+    io = (a_t.shape[1], b_t.shape[0])
+    fit = [axes for axes, shape in (((1,), (d1, d2)), ((2,), (d2, d1))) if io == shape]
+    if given is not None:
+        return tuple(given) if tuple(given) in fit else None
+    return fit[0] if fit else None
+
+
+def _load_experts(config: dict, cfg_path: str, weights_path: str, tensors: dict,
+                  leaves: dict, name_map, given: dict, parameter_order) -> dict:
+    """Nodes for ``config["target_parameters"]``; consumes their tensors from ``tensors``."""
+    import itertools
+
+    targets = config.get("target_parameters")
+    if targets is None or targets == []:
+        return {}
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        _bad(cfg_path, "target_parameters", "a list of parameter names", targets)
+    order = _check_parameter_order(parameter_order)
+    namer = _module_namer(name_map)
+    names: dict[str, str] = {}  # torch parameter name -> Flax path
+    for path in leaves:
+        try:
+            module = namer(parent(path))
+        except ValueError:
+            continue
+        names[f"{module}.{path.rsplit('/', 1)[-1]}"] = path
+    hit = {n: p for n, p in names.items() if any(n == t or n.endswith("." + t) for t in targets)}
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in hit):
+            raise ValueError(f"{cfg_path}: key 'target_parameters' entry {t!r} matches no "
+                             "parameter of params (check name_map)")
+    by_module: dict[str, list[str]] = collections.defaultdict(list)
+    for n in hit:
+        module, _, leaf = n.rpartition(".")
+        by_module[module].append(leaf)
+    nodes = {}
+    for module, leaves_of in by_module.items():
+        ordered = _registration_order(leaves_of, order)
+        prefixes = [PREFIX + module + ".base_layer" * (len(ordered) - 1 - i)
+                    for i in range(len(ordered))]
+        parts = []
+        for pre in prefixes:
+            got = [tensors.get(f"{pre}.lora_{x}.weight") for x in "AB"]
+            if any(t is None for t in got):
+                raise ValueError(f"{weights_path}: missing tensor {pre}.lora_"
+                                 f"{'A' if got[0] is None else 'B'}.weight (target_parameters "
+                                 f"of module {module!r})")
+            parts.append(got)
+
+        def fits(perm):
+            out = []
+            for leaf, (a_t, b_t) in zip(perm, parts):
+                name, path = f"{module}.{leaf}", names[f"{module}.{leaf}"]
+                axes = _expert_axes(np.shape(leaves[path]), a_t, b_t,
+                                    _rank_alpha(config, name)[0], given.get(path))
+                if axes is None:
+                    return None
+                out.append(axes)
+            return perm, out
+
+        found = fits(tuple(ordered))
+        if found is None:  # another registration order than the default: unique by shapes?
+            every = [f for p in itertools.islice(itertools.permutations(ordered), 720)
+                     if (f := fits(p)) is not None]
+            found = every[0] if len(every) == 1 else None
+        if found is None:
+            shapes = {leaf: tuple(np.shape(leaves[names[f"{module}.{leaf}"]])) for leaf in ordered}
+            raise ValueError(
+                f"{weights_path}: the target_parameters tensors of module {module!r} do not fit "
+                f"its parameters {shapes} in registration order {ordered} (rank, expert count "
+                "or shape); pass parameter_order= with the PyTorch module's parameter order")
+        for leaf, axes, pre in zip(found[0], found[1], prefixes):
+            name, path = f"{module}.{leaf}", names[f"{module}.{leaf}"]
+            a_t, b_t = tensors.pop(f"{pre}.lora_A.weight"), tensors.pop(f"{pre}.lora_B.weight")
+            base = jnp.asarray(leaves[path])
+            if not jnp.issubdtype(base.dtype, jnp.floating):
+                raise ValueError(f"{weights_path}: {pre} adapts {path}, which has dtype "
+                                 f"{base.dtype}")
+            r, alpha = _rank_alpha(config, name)
+            e = base.shape[0]
+            a = a_t.reshape(e, r, -1).transpose(0, 2, 1)  # (E, in, r)
+            b = b_t.reshape(-1, r, e).transpose(2, 1, 0)  # (E, r, out)
+            dt = jnp.promote_types(base.dtype, jnp.float32)
+            cfg = LoRA(rank=r, alpha=alpha, rslora=config.get("use_rslora", False),
+                       dropout=float(config.get("lora_dropout", 0.0)),
+                       in_axes=None if axes == (1,) else axes, expert_axis=0)
+            nodes[path] = LoRANode(base=base, a=jnp.asarray(a, dt), b=jnp.asarray(b, dt),
+                                   config=cfg, shape=tuple(base.shape), in_axes=axes)
+    for path, axes in given.items():
+        if tuple(axes) == (2,) and path not in nodes:
+            raise ValueError(f"jlora.peft.load: in_axes (2,) for {path} is for a stacked "
+                             "(E, out, in) kernel adapted by target_parameters")
+    return nodes
+
+
+def _check_expert_config(config: dict, experts: dict, adapted, name_map) -> None:
+    """PEFT gives each targeted parameter exactly its rank and alpha, and no other."""
+    namer = _module_namer(name_map)
+    for path, _ in leaves_with_paths(adapted):
+        try:
+            name = f"{namer(parent(path))}.{path.rsplit('/', 1)[-1]}"
+        except ValueError:
+            continue
+        hit = any(name == t or name.endswith("." + t) for t in config["target_parameters"])
+        if hit != (name in experts) or hit and _rank_alpha(config, name) != (
+                experts[name]["r"], experts[name]["alpha"]):
+            raise ValueError(f"jlora.peft.save: PEFT's name matching cannot give parameter "
+                             f"{name!r} exactly its adapter; rename modules with name_map")
+
+
+# ---------------------------------------------------------------- trainable tokens
+# PEFT's layouts: LoRA + ``trainable_token_indices = {module: [ids]}`` keeps the rows at
+# ``<module>.token_adapter.trainable_tokens_delta``; a standalone ``TRAINABLE_TOKENS``
+# adapter (``token_indices``, ``target_modules``) at ``<module>.trainable_tokens_delta``.
+# The tensor is ``(k, dim)``: the new row values, in the order of the indices.
+
+_TOKEN_SUFFIXES = ("token_adapter.trainable_tokens_delta", "trainable_tokens_delta")
+_TOKENS_KEYS = {"peft_type", "token_indices", "target_modules", "init_weights"}
+
+
+def _put_token_rows(config: dict, tokens: dict, put, suffix: str = _TOKEN_SUFFIXES[0]) -> None:
+    """Write each TrainableTokens node's rows and its indices (LoRA's ``trainable_token_indices``)."""
+    if not tokens:
+        return
+    for module, (path, node) in tokens.items():
+        put(f"{PREFIX}{module}.{suffix}", np.asarray(node.rows, np.float32), path)
+    config["trainable_token_indices"] = {m: list(n.indices) for m, (_, n) in tokens.items()}
+
+
+def _save_tokens_only(out, tokens, put, tensors, base_model_name_or_path, task_type) -> None:
+    from safetensors.numpy import save_file
+
+    indices = {n.indices for _, n in tokens.values()}
+    if len(indices) > 1:
+        raise ValueError("jlora.peft.save: TrainableTokens nodes with different indices "
+                         f"({sorted(p for p, _ in tokens.values())}) do not fit one PEFT "
+                         "TRAINABLE_TOKENS config (one token_indices list); save them apart")
+    config = {"peft_type": "TRAINABLE_TOKENS", "target_modules": sorted(tokens),
+              "init_weights": True, "inference_mode": True,
+              "base_model_name_or_path": base_model_name_or_path, "task_type": task_type,
+              "revision": None}
+    _put_token_rows(config, tokens, put, suffix=_TOKEN_SUFFIXES[1])
+    config["token_indices"] = list(indices.pop())
+    del config["trainable_token_indices"]
+    _write_atomically(out, {
+        WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+        CONFIG_FILE: lambda p: _write_json(p, config),
+    })
+
+
+def _token_tensors(tensors: dict) -> tuple[dict, dict]:
+    """Split off ``…token_adapter.trainable_tokens_delta`` tensors: (others, {module: rows})."""
+    rest, rows = {}, {}
+    for key, value in tensors.items():
+        tail = "." + _TOKEN_SUFFIXES[0]
+        if key.startswith(PREFIX) and key.endswith(tail):
+            rows[key[len(PREFIX):-len(tail)]] = value
+        else:
+            rest[key] = value
+    return rest, rows
+
+
+def _token_node(module, indices, rows, by_module, leaves, where, weights_path, key):
+    """A TrainableTokensNode for ``module``'s table from the file's indices and rows."""
+    if module not in by_module:
+        raise ValueError(f"{where}: trainable tokens of module {module!r}, which params do "
+                         "not have (check name_map)")
+    mpath = by_module[module]
+    join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
+    path = next((join(x) for x in ("embedding", "kernel") if join(x) in leaves), None)
+    if path is None:
+        raise ValueError(f"{where}: module {module!r} has no 'embedding' or 'kernel' leaf for "
+                         "its trainable tokens")
+    try:
+        config = TrainableTokens(indices=check_indices(where, f"token indices of {module!r}",
+                                                       indices))
+        node = config.build(None, jnp.asarray(leaves[path]), path=path)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if rows is None:
+        raise ValueError(f"{weights_path}: missing tensor {key}")
+    if tuple(rows.shape) != tuple(node.rows.shape):
+        raise ValueError(f"{weights_path}: tensor {key} has shape {tuple(rows.shape)}; "
+                         f"{len(config.indices)} tokens of {path} need {node.rows.shape}")
+    return {path: node.replace(rows=jnp.asarray(rows, node.rows.dtype))}
+
+
+def _token_nodes(spec, token_rows, by_module, leaves, cfg_path, weights_path, nodes) -> dict:
+    """The nodes of LoRA's ``trainable_token_indices`` (a dict ``{module: [ids]}``)."""
+    if spec is None:
+        if token_rows:
+            raise ValueError(f"{weights_path}: tensor {PREFIX}{next(iter(token_rows))}."
+                             f"{_TOKEN_SUFFIXES[0]} but {CONFIG_FILE} has no "
+                             "trainable_token_indices")
+        return {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"{cfg_path}: key 'trainable_token_indices' must be an object "
+                         "{module: [token ids]} (jlora needs the module named), got "
+                         f"{spec!r}")
+    out = {}
+    for module, indices in spec.items():
+        key = f"{PREFIX}{module}.{_TOKEN_SUFFIXES[0]}"
+        got = _token_node(module, indices, token_rows.pop(module, None), by_module, leaves,
+                          f"{cfg_path}: key 'trainable_token_indices'", weights_path, key)
+        if set(got) & set(nodes):
+            raise ValueError(f"{cfg_path}: {next(iter(got))} has a LoRA adapter and trainable "
+                             "tokens; jlora adapts a leaf with one method")
+        out.update(got)
+    if token_rows:
+        raise ValueError(f"{weights_path}: tensor {PREFIX}{next(iter(token_rows))}."
+                         f"{_TOKEN_SUFFIXES[0]} belongs to no trainable_token_indices entry")
+    return out
+
+
+def _is_tokens_only(cfg_path: str) -> bool:
+    config = _parse_json(_read_bytes(cfg_path), cfg_path)
+    return isinstance(config, dict) and config.get("peft_type") == "TRAINABLE_TOKENS"
+
+
+def _load_tokens_only(cfg_path, weights_path, params, by_module) -> Any:
+    """A standalone PEFT ``TRAINABLE_TOKENS`` adapter over ``params``."""
+    config = _parse_json(_read_bytes(cfg_path), cfg_path)
+    for key, value in config.items():
+        if key in _INFO:
+            if not isinstance(value, _INFO[key]) or isinstance(value, bool) and bool not in _INFO[key]:
+                _bad(cfg_path, key, " or ".join(t.__name__ for t in _INFO[key]), value)
+        elif key not in _TOKENS_KEYS and not _is_default(key, value):
+            raise ValueError(f"{cfg_path}: key {key!r} is set to {value!r}, which jlora does not "
+                             "implement; refusing to load rather than ignore it")
+    if config.get("init_weights", True) not in (True, False):
+        _bad(cfg_path, "init_weights", "true or false", config["init_weights"])
+    target = config.get("target_modules")
+    if isinstance(target, str):
+        _check_regex(cfg_path, "target_modules", target)
+    elif not (isinstance(target, list) and target and all(isinstance(t, str) for t in target)):
+        _bad(cfg_path, "target_modules", "a list of module names or a regular expression "
+             "(jlora needs the embedding named)", target)
+    leaves = dict(leaves_with_paths(params))
+    for p, x in leaves.items():
+        if is_node(x):
+            raise ValueError(f"jlora.peft.load: {p} is already adapted; pass plain params")
+    tensors = _read_safetensors(weights_path)
+    rows = {}
+    for key, value in tensors.items():
+        tail = "." + _TOKEN_SUFFIXES[1]
+        if not (key.startswith(PREFIX) and key.endswith(tail)) or key.endswith(_TOKEN_SUFFIXES[0]):
+            raise ValueError(f"{weights_path}: tensor {key!r} is not a trainable tokens tensor "
+                             f"({PREFIX}<module>.{_TOKEN_SUFFIXES[1]})")
+        rows[key[len(PREFIX):-len(tail)]] = value
+    modules = [m for m in by_module if _selects(target, m)]
+    if not modules:
+        raise ValueError(f"{cfg_path}: key 'target_modules' = {target!r} matches no module of "
+                         "params")
+    nodes = {}
+    for module in modules:
+        key = f"{PREFIX}{module}.{_TOKEN_SUFFIXES[1]}"
+        nodes.update(_token_node(module, config.get("token_indices"), rows.pop(module, None),
+                                 by_module, leaves, f"{cfg_path}: key 'token_indices'",
+                                 weights_path, key))
+    if rows:
+        raise ValueError(f"{weights_path}: tensor {PREFIX}{next(iter(rows))}."
+                         f"{_TOKEN_SUFFIXES[1]} targets a module target_modules does not select")
+    return map_with_paths(lambda p, x: nodes.get(p, x), params)

@@ -18,6 +18,8 @@ and re-exported here once; import it from ``jlora.optim``.
   ``fedlada_client`` / ``fedlada_server``, ``fedsps`` / ``feddecsps``: federated
   optimizers over the pseudo-gradient (``server_step``, ``merged_step``,
   ``communication_bytes``; ``_fedopt.py``).
+* ``sam_select`` / ``sam_scores``: Fu et al.'s second-order approximation
+  method choosing the entries ``jlora.Sparse`` trains (``_sparse.py``).
 
 ``docs/methods.md`` states the math and source paper of each single-model tool
 above; the federated optimizers cite theirs in ``_fedopt.py``.
@@ -39,13 +41,15 @@ from jlora.optim._glora import (GLoRASearchResult, glora_current, glora_describe
 from jlora.optim._lora_plus import labels as lora_plus_labels
 from jlora.optim._lora_plus import lora_plus
 from jlora.optim._mezo import mezo_gradient, mezo_sgd, perturbation, projected_gradient
+from jlora.optim._sparse import sam_scores, sam_select
 
 __all__ = ["AdaLoRAState", "FloraState", "GLoRASearchResult", "adalora",
            "adalora_orthogonality", "balance", "balancedness", "balora", "bar", "budget",
            "flat_lora", "flora", "glora_current", "glora_describe", "glora_fix",
            "glora_layers", "glora_param_count", "glora_sample", "glora_search", "lora_plus",
            "lora_plus_labels", "mezo_gradient", "mezo_sgd", "noise_scale", "perturbation",
-           "projected_gradient", "projection", "sam_drift", "sam_gradient",
+           "projected_gradient", "projection", "sam_drift", "sam_gradient", "sam_scores",
+           "sam_select",
            "Communication", "FedDecSPSState", "FedLADAServerState", "FedLADAState", "MimeState",
            "ScaleByFedOptState", "communication_bytes", "fedadagrad", "fedadam", "feddecsps",
            "fedlada_client", "fedlada_offset", "fedlada_server", "fedsps", "fedyogi",
