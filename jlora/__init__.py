@@ -13,8 +13,8 @@ from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, o
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora import init
 from jlora.quant import dequantize, quantize
-from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
-                           PF2LoRA, QLoRA, Sparse, TrainableTokens, VeRA)
+from jlora.methods import (AdaLoRA, AdaptFormer, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA,
+                           LoRA, PF2LoRA, QLoRA, Sparse, TrainableTokens, VeRA)
 from jlora.methods.reft import ConsReFT, LoReFT, MeFT, NoReFT
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoRA",
+    "AdaptFormer",
     "AdapterNode",
     "checkpoint",
     "Config",

@@ -888,6 +888,77 @@ _optim_case("`balora` wrapping something that is not an Optax transformation",
             lambda o: o.balora(3))
 
 
+# ---------------------------------------------------------------- module-level adapters
+
+
+@case("module-level adapters", "a module rule that matches no module",
+      r"Spec pattern 'enc/mlp' matches no module; module paths look like \['fc1', 'fc2'\]")
+def _(tmp):
+    import jax
+
+    jlora = _jl()
+    jlora.apply(params(), jlora.Spec({"enc/mlp": jlora.AdaptFormer()}), key=jax.random.key(0))
+
+
+@case("module-level adapters", "a module-level method (`AdaptFormer`) on a leaf path",
+      r"'fc1/kernel' names leaves \(e.g. 'fc1/kernel'\), but AdaptFormer adapts a module: "
+      r"name the module's path \(e.g. 'fc1'\)")
+def _(tmp):
+    import jax
+
+    jlora = _jl()
+    jlora.apply(params(), jlora.Spec({"fc1/kernel": jlora.AdaptFormer()}), key=jax.random.key(0))
+
+
+@case("module-level adapters", "a leaf method (`LoRA`) on a module path",
+      r"'fc1' names a module \('fc1'\), but LoRA adapts leaves: name them \(e.g. 'fc1/\*\*/kernel'\)")
+def _(tmp):
+    import jax
+
+    jlora = _jl()
+    jlora.apply(params(), jlora.Spec({"fc1": jlora.LoRA(rank=2)}), key=jax.random.key(0))
+
+
+@case("module-level adapters", "`AdaptFormer` on a module whose params hold no kernel",
+      r"ln: AdaptFormer reads the module's input and output sizes from its kernels")
+def _(tmp):
+    import jax
+    import jax.numpy as jnp
+
+    jlora = _jl()
+    jlora.apply({"ln": {"scale": jnp.ones(8)}, **params()},
+                jlora.Spec({"ln": jlora.AdaptFormer()}), key=jax.random.key(0))
+
+
+@case("module-level adapters", "applying a module rule to an already adapted tree",
+      r"fc1: already adapted \(fc1@adaptformer exists\)")
+def _(tmp):
+    import jax
+
+    jlora = _jl()
+    spec = jlora.Spec({"fc1": jlora.AdaptFormer(bottleneck=2)})
+    jlora.apply(jlora.apply(params(), spec, key=jax.random.key(0)), spec, key=jax.random.key(0))
+
+
+@case("module-level adapters", "`merge` of a non-mergeable module-level adapter",
+      r"fc1: AdaptFormer cannot be merged into the module's weights: its ReLU bottleneck")
+def _(tmp):
+    jlora = _jl()
+    jlora.merge(adapted({"fc1": jlora.AdaptFormer(bottleneck=2)}))
+
+
+@case("module-level adapters", "`AdaptFormer(bottleneck=0)`",
+      r"AdaptFormer: bottleneck must be an int >= 1, got 0")
+def _(tmp):
+    _jl().AdaptFormer(bottleneck=0)
+
+
+@case("module-level adapters", "`AdaptFormer(norm='rms')`",
+      r"AdaptFormer: norm must be one of \(None, 'layernorm'\), got 'rms'")
+def _(tmp):
+    _jl().AdaptFormer(norm="rms")
+
+
 # ---------------------------------------------------------------- the page
 
 

@@ -4,7 +4,9 @@ Defining a config class and its node class registers the method in
 ``REGISTRY`` (see ``jlora/methods/base.py`` for the checklist).
 """
 
+from jlora.methods._module import ModuleConfig, ModuleNode
 from jlora.methods.adalora import AdaLoRA, AdaLoRANode
+from jlora.methods.adaptformer import AdaptFormer, AdaptFormerNode
 from jlora.methods.base import REGISTRY, AdapterNode, Config
 from jlora.methods.dora import DoRA, DoRANode
 from jlora.methods.feddpa import FedDPA, FedDPANode
@@ -19,7 +21,7 @@ from jlora.methods.sparse import Sparse, SparseNode
 from jlora.methods.trainable_tokens import TrainableTokens, TrainableTokensNode
 from jlora.methods.vera import VeRA, VeRANode
 
-__all__ = ["AdaLoRA", "AdaLoRANode", "AdapterNode", "Config", "DoRA", "DoRANode", "FedDPA",
+__all__ = ["AdaLoRA", "AdaLoRANode", "AdaptFormer", "AdaptFormerNode", "ModuleConfig", "ModuleNode", "AdapterNode", "Config", "DoRA", "DoRANode", "FedDPA",
            "FedDPANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoRA",
            "LoRANode", "PF2LoRA", "PF2LoRANode", "QLoRA", "QLoRANode", "REGISTRY", "Sparse", "SparseNode",
            "TrainableTokens", "TrainableTokensNode", "VeRA",
