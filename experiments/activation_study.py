@@ -43,6 +43,7 @@ from experiments.methods_study import QV, prepare, run_method
 from experiments.quickstart import batches, pad_batch
 from experiments.report import write_study
 
+BLOCKS = "bert/layer_*"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LORA_RANK = 8
 # floor(density * 384 * 384) = 6144 = LoRA r8's 8 * (384 + 384) per kernel
@@ -75,6 +76,12 @@ def methods(model, params, data, args):
         "LoRA r8": lambda: ({QV: jlora.LoRA(rank=LORA_RANK, alpha=2 * LORA_RANK)}, {}),
         "Sparse random": lambda: ({QV: jlora.Sparse(DENSITY)}, {}),
         "Sparse SAM": lambda: _with_time(*sam_rules(model, params, data, args)),
+        # module-level adapters on each transformer block (see the module docstring)
+        "AdaptFormer b16": lambda: ({BLOCKS: jlora.AdaptFormer(bottleneck=16)}, {}),
+        "LoReFT r16 f5+l5": lambda: ({BLOCKS: jlora.LoReFT(rank=16, positions="f5+l5")},
+                                     {"masked": True}),
+        "MeFT r16 (ReFT form)": lambda: ({BLOCKS: jlora.MeFT(rank=16, read="output", bias=True)},
+                                         {}),
     }
     return table
 
@@ -113,7 +120,8 @@ def main(argv=None):
     results = []
     for name in names:
         rules, extra = table[name]()
-        r = run_method(name, rules, model, params, data, args)
+        masked = extra.pop("masked", False)
+        r = run_method(name, rules, model, params, data, args, masked=masked)
         r.update(extra)
         results.append(r)
         print(f"{name:<20} acc {r['accuracy']:.3f}  trainable {r['trainable']:>9,}  "
