@@ -9,11 +9,20 @@ query/value kernels (73,728 numbers, plus the 1,155-number head):
     Sparse random / Sparse SAM       1/24 of the 12 query/value kernels' entries = 73,728
     (Fu et al. AAAI 2023: random vs second-order selection from calibration gradients)
 
-and, when the library has them, AdaptFormer, LoReFT and the LoRA–ReFT
-meta-method (MeFT) at a similar budget. Unlike ``methods_study.py`` the head
-starts from ``N(0, 0.02²)`` (BERT's initialiser), not zero, for every method:
-SAM's calibration gradients of the encoder are ``∂L/∂θ0``, which a zero head
-makes exactly zero.
+and the activation adapters, each on every transformer block
+(``bert/layer_*``, a module-level rule), at a similar budget:
+
+    AdaptFormer b16                  (384·16 + 16 + 16·384 + 384)·6 = 76,128
+    LoReFT r16, first 5 + last 5 real tokens   (2·384·16 + 16)·6 = 73,824
+    MeFT r16, ReFT form (reads the block output, every token, bias c)  = 73,824
+
+MiniLM's blocks have no separate MLP module (the up/down projections are
+``intermediate``/``output`` Dense layers of the block), so AdaptFormer's
+bottleneck runs in parallel with the whole block: it reads the block's input
+and adds to its output, rather than beside the MLP alone as in the paper.
+Unlike ``methods_study.py`` the head starts from ``N(0, 0.02²)`` (BERT's
+initialiser), not zero, for every method: SAM's calibration gradients of the
+encoder are ``∂L/∂θ0``, which a zero head makes exactly zero.
 
 Writes ``experiments/results/activation_study.{md,json,png}``: held-out
 accuracy, trainable parameters, median step time, XLA's peak memory of the
