@@ -14,8 +14,10 @@ from jlora.core import apply, combine, count_trainable, merge, split, summary, u
 from jlora import init
 from jlora.quant import dequantize, quantize
 from jlora.methods import (AdaLoRA, AdaptFormer, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA,
+                           LoftQ,
                            LoRA, PF2LoRA, QLoRA, Sparse, TrainableTokens, VeRA)
 from jlora.methods.reft import ConsReFT, LoReFT, MeFT, NoReFT
+from jlora.methods.subspace import Subspace
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
@@ -32,6 +34,7 @@ __all__ = [
     "FedDPA",
     "Full",
     "GLoRA",
+    "LoftQ",
     "LoRA",
     "LoReFT",
     "MeFT",
@@ -40,6 +43,7 @@ __all__ = [
     "QLoRA",
     "Sparse",
     "Spec",
+    "Subspace",
     "TrainableTokens",
     "VeRA",
     "apply",
