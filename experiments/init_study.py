@@ -32,7 +32,6 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
