@@ -12,6 +12,7 @@ from jlora.methods.dora import DoRA, DoRANode
 from jlora.methods.feddpa import FedDPA, FedDPANode
 from jlora.methods.full import Full, FullNode
 from jlora.methods.glora import GLoRA, GLoRABiasNode, GLoRANode
+from jlora.methods.loftq import LoftQ
 from jlora.methods.lora import LoRA, LoRANode
 from jlora.methods.pf2lora import PF2LoRA, PF2LoRANode
 from jlora.methods.qlora import QLoRA, QLoRANode
@@ -23,7 +24,7 @@ from jlora.methods.trainable_tokens import TrainableTokens, TrainableTokensNode
 from jlora.methods.vera import VeRA, VeRANode
 
 __all__ = ["AdaLoRA", "AdaLoRANode", "AdaptFormer", "AdaptFormerNode", "ModuleConfig", "ModuleNode", "AdapterNode", "Config", "DoRA", "DoRANode", "FedDPA",
-           "FedDPANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoRA",
+           "FedDPANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoftQ", "LoRA",
            "LoRANode", "PF2LoRA", "PF2LoRANode", "QLoRA", "QLoRANode", "REGISTRY", "Sparse", "SparseNode",
            "Subspace", "SubspaceNode", "TrainableTokens", "TrainableTokensNode", "VeRA",
            "VeRANode"]
