@@ -9,11 +9,20 @@ query/value kernels (73,728 numbers, plus the 1,155-number head):
     Sparse random / Sparse SAM       1/24 of the 12 query/value kernels' entries = 73,728
     (Fu et al. AAAI 2023: random vs second-order selection from calibration gradients)
 
-and, when the library has them, AdaptFormer, LoReFT and the LoRA–ReFT
-meta-method (MeFT) at a similar budget. Unlike ``methods_study.py`` the head
-starts from ``N(0, 0.02²)`` (BERT's initialiser), not zero, for every method:
-SAM's calibration gradients of the encoder are ``∂L/∂θ0``, which a zero head
-makes exactly zero.
+and the activation adapters, each on every transformer block
+(``bert/layer_*``, a module-level rule), at a similar budget:
+
+    AdaptFormer b16                  (384·16 + 16 + 16·384 + 384)·6 = 76,128
+    LoReFT r16, first 5 + last 5 real tokens   (2·384·16 + 16)·6 = 73,824
+    MeFT r16, ReFT form (reads the block output, every token, bias c)  = 73,824
+
+MiniLM's blocks have no separate MLP module (the up/down projections are
+``intermediate``/``output`` Dense layers of the block), so AdaptFormer's
+bottleneck runs in parallel with the whole block: it reads the block's input
+and adds to its output, rather than beside the MLP alone as in the paper.
+Unlike ``methods_study.py`` the head starts from ``N(0, 0.02²)`` (BERT's
+initialiser), not zero, for every method: SAM's calibration gradients of the
+encoder are ``∂L/∂θ0``, which a zero head makes exactly zero.
 
 Writes ``experiments/results/activation_study.{md,json,png}``: held-out
 accuracy, trainable parameters, median step time, XLA's peak memory of the
@@ -43,6 +52,7 @@ from experiments.methods_study import QV, prepare, run_method
 from experiments.quickstart import batches, pad_batch
 from experiments.report import write_study
 
+BLOCKS = "bert/layer_*"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LORA_RANK = 8
 # floor(density * 384 * 384) = 6144 = LoRA r8's 8 * (384 + 384) per kernel
@@ -75,6 +85,12 @@ def methods(model, params, data, args):
         "LoRA r8": lambda: ({QV: jlora.LoRA(rank=LORA_RANK, alpha=2 * LORA_RANK)}, {}),
         "Sparse random": lambda: ({QV: jlora.Sparse(DENSITY)}, {}),
         "Sparse SAM": lambda: _with_time(*sam_rules(model, params, data, args)),
+        # module-level adapters on each transformer block (see the module docstring)
+        "AdaptFormer b16": lambda: ({BLOCKS: jlora.AdaptFormer(bottleneck=16)}, {}),
+        "LoReFT r16 f5+l5": lambda: ({BLOCKS: jlora.LoReFT(rank=16, positions="f5+l5")},
+                                     {"masked": True}),
+        "MeFT r16 (ReFT form)": lambda: ({BLOCKS: jlora.MeFT(rank=16, read="output", bias=True)},
+                                         {}),
     }
     return table
 
@@ -113,7 +129,8 @@ def main(argv=None):
     results = []
     for name in names:
         rules, extra = table[name]()
-        r = run_method(name, rules, model, params, data, args)
+        masked = extra.pop("masked", False)
+        r = run_method(name, rules, model, params, data, args, masked=masked)
         r.update(extra)
         results.append(r)
         print(f"{name:<20} acc {r['accuracy']:.3f}  trainable {r['trainable']:>9,}  "

@@ -87,7 +87,15 @@ def _setup(fn: str, adapted_or_params, spec, key):
     return params, adapted, targets
 
 
+def _check_fn(fn: str, name: str, value) -> None:
+    if not callable(value):
+        raise ValueError(f"jlora.init.{fn}: {name} must be callable, got {value!r}")
+
+
 def _batches(fn: str, batches) -> Any:
+    if isinstance(batches, dict) or not isinstance(batches, Iterable):
+        raise ValueError(f"jlora.init.{fn}: batches must be an iterable of batches (a list of "
+                         f"them), got a {type(batches).__name__}")
     if iter(batches) is batches:  # a one-shot iterator: keep its batches to re-read them
         batches = list(batches)
     for _ in batches:
@@ -286,8 +294,9 @@ def eva(adapted_or_params: Any, spec, batches: Iterable, apply_fn: Callable, *,
     v.boolean("jlora.init.eva", "adjust_scaling_factors", adjust_scaling_factors)
     v.boolean("jlora.init.eva", "use_label_mask", use_label_mask)
     v.positive_int("jlora.init.eva", "max_batches", max_batches)
-    params, adapted, targets = _setup("eva", adapted_or_params, spec, key)
+    _check_fn("eva", "apply_fn", apply_fn)
     batches = _batches("eva", batches)
+    params, adapted, targets = _setup("eva", adapted_or_params, spec, key)
     paths = tuple(targets)
     if rho > 1000:
         biggest = max(max(jnp.shape(x)) for _, x in leaves_with_paths(params) if jnp.ndim(x))
@@ -463,8 +472,9 @@ def corda(adapted_or_params: Any, spec, batches: Iterable, apply_fn: Callable, *
         True
     """
     v.choice("jlora.init.corda", "mode", mode, ("ipm", "kpm"))
-    params, adapted, targets = _setup("corda", adapted_or_params, spec, key)
+    _check_fn("corda", "apply_fn", apply_fn)
     batches = _batches("corda", batches)
+    params, adapted, targets = _setup("corda", adapted_or_params, spec, key)
     paths = tuple(targets)
     run = _capturer(apply_fn, paths, lambda x, batch: corda_covariance(x))
     sums: dict[str, Any] = {}
@@ -578,8 +588,9 @@ def lora_ga(adapted_or_params: Any, spec, loss_fn: Callable, batches: Iterable, 
     v.choice("jlora.init.lora_ga", "direction", direction, DIRECTIONS)
     v.choice("jlora.init.lora_ga", "scale", scale, SCALES)
     v.real("jlora.init.lora_ga", "stable_gamma", stable_gamma, gt=0.0)
-    params, adapted, targets = _setup("lora_ga", adapted_or_params, spec, key)
+    _check_fn("lora_ga", "loss_fn", loss_fn)
     batches = _batches("lora_ga", batches)
+    params, adapted, targets = _setup("lora_ga", adapted_or_params, spec, key)
     for p, node in targets.items():
         if 2 * node.config.rank > min(node.shape):
             raise ValueError(f"jlora.init.lora_ga: {p}: 2·rank = {2 * node.config.rank} exceeds "
