@@ -10,6 +10,7 @@
 
 from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, optim, peft,
                    presets, quant, sharding)
+from jlora._alloc import AllocatorHint
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora import init
 from jlora.quant import dequantize, quantize
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaLoRA",
     "AdaptFormer",
+    "AllocatorHint",
     "AdapterNode",
     "checkpoint",
     "Config",
