@@ -59,6 +59,7 @@ def test_parse_positions():
     assert reft.parse_positions("l3") == (0, 3)
     assert reft.parse_positions([2, 1]) == (2, 1)
     assert jlora.LoReFT(2, positions="f7+l7").positions == (7, 7)
+    assert jlora.LoReFT(2, positions="all").positions is None
     for bad in ["7", "f7+", "x7", "f0+l0", (1,), (-1, 2), (True, 1), 3]:
         with pytest.raises(ValueError, match="positions"):
             jlora.LoReFT(2, positions=bad)
@@ -102,6 +103,8 @@ def test_loreft_forward_matches_formula_with_orthonormal_r():
     p = ref_orthonormal(node.p)
     np.testing.assert_allclose(p.T @ p, np.eye(R), atol=1e-6)  # R = Pᵀ: orthonormal rows
     np.testing.assert_allclose(f64(node.projection()), p, atol=1e-6)
+    np.testing.assert_allclose(f64(node.R), p.T, atol=1e-6)  # the paper's R (r, d) and W (r, d)
+    np.testing.assert_array_equal(f64(node.W), f64(node.w).T)
     hh, w, b = f64(h), f64(node.w), f64(node.b)
     sel, _ = ref_positions(mask, 2, 2)
     # column form per token: h + Rᵀ(W h + b − R h)
@@ -187,8 +190,8 @@ def test_module_dims_and_bad_input():
     with pytest.raises(ValueError, match="blocks_0.*pass dim="):
         jlora.LoReFT(2).build_module(jax.random.key(0), {"a": {"kernel": jnp.ones((4, 6))}},
                                      path="blocks_0")
-    node = jlora.LoReFT(2, dim=6).build_module(jax.random.key(0), {"a": {"kernel": jnp.ones((4, 6))}},
-                                               path="blocks_0")
+    node = jlora.LoReFT(2, dim=6).build_module(jax.random.key(0),
+                                               {"a": {"kernel": jnp.ones((4, 6))}}, path="blocks_0")
     assert node.p.shape == (6, 2)
     with pytest.raises(ValueError, match="blocks_0.*rank 9 exceeds"):
         build(jlora.LoReFT(9))
@@ -209,9 +212,11 @@ def test_meft_reduces_to_lora_forward_and_merge():
     params = wrap.init(jax.random.key(0), x)["params"]
     lora = jlora.apply(params, jlora.Spec({"dense/kernel": jlora.LoRA(2, alpha=6.0)}),
                        key=jax.random.key(1))
-    a = jax.random.normal(jax.random.key(2), (6, 2)); b = jax.random.normal(jax.random.key(3), (2, 5))
+    a = jax.random.normal(jax.random.key(2), (6, 2))
+    b = jax.random.normal(jax.random.key(3), (2, 5))
     lora["dense"]["kernel"] = lora["dense"]["kernel"].replace(a=a, b=b)
-    meft = jlora.apply(params, jlora.Spec({"dense": jlora.MeFT(2, alpha=6.0)}), key=jax.random.key(4))
+    meft = jlora.apply(params, jlora.Spec({"dense": jlora.MeFT(2, alpha=6.0)}),
+                       key=jax.random.key(4))
     np.testing.assert_array_equal(np.asarray(meft["dense@meft"].up), 0)  # LoRA's init
     np.testing.assert_array_equal(np.asarray(jlora.linen.apply(wrap, {"params": meft}, x)),
                                   np.asarray(wrap.apply({"params": params}, x)))
