@@ -61,12 +61,20 @@ CASES = {
 }
 
 
+def build(cfg, w, key):
+    return jlora.apply({"w": w}, jlora.Spec({"w": cfg}), key=key)["w"]
+
+
+def merge(node):
+    return jlora.merge({"w": node})["w"]
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_stacked_merge_equals_per_slice_formula(name):
     cfg, ref = CASES[name]
     w = jax.random.normal(jax.random.key(0), (E, DIN, DOUT))
-    node = jlora.apply({"w": w}, jlora.Spec({"w": cfg}), key=jax.random.key(1))["w"]
-    np.testing.assert_allclose(f64(jlora.merge({"w": node})["w"]), f64(w), atol=2e-5)  # init
+    node = build(cfg, w, jax.random.key(1))
+    np.testing.assert_allclose(f64(merge(node)), f64(w), atol=2e-5)  # init
     if name in ("PiSSA", "OLoRA"):  # each slice's own factorization of its own weight
         for e in range(E):
             np.testing.assert_allclose(f64(node.base[e]) + f64(node.a0[e]) @ f64(node.b0[e]),
@@ -78,7 +86,7 @@ def test_stacked_merge_equals_per_slice_formula(name):
     node = randomize(node, 2)
     if name == "LoRA-FA":
         assert node.trainable == ("b",) and jlora.split({"w": node})[0]["w"].a is None
-    merged = f64(jlora.merge({"w": node})["w"])
+    merged = f64(merge(node))
     slices = [ref(node, e) for e in range(E)]
     np.testing.assert_allclose(merged, np.stack(slices), rtol=1e-5, atol=1e-5)
     # slices are independent: each slice's delta depends on its own factors only
@@ -107,7 +115,7 @@ class Scanned(nn.Module):
         return h
 
 
-@pytest.mark.parametrize("name", ["DoRA", "PF2LoRA"])
+@pytest.mark.parametrize("name", ["DoRA"])
 def test_stacked_method_fast_path_inside_nn_scan_and_training(name):
     """Each nn.scan iteration gets its layer's slice of the node and runs the
     method's own fast path; against the per-layer numpy loop, gradients against
@@ -143,8 +151,7 @@ def test_stacked_method_fast_path_inside_nn_scan_and_training(name):
 
 def test_stacked_adalora_allocator_and_orthogonality_per_slice():
     w = jax.random.normal(jax.random.key(0), (E, DIN, DOUT))
-    node = randomize(jlora.apply({"w": w}, jlora.Spec({"w": CASES["AdaLoRA"][0]}),
-                                 key=jax.random.key(1))["w"], 4)
+    node = randomize(build(CASES["AdaLoRA"][0], w, jax.random.key(1)), 4)
     t, f = jlora.split({"w": node})
     want = np.mean([np.linalg.norm(f64(node.p[e]).T @ f64(node.p[e]) - np.eye(3))
                     + np.linalg.norm(f64(node.q[e]) @ f64(node.q[e]).T - np.eye(3))
@@ -167,9 +174,10 @@ def test_stacked_adalora_allocator_and_orthogonality_per_slice():
             params = optax.apply_updates(params, u)
         return params
 
-    stacked = run(t, lambda g: g)["w"]
-    split = run(flat, lambda g: {f"w{e}": jax.tree.map(lambda v: v[e], g["w"]).replace(
-        config=flat["w0"].config, shape=(DIN, DOUT), in_axes=(0,)) for e in range(E)})
+    stacked = jax.jit(run, static_argnums=1)(t, lambda g: g)["w"]
+    split = jax.jit(run, static_argnums=1)(flat, lambda g: {
+        f"w{e}": jax.tree.map(lambda v: v[e], g["w"]).replace(
+            config=flat["w0"].config, shape=(DIN, DOUT), in_axes=(0,)) for e in range(E)})
     kept = np.stack([f64(split[f"w{e}"].lam) for e in range(E)])
     assert 0 < int(np.sum(kept == 0)) and int(np.sum(f64(stacked.lam) == 0)) == int(np.sum(kept == 0))
     np.testing.assert_allclose(f64(stacked.lam), kept, rtol=1e-5, atol=1e-6)
@@ -194,19 +202,19 @@ def test_stacked_factors_shard_on_the_expert_axis_and_equal_single_device():
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("expert", "tensor"))
     w = jax.random.normal(jax.random.key(0), (4, 16, 8))
     spec = jlora.Spec({"dora/w": jlora.DoRA(rank=2, expert_axis=0),
-                       "vera/w": jlora.VeRA(rank=4, expert_axis=0),
-                       "ada/w": jlora.AdaLoRA(init_rank=2, target_rank=1, expert_axis=0)})
-    params = {k: {"w": w + i} for i, k in enumerate(("dora", "vera", "ada"))}
-    adapted = jlora.apply(params, spec, key=jax.random.key(1))
+                       "vera/w": jlora.VeRA(rank=4, expert_axis=0)})
+    params = {k: {"w": w + i} for i, k in enumerate(("dora", "vera"))}
+    adapted = jax.jit(lambda p: jlora.apply(p, spec, key=jax.random.key(1)))(params)
     adapted = jax.tree.map(lambda n: randomize(n, 1) if jlora.is_node(n) else n, adapted,
                            is_leaf=jlora.is_node)
     base = {k: {"w": P("expert", None, "tensor")} for k in params}
     s = jlora.sharding.specs(adapted, base)
     assert (s["dora"]["w"].a, s["dora"]["w"].b, s["dora"]["w"].m) == (
         P("expert", None, None), P("expert", None, "tensor"), P("expert", "tensor"))
-    assert s["vera"]["w"].lambda_d == P("expert") and s["ada"]["w"].q == P("expert", None, "tensor")
+    assert s["vera"]["w"].lambda_d == P("expert") and s["vera"]["w"].lambda_b == P(
+        "expert", "tensor")
     placed = jlora.sharding.place(adapted, mesh, base)
-    assert placed["ada"]["w"].p.sharding.spec == P("expert", None, None)
+    assert placed["dora"]["w"].a.sharding.spec == P("expert", None, None)
     x = jax.random.normal(jax.random.key(3), (4, 5, 16))
 
     def loss(t, f):
