@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -51,10 +52,19 @@ METHODS = {
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def run_method(name, rules, model, params, data, args):
-    (tr_ids, tr_mask, tr_y), (te_ids, te_mask, te_y), (va_ids, va_mask, va_y) = data
-    spec = jlora.Spec({**rules, **HEAD})
-    adapted = jlora.apply(params, spec, key=jax.random.key(args.seed))
+def compile_step(name, rules, model, params, data, args, *, masked=False, adapted=None):
+    """One method's compiled training step and its initial state (a ``SimpleNamespace``).
+
+    ``masked=True`` passes the attention mask to the adapters as
+    ``context={"attention_mask": mask}`` (position-selecting ones need it).
+    ``adapted`` (optional) is an already adapted tree (a data-driven init) to
+    train instead of ``jlora.apply(params, rules + head)``.
+    """
+    kw = (lambda mask: {"context": {"attention_mask": mask}}) if masked else (lambda mask: {})
+    tr_ids, tr_mask, tr_y = data[0]
+    if adapted is None:
+        spec = jlora.Spec({**rules, **HEAD})
+        adapted = jlora.apply(params, spec, key=jax.random.key(args.seed))
     trainable, frozen = jlora.split(adapted)
     n_train = jlora.count_trainable(trainable)
     steps = args.epochs * -(-len(tr_ids) // args.batch)
@@ -68,7 +78,7 @@ def run_method(name, rules, model, params, data, args):
     opt = tx.init(trainable)
 
     def loss_fn(t, fr, ids, mask, y, valid):
-        logits = jlora.linen.apply(model, {"params": jlora.combine(t, fr)}, ids, mask)
+        logits = jlora.linen.apply(model, {"params": jlora.combine(t, fr)}, ids, mask, **kw(mask))
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         loss = jnp.sum(ce * valid) / jnp.sum(valid)
         reg = 0.1 * jlora.optim.adalora_orthogonality(t) if is_ada else 0.0
@@ -86,6 +96,20 @@ def run_method(name, rules, model, params, data, args):
     ma = compiled.memory_analysis()
     peak = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
             - ma.alias_size_in_bytes) / 2**20
+    return SimpleNamespace(compiled=compiled, trainable=trainable, opt=opt, frozen=frozen,
+                           adapted=adapted, n_train=n_train, steps=steps, peak=peak, kw=kw,
+                           is_ada=is_ada, is_glora=is_glora, example=example)
+
+
+def run_method(name, rules, model, params, data, args, *, masked=False, adapted=None):
+    """Train one method and evaluate it (``masked``, ``adapted``: see :func:`compile_step`)."""
+    (tr_ids, tr_mask, tr_y), (te_ids, te_mask, te_y), (va_ids, va_mask, va_y) = data
+    st = compile_step(name, rules, model, params, data, args, masked=masked, adapted=adapted)
+    compiled, trainable, opt, frozen, adapted = (st.compiled, st.trainable, st.opt, st.frozen,
+                                                 st.adapted)
+    n_train, steps, peak, kw, is_ada, is_glora = (st.n_train, st.steps, st.peak, st.kw,
+                                                  st.is_ada, st.is_glora)
+    b = args.batch
     rng = np.random.default_rng(args.seed)
     losses, times = [], []
     bar = tqdm(total=steps, desc=name, leave=False)
@@ -106,7 +130,7 @@ def run_method(name, rules, model, params, data, args):
         @jax.jit
         def logits_with(choices, ids, mask):
             p = jlora.combine(trainable, jlora.optim.glora_fix(frozen, choices))
-            return jlora.linen.apply(model, {"params": p}, ids, mask)
+            return jlora.linen.apply(model, {"params": p}, ids, mask, **kw(mask))
 
         def evaluate(choices):
             c = {k: jnp.asarray(v, jnp.int32) for k, v in choices.items()}
@@ -127,7 +151,7 @@ def run_method(name, rules, model, params, data, args):
         extra = {"glora_val_acc": res.fitness, "glora_params": res.params,
                  "glora_evaluations": res.evaluations}
     tuned = jlora.combine(trainable, frozen)
-    logits_fn = jax.jit(lambda i, m: jlora.linen.apply(model, {"params": tuned}, i, m))
+    logits_fn = jax.jit(lambda i, m: jlora.linen.apply(model, {"params": tuned}, i, m, **kw(m)))
     acc = accuracy(logits_fn, te_ids, te_mask, te_y, b, f"{name}: test")
     if is_ada:
         extra["adalora_nonzero_lambda"] = int(sum(
@@ -153,7 +177,22 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
+    model, params, data = prepare(args)
+    results = []
+    for name in args.methods:
+        results.append(run_method(name, METHODS[name], model, params, data, args))
+        r = results[-1]
+        print(f"{name:<20} acc {r['accuracy']:.3f}  trainable {r['trainable']:>9,}  "
+              f"step {r['step_ms']:.0f} ms  peak {r['peak_mib']:.0f} MiB", flush=True)
+    write(results, args)
 
+
+def prepare(args):
+    """``(model, params, data)``: MiniLM with a zero head, and the tokenized tweet splits.
+
+    ``data`` is ``(train, test, val)``, each ``(ids, mask, labels)``; ``args``
+    carries ``train``, ``test``, ``val``, ``max_len`` and ``seed``.
+    """
     model_dir = minilm_dir()
     cfg, bert = load_pretrained(model_dir)
     (tx, ty), (vx, vy) = load_tweets(args.train + args.val, args.test, seed=args.seed)
@@ -164,13 +203,7 @@ def main(argv=None):
     model = SentenceClassifier(cfg, num_classes=len(LABELS))
     params = {"bert": bert, "classifier": {"kernel": jnp.zeros((cfg.hidden_size, len(LABELS))),
                                            "bias": jnp.zeros(len(LABELS))}}
-    results = []
-    for name in args.methods:
-        results.append(run_method(name, METHODS[name], model, params, data, args))
-        r = results[-1]
-        print(f"{name:<20} acc {r['accuracy']:.3f}  trainable {r['trainable']:>9,}  "
-              f"step {r['step_ms']:.0f} ms  peak {r['peak_mib']:.0f} MiB", flush=True)
-    write(results, args)
+    return model, params, data
 
 
 def write(results, args):

@@ -10,11 +10,15 @@
 
 from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, optim, peft,
                    presets, quant, sharding)
+from jlora._alloc import AllocatorHint
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
+from jlora import init
 from jlora.quant import dequantize, quantize
-from jlora.methods import (AdaLoRA, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA, LoRA,
-                           PF2LoRA, QLoRA, Sparse, TrainableTokens, VeRA)
+from jlora.methods import (AdaLoRA, AdaptFormer, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA,
+                           LoftQ,
+                           LoRA, PF2LoRA, QLoRA, Sparse, TrainableTokens, VeRA)
 from jlora.methods.reft import ConsReFT, LoReFT, MeFT, NoReFT
+from jlora.methods.subspace import Subspace
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
@@ -22,6 +26,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoRA",
+    "AdaptFormer",
+    "AllocatorHint",
     "AdapterNode",
     "checkpoint",
     "Config",
@@ -30,6 +36,7 @@ __all__ = [
     "FedDPA",
     "Full",
     "GLoRA",
+    "LoftQ",
     "LoRA",
     "LoReFT",
     "MeFT",
@@ -38,6 +45,7 @@ __all__ = [
     "QLoRA",
     "Sparse",
     "Spec",
+    "Subspace",
     "TrainableTokens",
     "VeRA",
     "apply",
@@ -48,6 +56,7 @@ __all__ = [
     "experts",
     "federated",
     "glora",
+    "init",
     "is_node",
     "linen",
     "merge",

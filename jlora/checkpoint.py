@@ -45,7 +45,7 @@ from jlora.spec import config_from_dict, config_to_dict
 from jlora.methods.base import Config
 from jlora.quant import QUANTS, QuantizedArray
 from jlora.spec import Spec, spec_from_json, spec_to_json
-from jlora.tree import PyTree, is_node, leaves_with_paths, path_str
+from jlora.tree import PyTree, is_module_node, is_node, leaves_with_paths, path_str
 
 FORMAT = "jlora-checkpoint/2"
 _OLD_FORMATS = ("jlora-checkpoint/1",)
@@ -485,10 +485,12 @@ def _check_spec(trainable: PyTree, saved: Spec | None, spec: Spec, where: str) -
     if not isinstance(spec, Spec):
         raise ValueError(f"jlora.checkpoint.restore: spec must be a jlora.Spec, got {type(spec).__name__}")
     for path, node in _nodes(trainable).items():
-        if spec.match(path) != node.config:
+        # a module-level node is matched by its module's path, beside which it sits
+        where_, level = (node.path, "module") if is_module_node(node) else (path, "leaf")
+        if spec.match(where_, level=level) != node.config:
             raise ValueError(f"{where}: checkpoint was written for a different spec: at {path} "
                              f"the checkpoint holds {node.config!r}, the spec gives "
-                             f"{spec.match(path)!r}")
+                             f"{spec.match(where_, level=level)!r}")
     if saved is None or saved != spec:
         raise ValueError(f"{where}: checkpoint was written for a different spec:\n"
                          f"  checkpoint: {saved!r}\n  expected:   {spec!r}")

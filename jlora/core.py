@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import fields
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import _alloc
+from jlora.methods._module import ModuleNode
 from jlora.spec import Spec
-from jlora.tree import (PyTree, half_error, is_node, leaves_with_paths, map_nodes, map_with_paths,
-                        path_key, require_whole)
+from jlora.tree import (PyTree, half_error, is_module_node, is_node, leaves_with_paths, map_nodes,
+                        map_with_paths, module_node_path, module_nodes, module_paths, parent,
+                        path_key, rebuild_mappings, replace_subtrees, require_whole, subtree,
+                        without_module_nodes)
 
 
 def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
@@ -47,6 +52,7 @@ def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
     if not isinstance(spec, Spec):
         raise ValueError(f"jlora.apply: spec must be a jlora.Spec, got {type(spec).__name__}")
     _check_key(key)
+    _alloc.hint()  # once per process: glibc's default malloc slows XLA:CPU
     leaves = leaves_with_paths(params)
     by_path = dict(leaves)
     problems: list[str] = []
@@ -54,7 +60,7 @@ def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
     won = [0] * len(spec.rules)
     claims = {}  # path -> config of the first matching rule (one pass over the leaves)
     for path, leaf in leaves:
-        hits = spec.hits(path)
+        hits = spec.hits(path, level="leaf")
         for i in hits:
             touched[i] += 1
         if not hits:
@@ -66,12 +72,13 @@ def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
             problems.append(f"{path}: not an array leaf ({type(leaf).__name__})")
         else:
             claims[path] = spec.rules[hits[0]].config
+    modules = _claim_modules(params, spec, touched, won, problems)
     for i, rule in enumerate(spec.rules):
         if not touched[i]:
-            problems.append(f"Spec pattern {rule.describe(rule.pattern)} matches no leaf; "
-                            f"paths look like {[p for p, _ in leaves[:3]]}")
+            problems.append(_unmatched(rule, leaves, params))
         elif not won[i]:
-            problems.append(f"Spec pattern {rule.describe(rule.pattern)} only matches leaves "
+            what = "leaves" if rule.level == "leaf" else "modules"
+            problems.append(f"Spec pattern {rule.describe(rule.pattern)} only matches {what} "
                             "that an earlier rule already claims (first match wins)")
 
     nodes = {}
@@ -103,10 +110,89 @@ def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
             nodes[path] = config.build(path_key(key, path), jnp.asarray(by_path[path]), path=path)
         except ValueError as e:
             problems.append(str(e))
+    beside = {}  # node path -> module-level node, stored beside its module
+    for mpath, config in modules.items():
+        npath = module_node_path(mpath, type(config).__name__)
+        try:
+            beside[npath] = config.build_module(path_key(key, npath), subtree(params, mpath),
+                                                path=mpath)
+        except ValueError as e:
+            problems.append(str(e))
     if problems:
         raise ValueError(f"jlora.apply: {len(problems)} spec problem(s):\n  "
                          + "\n  ".join(problems))
-    return map_with_paths(lambda path, leaf: nodes.get(path, leaf), params)
+    out = map_with_paths(lambda path, leaf: nodes.get(path, leaf), params)
+    if not beside:
+        return out
+
+    def insert(path, items):
+        for npath, node in beside.items():
+            if parent(npath) == path:
+                items[npath.rpartition("/")[2]] = node
+        return items
+
+    return rebuild_mappings(out, insert)
+
+
+def _claim_modules(params, spec, touched, won, problems) -> dict:
+    """``{module path: config}`` for the module-level rules (first match wins)."""
+    if not any(rule.level == "module" for rule in spec.rules):
+        return {}
+    claims = {}
+    for mpath in module_paths(params):
+        hits = spec.hits(mpath, level="module")
+        for i in hits:
+            touched[i] += 1
+        if not hits:
+            continue
+        won[hits[0]] += 1
+        config = spec.rules[hits[0]].config
+        npath = module_node_path(mpath, type(config).__name__)
+        holder = subtree(params, parent(npath)) if mpath else params
+        if not isinstance(holder, Mapping):
+            problems.append(f"{mpath}: {type(config).__name__} stores its node beside the module, "
+                            f"in a mapping, but {parent(npath) or '<root>'} is a "
+                            f"{type(holder).__name__}")
+        elif npath.rpartition("/")[2] in holder:
+            problems.append(f"{mpath}: already adapted ({npath} exists); apply a spec once")
+        else:
+            claims[mpath] = config
+    return claims
+
+
+def _unmatched(rule, leaves, params) -> str:
+    """Why a rule selects nothing; says so when it names a module for a leaf method or back."""
+    pat = rule.describe(rule.pattern)
+    method = type(rule.config).__name__
+    if rule.level == "module":
+        near = [p for p, _ in leaves if rule.matches(p)]
+        if near:
+            return (f"Spec pattern {pat} names leaves (e.g. {near[0]!r}), but {method} adapts a "
+                    f"module: name the module's path (e.g. {parent(near[0])!r})")
+        return (f"Spec pattern {pat} matches no module; module paths look like "
+                f"{[p for p in module_paths(params) if p][:3]}")
+    near = [m for m in module_paths(params) if m and rule.matches(m)]
+    if near:
+        return (f"Spec pattern {pat} names a module ({near[0]!r}), but {method} adapts leaves: "
+                f"name them (e.g. {near[0] + '/**/kernel'!r})")
+    return f"Spec pattern {pat} matches no leaf; paths look like {[p for p, _ in leaves[:3]]}"
+
+
+def module_params_applied(params: PyTree, nodes) -> PyTree:
+    """``params`` with each module-level node's module rewritten by its ``module_params``.
+
+    Outer modules first; a module path the params lack is a ``ValueError``.
+    """
+    for node in sorted((n for _, n in nodes), key=lambda n: (n.path.count("/"), bool(n.path))):
+        if type(node).module_params is ModuleNode.module_params:
+            continue
+        try:
+            sub = subtree(params, node.path)
+        except KeyError:
+            raise ValueError(f"{node.path}: the params hold a {node.method} node for this "
+                             "module, but no module params at that path") from None
+        params = replace_subtrees(params, {node.path: node.module_params(sub)})
+    return params
 
 
 def _check_key(key) -> None:
@@ -170,7 +256,7 @@ def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
         ) from None
 
 
-def merge(adapted: PyTree, *, onto: PyTree | None = None) -> PyTree:
+def merge(adapted: PyTree, *, onto: PyTree | None = None, residual: bool = False):
     """Fold every adapter into a plain array: ``W = W0 + s·a·b`` for LoRA.
 
     Pure and jit-friendly (inside a jitted loss it is the generic compute path
@@ -185,6 +271,15 @@ def merge(adapted: PyTree, *, onto: PyTree | None = None) -> PyTree:
     the halves first), except that ``onto=`` needs only the deltas, which a
     trainable half holds when every factor trains.
 
+    A module-level node (``jlora.AdaptFormer``, beside its module as
+    ``"mlp@adaptformer"``) is folded by its ``merge_into`` into the module's
+    params and removed. One that has no plain-weight form raises a
+    ``ValueError`` naming its path and why; with ``residual=True`` the result is
+    instead ``(plain, residual)``: ``plain`` holds every mergeable adapter
+    folded and no node at all, ``residual`` is ``{node path: node}`` of the
+    module-level nodes left out, which the model must keep running (insert
+    them back beside their modules and use ``jlora.linen.apply``).
+
     Example::
 
         >>> import jax, jax.numpy as jnp, jlora
@@ -196,8 +291,28 @@ def merge(adapted: PyTree, *, onto: PyTree | None = None) -> PyTree:
     """
     if onto is None:
         require_whole(adapted, "jlora.merge")
-        return map_nodes(lambda n: n.materialize(), adapted)
-    return _zip_nodes(lambda node, leaf: node.merge_onto(leaf), adapted, onto, "merge")
+        out = map_nodes(lambda n: n if is_module_node(n) else n.materialize(), adapted)
+        out = without_module_nodes(out)
+    else:
+        out = _zip_nodes(lambda node, leaf: node.merge_onto(leaf), adapted, onto, "merge")
+    return _fold_modules(out, module_nodes(adapted), "merge_into", residual)
+
+
+def _fold_modules(plain: PyTree, nodes: dict, hook: str, residual: bool = False):
+    """Replace each module's params by ``node.<hook>(params)`` (outermost module first)."""
+    left = {}
+    for npath, node in sorted(nodes.items(), key=lambda kv: kv[1].path.count("/")
+                              + bool(kv[1].path)):
+        if residual and not node.mergeable:
+            left[npath] = node
+            continue
+        try:
+            sub = subtree(plain, node.path)
+        except KeyError:
+            raise ValueError(f"jlora.{hook.split('_')[0]}: params have no module at "
+                             f"{node.path!r} for {npath}") from None
+        plain = replace_subtrees(plain, {node.path: getattr(node, hook)(sub)})
+    return (plain, left) if residual else plain
 
 
 def unmerge(params: PyTree, adapted: PyTree) -> PyTree:
@@ -219,7 +334,8 @@ def unmerge(params: PyTree, adapted: PyTree) -> PyTree:
         >>> bool(jnp.allclose(restored["w"]["kernel"], 1.0))
         True
     """
-    return _zip_nodes(lambda node, leaf: node.unmerge_from(leaf), adapted, params, "unmerge")
+    out = _zip_nodes(lambda node, leaf: node.unmerge_from(leaf), adapted, params, "unmerge")
+    return _fold_modules(out, module_nodes(adapted), "unmerge_from")
 
 
 def _zip_nodes(fn, adapted, params, what):
@@ -229,7 +345,7 @@ def _zip_nodes(fn, adapted, params, what):
     when it holds every factor the delta reads; a frozen half never does.
     """
     require_whole(adapted, f"jlora.{what}", allow_trainable=True)
-    adapted_leaves = dict(leaves_with_paths(adapted))
+    adapted_leaves = {p: x for p, x in leaves_with_paths(adapted) if not is_module_node(x)}
     missing = [p for p, x in adapted_leaves.items() if is_node(x)]
 
     def one(path, leaf):
@@ -278,9 +394,9 @@ def summary(adapted: PyTree) -> str:
             n_train = leaf.trainable_size()
             trainable_total += n_train
             # Parameters a model holds: the base plus whatever the adapter adds.
-            total += math.prod(leaf.shape) + leaf.added_size()
+            total += (0 if is_module_node(leaf) else math.prod(leaf.shape)) + leaf.added_size()
             rank = "-" if leaf.rank is None else str(leaf.rank)
-            rows.append((path, leaf.method, "x".join(map(str, leaf.shape)), rank,
+            rows.append((path, leaf.method, "x".join(map(str, leaf.shape)) or "-", rank,
                          f"{n_train:,}"))
         else:
             total += _size(leaf)

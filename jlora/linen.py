@@ -45,7 +45,10 @@ from jlora.methods.full import FullNode
 from jlora.methods._experts import is_slice, is_stacked
 from jlora.methods.stacked import bind_adapter_ids
 from jlora.spec import Spec
-from jlora.tree import is_node, leaves_with_paths, map_with_paths, path_key
+from jlora.core import module_params_applied
+from jlora.methods._module import ModuleNode
+from jlora.tree import (is_module_node, is_node, leaves_with_paths, map_nodes, map_with_paths,
+                        module_nodes, path_key, without_module_nodes)
 
 
 def _sub_apply(module: nn.Module, kernel: jax.Array, x: jax.Array, **updates) -> jax.Array:
@@ -301,7 +304,8 @@ def resolve(model, variables: Any, *args, spec: Spec, **kwargs) -> Spec:
 
 
 def apply(model, variables: Any, *args, dropout_key: jax.Array | None = None,
-          strict: bool = False, adapter_ids: Any = None, **kwargs):
+          strict: bool = False, adapter_ids: Any = None, context: dict | None = None,
+          **kwargs):
     """Run a Linen model on adapted params, each adapter computed factorized.
 
     ``model.apply(variables, *args, **kwargs)`` in which every supported layer
@@ -318,6 +322,14 @@ def apply(model, variables: Any, *args, dropout_key: jax.Array | None = None,
       strict: raise instead of warn when an adapter is served merged.
       adapter_ids: ``(batch,)`` ints for a tree from ``jlora.compose.stack``:
         example ``j`` runs with adapter ``adapter_ids[j]`` (``-1``: the base alone).
+      context: keywords for module-level adapters' ``intercept`` (e.g.
+        ``{"attention_mask": mask}`` for position-selecting methods); not
+        passed to the model.
+
+    Module-level adapters (``jlora.AdaptFormer``, stored beside their module as
+    ``"mlp@adaptformer"``) run around their module's ``__call__``: the module's
+    params are first rewritten by the node's ``module_params``, then its output
+    is the node's ``intercept(call, args, kwargs, dropout_key=, **context)``.
 
     Every low-rank adapter the fast path could not compute factorized (its layer
     is unknown, or contracts other axes than the adapter's ``in_axes``) is served
@@ -325,25 +337,33 @@ def apply(model, variables: Any, *args, dropout_key: jax.Array | None = None,
     ``strict=True``); under ``jit`` the check runs once, at trace time.
     """
     return _intercepted(model, variables, args, kwargs, dropout_key=dropout_key,
-                        strict=strict, on_hit=None, adapter_ids=adapter_ids)
+                        strict=strict, on_hit=None, adapter_ids=adapter_ids, context=context)
 
 
 def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
                  dropout_key: jax.Array | None, strict: bool,
-                 on_hit: Callable[[str], None] | None, adapter_ids: Any = None):
+                 on_hit: Callable[[str], None] | None, adapter_ids: Any = None,
+                 context: dict | None = None):
     variables = dict(variables)
     params = variables.get("params")
     if params is None:
         raise ValueError("jlora.linen.apply: variables has no 'params' collection")
-    nodes = {path: node for path, node in leaves_with_paths(params) if is_node(node)}
+    nodes = {path: node for path, node in leaves_with_paths(params)
+             if is_node(node) and not is_module_node(node)}
+    # Module-level nodes sit beside their modules: the model never sees them; their
+    # module_params rewrite the module's params and their intercept wraps its call.
+    around = {node.path: (npath, node) for npath, node in module_nodes(params).items()}
+    params = without_module_nodes(params)
     # Adapters stacked for mixed batches (jlora.compose.stack) get the batch's ids
     # and have no merged form: the fallback sees their base.
     mixed = bind_adapter_ids(nodes, adapter_ids)
     # Stacked nodes (expert_axis) travel inside the params, so that nn.scan hands
     # each iteration its slice; every other node is served merged.
-    variables["params"] = map_with_paths(
+    params = map_with_paths(
         lambda p, n: n if not is_node(n) else n.base if p in mixed else n if is_stacked(n)
         else n.materialize(), params)
+    variables["params"] = module_params_applied(params, around.values())
+    context = dict(context or {})
     hits: set[str] = set()
     misses: dict[str, str] = {}
     busy = False  # a handler's own sub-layer calls go straight through
@@ -356,14 +376,27 @@ def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
         finally:
             busy = False
 
-    def interceptor(next_fun, call_args, call_kwargs, context):
+    def interceptor(next_fun, call_args, call_kwargs, ctx):
+        if busy:
+            return next_fun(*call_args, **call_kwargs)
+        mpath = "/".join(map(str, ctx.module.path))
+        if mpath in around and ctx.method_name == "__call__":
+            npath, mnode = around[mpath]
+            key = None if dropout_key is None else path_key(dropout_key, npath)
+            y = mnode.intercept(lambda *a, **k: leaf_level(next_fun, a, k, ctx),
+                                tuple(call_args), dict(call_kwargs), dropout_key=key, **context)
+            hits.add(npath)
+            if on_hit is not None:
+                on_hit(npath)
+            return y
+        return leaf_level(next_fun, call_args, call_kwargs, ctx)
+
+    def leaf_level(next_fun, call_args, call_kwargs, context):
         module = context.module
         cls = type(module)
         entry = _HANDLERS.get(cls)
         if entry is None and _layers.registered(cls) is not None:
             entry = (_layers.registered(cls).kernel, _registered)
-        if busy:
-            return next_fun(*call_args, **call_kwargs)
         method = context.method_name
         if entry is None:
             if not getattr(cls, "jlora_nodes", False) and _holds_node(module):
@@ -421,7 +454,21 @@ def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
         raise ValueError(f"{missed[0]}: a stacked adapter runs only on the fast path, and this "
                          "layer is not on it (jlora.linen.consumed lists what is)")
     _report(nodes, hits, misses, strict)
+    _report_modules(around, hits, strict)
     return out
+
+
+def _report_modules(around, hits, strict):
+    """Module-level nodes whose module's ``__call__`` never ran had no effect on the output."""
+    idle = [f"{npath} (no module at {node.path or '<root>'} was called)"
+            for npath, node in (around[p] for p in sorted(around))
+            if npath not in hits and type(node).intercept is not ModuleNode.intercept]
+    if not idle:
+        return
+    msg = "jlora.linen.apply: module-level adapters that did not run: " + "; ".join(idle)
+    if strict:
+        raise ValueError(msg)
+    warnings.warn(msg, stacklevel=3)
 
 
 def _report(nodes, hits, misses, strict):
@@ -449,11 +496,13 @@ def consumed(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, lis
     hits: list[str] = []
     dropout_key = kwargs.pop("dropout_key", None)
     adapter_ids = kwargs.pop("adapter_ids", None)
+    context = kwargs.pop("context", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         jax.eval_shape(lambda v: _intercepted(model, v, args, kwargs, dropout_key=dropout_key,
                                               strict=False, on_hit=hits.append,
-                                              adapter_ids=adapter_ids), variables)
+                                              adapter_ids=adapter_ids, context=context),
+                       variables)
     nodes = [p for p, x in leaves_with_paths(variables["params"]) if is_node(x)]
     return {
         "factorized": [p for p in nodes if p in hits],

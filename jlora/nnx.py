@@ -3,7 +3,9 @@
 NNX needs no special path: ``jlora.apply`` works directly on the ``nnx.State``
 that ``nnx.split`` returns (paths read ``fc1/kernel``, without the Variable's
 ``value``), and the generic compute path rebuilds a plain model from merged
-weights inside your jitted loss.
+weights inside your jitted loss. Module-level adapters (``jlora.AdaptFormer``)
+are not weights: ``merge`` refuses the unmergeable ones and :func:`apply` runs
+them around their modules.
 
 Example::
 
@@ -26,8 +28,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jlora.core import merge as _merge_tree
+from jlora.core import module_params_applied
 from jlora.methods.stacked import bind_adapter_ids
-from jlora.tree import is_node, leaves_with_paths, map_with_paths
+from jlora.tree import (is_node, leaves_with_paths, map_with_paths, module_nodes, path_key,
+                        without_module_nodes)
 
 
 def merge(graphdef: Any, adapted: Any, *rest: Any) -> nnx.Module:
@@ -35,7 +39,8 @@ def merge(graphdef: Any, adapted: Any, *rest: Any) -> nnx.Module:
     return nnx.merge(graphdef, _merge_tree(adapted), *rest)
 
 
-def apply(graphdef: Any, adapted: Any, *args, adapter_ids: Any = None, **kwargs) -> Any:
+def apply(graphdef: Any, adapted: Any, *args, adapter_ids: Any = None,
+          context: dict | None = None, dropout_key: Any = None, **kwargs) -> Any:
     """Run an NNX model on adapted state, ``Linear`` and ``Embed`` adapters factorized.
 
     ``nnx.merge(graphdef, adapted)(*args, **kwargs)`` where each ``nnx.Linear``
@@ -43,6 +48,11 @@ def apply(graphdef: Any, adapted: Any, *args, adapter_ids: Any = None, **kwargs)
     with ``op`` the layer's own map (other layers use merged weights). With a
     tree from ``jlora.compose.stack``, ``adapter_ids`` gives each example its
     adapter (``-1``: the base alone), as in ``jlora.linen.apply``.
+
+    Module-level adapters (``jlora.AdaptFormer``, beside their module as
+    ``"mlp@adaptformer"``) run as in ``jlora.linen.apply``: the module's state is
+    rewritten by the node's ``module_params`` and its ``__call__`` is wrapped by
+    the node's ``intercept`` (given ``dropout_key`` and ``**context``).
 
         >>> import jax, jax.numpy as jnp, jlora
         >>> from flax import nnx
@@ -54,25 +64,39 @@ def apply(graphdef: Any, adapted: Any, *args, adapter_ids: Any = None, **kwargs)
         >>> y.shape
         (3, 3)
     """
+    around = {n.path: (p, n) for p, n in module_nodes(adapted).items()}
+    adapted = without_module_nodes(adapted)
     nodes = {p: n for p, n in leaves_with_paths(adapted) if is_node(n)}
     stacked = bind_adapter_ids(nodes, adapter_ids)
     plain = _merge_tree(map_with_paths(lambda p, x: x.base if p in stacked else x, adapted))
-    module = nnx.merge(graphdef, plain)
+    module = nnx.merge(graphdef, module_params_applied(plain, around.values()))
     hits = set()
     for path, sub in nnx.iter_modules(module):
         kind = type(sub)
         name = {nnx.Linear: "kernel", nnx.Embed: "embedding"}.get(kind)
         full = "/".join(map(str, path + (name,))) if name else None
         node = nodes.get(full)
-        if node is None or node.in_axes != (0,):
-            continue
-        sub.__class__ = _fast(kind, node)
-        hits.add(full)
+        if node is not None and node.in_axes == (0,):
+            sub.__class__ = _fast(kind, node)
+            hits.add(full)
+        mpath = "/".join(map(str, path))
+        if mpath in around:
+            npath, mnode = around[mpath]
+            key = None if dropout_key is None else path_key(dropout_key, npath)
+            sub.__class__ = _around(type(sub), mnode, key, dict(context or {}))
     missed = sorted(p for p in stacked if p not in hits)
     if missed:
         raise ValueError(f"{missed[0]}: a stacked adapter runs only on the fast path "
                          "(nnx.Linear and nnx.Embed)")
     return module(*args, **kwargs)
+
+
+def _around(kind, node, key, context):
+    """A subclass of ``kind`` whose call is the module-level node's ``intercept`` of its own."""
+    def call(self, *args, **kwargs):
+        return node.intercept(lambda *a, **k: kind.__call__(self, *a, **k), args, kwargs,
+                              dropout_key=key, **context)
+    return type(kind.__name__, (kind,), {"__call__": call})
 
 
 def _fast(kind, node):

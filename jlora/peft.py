@@ -17,7 +17,8 @@ PEFT tensor              shape                            jlora
 
 Module names: by default the Flax path ``a/b/c/kernel`` is the PyTorch module
 ``a.b.c``; pass ``name_map`` (a function or a dict from Flax module path to
-PyTorch module name) for other models. PiSSA/OLoRA adapters are saved as the
+PyTorch module name) for other models. PiSSA/OLoRA adapters (and CorDA and
+LoRA-GA ones from ``jlora.init``, any node holding ``a0``/``b0``) are saved as the
 equivalent plain LoRA on the *original* weights, as PEFT does: ``a' = [a, a0]``,
 ``b' = [b; −b0]``, rank and alpha doubled (alpha ×√2 with rsLoRA).
 

@@ -6,7 +6,9 @@ input axes, ``b (r, fan_out)`` that of its output axes, and the rank axis is
 replicated. A flattened axis that several sharded axes fold into is sharded over
 all of their mesh axes (major to minor), which is exactly the layout of the
 reshape. Method vectors follow the axis they scale (``"out"``/``"in"`` in a node
-class's ``field_axes``).
+class's ``field_axes``). A module-level node (``jlora.AdaptFormer``) has no base
+leaf: its ``base_spec`` hook derives the spec of its ``(d_in, d_out)`` view from
+the specs of its module's leaves (``None``: every field replicated).
 
 Example::
 
@@ -34,7 +36,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jlora.core import apply as _apply
 from jlora.spec import Spec
-from jlora.tree import PyTree, Role, is_node, leaves_with_paths, map_with_paths, require_whole
+from jlora.tree import (PyTree, Role, is_module_node, is_node, leaves_with_paths, map_with_paths,
+                        require_whole)
 
 
 def _is_spec(x) -> bool:
@@ -98,9 +101,15 @@ def specs(adapted: PyTree, base_specs: PyTree) -> PyTree:
     require_whole(adapted, "jlora.sharding.specs")
     by_path = {}
     for path, s in leaves_with_paths(base_specs, is_leaf=_is_spec):
-        by_path[path] = s.base if is_node(s) else s
+        by_path[path] = s if is_module_node(s) else s.base if is_node(s) else s
 
     def one(path, leaf):
+        if is_module_node(leaf):
+            # beside its module: laid out from the specs of the module's own leaves
+            pre = f"{leaf.path}/" if leaf.path else ""
+            inside = {p[len(pre):]: (P() if s is None else s) for p, s in by_path.items()
+                      if p.startswith(pre) and not is_node(s)}
+            return node_specs(leaf, leaf.base_spec(inside))
         if path not in by_path:
             raise ValueError(f"jlora.sharding.specs: base_specs has no entry for {path}")
         s = P() if by_path[path] is None else by_path[path]

@@ -9,7 +9,8 @@ Patterns are globs over the whole ``/``-joined path:
 
 or compiled regular expressions (``re.compile(...)``), matched against the full
 path. The first rule that matches a leaf wins; leaves no rule matches stay
-frozen and untouched.
+frozen and untouched. A rule whose method is module-level (``jlora.AdaptFormer``)
+matches module paths (``enc/layers_1/mlp``, the subtree above leaves) instead.
 
 Example::
 
@@ -111,6 +112,11 @@ class Rule:
     def describe(pattern) -> str:
         return repr(pattern.pattern if isinstance(pattern, re.Pattern) else pattern)
 
+    @property
+    def level(self) -> str:
+        """``"leaf"``, or ``"module"`` for a module-level method (the rule names modules)."""
+        return getattr(self.config, "level", "leaf")
+
     def matches(self, path: str) -> bool:
         return self.regex.fullmatch(path) is not None
 
@@ -132,20 +138,25 @@ class Spec:
         if not self.rules:
             raise ValueError("Spec: no rules given")
 
-    def match_rule(self, path: str) -> Rule | None:
-        """The first rule matching ``path``, or ``None``."""
+    def match_rule(self, path: str, *, level: str = "leaf") -> Rule | None:
+        """The first rule of ``level`` matching ``path``, or ``None``.
+
+        ``level="leaf"`` considers leaf methods' rules (``path`` is a leaf's),
+        ``"module"`` module-level methods' rules (``path`` is a module's).
+        """
         for rule in self.rules:
-            if rule.matches(path):
+            if rule.level == level and rule.matches(path):
                 return rule
         return None
 
-    def hits(self, path: str) -> list[int]:
-        """Indices of every rule matching ``path`` (the first one wins)."""
-        return [i for i, rule in enumerate(self.rules) if rule.matches(path)]
+    def hits(self, path: str, *, level: str = "leaf") -> list[int]:
+        """Indices of every rule of ``level`` matching ``path`` (the first one wins)."""
+        return [i for i, rule in enumerate(self.rules)
+                if rule.level == level and rule.matches(path)]
 
-    def match(self, path: str) -> Config | None:
-        """The config of the first rule matching ``path``, or ``None``."""
-        rule = self.match_rule(path)
+    def match(self, path: str, *, level: str = "leaf") -> Config | None:
+        """The config of the first rule of ``level`` matching ``path``, or ``None``."""
+        rule = self.match_rule(path, level=level)
         return None if rule is None else rule.config
 
     def __repr__(self) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import zlib
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
@@ -138,3 +139,113 @@ def require_whole(tree: Any, what: str, *, allow_trainable: bool = False) -> Non
         half = x.half() if is_node(x) else None
         if half is not None and not (allow_trainable and half == "trainable"):
             raise half_error(what, path, half)
+
+
+# ---------------------------------------------------------------- module-level nodes
+
+#: separator of a module-level adapter's key: ``mlp@adaptformer`` sits beside ``mlp``
+MODULE_SEP = "@"
+
+
+def is_module_node(x: Any) -> bool:
+    """True for a module-level adapter node (``jlora.methods.ModuleNode``)."""
+    return is_node(x) and getattr(x, "level", "leaf") == "module"
+
+
+def module_node_key(module_path: str, method: str) -> str:
+    """The key a module-level node has in its module's parent: ``"mlp@adaptformer"``.
+
+        >>> module_node_key("enc/layers_1/mlp", "AdaptFormer")
+        'mlp@adaptformer'
+    """
+    return f"{module_path.rpartition('/')[2]}{MODULE_SEP}{method.lower()}"
+
+
+def module_node_path(module_path: str, method: str) -> str:
+    """Path of the node adapting ``module_path``: ``"enc/mlp"`` -> ``"enc/mlp@adaptformer"``."""
+    head = parent(module_path)
+    key = module_node_key(module_path, method)
+    return f"{head}/{key}" if head else key
+
+
+def module_paths(tree: Any) -> list[str]:
+    """Every module (subtree) path of ``tree`` in traversal order, the root ``""`` first.
+
+    Module paths are the proper prefixes of leaf paths; adapter nodes are leaves.
+
+        >>> module_paths({"enc": {"mlp": {"fc1": {"kernel": 0}}}})
+        ['', 'enc', 'enc/mlp', 'enc/mlp/fc1']
+    """
+    seen = {"": None}
+    for path, _ in leaves_with_paths(tree):
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            seen.setdefault("/".join(parts[:i]), None)
+    return list(seen)
+
+
+def subtree(tree: Any, path: str) -> Any:
+    """The subtree at ``path`` (mappings by key, lists and tuples by index); ``KeyError`` if none."""
+    node = tree
+    for seg in path.split("/") if path else ():
+        if isinstance(node, Mapping):
+            if seg in node:
+                node = node[seg]
+            elif seg.isdigit() and int(seg) in node:
+                node = node[int(seg)]
+            else:
+                raise KeyError(path)
+        elif isinstance(node, (list, tuple)) and seg.isdigit() and int(seg) < len(node):
+            node = node[int(seg)]
+        else:
+            raise KeyError(path)
+    return node
+
+
+def _like(container: Any, items: dict) -> Any:
+    """A mapping of ``container``'s type holding ``items`` (dict, FrozenDict, nnx.State, ...)."""
+    return dict(items) if type(container) is dict else type(container)(items)
+
+
+def rebuild_mappings(tree: Any, fn: Callable[[str, dict], dict], path: str = "") -> Any:
+    """Rebuild ``tree`` bottom-up, letting ``fn(path, items) -> items`` edit every mapping.
+
+    Mappings keep their type; lists and tuples are walked; anything else
+    (arrays, adapter nodes, ``nnx.Variable``) is kept as is. This is how
+    module-level nodes are inserted beside, and removed from, their modules.
+    """
+    join = lambda k: f"{path}/{k}" if path else str(k)
+    if is_node(tree):
+        return tree
+    if isinstance(tree, Mapping):
+        items = {k: rebuild_mappings(v, fn, join(k)) for k, v in tree.items()}
+        return _like(tree, fn(path, items))
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return type(tree)(rebuild_mappings(v, fn, join(i)) for i, v in enumerate(tree))
+    return tree
+
+
+def module_nodes(tree: Any) -> dict[str, Any]:
+    """``{node path: node}`` of every module-level node in ``tree``."""
+    return {p: x for p, x in leaves_with_paths(tree) if is_module_node(x)}
+
+
+def without_module_nodes(tree: Any) -> Any:
+    """``tree`` with every module-level node removed (the plain params a model reads)."""
+    return rebuild_mappings(tree, lambda _, items: {k: v for k, v in items.items()
+                                                     if not is_module_node(v)})
+
+
+def replace_subtrees(tree: Any, new: dict[str, Any]) -> Any:
+    """``tree`` with the subtree at each path of ``new`` replaced (``""``: the whole tree)."""
+    if "" in new:
+        return new[""]
+
+    def fn(path, items):
+        for k in list(items):
+            sub = f"{path}/{k}" if path else str(k)
+            if sub in new:
+                items[k] = new[sub]
+        return items
+
+    return rebuild_mappings(tree, fn)

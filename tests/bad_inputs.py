@@ -888,6 +888,259 @@ _optim_case("`balora` wrapping something that is not an Optax transformation",
             lambda o: o.balora(3))
 
 
+# ---------------------------------------------------------------- jlora.init
+
+
+def _mlp(p, x):
+    """The fc1 -> fc2 model of ``params()``, as Flax Dense layers."""
+    import flax.linen as nn
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, name="fc2")(nn.relu(nn.Dense(16, name="fc1")(x)))
+
+    return MLP().apply({"params": p}, x)
+
+
+def _xs(n=2, rows=6):
+    import jax.numpy as jnp
+
+    return [jnp.linspace(-1.0, 1.0, rows * 8).reshape(rows, 8) * (i + 1) for i in range(n)]
+
+
+def _init_spec(rank=2, **kw):
+    jlora = _jl()
+    return jlora.Spec({"fc{1,2}/kernel": jlora.LoRA(rank=rank, **kw)})
+
+
+@case("init", "`LoRA(init=\"orthogonal\")` with an odd rank", r"LoRA: init='orthogonal' needs an even rank, got rank=3")
+def _(tmp):
+    _jl().LoRA(rank=3, init="orthogonal")
+
+
+@case("init", "`LoRA(init=\"mica\", train_a=False)` (nothing would train)", r"LoRA: init='mica' trains only a")
+def _(tmp):
+    _jl().LoRA(rank=2, init="mica", train_a=False)
+
+
+@case("init", "`init=\"orthogonal\"` on an embedding table", r"emb/embedding: init='orthogonal' is for linear and conv kernels")
+def _(tmp):
+    import jax.numpy as jnp
+
+    jlora = _jl()
+    jlora.apply({"emb": {"embedding": jnp.ones((10, 4))}},
+                jlora.Spec({"emb/embedding": jlora.LoRA(rank=2, init="orthogonal")}),
+                key=jax.random.key(0))
+
+
+@case("init", "EVA on empty calibration data", r"jlora.init.eva: batches is empty")
+def _(tmp):
+    _jl().init.eva(params(), _init_spec(), [], _mlp)
+
+
+@case("init", "EVA given one batch (a dict) instead of a list of batches", r"jlora.init.eva: batches must be an iterable of batches")
+def _(tmp):
+    _jl().init.eva(params(), _init_spec(), {"x": _xs()[0]}, _mlp)
+
+
+@case("init", "EVA asking more components (rank·rho) than the layer has input features", r"jlora.init.eva: fc1/kernel: rank·rho = 12 components exceed the layer's 8 input features")
+def _(tmp):
+    _jl().init.eva(params(), _init_spec(rank=4), _xs(), _mlp, rho=3.0)
+
+
+@case("init", "EVA with `rho < 1`", r"jlora.init.eva: rho must be a finite number >= 1.0")
+def _(tmp):
+    _jl().init.eva(params(), _init_spec(), _xs(), _mlp, rho=0.5)
+
+
+@case("init", "EVA with batches of fewer rows than components (never converges)", r"jlora.init.eva: fc1/kernel .*did not converge .* within max_batches=3")
+def _(tmp):
+    _jl().init.eva(params(), _init_spec(), _xs(rows=3), _mlp, max_batches=3)
+
+
+@case("init", "calibration whose `apply_fn` calls no Flax module owning a targeted kernel", r"jlora.init.corda: fc1/kernel: apply_fn\(params, batch\) never called")
+def _(tmp):
+    _jl().init.corda(params(), _init_spec(), _xs(), lambda p, x: x @ p["fc1"]["kernel"])
+
+
+@case("init", "a spec adapting no (in, out) kernel with LoRA", r"jlora.init.corda: the spec adapts no two-axis")
+def _(tmp):
+    jlora = _jl()
+    _jl().init.corda(params(), jlora.Spec({"fc1/bias": jlora.Full()}), _xs(), _mlp)
+
+
+@case("init", "CorDA with an unknown `mode`", r"jlora.init.corda: mode must be one of \('ipm', 'kpm'\), got 'ppm'")
+def _(tmp):
+    _jl().init.corda(params(), _init_spec(), _xs(), _mlp, mode="ppm")
+
+
+@case("init", "CorDA on all-zero calibration inputs (covariance undefined)", r"jlora.init.corda: fc1/kernel: the input covariance is not finite")
+def _(tmp):
+    _jl().init.corda(params(), _init_spec(), [x * 0 for x in _xs()], _mlp)
+
+
+@case("init", "LoRA-GA with `2·rank` above a layer's smaller side", r"jlora.init.lora_ga: fc2/kernel: 2·rank = 6 exceeds min\(fan_in, fan_out\) = 4")
+def _(tmp):
+    import jax.numpy as jnp
+
+    _jl().init.lora_ga(params(), _init_spec(rank=3), lambda p, x: jnp.sum(_mlp(p, x)), _xs())
+
+
+@case("init", "LoRA-GA whose loss does not depend on a targeted kernel", r"jlora.init.lora_ga: fc2/kernel: the loss's gradient .* is zero")
+def _(tmp):
+    import jax.numpy as jnp
+
+    _jl().init.lora_ga(params(), _init_spec(), lambda p, x: jnp.sum(x @ p["fc1"]["kernel"]) ** 2,
+                       _xs())
+
+
+@case("init", "LoRA-GA with an unknown `direction`", r"jlora.init.lora_ga: direction must be one of")
+def _(tmp):
+    _jl().init.lora_ga(params(), _init_spec(), lambda p, x: 0.0, _xs(), direction="BrAr")
+
+
+@case("init", "a spec asking another init for a calibrated layer", r"jlora.init.lora_ga: fc1/kernel: the spec asks LoRA\(init='pissa'\)")
+def _(tmp):
+    import jax.numpy as jnp
+
+    _jl().init.lora_ga(params(), _init_spec(init="pissa"), lambda p, x: jnp.sum(_mlp(p, x)),
+                       _xs())
+
+
+# ---------------------------------------------------------------- module-level adapters
+
+
+@case("module-level adapters", "a module rule that matches no module",
+      r"Spec pattern 'enc/mlp' matches no module; module paths look like \['fc1', 'fc2'\]")
+def _(tmp):
+    import jax
+
+    jlora = _jl()
+    jlora.apply(params(), jlora.Spec({"enc/mlp": jlora.AdaptFormer()}), key=jax.random.key(0))
+
+
+@case("module-level adapters", "a module-level method (`AdaptFormer`) on a leaf path",
+      r"'fc1/kernel' names leaves \(e.g. 'fc1/kernel'\), but AdaptFormer adapts a module: "
+      r"name the module's path \(e.g. 'fc1'\)")
+def _(tmp):
+    import jax
+
+    jlora = _jl()
+    jlora.apply(params(), jlora.Spec({"fc1/kernel": jlora.AdaptFormer()}), key=jax.random.key(0))
+
+
+@case("module-level adapters", "a leaf method (`LoRA`) on a module path",
+      r"'fc1' names a module \('fc1'\), but LoRA adapts leaves: name them \(e.g. 'fc1/\*\*/kernel'\)")
+def _(tmp):
+    import jax
+
+    jlora = _jl()
+    jlora.apply(params(), jlora.Spec({"fc1": jlora.LoRA(rank=2)}), key=jax.random.key(0))
+
+
+@case("module-level adapters", "`AdaptFormer` on a module whose params hold no kernel",
+      r"ln: AdaptFormer reads the module's input and output sizes from its kernels")
+def _(tmp):
+    import jax
+    import jax.numpy as jnp
+
+    jlora = _jl()
+    jlora.apply({"ln": {"scale": jnp.ones(8)}, **params()},
+                jlora.Spec({"ln": jlora.AdaptFormer()}), key=jax.random.key(0))
+
+
+@case("module-level adapters", "applying a module rule to an already adapted tree",
+      r"fc1: already adapted \(fc1@adaptformer exists\)")
+def _(tmp):
+    import jax
+
+    jlora = _jl()
+    spec = jlora.Spec({"fc1": jlora.AdaptFormer(bottleneck=2)})
+    jlora.apply(jlora.apply(params(), spec, key=jax.random.key(0)), spec, key=jax.random.key(0))
+
+
+@case("module-level adapters", "`merge` of a non-mergeable module-level adapter",
+      r"fc1: AdaptFormer cannot be merged into the module's weights: its ReLU bottleneck")
+def _(tmp):
+    jlora = _jl()
+    jlora.merge(adapted({"fc1": jlora.AdaptFormer(bottleneck=2)}))
+
+
+@case("module-level adapters", "`AdaptFormer(bottleneck=0)`",
+      r"AdaptFormer: bottleneck must be an int >= 1, got 0")
+def _(tmp):
+    _jl().AdaptFormer(bottleneck=0)
+
+
+@case("module-level adapters", "`AdaptFormer(norm='rms')`",
+      r"AdaptFormer: norm must be one of \(None, 'layernorm'\), got 'rms'")
+def _(tmp):
+    _jl().AdaptFormer(norm="rms")
+
+
+# ---------------------------------------------------------------- trainable tokens, to_lora, LoftQ
+
+
+@case("trainable tokens, to_lora, LoftQ", "`TrainableTokens(indices=[3, 3])` (a duplicate id)",
+      r"TrainableTokens: indices lists token id\(s\) \[3\] more than once")
+def _(tmp):
+    _jl().TrainableTokens(indices=[3, 3])
+
+
+@case("trainable tokens, to_lora, LoftQ", "`TrainableTokens(indices=[])`",
+      r"TrainableTokens: indices is empty")
+def _(tmp):
+    _jl().TrainableTokens(indices=[])
+
+
+@case("trainable tokens, to_lora, LoftQ", "a token id beyond the vocabulary of the table",
+      r"emb/embedding: TrainableTokens indices \[20\] are out of range for a vocabulary of 16")
+def _(tmp):
+    import jax.numpy as jnp
+    jlora = _jl()
+    jlora.apply({"emb": {"embedding": jnp.zeros((16, 4))}},
+                jlora.Spec({"emb/embedding": jlora.TrainableTokens(indices=[1, 20])}),
+                key=jax.random.key(0))
+
+
+@case("trainable tokens, to_lora, LoftQ",
+      "a PEFT file whose `trainable_token_indices` lists an id beyond the vocabulary",
+      r"adapter_config.json: key 'trainable_token_indices'.*out of range")
+def _(tmp):
+    jlora = _jl()
+    p = fixture_params()
+    adapted = jlora.apply(p, jlora.Spec({"emb/embedding": jlora.TrainableTokens(indices=[1, 2]),
+                                         "fc1/kernel": jlora.LoRA(rank=2)}),
+                          key=jax.random.key(0))
+    jlora.peft.save(tmp, adapted)
+    path = os.path.join(tmp, "adapter_config.json")
+    config = json.load(open(path))
+    config["trainable_token_indices"] = {"emb": [1, 99]}
+    json.dump(config, open(path, "w"))
+    jlora.peft.load(tmp, p)
+
+
+@case("trainable tokens, to_lora, LoftQ", "`compose.to_lora` at a rank above min(fan_in, fan_out)",
+      r"w/kernel: rank 5 exceeds min\(fan_in, fan_out\) = 3")
+def _(tmp):
+    import jax.numpy as jnp
+    _jl().compose.to_lora({"w": {"kernel": jnp.ones((4, 3))}}, 5)
+
+
+@case("trainable tokens, to_lora, LoftQ", "`compose.to_lora` with an energy threshold above 1",
+      r"jlora.compose.to_lora: rank must be")
+def _(tmp):
+    import jax.numpy as jnp
+    _jl().compose.to_lora({"w": {"kernel": jnp.ones((4, 3))}}, 1.5)
+
+
+@case("trainable tokens, to_lora, LoftQ", "`LoftQ(rank=4, loftq_iter=0)`",
+      r"LoftQ: loftq_iter must be")
+def _(tmp):
+    _jl().LoftQ(rank=4, loftq_iter=0)
+
+
 # ---------------------------------------------------------------- the page
 
 

@@ -22,6 +22,22 @@ Initialisations (``init=``):
   columns), for large matrices.
 * ``"olora"`` (PEFT ``olora_init``): QR of the PyTorch-orientation weight
   ``W = K0ᵀ = Q·R``; ``a = R[:rank]ᵀ``, ``b = Q[:, :rank]ᵀ``; base ``K0 − s·a·b``.
+* ``"mica"`` (Rüdiger & Raschka 2026, "MiCA", Sec. 3; PEFT ``mica_init``): the
+  float32 SVD ``K0 = U·diag(S)·Vᵀ`` (singular values descending); ``b = V[:, -r:]ᵀ``,
+  the *minor* output directions (the left singular vectors of PEFT's
+  ``W = K0ᵀ`` with the smallest singular values), and ``a = 0``. ``b`` stays
+  frozen: only ``a`` trains (``jlora.split`` puts ``b`` in the frozen half). The
+  base is unchanged and the adapter is inactive at init. Embedding tables are
+  treated alike (PEFT's ``lora_embedding_B`` from the SVD of ``Eᵀ``).
+* ``"orthogonal"`` (PEFT ``orthogonal_init``, from the blog post
+  datta0.github.io/posts/rethink-lora-init; rank must be even): draws
+  ``X ~ N(0,1)^{r×r}``, ``G1 ~ N(0,1)^{fan_in×r/2}``, ``G2 ~ N(0,1)^{r/2×fan_out}``
+  from three keys split from the leaf's key; ``Q = qr(X).Q``,
+  ``a = G1·Q[0::2]/10``, ``b = Q[1::2]ᵀ·G2/10``. The rows of ``Q`` are
+  orthonormal, so ``a·b = G1·Q[0::2]·Q[1::2]ᵀ·G2/100 = 0`` exactly in exact
+  arithmetic (about 1e-8 in float32): the adapter is inactive at init, the base
+  is unchanged, and both factors are non-zero, each of rank ``r/2``. Not for
+  embedding tables (PEFT supports it on linear layers only).
 
 For embedding tables (a leaf named ``embedding``, Flax ``Embed``) the zero
 factor is swapped, as loralib and PEFT do: ``a = 0``, ``b ~ N(0, 1)``.
@@ -78,7 +94,7 @@ from jlora.methods.base import (
     view_leaf,
 )
 
-Init = Literal["kaiming", "gaussian", "pissa", "pissa_fast", "olora"]
+Init = Literal["kaiming", "gaussian", "pissa", "pissa_fast", "olora", "mica", "orthogonal"]
 INITS: tuple[str, ...] = get_args(Init)
 _SKETCH_OVERSAMPLE = 8
 
@@ -91,7 +107,10 @@ class LoRA(Config):
     Args:
       rank: the rank ``r`` of ``a·b``; at most ``min(fan_in, fan_out)``.
       alpha: scale numerator (finite, > 0); default ``rank`` (so ``s = 1`` for plain LoRA).
-      init: ``"kaiming"``, ``"gaussian"``, ``"pissa"``, ``"pissa_fast"``, ``"olora"``.
+      init: ``"kaiming"``, ``"gaussian"``, ``"pissa"``, ``"pissa_fast"``, ``"olora"``,
+        ``"mica"`` (``a = 0``, frozen ``b`` from the minor singular directions),
+        ``"orthogonal"`` (even rank; non-zero factors with ``a·b = 0``). The
+        data-driven inits (EVA, CorDA, LoRA-GA) are functions of ``jlora.init``.
       rslora: use ``s = alpha/√rank`` instead of ``alpha/rank``.
       train_a: ``False`` freezes ``a`` (LoRA-FA / FFA-LoRA).
       dropout: dropout rate in ``[0, 1)`` on the adapter branch input (fast path, training only).
@@ -127,6 +146,12 @@ class LoRA(Config):
         v.boolean(name, "train_a", self.train_a)
         v.real(name, "dropout", self.dropout, ge=0.0, lt=1.0)
         v.positive_int(name, "niter", self.niter, minimum=0)
+        if self.init == "mica" and (type(self) is not LoRA or not self.train_a):
+            raise ValueError(f"{name}: init='mica' trains only a (b is frozen): it is supported "
+                             "by plain LoRA with train_a=True (PEFT: no DoRA or other variants)")
+        if self.init == "orthogonal" and self.rank % 2:
+            raise ValueError(f"{name}: init='orthogonal' needs an even rank, got rank="
+                             f"{self.rank!r}")
         freeze_in_axes(self)
 
     @property
@@ -151,6 +176,20 @@ class LoRA(Config):
                 b = jax.random.normal(key, (r, fan_out), dt)
             else:
                 a, b = rand, jnp.zeros((r, fan_out), dt)
+        elif self.init == "orthogonal":
+            if path.rpartition("/")[2] == "embedding":
+                raise ValueError(f"{path}: init='orthogonal' is for linear and conv kernels, "
+                                 "not embedding tables (as PEFT)")
+            kx, k1, k2 = jax.random.split(key, 3)
+            a, b = orthogonal_factors(jax.random.normal(kx, (r, r), jnp.float32),
+                                      jax.random.normal(k1, (fan_in, r // 2), jnp.float32),
+                                      jax.random.normal(k2, (r // 2, fan_out), jnp.float32))
+            a, b = a.astype(base.dtype).astype(dt), b.astype(base.dtype).astype(dt)
+        elif self.init == "mica":
+            m = to_matrix(base, view.in_axes).astype(jnp.float32)
+            vt = jnp.linalg.svd(m, full_matrices=False)[2]
+            a = jnp.zeros((fan_in, r), dt)
+            b = vt[-r:].astype(base.dtype).astype(dt)
         else:
             m = to_matrix(base, view.in_axes).astype(jnp.float32)
             if self.init == "pissa":
@@ -180,6 +219,25 @@ class LoRA(Config):
                         shape=tuple(base.shape), in_axes=in_axes)
 
 
+def orthogonal_factors(x: Array, g1: Array, g2: Array) -> tuple[Array, Array]:
+    """``(a, b)`` of ``init="orthogonal"`` from its three Gaussian draws.
+
+    ``x: (r, r)``, ``g1: (fan_in, r/2)``, ``g2: (r/2, fan_out)``; ``Q = qr(x).Q``,
+    ``a = g1·Q[0::2]/10``, ``b = Q[1::2]ᵀ·g2/10`` (PEFT's ``A = aᵀ``, ``B = bᵀ``
+    from the same draws), so ``a·b = 0``.
+
+        >>> import jax, jax.numpy as jnp
+        >>> k = jax.random.split(jax.random.key(0), 3)
+        >>> a, b = orthogonal_factors(jax.random.normal(k[0], (4, 4)),
+        ...                           jax.random.normal(k[1], (6, 2)),
+        ...                           jax.random.normal(k[2], (2, 5)))
+        >>> a.shape, b.shape, bool(jnp.abs(a @ b).max() < 1e-6)
+        ((6, 4), (4, 5), True)
+    """
+    q = jnp.linalg.qr(x)[0]
+    return g1 @ q[0::2] / 10.0, q[1::2].T @ g2 / 10.0
+
+
 def randomized_svd(key: Array, m: Array, rank: int, *, niter: int):
     """Top-``rank`` SVD of ``m`` by randomized subspace iteration (Halko et al. 2011)."""
     q = min(rank + _SKETCH_OVERSAMPLE, *m.shape)
@@ -207,6 +265,8 @@ class LoRANode(AdapterNode):
 
     @property
     def trainable(self) -> tuple[str, ...]:
+        if self.config.init == "mica":
+            return ("a",)
         return ("a", "b") if self.config.train_a else ("b",)
 
     @property

@@ -78,14 +78,29 @@ a linear ``f`` and a ``Dense`` module (``read="input"``: ``K += s·D·U``,
 ``bias += s·(bias·D + c)·U``). MeFT inits as LoRA does: ``D ~ U(±1/√d_in)``,
 ``U = 0``, ``c = 0``, so the model is unchanged at init.
 
-Example (the numerics as pure functions)::
+Example::
 
-    >>> import jax.numpy as jnp
-    >>> from jlora.methods.reft import parse_positions, position_mask
-    >>> parse_positions("f2+l1")
-    (2, 1)
-    >>> position_mask(jnp.array([[0, 1, 1, 1, 1, 1]]), 2, 1).astype(int).tolist()  # left-padded
-    [[0, 1, 1, 0, 0, 1]]
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
+    >>> class Block(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return x + nn.Dense(4, name="mlp")(nn.LayerNorm(name="ln")(x))
+    >>> class Model(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return Block(name="block_1")(Block(name="block_0")(x))
+    >>> x, mask = jnp.ones((1, 5, 4)), jnp.array([[1, 1, 1, 1, 0]])  # right-padded
+    >>> params = Model().init(jax.random.key(0), x)["params"]
+    >>> spec = jlora.Spec({"block_*": jlora.LoReFT(rank=2, positions="f1+l1")})
+    >>> adapted = jlora.apply(params, spec, key=jax.random.key(1))
+    >>> adapted["block_0@loreft"].p.shape  # beside the block, whose params are untouched
+    (4, 2)
+    >>> y = jlora.linen.apply(Model(), {"params": adapted}, x, context={"attention_mask": mask})
+    >>> y0 = Model().apply({"params": params}, x)
+    >>> (jnp.abs(y - y0).max(-1) > 1e-6).astype(int).tolist()  # edited: tokens 0 and 3
+    [[1, 0, 0, 1, 0]]
+    >>> jlora.methods.reft.position_mask(mask, 1, 1).astype(int).tolist()
+    [[1, 0, 0, 1, 0]]
 """
 
 from __future__ import annotations
@@ -97,13 +112,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import struct
 
 from jlora import _validate as v
-from jlora.methods.base import (Array, Config, branch_dropout, factor_dtype, freeze_in_axes,
+from jlora.methods._module import ModuleConfig, ModuleNode
+from jlora.methods.base import (Array, branch_dropout, factor_dtype, freeze_in_axes,
                                 strict_options)
-from jlora.tree import leaves_with_paths
+from jlora.tree import Role, leaves_with_paths
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "linear": lambda z: z,
@@ -125,9 +139,10 @@ def parse_positions(positions: Any, *, owner: str = "ReFT") -> tuple[int, int] |
         >>> parse_positions("f7+l7"), parse_positions("l3"), parse_positions((2, 0))
         ((7, 7), (0, 3), (2, 0))
     """
-    if positions is None:
+    if positions is None or (isinstance(positions, str) and positions.strip() == "all"):
         return None
-    what = 'None, a string "f<first>+l<last>" (or "f<first>", "l<last>") or a pair (first, last)'
+    what = ('None (or "all"), a string "f<first>+l<last>" (or "f<first>", "l<last>") or a pair '
+            "(first, last)")
     if isinstance(positions, str):
         m = _POSITIONS.match(positions)
         if m is None or (m.group(1) is None and m.group(2) is None) or (
@@ -277,10 +292,8 @@ def linear_init(key: Array, shape: tuple[int, ...], fan_in: int, dtype) -> Array
 # ---------------------------------------------------------------- configs
 
 
-class _InterventionConfig:
-    """Option checks shared by the ReFT configs and MeFT (a mixin of ``Config``)."""
-
-    level = "module"  # a rule with this config names a module path, not a leaf
+class _InterventionConfig(ModuleConfig):
+    """Option checks shared by the ReFT configs and MeFT (module-level: rules name modules)."""
 
     def _check_common(self):
         name = type(self).__name__
@@ -302,7 +315,8 @@ class _InterventionConfig:
             dense = hasattr(module_params, "get") and getattr(
                 module_params.get("kernel"), "ndim", 0) == 2
             if dense:
-                return int(module_params["kernel"].shape[0]), int(module_params["kernel"].shape[1]), True
+                d_in, d_out = module_params["kernel"].shape
+                return int(d_in), int(d_out), True
             return self.dim, self.dim, False
         return module_dims(module_params, path, owner=name)
 
@@ -320,7 +334,7 @@ class _InterventionConfig:
 
 @strict_options
 @dataclasses.dataclass(frozen=True)
-class LoReFT(_InterventionConfig, Config):
+class LoReFT(_InterventionConfig):
     """LoReFT config: ``h + (f(h·w + b) − h·P)·Pᵀ`` on the module's output (module docstring).
 
     Args:
@@ -353,12 +367,13 @@ class LoReFT(_InterventionConfig, Config):
         kp, kw, kb = jax.random.split(key, 3)
         return LoReFTNode(p=orthogonal_init(kp, d, self.rank, dt, lead),
                           w=linear_init(kw, lead + (d, self.rank), d, dt),
-                          b=linear_init(kb, lead + (self.rank,), d, dt), config=self)
+                          b=linear_init(kb, lead + (self.rank,), d, dt), config=self,
+                          path=path, shape=(d, d), in_axes=(0,))
 
 
 @strict_options
 @dataclasses.dataclass(frozen=True)
-class NoReFT(_InterventionConfig, Config):
+class NoReFT(_InterventionConfig):
     """NoReFT config: ``h + (f(h·w + b) − (h·w2 + b2))·w2ᵀ``, ``w2`` not orthogonal.
 
     Args: as :class:`LoReFT`, plus ``proj_bias``: give the projection ``h·w2`` a
@@ -388,12 +403,12 @@ class NoReFT(_InterventionConfig, Config):
             w=linear_init(kw, lead + (d, self.rank), d, dt),
             b=linear_init(kb, lead + (self.rank,), d, dt),
             b2=linear_init(kb2, lead + (self.rank,), d, dt) if self.proj_bias else None,
-            config=self)
+            config=self, path=path, shape=(d, d), in_axes=(0,))
 
 
 @strict_options
 @dataclasses.dataclass(frozen=True)
-class ConsReFT(_InterventionConfig, Config):
+class ConsReFT(_InterventionConfig):
     """ConsReFT config: ``h + (b − h·P)·Pᵀ`` (a constant target in the subspace of ``P``).
 
     Args: ``rank``, ``positions``, ``share_weights``, ``dim``, ``dtype`` as :class:`LoReFT`
@@ -415,7 +430,8 @@ class ConsReFT(_InterventionConfig, Config):
         dt, lead = self._dtype(module_params), (2,) if groups(self) == 2 else ()
         kp, kb = jax.random.split(key)
         return ConsReFTNode(p=orthogonal_init(kp, d, self.rank, dt, lead),
-                            b=jax.random.uniform(kb, lead + (self.rank,), dt), config=self)
+                            b=jax.random.uniform(kb, lead + (self.rank,), dt), config=self,
+                            path=path, shape=(d, d), in_axes=(0,))
 
 
 READS = ("input", "output")
@@ -423,7 +439,7 @@ READS = ("input", "output")
 
 @strict_options
 @dataclasses.dataclass(frozen=True)
-class MeFT(_InterventionConfig, Config):
+class MeFT(_InterventionConfig):
     """The LoRA–ReFT meta-method: ``h ← h + s·f(drop(x)·D + c)·U`` at selected positions.
 
     Defaults are the LoRA form (every position, linear ``f``, no ``c``, reading
@@ -463,21 +479,18 @@ class MeFT(_InterventionConfig, Config):
         return (self.rank if self.alpha is None else self.alpha) / self.rank
 
     def build_module(self, key: Array, module_params: Any, *, path: str) -> "MeFTNode":
-        d_in, d_out, _ = self._dims(module_params, path)
+        d_in, d_out, dense = self._dims(module_params, path)
         if self.read == "output":
             d_in = d_out
         self._check_rank(min(d_in, d_out), path)
         dt = self._dtype(module_params)
         return MeFTNode(down=linear_init(key, (d_in, self.rank), d_in, dt),
                         up=jnp.zeros((self.rank, d_out), dt),
-                        c=jnp.zeros((self.rank,), dt) if self.bias else None, config=self)
+                        c=jnp.zeros((self.rank,), dt) if self.bias else None, config=self,
+                        path=path, shape=(d_in, d_out), in_axes=(0,), dense=dense)
 
 
 # ---------------------------------------------------------------- nodes
-
-
-class _ModuleNodeBase(struct.PyTreeNode, kw_only=True):  # provisional: the module-node base
-    config: Any = struct.field(pytree_node=False)
 
 
 def _first_output(call, args, kwargs):
@@ -489,6 +502,25 @@ def _first_output(call, args, kwargs):
 
 class _ReFTNode:
     """Shared forward of the ReFT nodes: edit the module's output at the selected positions."""
+
+    #: the edit in words, for errors
+    formula = "Φ(h)"
+
+    @property
+    def unmergeable_reason(self) -> str:
+        pos = self.config.positions
+        where = ("at every token" if pos is None else
+                 f"at the first {pos[0]} and the last {pos[1]} real tokens")
+        return (f"it is an intervention on the module's output activations h "
+                f"({self.formula} {where}), not a change of the module's weights")
+
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    def half(self) -> str | None:
+        # every array field trains: a split leaves holes only in the frozen half
+        return "frozen" if any(getattr(self, f) is None for f in self.trainable) else None
 
     def _group(self, name: str, g: int):
         x = getattr(self, name)
@@ -517,16 +549,9 @@ class _ReFTNode:
         h, rebuild = _first_output(call, args, kwargs)
         return rebuild(self.edit(h, dropout_key=dropout_key, attention_mask=attention_mask))
 
-    def merge_into(self, params, *, path: str = "?"):
-        name = type(self.config).__name__
-        raise ValueError(
-            f"{path}: {name} cannot be merged into weights: it edits the module's output "
-            f"(positions={self.config.positions}) as a function of the activation itself, "
-            "so no weight of the module reproduces it; keep the adapter in the forward "
-            "(jlora.linen.apply), or use MeFT in its LoRA form for a mergeable adapter")
 
 
-class LoReFTNode(_ReFTNode, _ModuleNodeBase):
+class LoReFTNode(_ReFTNode, ModuleNode):
     """``p`` (unconstrained, orthonormalised by QR each forward), ``w (d, r)``, ``b (r,)``;
     with ``share_weights=False`` each has a leading (prefix, suffix) axis of size 2."""
 
@@ -535,11 +560,23 @@ class LoReFTNode(_ReFTNode, _ModuleNodeBase):
     b: Array
 
     config_class = LoReFT
+    formula = "h + Rᵀ(W·h + b − R·h)"
     trainable = ("p", "w", "b")
+    field_axes = {"p": Role.REPLICATED, "w": Role.REPLICATED, "b": Role.REPLICATED}
 
     def projection(self) -> Array:
         """``P = Rᵀ (…, d, r)`` with orthonormal columns."""
         return orthonormal_columns(self.p)
+
+    @property
+    def R(self) -> Array:  # noqa: N802 (the paper's name)
+        """The paper's ``R (…, r, d)``, orthonormal rows."""
+        return jnp.swapaxes(self.projection(), -1, -2)
+
+    @property
+    def W(self) -> Array:  # noqa: N802
+        """The paper's ``W (…, r, d)`` (column-vector form of ``w``)."""
+        return jnp.swapaxes(self.w, -1, -2)
 
     def meft_factors(self, g: int = 0):
         """``(D, U, c) = (w − P, Pᵀ, b)``: LoReFT as MeFT with a linear ``f``."""
@@ -553,7 +590,7 @@ class LoReFTNode(_ReFTNode, _ModuleNodeBase):
         return (src - hf @ p) @ p.T
 
 
-class NoReFTNode(_ReFTNode, _ModuleNodeBase):
+class NoReFTNode(_ReFTNode, ModuleNode):
     """``w2 (d, r)`` (not orthogonal), ``w (d, r)``, ``b (r,)``, optional ``b2 (r,)``."""
 
     w2: Array
@@ -562,7 +599,13 @@ class NoReFTNode(_ReFTNode, _ModuleNodeBase):
     b2: Array | None = None
 
     config_class = NoReFT
-    trainable = ("w2", "w", "b", "b2")
+    formula = "h + W2ᵀ(W·h + b − W2·h)"
+    field_axes = {"w2": Role.REPLICATED, "w": Role.REPLICATED, "b": Role.REPLICATED,
+                  "b2": Role.REPLICATED}
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        return ("w2", "w", "b") + (("b2",) if self.config.proj_bias else ())
 
     def meft_factors(self, g: int = 0):
         """``(D, U, c) = (w − w2, w2ᵀ, b − b2)``: NoReFT as MeFT with a linear ``f``."""
@@ -578,17 +621,25 @@ class NoReFTNode(_ReFTNode, _ModuleNodeBase):
         return (src - proj) @ w2.T
 
 
-class ConsReFTNode(_ReFTNode, _ModuleNodeBase):
+class ConsReFTNode(_ReFTNode, ModuleNode):
     """``p`` (orthonormalised by QR each forward) and the constant target ``b (r,)``."""
 
     p: Array
     b: Array
 
     config_class = ConsReFT
+    formula = "h + Rᵀ(b − R·h)"
     trainable = ("p", "b")
+    field_axes = {"p": Role.REPLICATED, "b": Role.REPLICATED}
 
     def projection(self) -> Array:
+        """``P = Rᵀ (…, d, r)`` with orthonormal columns."""
         return orthonormal_columns(self.p)
+
+    @property
+    def R(self) -> Array:  # noqa: N802 (the paper's name)
+        """The paper's ``R (…, r, d)``, orthonormal rows."""
+        return jnp.swapaxes(self.projection(), -1, -2)
 
     def meft_factors(self, g: int = 0):
         """``(D, U, c) = (−P, Pᵀ, b)``."""
@@ -601,15 +652,48 @@ class ConsReFTNode(_ReFTNode, _ModuleNodeBase):
         return (self._group("b", g) - hf @ p) @ p.T
 
 
-class MeFTNode(_ModuleNodeBase):
+class MeFTNode(ModuleNode):
     """``down (d_in, r)``, ``up (r, d_out)``, optional ``c (r,)``: ``h + s·f(x·D + c)·U``."""
 
     down: Array
     up: Array
     c: Array | None = None
+    dense: bool = dataclasses.field(default=False, metadata={"pytree_node": False})
 
     config_class = MeFT
-    trainable = ("down", "up", "c")
+    field_axes = {"down": Role.REPLICATED, "up": Role.REPLICATED, "c": Role.REPLICATED}
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        return ("down", "up") + (("c",) if self.config.bias else ())
+
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    def half(self) -> str | None:
+        return "frozen" if any(getattr(self, f) is None for f in self.trainable) else None
+
+    def _why_not(self, params=None) -> list[str]:
+        cfg, why = self.config, []
+        if cfg.positions is not None:
+            why.append(f"it edits selected positions only (positions={cfg.positions})")
+        if cfg.activation != "linear":
+            why.append(f"its activation {cfg.activation!r} is not linear")
+        kernel = params.get("kernel") if hasattr(params, "get") else None
+        if not self.dense or (params is not None and getattr(kernel, "ndim", 0) != 2):
+            why.append("the module is not a Dense layer with a 2-D kernel")
+        elif params is not None and self.c is not None and params.get("bias") is None:
+            why.append("its bias c needs a module bias to fold into")
+        return why
+
+    @property
+    def mergeable(self) -> bool:
+        return not self._why_not()
+
+    @property
+    def unmergeable_reason(self) -> str:
+        return "; ".join(self._why_not()) or "-"
 
     def edit(self, x: Array, h: Array, *, dropout_key: Array | None = None,
              attention_mask: Array | None = None) -> Array:
@@ -628,28 +712,20 @@ class MeFTNode(_ModuleNodeBase):
         x = args[0] if self.config.read == "input" else h
         return rebuild(self.edit(x, h, dropout_key=dropout_key, attention_mask=attention_mask))
 
-    def merge_into(self, params, *, path: str = "?"):
+    def merge_into(self, params):
         """Merged ``Dense`` params (exact) in the mergeable form; else a ``ValueError``.
 
         ``read="input"``: ``K + s·D·U``, ``bias + s·c·U``; ``read="output"``:
         ``K + s·K·D·U``, ``bias + s·(bias·D + c)·U``.
         """
-        cfg = self.config
-        why = []
-        if cfg.positions is not None:
-            why.append(f"it edits selected positions only (positions={cfg.positions})")
-        if cfg.activation != "linear":
-            why.append(f"its activation {cfg.activation!r} is not linear")
-        kernel = params.get("kernel") if hasattr(params, "get") else None
-        if kernel is None or getattr(kernel, "ndim", 0) != 2:
-            why.append("the module is not a Dense layer with a 2-D kernel")
-        elif self.c is not None and params.get("bias") is None:
-            why.append("its bias c needs a module bias to fold into")
+        why = self._why_not(params)
         if why:
-            raise ValueError(f"{path}: MeFT cannot be merged into weights: " + "; ".join(why)
-                             + ". Merge needs every position, a linear activation and a Dense "
-                             "module (the LoRA form); keep the adapter in the forward "
-                             "(jlora.linen.apply) otherwise")
+            raise ValueError(f"{self.path or '<root>'}: MeFT cannot be merged into the "
+                             "module's weights: " + "; ".join(why) + ". Merge needs every "
+                             "position, a linear activation and a Dense module (the LoRA form); "
+                             "keep the adapter in the forward (jlora.linen.apply), or call "
+                             "jlora.merge(adapted, residual=True)")
+        cfg, kernel = self.config, params["kernel"]
         dt = jnp.promote_types(kernel.dtype, jnp.float32)
         k, s = kernel.astype(dt), cfg.scale
         du = self.down.astype(dt) @ self.up.astype(dt)
@@ -667,4 +743,28 @@ class MeFTNode(_ModuleNodeBase):
                 if self.c is not None:
                     add = add + self.c.astype(dt) @ self.up.astype(dt)
                 out["bias"] = (bias.astype(dt) + s * add).astype(bias.dtype)
+        return type(params)(out) if not isinstance(params, dict) else out
+
+    def unmerge_from(self, params):
+        """The inverse of :meth:`merge_into` (``read="output"``: a solve with ``I + s·D·U``)."""
+        why = self._why_not(params)
+        if why:
+            raise ValueError(f"{self.path or '<root>'}: MeFT cannot be unmerged from the "
+                             "module's weights: " + "; ".join(why))
+        cfg, kernel = self.config, params["kernel"]
+        dt = jnp.promote_types(kernel.dtype, jnp.float32)
+        s, up = cfg.scale, self.up.astype(dt)
+        du = self.down.astype(dt) @ up
+        cu = 0.0 if self.c is None else s * self.c.astype(dt) @ up
+        out = dict(params)
+        bias = params.get("bias")
+        if cfg.read == "input":
+            out["kernel"] = (kernel.astype(dt) - s * du).astype(kernel.dtype)
+            if bias is not None:
+                out["bias"] = (bias.astype(dt) - cu).astype(bias.dtype)
+        else:
+            m = jnp.eye(du.shape[0], dtype=dt) + s * du  # K' = K·m, bias' = bias·m + s·c·U
+            out["kernel"] = jnp.linalg.solve(m.T, kernel.astype(dt).T).T.astype(kernel.dtype)
+            if bias is not None:
+                out["bias"] = jnp.linalg.solve(m.T, bias.astype(dt) - cu).astype(bias.dtype)
         return type(params)(out) if not isinstance(params, dict) else out

@@ -63,7 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import _validate as v
-from jlora.methods.base import AdapterNode, Array, Config, Role, factor_dtype, strict_options
+from jlora.methods.base import (AdapterNode, Array, Config, Role, factor_dtype, freeze_in_axes,
+                               strict_options)
 
 SELECT = ("random", "magnitude", "sam")
 
@@ -152,14 +153,7 @@ class Sparse(Config):
                 raise ValueError("Sparse: indices must be a non-empty, strictly increasing "
                                  "sequence of ints >= 0")
             object.__setattr__(self, "indices", idx)
-        dt = self.dtype
-        if dt is not None:
-            try:
-                ok = jnp.issubdtype(jnp.dtype(dt), jnp.floating)
-            except TypeError:
-                ok = False
-            if not ok:
-                raise ValueError(f"Sparse: dtype must be None or a floating dtype, got {dt!r}")
+        freeze_in_axes(self)  # checks dtype (Sparse has no in_axes)
 
     def choose(self, key: Array, base: Array, *, path: str) -> Array:
         """The sorted flat int32 indices this config trains in ``base``."""

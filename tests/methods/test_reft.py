@@ -1,9 +1,11 @@
 """LoReFT, NoReFT, ConsReFT and MeFT against float64 numpy references written from the formulas
 (Wu et al. 2024, arXiv 2404.03592 eq. 2; pyreft's interventions and position rule)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jlora
@@ -57,6 +59,7 @@ def test_parse_positions():
     assert reft.parse_positions("l3") == (0, 3)
     assert reft.parse_positions([2, 1]) == (2, 1)
     assert jlora.LoReFT(2, positions="f7+l7").positions == (7, 7)
+    assert jlora.LoReFT(2, positions="all").positions is None
     for bad in ["7", "f7+", "x7", "f0+l0", (1,), (-1, 2), (True, 1), 3]:
         with pytest.raises(ValueError, match="positions"):
             jlora.LoReFT(2, positions=bad)
@@ -100,6 +103,8 @@ def test_loreft_forward_matches_formula_with_orthonormal_r():
     p = ref_orthonormal(node.p)
     np.testing.assert_allclose(p.T @ p, np.eye(R), atol=1e-6)  # R = Pᵀ: orthonormal rows
     np.testing.assert_allclose(f64(node.projection()), p, atol=1e-6)
+    np.testing.assert_allclose(f64(node.R), p.T, atol=1e-6)  # the paper's R (r, d) and W (r, d)
+    np.testing.assert_array_equal(f64(node.W), f64(node.w).T)
     hh, w, b = f64(h), f64(node.w), f64(node.b)
     sel, _ = ref_positions(mask, 2, 2)
     # column form per token: h + Rᵀ(W h + b − R h)
@@ -127,10 +132,9 @@ def test_loreft_activation_separate_weights_and_dropout():
         p = ref_orthonormal(node.p[g])
         new = hh + (np.maximum(hh @ f64(node.w[g]) + f64(node.b[g]), 0) - hh @ p) @ p.T
         want = apply_at(want, new, sel)
-    np.testing.assert_allclose(f64(node.edit(h, attention_mask=jnp.asarray(mask))), want,
-                               rtol=1e-5, atol=1e-5)
     # dropout wraps the whole edited output at the selected positions (pyreft), nowhere else
-    out = f64(node.edit(h, attention_mask=jnp.asarray(mask), dropout_key=jax.random.key(3)))
+    out = f64(jax.jit(lambda n, h, m, k: n.edit(h, attention_mask=m, dropout_key=k))(
+        node, h, jnp.asarray(mask), jax.random.key(3)))
     sel = pre | suf
     np.testing.assert_array_equal(out[~sel], hh[~sel])
     kept = out[sel] != 0
@@ -186,8 +190,8 @@ def test_module_dims_and_bad_input():
     with pytest.raises(ValueError, match="blocks_0.*pass dim="):
         jlora.LoReFT(2).build_module(jax.random.key(0), {"a": {"kernel": jnp.ones((4, 6))}},
                                      path="blocks_0")
-    node = jlora.LoReFT(2, dim=6).build_module(jax.random.key(0), {"a": {"kernel": jnp.ones((4, 6))}},
-                                               path="blocks_0")
+    node = jlora.LoReFT(2, dim=6).build_module(jax.random.key(0),
+                                               {"a": {"kernel": jnp.ones((4, 6))}}, path="blocks_0")
     assert node.p.shape == (6, 2)
     with pytest.raises(ValueError, match="blocks_0.*rank 9 exceeds"):
         build(jlora.LoReFT(9))
@@ -202,46 +206,176 @@ def test_module_dims_and_bad_input():
 
 
 def test_meft_reduces_to_lora_forward_and_merge():
-    """MeFT's defaults (every position, linear, c = 0, reading the input) on a Dense are LoRA."""
-    import flax.linen as nn
-    model, x = nn.Dense(5), hidden((2, 4, 6))
-    params = model.init(jax.random.key(0), x)["params"]
-    lora = jlora.apply(params, jlora.Spec({"kernel": jlora.LoRA(2, alpha=6.0)}),
+    """MeFT's defaults (every position, linear, c = 0, reading the input) on a Dense are LoRA:
+    equal to a jlora.LoRA forward and to its merge, through the public names."""
+    wrap, x = _Wrap(), hidden((2, 4, 6))
+    params = wrap.init(jax.random.key(0), x)["params"]
+    lora = jlora.apply(params, jlora.Spec({"dense/kernel": jlora.LoRA(2, alpha=6.0)}),
                        key=jax.random.key(1))
-    a = jax.random.normal(jax.random.key(2), (6, 2)); b = jax.random.normal(jax.random.key(3), (2, 5))
-    lora["kernel"] = lora["kernel"].replace(a=a, b=b)
-    meft = jlora.MeFT(2, alpha=6.0).build_module(jax.random.key(4), params, path="dense")
-    np.testing.assert_array_equal(np.asarray(meft.up), 0)  # LoRA's init: unchanged model
-    meft = meft.replace(down=a, up=b)
-    y_meft = meft.intercept(lambda z: model.apply({"params": params}, z), (x,), {})
-    ref_k = f64(params["kernel"]) + 3.0 * f64(a) @ f64(b)
-    want = f64(x) @ ref_k + f64(params["bias"])
-    np.testing.assert_allclose(f64(y_meft), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(f64(jlora.linen.apply(model, {"params": lora}, x)), want,
-                               rtol=1e-5, atol=1e-5)
-    merged = meft.merge_into(params, path="dense")
-    np.testing.assert_allclose(f64(merged["kernel"]), ref_k, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(f64(merged["kernel"]), f64(jlora.merge(lora)["kernel"]),
-                               rtol=1e-6, atol=1e-6)
+    a = jax.random.normal(jax.random.key(2), (6, 2))
+    b = jax.random.normal(jax.random.key(3), (2, 5))
+    lora["dense"]["kernel"] = lora["dense"]["kernel"].replace(a=a, b=b)
+    meft = jlora.apply(params, jlora.Spec({"dense": jlora.MeFT(2, alpha=6.0)}),
+                       key=jax.random.key(4))
+    np.testing.assert_array_equal(np.asarray(meft["dense@meft"].up), 0)  # LoRA's init
+    np.testing.assert_array_equal(np.asarray(jlora.linen.apply(wrap, {"params": meft}, x)),
+                                  np.asarray(wrap.apply({"params": params}, x)))
+    meft["dense@meft"] = meft["dense@meft"].replace(down=a, up=b)
+    ref_k = f64(params["dense"]["kernel"]) + 3.0 * f64(a) @ f64(b)
+    want = f64(x) @ ref_k + f64(params["dense"]["bias"])
+    for tree in (meft, lora):
+        np.testing.assert_allclose(f64(jlora.linen.apply(wrap, {"params": tree}, x)), want,
+                                   rtol=1e-5, atol=1e-5)
+    merged = jlora.merge(meft)
+    assert set(merged) == {"dense"}
+    np.testing.assert_allclose(f64(merged["dense"]["kernel"]), ref_k, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(f64(merged["dense"]["kernel"]),
+                               f64(jlora.merge(lora)["dense"]["kernel"]), rtol=1e-6, atol=1e-6)
     # reading the output with a bias c: h + s·(h·D + c)·U, merged into kernel and bias
-    out = jlora.MeFT(2, read="output", bias=True, alpha=6.0).build_module(
-        jax.random.key(4), params, path="dense").replace(down=b.T, up=b, c=jnp.arange(2.0))
-    h = f64(model.apply({"params": params}, x))
+    out = jlora.apply(params, jlora.Spec({"dense": jlora.MeFT(2, read="output", bias=True,
+                                                              alpha=6.0)}), key=jax.random.key(4))
+    out["dense@meft"] = out["dense@meft"].replace(down=b.T, up=b, c=jnp.arange(2.0))
+    h = f64(wrap.apply({"params": params}, x))
     want = h + 3.0 * (h @ f64(b).T + np.arange(2.0)) @ f64(b)
-    y = out.intercept(lambda z: model.apply({"params": params}, z), (x,), {})
-    np.testing.assert_allclose(f64(y), want, rtol=1e-5, atol=1e-5)
-    m2 = out.merge_into(params, path="dense")
+    np.testing.assert_allclose(f64(jlora.linen.apply(wrap, {"params": out}, x)), want,
+                               rtol=1e-5, atol=1e-5)
+    m2 = jlora.merge(out)["dense"]
     np.testing.assert_allclose(f64(x) @ f64(m2["kernel"]) + f64(m2["bias"]), want, rtol=1e-5,
                                atol=1e-5)
-    # not mergeable: positions, a nonlinear f, a block; the ReFT family never
+    back = out["dense@meft"].unmerge_from(m2)
+    np.testing.assert_allclose(f64(back["kernel"]), f64(params["dense"]["kernel"]), atol=1e-5)
+    np.testing.assert_allclose(f64(back["bias"]), f64(params["dense"]["bias"]), atol=1e-5)
+    # not mergeable: positions, a nonlinear f, a bias c without a module bias, a block
     for cfg, why in [(jlora.MeFT(2, positions="f1+l1"), "positions"),
                      (jlora.MeFT(2, activation="relu"), "activation"),
                      (jlora.MeFT(2, bias=True), "bias c")]:
-        node = cfg.build_module(jax.random.key(0), params, path="dense")
+        node = cfg.build_module(jax.random.key(0), params["dense"], path="dense")
         with pytest.raises(ValueError, match=f"dense: MeFT cannot be merged.*{why}"):
-            node.merge_into({"kernel": params["kernel"]} if why == "bias c" else params,
-                            path="dense")
+            node.merge_into({"kernel": params["dense"]["kernel"]} if why == "bias c"
+                            else params["dense"])
     with pytest.raises(ValueError, match="blocks_0: MeFT cannot.*not a Dense"):
-        build(jlora.MeFT(2)).merge_into(block_params(), path="blocks_0")
+        build(jlora.MeFT(2)).merge_into(block_params())
     with pytest.raises(ValueError, match="blocks_0: LoReFT cannot be merged"):
-        build(jlora.LoReFT(2)).merge_into(block_params(), path="blocks_0")
+        build(jlora.LoReFT(2)).merge_into(block_params())
+
+
+class _Wrap(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(5, name="dense")(x)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+class Block(nn.Module):
+    """A pre-norm residual block (a feature mixer, then an MLP), output = the residual stream."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = x + nn.Dense(D, name="mix")(nn.LayerNorm(name="ln1")(x))
+        return h + nn.Dense(D, name="down")(nn.relu(nn.Dense(16, name="up")(
+            nn.LayerNorm(name="ln2")(h))))
+
+
+class Tiny(nn.Module):
+    layers: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.layers):
+            x = Block(name=f"blocks_{i}")(x)
+        return nn.Dense(2, name="head")(x.mean(-2)) if self.layers > 1 else x
+
+
+def test_loreft_end_to_end_through_the_public_names():
+    """apply -> split/combine -> training steps (R stays orthonormal) -> linen.apply against
+    the float64 formula on the block's output; merge refuses and names the path."""
+    model, x = Tiny(), hidden((4, 6, D))
+    mask = jnp.asarray([[1] * 6, [1] * 4 + [0] * 2, [0] * 3 + [1] * 3, [0] + [1] * 5])
+    labels = jnp.asarray([0, 1, 1, 0])
+    params = model.init(jax.random.key(0), x)["params"]
+    spec = jlora.Spec({"blocks_*": jlora.LoReFT(R, positions="f1+l2"), "head/kernel": jlora.Full()})
+    adapted = jlora.apply(params, spec, key=jax.random.key(1))
+    node = adapted["blocks_0@loreft"]
+    assert isinstance(node, jlora.methods.LoReFTNode) and node.path == "blocks_0"
+    np.testing.assert_array_equal(np.asarray(adapted["blocks_0"]["mix"]["kernel"]),
+                                  np.asarray(params["blocks_0"]["mix"]["kernel"]))
+    trainable, frozen = jlora.split(adapted)
+    assert jlora.count_trainable(trainable) == 2 * (2 * D * R + R) + D * 2
+
+    def loss(tr, fr, x, mask):
+        logits = jlora.linen.apply(model, {"params": jlora.combine(tr, fr)}, x,
+                                   context={"attention_mask": mask})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    opt = optax.adam(0.05)
+
+    @jax.jit
+    def step(tr, st, fr, x, mask):
+        val, g = jax.value_and_grad(loss)(tr, fr, x, mask)
+        up, st = opt.update(g, st, tr)
+        return optax.apply_updates(tr, up), st, val
+
+    st, losses = opt.init(trainable), []
+    for _ in range(3):
+        trainable, st, val = step(trainable, st, frozen, x, mask)
+        losses.append(float(val))
+    assert losses[-1] < losses[0]
+    if jax.device_count() >= 8:  # sharded equals single device: one step on a 4×2 mesh
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+        base = jax.tree.map(lambda a: P(None, "model") if a.ndim == 2 else None, params)
+        tr_sh, fr_sh = jlora.split(jlora.sharding.place(jlora.combine(trainable, frozen), mesh,
+                                                        base))
+        batch = NamedSharding(mesh, P("data"))
+        want = step(trainable, st, frozen, x, mask)
+        got = step(tr_sh, st, fr_sh, jax.device_put(x, batch), jax.device_put(mask, batch))
+        assert got[0]["blocks_0@loreft"].p.sharding.mesh.shape["data"] == 4
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                             rtol=1e-4, atol=1e-6), got, want)
+    adapted = jlora.combine(trainable, frozen)
+    for i in range(2):
+        p = f64(adapted[f"blocks_{i}@loreft"].projection())
+        np.testing.assert_allclose(p.T @ p, np.eye(R), atol=1e-5)  # orthonormal after training
+    # one block with its trained intervention, against the formula on the plain block's output
+    b0 = adapted["blocks_0@loreft"]
+    h = f64(Block().apply({"params": params["blocks_0"]}, x))
+    p = ref_orthonormal(b0.p)
+    sel, _ = ref_positions(np.asarray(mask), 1, 2)
+    want = apply_at(h, h + (h @ f64(b0.w) + f64(b0.b) - h @ p) @ p.T, sel)
+    one = {"params": {"blocks_0": params["blocks_0"], "blocks_0@loreft": b0}}
+    got = jlora.linen.apply(Tiny(layers=1), one, x, context={"attention_mask": mask})
+    np.testing.assert_allclose(f64(got), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="blocks_0.*LoReFT"):
+        jlora.merge(adapted)
+
+
+def test_loreft_on_the_nnx_path():
+    from flax import nnx
+
+    class NBlock(nnx.Module):
+        def __init__(self, rngs):
+            self.ln, self.mix = nnx.LayerNorm(D, rngs=rngs), nnx.Linear(D, D, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.mix(self.ln(x))
+
+    class NModel(nnx.Module):
+        def __init__(self, rngs):
+            self.block = NBlock(rngs)
+
+        def __call__(self, x):
+            return self.block(x)
+
+    graphdef, state = nnx.split(NModel(nnx.Rngs(0)))
+    x, mask = hidden((2, 5, D)), np.array([[1] * 5, [0, 0, 1, 1, 1]])
+    adapted = jlora.apply(state, jlora.Spec({"block": jlora.LoReFT(R, positions="f1+l1")}),
+                          key=jax.random.key(1))
+    node = adapted["block@loreft"]
+    y = jlora.nnx.apply(graphdef, adapted, x, context={"attention_mask": jnp.asarray(mask)})
+    h = f64(nnx.merge(graphdef, state)(x))
+    p = ref_orthonormal(node.p)
+    sel, _ = ref_positions(mask, 1, 1)
+    want = apply_at(h, h + (h @ f64(node.w) + f64(node.b) - h @ p) @ p.T, sel)
+    np.testing.assert_allclose(f64(y), want, rtol=1e-5, atol=1e-5)
