@@ -162,9 +162,16 @@ def test_mica_matches_peft_and_saves_to_peft(tmp_path):
     jlora.peft.save(str(tmp_path), trained)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(torch_twin(params), str(tmp_path))
+        back = peft.PeftModel.from_pretrained(torch_twin(params), str(tmp_path),
+                                              is_trainable=True)
+    assert back.peft_config["default"].init_lora_weights == "mica"  # PEFT keeps B frozen
+    assert not back.base_model.model.q.lora_B.default.weight.requires_grad
+    assert back.base_model.model.q.lora_A.default.weight.requires_grad
     np.testing.assert_allclose(torch_out(back, X), f64(run(jlora.merge(trained), {"x": X})),
                                rtol=1e-5, atol=1e-5)
+    loaded = jlora.peft.load(str(tmp_path), params)  # and back: b frozen again in jlora
+    assert loaded["q"]["kernel"].trainable == ("a",)
+    np.testing.assert_allclose(loaded["q"]["kernel"].b, trained["q"]["kernel"].b, atol=1e-7)
 
 
 # ---------------------------------------------------------------- orthogonal
