@@ -10,12 +10,15 @@
 
 from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, optim, peft,
                    presets, quant, sharding)
+from jlora._alloc import AllocatorHint
 from jlora.core import apply, combine, count_trainable, merge, split, summary, unmerge
 from jlora import init
 from jlora.quant import dequantize, quantize
 from jlora.methods import (AdaLoRA, AdaptFormer, AdapterNode, Config, DoRA, FedDPA, Full, GLoRA,
+                           LoftQ,
                            LoRA, PF2LoRA, QLoRA, Sparse, TrainableTokens, VeRA)
 from jlora.methods.reft import ConsReFT, LoReFT, MeFT, NoReFT
+from jlora.methods.subspace import Subspace
 from jlora.spec import Spec
 from jlora.tree import is_node, path_str
 
@@ -24,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaLoRA",
     "AdaptFormer",
+    "AllocatorHint",
     "AdapterNode",
     "checkpoint",
     "Config",
@@ -32,6 +36,7 @@ __all__ = [
     "FedDPA",
     "Full",
     "GLoRA",
+    "LoftQ",
     "LoRA",
     "LoReFT",
     "MeFT",
@@ -40,6 +45,7 @@ __all__ = [
     "QLoRA",
     "Sparse",
     "Spec",
+    "Subspace",
     "TrainableTokens",
     "VeRA",
     "apply",

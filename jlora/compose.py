@@ -622,3 +622,147 @@ def lorahub(adapters: Sequence[PyTree], loss_fn: Callable[[PyTree], float], *, b
         warnings.simplefilter("ignore")
         best = np.asarray(opt.provide_recommendation().value, np.float64)
     return LoraHubResult(weights=best, composed=compose(jnp.asarray(best, F32)), history=history)
+
+
+# ------------------------------------------------------------------ conversion to LoRA
+
+
+class LoRAConversion(NamedTuple):
+    """What :func:`to_lora` returns: ``lora, errors = to_lora(...)``."""
+
+    tree: PyTree  #: the input tree with each converted leaf an ordinary LoRA node (scale 1)
+    errors: dict  #: path -> relative error ``‖ΔK − a·b‖_F / ‖ΔK‖_F`` (0 for a zero delta)
+
+
+def _conversion_rank(rank):
+    if isinstance(rank, (bool, np.bool_)):
+        raise ValueError(f"jlora.compose.to_lora: rank must be an int >= 1 or a float in "
+                         f"(0, 1], got {rank!r}")
+    if isinstance(rank, (int, np.integer)):
+        return int(positive_int("jlora.compose.to_lora", "rank", rank))
+    return float(real("jlora.compose.to_lora", "rank", rank, gt=0.0, le=1.0))
+
+
+def energy_rank(s: np.ndarray, threshold: float) -> int:
+    """PEFT's ``_find_cutoff_index``: the smallest ``k`` with ``Σ_{i<k} s_i² >= τ·Σ s_i²`` (float32)."""
+    cs = np.cumsum(np.asarray(s, np.float32) ** 2, dtype=np.float32)
+    return min(int(np.searchsorted(cs, np.float32(threshold) * cs[-1], side="left")) + 1, len(cs))
+
+
+def _lora_from_delta(path: str, delta, like, base, rank):
+    """``(node, rel_error)``: the truncated SVD of one delta as a LoRA node over ``base``."""
+    if len(like.shape) < 2:
+        raise ValueError(f"{path}: jlora.compose.to_lora needs a kernel (2 or more axes); this "
+                         f"leaf has shape {tuple(like.shape)} (merge it instead)")
+    if not jnp.issubdtype(jnp.asarray(delta).dtype, jnp.floating):
+        raise ValueError(f"{path}: jlora.compose.to_lora needs a floating-point delta, got "
+                         f"dtype {jnp.asarray(delta).dtype}")
+    m = to_matrix(jnp.asarray(delta), like.in_axes).astype(F32)
+    if not bool(jnp.isfinite(m).all()):
+        raise ValueError(f"{path}: the delta holds NaN or infinite values")
+    # the SVD of the PyTorch-layout ΔW = ΔKᵀ, as PEFT takes it: ΔW = U·S·Vh
+    u, s, vh = jnp.linalg.svd(m.T, full_matrices=False)
+    k = energy_rank(np.asarray(s), rank) if isinstance(rank, float) else rank
+    if k > s.shape[0]:
+        raise ValueError(f"{path}: rank {k} exceeds min(fan_in, fan_out) = {s.shape[0]}")
+    # PEFT: lora_B = U_k·S_k, lora_A = Vh_k; jlora a = lora_Aᵀ, b = lora_Bᵀ
+    a, b = vh[:k].T, s[:k, None] * u[:, :k].T
+    s64 = np.asarray(s, np.float64)
+    total = float(np.sqrt(np.sum(s64 ** 2)))
+    err = float(np.sqrt(np.sum(s64[k:] ** 2)) / total) if total > 0 else 0.0
+    if hasattr(base, "codes"):  # a quantized base (QLoRA): the LoRA sits on its dequantized copy
+        from jlora.quant import dequantize
+        base = dequantize(base)
+    return lora_node(like, base, a, b), err
+
+
+class _DenseLeaf(NamedTuple):
+    shape: tuple
+    in_axes: tuple
+
+
+def to_lora(tree_or_delta: PyTree, rank, *, base: PyTree | None = None) -> LoRAConversion:
+    """Convert any adapter, or a dense weight delta, to LoRA by truncated SVD (PEFT's ``convert_to_lora``).
+
+    For each layer's delta ``ΔK`` (``node.delta()``: DoRA's ``m·V/‖V‖ − K0``,
+    VeRA's ``Λ_b``-scaled product, AdaLoRA's ``P·Λ·Q``, GLoRA's weight terms,
+    PiSSA's ``s(a·b − a0·b0)``, ...; or a plain array of a dense delta such as a
+    full fine-tune's ``K_ft − K0``) the SVD of the PyTorch-layout
+    ``ΔW = ΔKᵀ = U·diag(S)·Vh`` is taken in float32 and truncated to ``k``
+    values. As PEFT places them, the singular values go on ``B``:
+    ``lora_B = U_k·diag(S_k)``, ``lora_A = Vh_k``; in jlora's orientation
+    ``a = Vh_kᵀ`` ``(fan_in, k)``, ``b = diag(S_k)·U_kᵀ`` ``(k, fan_out)``,
+    ``rank = alpha = k`` (scale 1). By Eckart–Young, ``a·b`` is the best rank-``k``
+    approximation of ``ΔK``, with relative error
+    ``‖ΔK − a·b‖_F/‖ΔK‖_F = √(Σ_{i>k} S_i²)/√(Σ S_i²)``, reported per layer.
+
+    Args:
+      tree_or_delta: an adapted tree (every adapter node of a kernel is converted;
+        plain leaves and adapters of vectors, such as GLoRA's bias term, are kept
+        as they are) or, when it holds no node, a tree of dense deltas (every
+        leaf is converted, viewed as ``(fan_in, fan_out)`` with all but the last
+        axis as inputs, as Flax kernels are).
+      rank: an int ``k >= 1`` (at most ``min(fan_in, fan_out)``), or a float
+        ``τ ∈ (0, 1]``: per layer the smallest ``k`` with
+        ``Σ_{i<=k} S_i² >= τ·Σ S_i²`` (PEFT's energy threshold; ranks differ by layer).
+      base: for dense deltas, a tree holding the base weight at each delta's path
+        (e.g. the pre-trained params); default zeros, so the nodes' ``delta()``
+        and ``merge(lora, onto=params)`` are still exact. Ignored for nodes, whose
+        LoRA sits on the weight their delta is measured against (PiSSA: the
+        original weight; QLoRA: the dequantized base).
+
+    Returns:
+      ``LoRAConversion(tree, errors)``; ``errors`` maps each converted path to its
+      relative Frobenius error. ``jlora.peft.save(dir, tree)`` writes the PEFT
+      LoRA that ``peft``'s ``save_as_lora`` would (``r = lora_alpha = k``).
+
+    PEFT 0.21.2 reads ``get_delta_weight``, which for a DoRA layer is ``s·B·A``
+    without the magnitude rescaling, so PEFT's conversion of a DoRA adapter
+    approximates only its LoRA part; this function converts DoRA's whole weight
+    change.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp, jlora
+        >>> k0 = jax.random.normal(jax.random.key(0), (6, 5))
+        >>> delta = {"w": {"kernel": jnp.outer(jnp.arange(6.0), jnp.ones(5))}}
+        >>> lora, errors = jlora.compose.to_lora(delta, 2, base={"w": {"kernel": k0}})
+        >>> lora["w"]["kernel"].rank, errors["w/kernel"] < 1e-6
+        (2, True)
+        >>> bool(jnp.allclose(lora["w"]["kernel"].delta(), delta["w"]["kernel"], atol=1e-5))
+        True
+    """
+    rank = _conversion_rank(rank)
+    flat = leaves_with_paths(tree_or_delta)
+    nodes = [(p, x) for p, x in flat if is_node(x)]
+    out, errors = {}, {}
+    if nodes:
+        for path, node in nodes:
+            if node.half() is not None:
+                raise ValueError(f"{path}: jlora.compose.to_lora needs whole adapter nodes; "
+                                 "combine the trainable and frozen halves first")
+            if getattr(node.config, "expert_axis", None) is not None:
+                raise ValueError(f"{path}: jlora.compose.to_lora does not convert stacked "
+                                 "(expert_axis) adapters")
+            if len(node.shape) < 2:
+                continue  # a vector's adapter (GLoRA's bias term) has no low-rank form: kept
+            _delta_check(path, node)
+            out[path], errors[path] = _lora_from_delta(path, node.delta(), node, original(node),
+                                                       rank)
+    else:
+        bases = {} if base is None else dict(leaves_with_paths(base))
+        if not flat:
+            raise ValueError("jlora.compose.to_lora: the tree holds no adapter and no delta")
+        for path, d in flat:
+            d = jnp.asarray(d)
+            like = _DenseLeaf(tuple(d.shape), tuple(range(d.ndim - 1)))
+            if base is not None and path not in bases:
+                raise ValueError(f"{path}: base has no leaf at this delta's path")
+            b0 = bases.get(path)
+            if b0 is None:
+                b0 = jnp.zeros(d.shape, d.dtype if jnp.issubdtype(d.dtype, jnp.floating) else F32)
+            elif tuple(jnp.shape(b0)) != tuple(d.shape):
+                raise ValueError(f"{path}: base has shape {tuple(jnp.shape(b0))}, the delta "
+                                 f"{tuple(d.shape)}")
+            out[path], errors[path] = _lora_from_delta(path, d, like, jnp.asarray(b0), rank)
+    return LoRAConversion(map_with_paths(lambda p, x: out.get(p, x), tree_or_delta), errors)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import _alloc
 from jlora.methods._module import ModuleNode
 from jlora.spec import Spec
 from jlora.tree import (PyTree, half_error, is_module_node, is_node, leaves_with_paths, map_nodes,
@@ -51,6 +52,7 @@ def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
     if not isinstance(spec, Spec):
         raise ValueError(f"jlora.apply: spec must be a jlora.Spec, got {type(spec).__name__}")
     _check_key(key)
+    _alloc.hint()  # once per process: glibc's default malloc slows XLA:CPU
     leaves = leaves_with_paths(params)
     by_path = dict(leaves)
     problems: list[str] = []

@@ -58,7 +58,7 @@ SPEC = jlora.Spec({"layers_*/mlp": jlora.AdaptFormer(bottleneck=4, dropout=0.0),
 
 @pytest.fixture(scope="module")
 def setup():
-    x = jax.random.normal(jax.random.key(0), (2, 6, D))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, D)), jnp.float32)
     params = jax.jit(Encoder().init)(jax.random.key(1), x)["params"]
     adapted = jax.jit(lambda p: jlora.apply(p, SPEC, key=jax.random.key(2)))(params)
     return x, params, adapted
@@ -69,8 +69,8 @@ def bumped(adapted):
     """Every trainable array moved off its init, so every adapter shows in the output."""
     trainable, frozen = jlora.split(adapted)
     leaves, tdef = jax.tree.flatten(trainable)
-    keys = jax.random.split(jax.random.key(5), len(leaves))
-    leaves = [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    leaves = [x + 0.2 * jnp.cos(jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) * 1.3 + i)
+              for i, x in enumerate(leaves)]
     return jlora.combine(jax.tree.unflatten(tdef, leaves), frozen)
 
 
@@ -200,15 +200,15 @@ class NnxBlock(nnx.Module):
 
 def test_nnx_runs_module_level_adapters():
     graphdef, state = nnx.split(NnxBlock(nnx.Rngs(0)))
-    adapted = jlora.apply(state, jlora.Spec({"mlp": jlora.AdaptFormer(bottleneck=4)}),
-                          key=jax.random.key(1))
+    adapted = jax.jit(lambda s: jlora.apply(s, jlora.Spec({"mlp": jlora.AdaptFormer(bottleneck=4)}),
+                                            key=jax.random.key(1)))(state)
     adapted = bumped(adapted)
     node = adapted["mlp@adaptformer"]
-    x = jax.random.normal(jax.random.key(2), (3, D))
-    y = jlora.nnx.apply(graphdef, adapted, x)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((3, D)), jnp.float32)
+    y = jax.jit(lambda a: jlora.nnx.apply(graphdef, a, x))(adapted)
     h = np.maximum(f64(x) @ f64(node.down) + f64(node.down_bias), 0)
     branch = 0.1 * (h @ f64(node.up) + f64(node.up_bias))
-    plain = nnx.merge(graphdef, state)(x)
+    plain = jax.jit(lambda s: nnx.merge(graphdef, s)(x))(state)
     np.testing.assert_allclose(f64(y), f64(plain) + branch, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="mlp: AdaptFormer cannot be merged"):
         jlora.nnx.merge(graphdef, adapted)
@@ -275,22 +275,13 @@ def test_a_mergeable_module_method_rewrites_params_merges_and_gets_context(setup
                                rtol=1e-6)
     np.testing.assert_allclose(jax.jit(Encoder().apply)({"params": merged}, x), y,
                                rtol=1e-5, atol=1e-5)
-    back = jax.jit(jlora.unmerge)(merged, adapted)
+    back = jlora.unmerge(merged, adapted)
     chex.assert_trees_all_close(back, params, rtol=1e-5, atol=1e-6)
-    # context keywords reach intercept, and not the model
-    gate = jnp.full((D,), 0.5)
-    gated = jax.jit(lambda a: run(a, x, context={"gate": gate}))(adapted)
-    np.testing.assert_allclose(gated - y,
-                               -0.5 * _mlp_out(adapted, x, gate), rtol=1e-4, atol=1e-4)
-
-
-@jax.jit
-def _mlp_out(adapted, x, gate):
-    """The layers_1 MLP's output (what the gate halves), from Flax's sown intermediates."""
-    _, state = jlora.linen.apply(Encoder(), {"params": adapted}, x, strict=True,
-                                 capture_intermediates=lambda m, _: m.path == ("layers_1", "mlp"),
-                                 mutable=["intermediates"], context={"gate": gate})
-    return 2 * state["intermediates"]["layers_1"]["mlp"]["__call__"][0]
+    # context keywords reach intercept (and not the model): the output is linear in the gate
+    gated = jax.jit(lambda a, g: run(a, x, context={"gate": g}))
+    g0, half = gated(adapted, 0.0), gated(adapted, 0.5)
+    np.testing.assert_allclose(half, (g0 + y) / 2, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(g0, y, atol=1e-3)
 
 
 def test_module_nodes_that_never_run_are_reported(setup):
@@ -299,4 +290,4 @@ def test_module_nodes_that_never_run_are_reported(setup):
     node = moved["layers_0"].pop("mlp@adaptformer")
     moved["layers_0"]["ln1@adaptformer"] = node.replace(path="layers_0/absent")
     with pytest.raises(ValueError, match="layers_0/ln1@adaptformer.*no module at layers_0/absent"):
-        run(moved, x)
+        run_jit(moved, x)  # raised while tracing: nothing compiles

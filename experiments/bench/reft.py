@@ -101,7 +101,7 @@ def main(argv=None):
           f"vocab={args.vocab} rank={args.rank}, median of {args.reps}")
     med, mem, counts = bench(args.d_model, args.layers, args.batch, args.seq, args.vocab,
                              args.rank, args.reps)
-    print(f"| variant | trainable | step ms | vs lora | peak MiB |\n|---|---|---|---|---|")
+    print("| variant | trainable | step ms | vs lora | peak MiB |\n|---|---|---|---|---|")
     for name in VARIANTS:
         print(f"| {name} | {counts[name]} | {1e3 * med[name]:.1f} | "
               f"{med[name] / med['lora']:.2f}x | {mem[name] / 2**20:.1f} |")

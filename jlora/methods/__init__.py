@@ -12,19 +12,21 @@ from jlora.methods.dora import DoRA, DoRANode
 from jlora.methods.feddpa import FedDPA, FedDPANode
 from jlora.methods.full import Full, FullNode
 from jlora.methods.glora import GLoRA, GLoRABiasNode, GLoRANode
+from jlora.methods.loftq import LoftQ
 from jlora.methods.lora import LoRA, LoRANode
 from jlora.methods.pf2lora import PF2LoRA, PF2LoRANode
 from jlora.methods.qlora import QLoRA, QLoRANode
 from jlora.methods.reft import (ConsReFT, ConsReFTNode, LoReFT, LoReFTNode, MeFT, MeFTNode,
                                 NoReFT, NoReFTNode)
 from jlora.methods.sparse import Sparse, SparseNode
+from jlora.methods.subspace import Subspace, SubspaceNode
 from jlora.methods.trainable_tokens import TrainableTokens, TrainableTokensNode
 from jlora.methods.vera import VeRA, VeRANode
 
 __all__ = ["AdaLoRA", "AdaLoRANode", "AdaptFormer", "AdaptFormerNode", "ModuleConfig", "ModuleNode", "AdapterNode", "Config", "DoRA", "DoRANode", "FedDPA",
-           "FedDPANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoRA",
+           "FedDPANode", "Full", "FullNode", "GLoRA", "GLoRABiasNode", "GLoRANode", "LoftQ", "LoRA",
            "LoRANode", "PF2LoRA", "PF2LoRANode", "QLoRA", "QLoRANode", "REGISTRY", "Sparse", "SparseNode",
-           "TrainableTokens", "TrainableTokensNode", "VeRA",
+           "Subspace", "SubspaceNode", "TrainableTokens", "TrainableTokensNode", "VeRA",
            "VeRANode"]
 __all__ += ["ConsReFT", "ConsReFTNode", "LoReFT", "LoReFTNode", "MeFT", "MeFTNode", "NoReFT",
             "NoReFTNode"]

@@ -112,7 +112,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jlora import _validate as v
 from jlora.methods._module import ModuleConfig, ModuleNode
@@ -140,9 +139,10 @@ def parse_positions(positions: Any, *, owner: str = "ReFT") -> tuple[int, int] |
         >>> parse_positions("f7+l7"), parse_positions("l3"), parse_positions((2, 0))
         ((7, 7), (0, 3), (2, 0))
     """
-    if positions is None:
+    if positions is None or (isinstance(positions, str) and positions.strip() == "all"):
         return None
-    what = 'None, a string "f<first>+l<last>" (or "f<first>", "l<last>") or a pair (first, last)'
+    what = ('None (or "all"), a string "f<first>+l<last>" (or "f<first>", "l<last>") or a pair '
+            "(first, last)")
     if isinstance(positions, str):
         m = _POSITIONS.match(positions)
         if m is None or (m.group(1) is None and m.group(2) is None) or (
@@ -315,7 +315,8 @@ class _InterventionConfig(ModuleConfig):
             dense = hasattr(module_params, "get") and getattr(
                 module_params.get("kernel"), "ndim", 0) == 2
             if dense:
-                return int(module_params["kernel"].shape[0]), int(module_params["kernel"].shape[1]), True
+                d_in, d_out = module_params["kernel"].shape
+                return int(d_in), int(d_out), True
             return self.dim, self.dim, False
         return module_dims(module_params, path, owner=name)
 
@@ -567,6 +568,16 @@ class LoReFTNode(_ReFTNode, ModuleNode):
         """``P = Rᵀ (…, d, r)`` with orthonormal columns."""
         return orthonormal_columns(self.p)
 
+    @property
+    def R(self) -> Array:  # noqa: N802 (the paper's name)
+        """The paper's ``R (…, r, d)``, orthonormal rows."""
+        return jnp.swapaxes(self.projection(), -1, -2)
+
+    @property
+    def W(self) -> Array:  # noqa: N802
+        """The paper's ``W (…, r, d)`` (column-vector form of ``w``)."""
+        return jnp.swapaxes(self.w, -1, -2)
+
     def meft_factors(self, g: int = 0):
         """``(D, U, c) = (w − P, Pᵀ, b)``: LoReFT as MeFT with a linear ``f``."""
         p = orthonormal_columns(self._group("p", g))
@@ -622,7 +633,13 @@ class ConsReFTNode(_ReFTNode, ModuleNode):
     field_axes = {"p": Role.REPLICATED, "b": Role.REPLICATED}
 
     def projection(self) -> Array:
+        """``P = Rᵀ (…, d, r)`` with orthonormal columns."""
         return orthonormal_columns(self.p)
+
+    @property
+    def R(self) -> Array:  # noqa: N802 (the paper's name)
+        """The paper's ``R (…, r, d)``, orthonormal rows."""
+        return jnp.swapaxes(self.projection(), -1, -2)
 
     def meft_factors(self, g: int = 0):
         """``(D, U, c) = (−P, Pᵀ, b)``."""

@@ -38,7 +38,7 @@ flat index).
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +83,8 @@ def sam_select(params: PyTree, spec: Spec, loss_fn: Callable, batches: Iterable,
         ``jlora.Sparse(density, select="sam")`` without ``indices`` is scored.
         Other rules (e.g. a ``Full()`` head) are kept as they are.
       loss_fn: ``loss_fn(params, batch) -> scalar`` on plain parameters.
-      batches: the calibration batches (an iterable, at least one).
+      batches: the calibration batches: an iterable of at least one batch (a
+        single dict or array counts as one batch).
       density: the fraction of entries to keep per leaf, in ``(0, 1]``;
         default each rule's own ``density``.
       hessian: the curvature ``h`` of the score ``g²/h``: ``None`` (constant,
@@ -164,6 +165,8 @@ def sam_select(params: PyTree, spec: Spec, loss_fn: Callable, batches: Iterable,
     zeros = {p: jnp.zeros(leaf.shape, jnp.promote_types(leaf.dtype, jnp.float32))
              for p, leaf in tg.items()}
     acc, count = (zeros, zeros if fisher else None), 0
+    if isinstance(batches, (Mapping, np.ndarray, jax.Array)):
+        batches = [batches]
     for batch in batches:
         acc = accumulate(acc, tg, batch)
         count += 1

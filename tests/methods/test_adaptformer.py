@@ -49,19 +49,27 @@ def branch_ref(node, x, norm=False):
     return f64(node.scale) * (h @ f64(node.up) + f64(node.up_bias))
 
 
+init = jax.jit(Block().init)
+
+
 def setup(config, seed=0, d=8):
-    x = jax.random.normal(jax.random.key(seed), (3, 5, d))
-    params = Block().init(jax.random.key(seed + 1), x)["params"]
+    x = jnp.asarray(np.random.default_rng(seed).standard_normal((3, 5, d)), jnp.float32)
+    params = init(jax.random.key(seed + 1), x)["params"]
     adapted = jlora.apply(params, jlora.Spec({"mlp": config}), key=jax.random.key(seed + 2))
     return x, params, adapted
 
 
+@jax.jit
+def run(adapted, x, key=None):
+    return jlora.linen.apply(Block(), {"params": adapted}, x, dropout_key=key, strict=True)
+
+
 def trained(node, seed=3):
     """Every trainable field non-zero, so the whole branch shows in the output."""
-    ks = jax.random.split(jax.random.key(seed), 4)
-    return node.replace(up=0.3 * jax.random.normal(ks[0], node.up.shape),
-                        up_bias=0.1 * jax.random.normal(ks[1], node.up_bias.shape),
-                        down_bias=0.1 * jax.random.normal(ks[2], node.down_bias.shape))
+    rng = np.random.default_rng(seed)
+    draw = lambda scale, a: jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype)
+    return node.replace(up=draw(0.3, node.up), up_bias=draw(0.1, node.up_bias),
+                        down_bias=draw(0.1, node.down_bias))
 
 
 @pytest.mark.parametrize("norm", [None, "layernorm"])
@@ -71,16 +79,19 @@ def test_forward_equals_the_float64_formula(norm):
     if norm:
         node = node.replace(norm_scale=node.norm_scale * 1.5, norm_bias=node.norm_bias + 0.2)
     adapted = {**adapted, "mlp@adaptformer": node}
-    y = jlora.linen.apply(Block(), {"params": adapted}, x, dropout_key=None)
+    y = run(adapted, x)
     ref = block_ref(params, x) + branch_ref(node, x, norm=norm is not None)
     np.testing.assert_allclose(f64(y), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_identity_at_init_and_the_init_of_the_paper_code():
-    x, params, adapted = setup(jlora.AdaptFormer(bottleneck=64), d=256)
-    y = jlora.linen.apply(Block(), {"params": adapted}, x)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(Block().apply({"params": params}, x)))
-    node = adapted["mlp@adaptformer"]
+    x, params, adapted = setup(jlora.AdaptFormer(bottleneck=4))
+    np.testing.assert_allclose(f64(run(adapted, x)), block_ref(params, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(  # exactly: the branch is 0.1·(relu(..)·0 + 0)
+        f64(adapted["mlp@adaptformer"].branch(x)), 0.0)
+    mlp = {"fc1": {"kernel": jnp.zeros((256, 512)), "bias": jnp.zeros(512)},
+           "fc2": {"kernel": jnp.zeros((512, 256)), "bias": jnp.zeros(256)}}
+    node = jlora.AdaptFormer().build_module(jax.random.key(0), mlp, path="mlp")
     assert node.down.shape == (256, 64) and node.up.shape == (64, 256)
     assert not np.any(node.up) and not np.any(node.up_bias) and not np.any(node.down_bias)
     # kaiming_uniform(a=√5) of a 256-input Linear: U(±1/16), std 1/(16·√3)
@@ -103,11 +114,10 @@ def test_dropout_acts_on_the_branch_only_with_a_key():
     x, params, adapted = setup(jlora.AdaptFormer(bottleneck=4, dropout=0.5))
     node = trained(adapted["mlp@adaptformer"])
     adapted = {**adapted, "mlp@adaptformer": node}
-    run = lambda key: jlora.linen.apply(Block(), {"params": adapted}, x, dropout_key=key)
-    no_key = run(None)
+    no_key = run(adapted, x)
     np.testing.assert_allclose(f64(no_key), block_ref(params, x) + branch_ref(node, x),
                                rtol=1e-5, atol=1e-5)
-    dropped = f64(run(jax.random.key(7))) - block_ref(params, x)
+    dropped = f64(run(adapted, x, jax.random.key(7))) - block_ref(params, x)
     # inverted dropout of relu(h) by 1/(1-p): each bottleneck unit is either 0 or doubled
     h = np.maximum(f64(x) @ f64(node.down) + f64(node.down_bias), 0.0)
     base = 0.1 * f64(node.up_bias)

@@ -166,6 +166,10 @@ def test_sam_selection_matches_the_papers_score():
     # a density override, and the spec survives JSON (checkpoints store it)
     out2 = jlora.optim.sam_select(params, spec, loss, batches, density=0.5)
     assert len(out2.match("w").indices) == 10
+    # one dict batch is one batch, not a sequence of its keys
+    one = jlora.optim.sam_select(params, spec, lambda p, b: loss(p, (b["x"], b["y"])),
+                                 {"x": batches[0][0], "y": batches[0][1]})
+    np.testing.assert_array_equal(list(one.match("w").indices), topk_ref(grads[0] ** 2, k))
     assert jlora.spec.spec_from_json(jlora.spec.spec_to_json(out2)) == out2
 
 

