@@ -217,7 +217,7 @@ def _select(h: Array, edited: Array, mask: Array | None) -> Array:
     return jnp.where(mask[..., None], edited, h)
 
 
-def _positions_masks(config, h: Array, attention_mask: Array | None):
+def _positions_masks(config, h: Array, attention_mask: Array | None, path: str = ""):
     """Per parameter group, the boolean ``h.shape[:-1]`` mask (``None``: every position)."""
     pos = config.positions
     if pos is None:
@@ -228,7 +228,8 @@ def _positions_masks(config, h: Array, attention_mask: Array | None):
         try:
             mask = jnp.broadcast_to(mask, h.shape[:-1])
         except ValueError:
-            raise ValueError(f"{type(config).__name__}: attention_mask of shape {mask.shape} "
+            raise ValueError(f"{path or '<root>'}: {type(config).__name__}: attention_mask of "
+                             f"shape {mask.shape} "
                              f"does not match the edited activations' positions "
                              f"{h.shape[:-1]} (batch, seq)") from None
     prefix, suffix = position_masks(mask, *pos)
@@ -534,7 +535,7 @@ class _ReFTNode:
         """``Φ(h)`` at the selected positions of ``h (..., seq, d)``, ``h`` elsewhere."""
         rate = getattr(self.config, "dropout", 0.0)
         out = h
-        for g, mask in enumerate(_positions_masks(self.config, h, attention_mask)):
+        for g, mask in enumerate(_positions_masks(self.config, h, attention_mask, self.path)):
             new = h.astype(jnp.promote_types(h.dtype, self._dtype)) + self._delta(h, g)
             out = _select(out, branch_dropout(new, dropout_key, rate), mask)
         return out
@@ -702,7 +703,7 @@ class MeFTNode(ModuleNode):
         x = branch_dropout(x, dropout_key, cfg.dropout)
         new = h.astype(jnp.promote_types(h.dtype, self.up.dtype)) + lowrank_edit(
             x, self.down, self.up, self.c, cfg.activation, cfg.scale)
-        (mask,) = _positions_masks(cfg, h, attention_mask)
+        (mask,) = _positions_masks(cfg, h, attention_mask, self.path)
         return _select(h, new, mask)
 
     def intercept(self, call, args, kwargs, *, dropout_key=None, attention_mask=None,

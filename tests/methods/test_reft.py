@@ -201,6 +201,8 @@ def test_module_dims_and_bad_input():
                 dict(rank=2, share_weights=1), dict(rank=2, dim=0), dict(rank=2, dtype="int8")]:
         with pytest.raises(ValueError, match="LoReFT"):
             jlora.LoReFT(**bad)
+    with pytest.raises(ValueError, match="blocks_0: LoReFT: attention_mask of shape"):
+        build(jlora.LoReFT(2, positions="f1")).edit(hidden(), attention_mask=jnp.ones((3, 5)))
     with pytest.raises(ValueError, match="MeFT: read"):
         jlora.MeFT(2, read="residual")
 
