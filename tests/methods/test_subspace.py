@@ -36,14 +36,6 @@ def fastfood_matrix(factors, size, dim):
     return m[:size, :dim] / (np.sqrt(n * np.sum(g ** 2)) * np.sqrt(size / n))
 
 
-def test_fwht_is_sylvester_hadamard():
-    x = np.random.default_rng(0).normal(size=(3, 16))
-    np.testing.assert_allclose(f64(ss.fwht(jnp.asarray(x, jnp.float32))), x @ hadamard(16),
-                               rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="power-of-two"):
-        ss.fwht(jnp.ones(12))
-
-
 @pytest.mark.parametrize("size,dim", [(16, 16), (37, 6)])
 def test_fastfood_equals_its_dense_matrix_and_columns_have_unit_norm(size, dim):
     with jax.enable_x64(True):
@@ -54,11 +46,13 @@ def test_fastfood_equals_its_dense_matrix_and_columns_have_unit_norm(size, dim):
         p = fastfood_matrix(factors, size, dim)
         theta = np.random.default_rng(1).normal(size=dim)
         got = ss.fastfood(jnp.asarray(theta), factors, size)
-        np.testing.assert_allclose(f64(got), p @ theta, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(f64(got), p @ theta, rtol=1e-10, atol=1e-12)  # H: Sylvester
         # the public entry point draws the same factors from the same key
         np.testing.assert_allclose(
             f64(ss.project(jnp.asarray(theta), jax.random.key(size), size, "fastfood")),
             p @ theta, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="power-of-two"):
+        ss.fwht(jnp.ones(12))
     norms = np.linalg.norm(p, axis=0)
     if size == ss.padded_size(size):  # all L rows kept: PᵀP has an exact unit diagonal
         np.testing.assert_allclose(norms, 1.0, rtol=1e-12)
