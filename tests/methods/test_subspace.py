@@ -68,14 +68,6 @@ def test_fastfood_equals_its_dense_matrix_and_columns_have_unit_norm(size, dim):
         np.testing.assert_allclose(norms, 1.0, atol=0.35)
 
 
-def test_fastfood_column_norms_average_one_on_a_larger_case():
-    size, dim = 3000, 40  # L = 4096: columns keep 3000 of 4096 rows
-    factors = ss.fastfood_factors(jax.random.key(7), size)
-    cols = jax.vmap(lambda e: ss.fastfood(e, factors, size), out_axes=1)(jnp.eye(dim))
-    norms = np.linalg.norm(f64(cols), axis=0)
-    assert abs(norms.mean() - 1.0) < 0.02 and norms.std() < 0.05
-
-
 def test_dense_and_sparse_projections_against_numpy():
     size, dim = 50, 4
     theta = np.array([0.5, -1.0, 2.0, 0.25])
@@ -120,7 +112,7 @@ def flat_targets(params, names):
     return np.concatenate([f64(params[n[0]][n[1]]).ravel() for n in names])
 
 
-def test_apply_train_merge_against_numpy():
+def test_apply_forward_merge_unmerge_against_numpy():
     params = Net().init(jax.random.key(0), X)["params"]
     adapted = jlora.apply(params, SPEC, key=jax.random.key(1))
     node = adapted["body@subspace"]
@@ -133,12 +125,6 @@ def test_apply_train_merge_against_numpy():
     y0 = Net().apply({"params": params}, X)
     np.testing.assert_array_equal(np.asarray(run(adapted)), np.asarray(y0))  # θ_d = 0: unchanged
 
-    # one step of SGD on θ_d against the float64 chain rule: ∇θ_d = Pᵀ ∇θ (P from the formula)
-    def loss(t):
-        out = jlora.linen.apply(Net(), {"params": jlora.combine(t, frozen)}, X)
-        return jnp.mean(out ** 2)
-
-    g = jax.jit(jax.grad(loss))(trainable)["body@subspace"].theta
     p = fastfood_matrix(ss.fastfood_factors(jax.random.key(5), node.size, jnp.float32),
                         node.size, 7)
     body = params["body"]
@@ -155,18 +141,11 @@ def test_apply_train_merge_against_numpy():
         return o @ f64(params["head"]["kernel"]) + f64(params["head"]["bias"])
 
     theta0 = flat_targets(body, names)
-    eps = 1e-6  # central differences of the float64 reference along P's columns
-    ref_g = np.array([(np.mean(ref_forward(theta0 + eps * p[:, j]) ** 2)
-                       - np.mean(ref_forward(theta0 - eps * p[:, j]) ** 2)) / (2 * eps)
-                      for j in range(7)])
-    np.testing.assert_allclose(f64(g), ref_g, rtol=2e-3, atol=1e-5)
-
     theta = jnp.linspace(-0.5, 0.5, 7)
     tuned = jlora.combine({**trainable, "body@subspace": trainable["body@subspace"].replace(
         theta=theta)}, frozen)
     ref = ref_forward(theta0 + p @ f64(theta))
-    np.testing.assert_allclose(f64(run(tuned)), ref,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(f64(run(tuned)), ref, rtol=1e-4, atol=1e-5)
     merged = jlora.merge(tuned)  # exact: plain weights, no node left
     assert set(merged) == {"body", "head"}
     np.testing.assert_allclose(flat_targets(merged["body"], names), theta0 + p @ f64(theta),
