@@ -48,7 +48,7 @@ import optax
 from tqdm import tqdm
 
 import jlora
-from experiments.methods_study import QV, prepare, run_method
+from experiments.methods_study import QV, compile_step, prepare, run_method
 from experiments.quickstart import batches, pad_batch
 from experiments.report import write_study
 
@@ -112,6 +112,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--time-rounds", type=int, default=0,
+                    help="instead of training, time the compiled steps of --methods alternated "
+                         "in one process for this many rounds (writes activation_study_timing.*)")
     ap.add_argument("--append", action="store_true",
                     help="add to (or replace in) the results already in --out, run with the same "
                          "settings")
@@ -126,6 +129,8 @@ def main(argv=None):
     unknown = [n for n in names if n not in table]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; known: {list(table)}")
+    if args.time_rounds > 0:
+        return time_steps(model, params, data, args, table, names)
     results = []
     for name in names:
         rules, extra = table[name]()
@@ -141,6 +146,52 @@ def main(argv=None):
     merged.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
     write(merged, args)
     return results
+
+
+def time_steps(model, params, data, args, table, names):
+    """Median time of each method's compiled training step, the methods alternated.
+
+    Every step runs on the same batch and state; a round runs each method once
+    (after two warm-up calls each), so load on a shared machine falls on all
+    methods alike. Writes ``activation_study_timing.{md,json}``.
+    """
+    states = {}
+    for name in tqdm(names, desc="compiling steps", leave=False):
+        rules, extra = table[name]()
+        states[name] = compile_step(name, rules, model, params, data, args,
+                                    masked=extra.get("masked", False))
+    ids, mask, y = data[0]
+    b = args.batch
+    batch = (ids[:b], mask[:b], y[:b], np.ones(b, bool), jax.random.key(0))
+    run = lambda st: jax.block_until_ready(st.compiled(st.trainable, st.opt, *batch))
+    for st in states.values():
+        run(st), run(st)
+    times = {n: [] for n in names}
+    for _ in tqdm(range(args.time_rounds), desc="timing rounds", leave=False):
+        for name, st in states.items():
+            t0 = time.perf_counter()
+            run(st)
+            times[name].append(time.perf_counter() - t0)
+    ref = names[0]
+    rows = [{"method": n, "step_ms": 1e3 * float(np.median(times[n])),
+             "ratio": float(np.median(times[n]) / np.median(times[ref])),
+             "peak_mib": states[n].peak, "trainable": states[n].n_train,
+             "times_ms": [1e3 * t for t in times[n]]} for n in names]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "activation_study_timing.json"), "w") as f:
+        json.dump({"args": vars(args), "device": jax.devices()[0].device_kind,
+                   "jax": jax.__version__, "results": rows}, f, indent=1)
+    lines = [f"Training step of all-MiniLM-L6-v2 (batch {b}, {args.max_len} tokens), the "
+             f"methods alternated in one process, median of {args.time_rounds} rounds after 2 "
+             f"warm-up calls; {jax.devices()[0].device_kind}, jax {jax.__version__}.", "",
+             f"| method | step (ms) | vs {ref} | peak MiB | trainable params |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['method']} | {r['step_ms']:.0f} | {r['ratio']:.2f} | {r['peak_mib']:.0f} | "
+              f"{r['trainable']:,} |" for r in rows]
+    with open(os.path.join(args.out, "activation_study_timing.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
 
 
 SETTINGS = ("train", "test", "max_len", "batch", "epochs", "lr", "calib", "seed")

@@ -275,6 +275,9 @@ def run_all(args) -> dict:
         med = results[name]["median_s"]
         print(f"[{allocator()}] {name}: " + ", ".join(f"{k} {1e3 * m:.1f} ms" for k, m in med.items()),
               flush=True)
+        if args.json:  # after every case, so a long run that is cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({allocator(): results}, f)
     return results
 
 
@@ -356,19 +359,25 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU threads for both XLA and torch (0: each library's default)")
     ap.add_argument("--json", help="(internal) write the raw results of this process here")
+    ap.add_argument("--from-json", nargs="+", metavar="ALLOCATOR=PATH",
+                    help="only write the table, from --json files of earlier runs")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                                   "results"))
     args = ap.parse_args(argv)
     if not args.no_torch and not (have("torch") and have("peft")):
         print("skip PEFT: torch and peft are not installed (pip install torch peft)")
         args.no_torch = True
-    if not (have("qwix")):
+    if not have("qwix"):
         print("skip qwix: not installed (pip install qwix)")
-    if args.allocator == "current":
+    if args.from_json:
+        results = {}
+        for item in args.from_json:
+            kind, path = item.split("=", 1)
+            with open(path) as f:
+                results[kind] = next(iter(json.load(f).values()))
+    elif args.allocator == "current":
         results = {allocator(): run_all(args)}
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f)
             return results
     else:
         kinds = ["default", "tuned"] if args.allocator == "both" else [args.allocator]
