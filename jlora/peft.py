@@ -439,6 +439,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         config["target_parameters"] = sorted(experts)
         _check_expert_config(config, experts, adapted, name_map)
     _put_token_rows(config, tokens, put)
+    config["init_lora_weights"] = _saved_init(adapted, config["init_lora_weights"])
     for module in all_modules:  # what PEFT will do with this config, module by module
         if _targeted(config, module) != (module in modules) or (
                 module in modules and _rank_alpha(config, module) != (modules[module]["r"],
@@ -453,6 +454,13 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
         CONFIG_FILE: lambda p: _write_json(p, config),
     })
+
+
+def _saved_init(adapted: Any, default):
+    """``"mica"`` when every LoRA adapter of the tree is ``LoRA(init="mica")``: PEFT then
+    keeps ``lora_B`` frozen when it loads the file for training (``MiCALinearVariant``)."""
+    inits = {n.config.init for _, n in leaves_with_paths(adapted) if type(n) is LoRANode}
+    return "mica" if inits == {"mica"} else default
 
 
 def _write_json(path: str, config: dict) -> None:
@@ -884,6 +892,8 @@ def _lora_node(config, module, parts, join, leaves, weights_path, key, given):
     if m is not None:
         raise ValueError(f"{weights_path}: unexpected tensor {key}.lora_magnitude_vector: "
                          f"{CONFIG_FILE} has use_dora false")
+    if str(config.get("init_lora_weights")).lower() == "mica":  # B stays frozen (MiCA)
+        opts["init"] = "mica"
     return {path: LoRANode(**common, config=LoRA(**opts))}
 
 
