@@ -75,7 +75,7 @@ def inits(model, data, args):
         "MiCA": lambda p: jlora.apply(p, spec("mica"), key=key),
         "orthogonal": lambda p: jlora.apply(p, spec("orthogonal"), key=key),
         "EVA": lambda p: jlora.init.eva(p, spec(), batches, apply_fn, key=key,
-                                        max_batches=args.eva_max_batches),
+                                        max_batches=args.eva_max_batches, tau=args.eva_tau),
         "CorDA IPM": lambda p: jlora.init.corda(p, spec(), batches, apply_fn, mode="ipm",
                                                 key=key),
         "CorDA KPM": lambda p: jlora.init.corda(p, spec(), batches, apply_fn, mode="kpm",
@@ -100,6 +100,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calib", type=int, default=4, help="calibration batches")
     ap.add_argument("--eva-max-batches", type=int, default=40)
+    ap.add_argument("--eva-tau", type=float, default=0.99, help="EVA's convergence cosine")
     ap.add_argument("--loss-at", type=int, default=20, help="report the loss at this step")
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--out", default=RESULTS)
