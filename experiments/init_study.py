@@ -75,7 +75,7 @@ def inits(model, data, args):
         "MiCA": lambda p: jlora.apply(p, spec("mica"), key=key),
         "orthogonal": lambda p: jlora.apply(p, spec("orthogonal"), key=key),
         "EVA": lambda p: jlora.init.eva(p, spec(), batches, apply_fn, key=key,
-                                        max_batches=args.eva_max_batches),
+                                        max_batches=args.eva_max_batches, tau=args.eva_tau),
         "CorDA IPM": lambda p: jlora.init.corda(p, spec(), batches, apply_fn, mode="ipm",
                                                 key=key),
         "CorDA KPM": lambda p: jlora.init.corda(p, spec(), batches, apply_fn, mode="kpm",
@@ -100,10 +100,16 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calib", type=int, default=4, help="calibration batches")
     ap.add_argument("--eva-max-batches", type=int, default=40)
+    ap.add_argument("--eva-tau", type=float, default=0.99, help="EVA's convergence cosine")
     ap.add_argument("--loss-at", type=int, default=20, help="report the loss at this step")
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--combine", nargs="*", default=None, metavar="JSON",
+                    help="write one table from earlier runs' init_study.json files (runs of "
+                         "disjoint --methods, e.g. in parallel processes) instead of running")
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out)
     model, params, data = prepare(args)
     hidden = params["classifier"]["kernel"].shape
     params["classifier"]["kernel"] = 0.02 * jax.random.normal(jax.random.key(args.seed + 1),
@@ -114,7 +120,11 @@ def main(argv=None):
     for name in names:
         before = _peak_mib()
         t0 = time.perf_counter()
-        adapted = jax.block_until_ready(table[name](params))
+        try:
+            adapted = jax.block_until_ready(table[name](params))
+        except ValueError as e:  # e.g. EVA not converging within --eva-max-batches
+            print(f"{name:<16} init failed: {e}", flush=True)
+            continue
         calib_s = time.perf_counter() - t0
         grew = max(_peak_mib() - before, 0.0)
         r = run_method(name, {}, model, params, data, args, adapted=adapted)
@@ -125,6 +135,16 @@ def main(argv=None):
         print(f"{name:<16} acc {r['accuracy']:.3f}  loss@{n} {r['loss_at']:.3f}  "
               f"calib {calib_s:.1f} s  +{grew:.0f} MiB", flush=True)
     write(results, args)
+
+
+def combine(paths, out):
+    """One table and plot from several runs' JSON (the first run's settings)."""
+    import json
+    from types import SimpleNamespace
+
+    runs = [json.load(open(p)) for p in paths]
+    args = SimpleNamespace(**{**runs[0]["args"], "out": out, "combine": None})
+    write([r for run in runs for r in run["results"]], args)
 
 
 def write(results, args):
