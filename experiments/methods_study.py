@@ -52,16 +52,19 @@ METHODS = {
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def compile_step(name, rules, model, params, data, args, *, masked=False):
+def compile_step(name, rules, model, params, data, args, *, masked=False, adapted=None):
     """One method's compiled training step and its initial state (a ``SimpleNamespace``).
 
     ``masked=True`` passes the attention mask to the adapters as
     ``context={"attention_mask": mask}`` (position-selecting ones need it).
+    ``adapted`` (optional) is an already adapted tree (a data-driven init) to
+    train instead of ``jlora.apply(params, rules + head)``.
     """
     kw = (lambda mask: {"context": {"attention_mask": mask}}) if masked else (lambda mask: {})
     tr_ids, tr_mask, tr_y = data[0]
-    spec = jlora.Spec({**rules, **HEAD})
-    adapted = jlora.apply(params, spec, key=jax.random.key(args.seed))
+    if adapted is None:
+        spec = jlora.Spec({**rules, **HEAD})
+        adapted = jlora.apply(params, spec, key=jax.random.key(args.seed))
     trainable, frozen = jlora.split(adapted)
     n_train = jlora.count_trainable(trainable)
     steps = args.epochs * -(-len(tr_ids) // args.batch)
@@ -98,10 +101,10 @@ def compile_step(name, rules, model, params, data, args, *, masked=False):
                            is_ada=is_ada, is_glora=is_glora, example=example)
 
 
-def run_method(name, rules, model, params, data, args, *, masked=False):
-    """Train one method and evaluate it (``masked``: see :func:`compile_step`)."""
+def run_method(name, rules, model, params, data, args, *, masked=False, adapted=None):
+    """Train one method and evaluate it (``masked``, ``adapted``: see :func:`compile_step`)."""
     (tr_ids, tr_mask, tr_y), (te_ids, te_mask, te_y), (va_ids, va_mask, va_y) = data
-    st = compile_step(name, rules, model, params, data, args, masked=masked)
+    st = compile_step(name, rules, model, params, data, args, masked=masked, adapted=adapted)
     compiled, trainable, opt, frozen, adapted = (st.compiled, st.trainable, st.opt, st.frozen,
                                                  st.adapted)
     n_train, steps, peak, kw, is_ada, is_glora = (st.n_train, st.steps, st.peak, st.kw,

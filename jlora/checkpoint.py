@@ -43,6 +43,7 @@ from jlora._validate import positive_int
 from jlora.methods import AdapterNode
 from jlora.spec import config_from_dict, config_to_dict
 from jlora.methods.base import Config
+from jlora.quant import QUANTS, QuantizedArray
 from jlora.spec import Spec, spec_from_json, spec_to_json
 from jlora.tree import PyTree, is_module_node, is_node, leaves_with_paths, path_str
 
@@ -124,6 +125,10 @@ def _encode(tree: PyTree, path: str, leaves: list) -> Any:
                     raise ValueError(f"{join(f.name)}: cannot store {e} in a checkpoint") from None
         return {"node": tree.method, "class": type(tree).__name__, "static": static,
                 "fields": fields}
+    if isinstance(tree, QuantizedArray):  # a QLoRA base: codes, scales, layout as data
+        return {"quantized": {k: _static_to_json(getattr(tree, k)) for k in _QUANT_STATIC},
+                "fields": [[k, _encode(getattr(tree, k), join(k), leaves)]
+                           for k in _QUANT_ARRAYS]}
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
         name = f"{type(tree).__module__}.{type(tree).__qualname__}"
         if name not in _state_types():
@@ -168,7 +173,7 @@ def _leaf_specs(desc: Any) -> list[dict]:
                 raise ValueError(f"unsupported dtype {d.get('dtype')!r}")
             out.append(d)
             return
-        for key in ("dict", "namedtuple", "node"):
+        for key in ("dict", "namedtuple", "node", "quantized"):
             if key in d:
                 for pair in d["fields" if key != "dict" else "dict"]:
                     walk(pair[1])
@@ -209,6 +214,8 @@ def _decode(desc: Any, nodes: dict, states: dict) -> PyTree:
         if set(kwargs) != names:
             raise ValueError(f"{desc['node']} fields {sorted(kwargs)} are not {sorted(names)}")
         return cls(**kwargs)
+    if "quantized" in desc:
+        return _decode_quantized(desc, nodes, states)
     if "namedtuple" in desc:
         cls = states.get(desc["namedtuple"])
         keys = [k for k, _ in desc["fields"]]
@@ -222,6 +229,28 @@ def _decode(desc: Any, nodes: dict, states: dict) -> PyTree:
     if "tuple" in desc:
         return tuple(_decode(v, nodes, states) for v in desc["tuple"])
     raise ValueError(f"unknown structure entry {sorted(desc)}")
+
+
+_QUANT_ARRAYS = ("codes", "absmax", "absmax2", "offset")
+_QUANT_STATIC = ("quant", "block_size", "shape", "perm", "dtype", "n_stack")
+
+
+def _decode_quantized(desc: dict, nodes: dict, states: dict) -> QuantizedArray:
+    """A ``QuantizedArray`` from its description; its layout is checked, never evaluated."""
+    static, fields = desc["quantized"], desc["fields"]
+    if not isinstance(static, dict) or set(static) != set(_QUANT_STATIC) or [
+            k for k, _ in fields] != list(_QUANT_ARRAYS):
+        raise ValueError(f"malformed quantized array entry {sorted(desc)}")
+    meta = {k: _static_from_json(v) for k, v in static.items()}
+    shape, perm = meta["shape"], meta["perm"]
+    ints = lambda t: isinstance(t, tuple) and all(type(n) is int and n >= 0 for n in t)
+    if (meta["quant"] not in QUANTS or type(meta["block_size"]) is not int
+            or meta["block_size"] < 2 or not ints(shape) or not ints(perm)
+            or sorted(perm) != list(range(len(shape))) or type(meta["n_stack"]) is not int
+            or not 0 <= meta["n_stack"] < max(len(shape), 1)
+            or meta["dtype"] not in ("float32", "float16", "bfloat16", "float64")):
+        raise ValueError(f"malformed quantized array layout {static!r}")
+    return QuantizedArray(**meta, **{k: _decode(v, nodes, states) for k, v in fields})
 
 
 def _sharding_leaves(shardings: Any, skeleton: PyTree, n: int, name: str, where: str) -> list:

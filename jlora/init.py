@@ -103,26 +103,50 @@ def _batches(fn: str, batches) -> Any:
     raise ValueError(f"jlora.init.{fn}: batches is empty; pass at least one calibration batch")
 
 
-def _capturer(apply_fn: Callable, paths: tuple[str, ...], reduce: Callable):
-    """A jitted ``(params, batch) -> [(index, reduce(x, batch)), ...]`` in call order,
-    ``x`` the input of each call of a module owning ``paths[index]``."""
+@functools.partial(jax.jit, static_argnames=("apply_fn", "paths", "reduce"))
+def _capture(params, batch, *, apply_fn: Callable, paths: tuple[str, ...], reduce: Callable):
+    """``[(index, reduce(x, batch)), ...]`` in call order, ``x`` the input of each call
+    of a module owning ``paths[index]``. Jitted with the functions static, so
+    repeated calibrations of one model with one ``apply_fn`` compile once."""
     index = {p: i for i, p in enumerate(paths)}
+    calls = []
 
-    def run(params, batch):
-        calls = []
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and args:
+            i = index.get("/".join(map(str, context.module.path + ("kernel",))))
+            if i is not None:
+                calls.append((jnp.int32(i), reduce(jnp.asarray(args[0]), batch)))
+        return next_fun(*args, **kwargs)
 
-        def interceptor(next_fun, args, kwargs, context):
-            if context.method_name == "__call__" and args:
-                i = index.get("/".join(map(str, context.module.path + ("kernel",))))
-                if i is not None:
-                    calls.append((jnp.int32(i), reduce(jnp.asarray(args[0]), batch)))
-            return next_fun(*args, **kwargs)
+    with nn.intercept_methods(interceptor):
+        apply_fn(params, batch)
+    return calls
 
-        with nn.intercept_methods(interceptor):
-            apply_fn(params, batch)
-        return calls
 
-    return jax.jit(run)
+def _capturer(apply_fn: Callable, paths: tuple[str, ...], reduce: Callable):
+    return functools.partial(_capture, apply_fn=apply_fn, paths=paths, reduce=reduce)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvaRows:
+    """EVA's per-call reduction: the input rows and their 0/1 weights (hashable, so the
+    jitted capture is reused across calls with the same options)."""
+
+    mask_fn: Callable | None
+    use_label_mask: bool
+    label_mask_value: int
+
+    def __call__(self, x, batch):
+        rows = _rows(x)
+        mask = (self.mask_fn(batch) if self.mask_fn is not None
+                else _lm_mask(batch, self.use_label_mask, self.label_mask_value))
+        if mask is None or tuple(jnp.shape(mask)) != tuple(x.shape[:-1]):
+            return rows, jnp.ones(rows.shape[0], bool)
+        return rows, jnp.asarray(mask).reshape(-1).astype(bool)
+
+
+def _corda_reduce(x, batch):
+    return corda_covariance(x)
 
 
 def _calls(fn, run, params, batch, paths, targets):
@@ -308,15 +332,7 @@ def eva(adapted_or_params: Any, spec, batches: Iterable, apply_fn: Callable, *,
                              f"layer's {targets[p].shape[0]} input features; lower rank or rho")
     budget = sum(t.config.rank for t in targets.values())
 
-    def reduce(x, batch):
-        rows = _rows(x)
-        mask = mask_fn(batch) if mask_fn is not None else _lm_mask(batch, use_label_mask,
-                                                                    label_mask_value)
-        if mask is None or tuple(jnp.shape(mask)) != tuple(x.shape[:-1]):
-            return rows, jnp.ones(rows.shape[0], bool)
-        return rows, jnp.asarray(mask).reshape(-1).astype(bool)
-
-    run = _capturer(apply_fn, paths, reduce)
+    run = _capturer(apply_fn, paths, _EvaRows(mask_fn, use_label_mask, label_mask_value))
     first = _calls("eva", run, params, next(iter(batches)), paths, targets)
     # Layers with identical inputs on the first batch share one PCA (PEFT hashes them).
     order = list(first)
@@ -476,7 +492,7 @@ def corda(adapted_or_params: Any, spec, batches: Iterable, apply_fn: Callable, *
     batches = _batches("corda", batches)
     params, adapted, targets = _setup("corda", adapted_or_params, spec, key)
     paths = tuple(targets)
-    run = _capturer(apply_fn, paths, lambda x, batch: corda_covariance(x))
+    run = _capturer(apply_fn, paths, _corda_reduce)
     sums: dict[str, Any] = {}
     count: dict[str, float] = {}
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -557,6 +573,14 @@ def lora_ga_factors(kernel, grad, rank: int, scale: float, *, direction: str = "
     return big_a.T, big_b.T
 
 
+@functools.partial(jax.jit, static_argnames=("loss_fn", "paths"))
+def _target_grads(params, batch, *, loss_fn: Callable, paths: tuple[str, ...]):
+    """``∂ loss_fn(params, batch) / ∂ params[p]`` for ``p`` in ``paths`` only."""
+    def loss(ws):
+        return loss_fn(map_with_paths(lambda p, x: ws.get(p, x), params), batch)
+    return jax.grad(loss)({p: x for p, x in leaves_with_paths(params) if p in paths})
+
+
 def lora_ga(adapted_or_params: Any, spec, loss_fn: Callable, batches: Iterable, *,
             direction: str = "ArB2r", scale: str = "stable", stable_gamma: float = 16.0,
             key: jax.Array | None = None, progress: Progress = None) -> Any:
@@ -597,13 +621,7 @@ def lora_ga(adapted_or_params: Any, spec, loss_fn: Callable, batches: Iterable, 
                              f"min(fan_in, fan_out) = {min(node.shape)}; LoRA-GA splits the "
                              "gradient's top 2·rank singular triplets between a and b")
 
-    def target_grads(params, batch):
-        def loss(ws):
-            return loss_fn(map_with_paths(lambda p, x: ws.get(p, x), params), batch)
-        ws = {p: x for p, x in leaves_with_paths(params) if p in targets}
-        return jax.grad(loss)(ws)
-
-    grad = jax.jit(target_grads)
+    grad = functools.partial(_target_grads, loss_fn=loss_fn, paths=tuple(targets))
     sums: dict[str, Any] = {}
     total = len(batches) if hasattr(batches, "__len__") else None
     n = 0

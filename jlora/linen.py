@@ -352,7 +352,9 @@ def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
              if is_node(node) and not is_module_node(node)}
     # Module-level nodes sit beside their modules: the model never sees them; their
     # module_params rewrite the module's params and their intercept wraps its call.
-    around = {node.path: (npath, node) for npath, node in module_nodes(params).items()}
+    around: dict[str, list] = {}  # module path -> [(node path, node)], applied in that order
+    for npath, node in sorted(module_nodes(params).items()):
+        around.setdefault(node.path, []).append((npath, node))
     params = without_module_nodes(params)
     # Adapters stacked for mixed batches (jlora.compose.stack) get the batch's ids
     # and have no merged form: the fallback sees their base.
@@ -362,7 +364,7 @@ def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
     params = map_with_paths(
         lambda p, n: n if not is_node(n) else n.base if p in mixed else n if is_stacked(n)
         else n.materialize(), params)
-    variables["params"] = module_params_applied(params, around.values())
+    variables["params"] = module_params_applied(params, [e for v in around.values() for e in v])
     context = dict(context or {})
     hits: set[str] = set()
     misses: dict[str, str] = {}
@@ -381,15 +383,22 @@ def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
             return next_fun(*call_args, **call_kwargs)
         mpath = "/".join(map(str, ctx.module.path))
         if mpath in around and ctx.method_name == "__call__":
-            npath, mnode = around[mpath]
-            key = None if dropout_key is None else path_key(dropout_key, npath)
-            y = mnode.intercept(lambda *a, **k: leaf_level(next_fun, a, k, ctx),
-                                tuple(call_args), dict(call_kwargs), dropout_key=key, **context)
+            call = lambda *a, **k: leaf_level(next_fun, a, k, ctx)
+            for npath, mnode in around[mpath]:  # several nodes on one module: nested
+                call = wrapped(mnode, npath, call)
+            return call(*call_args, **call_kwargs)
+        return leaf_level(next_fun, call_args, call_kwargs, ctx)
+
+    def wrapped(mnode, npath, inner):
+        key = None if dropout_key is None else path_key(dropout_key, npath)
+
+        def call(*a, **k):
+            y = mnode.intercept(inner, tuple(a), dict(k), dropout_key=key, **context)
             hits.add(npath)
             if on_hit is not None:
                 on_hit(npath)
             return y
-        return leaf_level(next_fun, call_args, call_kwargs, ctx)
+        return call
 
     def leaf_level(next_fun, call_args, call_kwargs, context):
         module = context.module
@@ -461,7 +470,7 @@ def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
 def _report_modules(around, hits, strict):
     """Module-level nodes whose module's ``__call__`` never ran had no effect on the output."""
     idle = [f"{npath} (no module at {node.path or '<root>'} was called)"
-            for npath, node in (around[p] for p in sorted(around))
+            for npath, node in sorted(e for v in around.values() for e in v)
             if npath not in hits and type(node).intercept is not ModuleNode.intercept]
     if not idle:
         return

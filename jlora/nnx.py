@@ -64,12 +64,14 @@ def apply(graphdef: Any, adapted: Any, *args, adapter_ids: Any = None,
         >>> y.shape
         (3, 3)
     """
-    around = {n.path: (p, n) for p, n in module_nodes(adapted).items()}
+    around: dict[str, list] = {}  # module path -> [(node path, node)], applied in that order
+    for npath, node in sorted(module_nodes(adapted).items()):
+        around.setdefault(node.path, []).append((npath, node))
     adapted = without_module_nodes(adapted)
     nodes = {p: n for p, n in leaves_with_paths(adapted) if is_node(n)}
     stacked = bind_adapter_ids(nodes, adapter_ids)
     plain = _merge_tree(map_with_paths(lambda p, x: x.base if p in stacked else x, adapted))
-    module = nnx.merge(graphdef, module_params_applied(plain, around.values()))
+    module = nnx.merge(graphdef, module_params_applied(plain, [e for v in around.values() for e in v]))
     hits = set()
     for path, sub in nnx.iter_modules(module):
         kind = type(sub)
@@ -80,8 +82,7 @@ def apply(graphdef: Any, adapted: Any, *args, adapter_ids: Any = None,
             sub.__class__ = _fast(kind, node)
             hits.add(full)
         mpath = "/".join(map(str, path))
-        if mpath in around:
-            npath, mnode = around[mpath]
+        for npath, mnode in around.get(mpath, ()):  # several on one module: nested
             key = None if dropout_key is None else path_key(dropout_key, npath)
             sub.__class__ = _around(type(sub), mnode, key, dict(context or {}))
     missed = sorted(p for p in stacked if p not in hits)

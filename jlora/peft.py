@@ -439,6 +439,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         config["target_parameters"] = sorted(experts)
         _check_expert_config(config, experts, adapted, name_map)
     _put_token_rows(config, tokens, put)
+    config["init_lora_weights"] = _saved_init(adapted, config["init_lora_weights"])
     for module in all_modules:  # what PEFT will do with this config, module by module
         if _targeted(config, module) != (module in modules) or (
                 module in modules and _rank_alpha(config, module) != (modules[module]["r"],
@@ -453,6 +454,13 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
         CONFIG_FILE: lambda p: _write_json(p, config),
     })
+
+
+def _saved_init(adapted: Any, default):
+    """``"mica"`` when every LoRA adapter of the tree is ``LoRA(init="mica")``: PEFT then
+    keeps ``lora_B`` frozen when it loads the file for training (``MiCALinearVariant``)."""
+    inits = {n.config.init for _, n in leaves_with_paths(adapted) if type(n) is LoRANode}
+    return "mica" if inits == {"mica"} else default
 
 
 def _write_json(path: str, config: dict) -> None:
@@ -884,6 +892,8 @@ def _lora_node(config, module, parts, join, leaves, weights_path, key, given):
     if m is not None:
         raise ValueError(f"{weights_path}: unexpected tensor {key}.lora_magnitude_vector: "
                          f"{CONFIG_FILE} has use_dora false")
+    if str(config.get("init_lora_weights")).lower() == "mica":  # B stays frozen (MiCA)
+        opts["init"] = "mica"
     return {path: LoRANode(**common, config=LoRA(**opts))}
 
 
@@ -1001,7 +1011,7 @@ def _load_experts(config: dict, cfg_path: str, weights_path: str, tensors: dict,
 
     targets = config.get("target_parameters")
     if targets is None or targets == []:
-        return {}
+        return _only_stacked_axes({}, given)
     if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
         _bad(cfg_path, "target_parameters", "a list of parameter names", targets)
     order = _check_parameter_order(parameter_order)
@@ -1075,6 +1085,11 @@ def _load_experts(config: dict, cfg_path: str, weights_path: str, tensors: dict,
                        in_axes=None if axes == (1,) else axes, expert_axis=0)
             nodes[path] = LoRANode(base=base, a=jnp.asarray(a, dt), b=jnp.asarray(b, dt),
                                    config=cfg, shape=tuple(base.shape), in_axes=axes)
+    return _only_stacked_axes(nodes, given)
+
+
+def _only_stacked_axes(nodes: dict, given: dict) -> dict:
+    """``in_axes`` (2,) is for stacked ``(E, out, in)`` kernels only."""
     for path, axes in given.items():
         if tuple(axes) == (2,) and path not in nodes:
             raise ValueError(f"jlora.peft.load: in_axes (2,) for {path} is for a stacked "

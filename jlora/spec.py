@@ -93,8 +93,9 @@ class Rule:
         if isinstance(pattern, re.Pattern):
             self.regex = pattern
         elif isinstance(pattern, str):
-            if not pattern:
-                raise ValueError("Spec: empty pattern")
+            if not pattern and getattr(config, "level", "leaf") != "module":
+                raise ValueError("Spec: empty pattern (only a module-level method may name "
+                                 "the root module with \"\")")
             self.regex = re.compile(glob_to_regex(pattern))
         else:
             raise ValueError(

@@ -1079,6 +1079,68 @@ def _(tmp):
     _jl().AdaptFormer(norm="rms")
 
 
+# ---------------------------------------------------------------- trainable tokens, to_lora, LoftQ
+
+
+@case("trainable tokens, to_lora, LoftQ", "`TrainableTokens(indices=[3, 3])` (a duplicate id)",
+      r"TrainableTokens: indices lists token id\(s\) \[3\] more than once")
+def _(tmp):
+    _jl().TrainableTokens(indices=[3, 3])
+
+
+@case("trainable tokens, to_lora, LoftQ", "`TrainableTokens(indices=[])`",
+      r"TrainableTokens: indices is empty")
+def _(tmp):
+    _jl().TrainableTokens(indices=[])
+
+
+@case("trainable tokens, to_lora, LoftQ", "a token id beyond the vocabulary of the table",
+      r"emb/embedding: TrainableTokens indices \[20\] are out of range for a vocabulary of 16")
+def _(tmp):
+    import jax.numpy as jnp
+    jlora = _jl()
+    jlora.apply({"emb": {"embedding": jnp.zeros((16, 4))}},
+                jlora.Spec({"emb/embedding": jlora.TrainableTokens(indices=[1, 20])}),
+                key=jax.random.key(0))
+
+
+@case("trainable tokens, to_lora, LoftQ",
+      "a PEFT file whose `trainable_token_indices` lists an id beyond the vocabulary",
+      r"adapter_config.json: key 'trainable_token_indices'.*out of range")
+def _(tmp):
+    jlora = _jl()
+    p = fixture_params()
+    adapted = jlora.apply(p, jlora.Spec({"emb/embedding": jlora.TrainableTokens(indices=[1, 2]),
+                                         "fc1/kernel": jlora.LoRA(rank=2)}),
+                          key=jax.random.key(0))
+    jlora.peft.save(tmp, adapted)
+    path = os.path.join(tmp, "adapter_config.json")
+    config = json.load(open(path))
+    config["trainable_token_indices"] = {"emb": [1, 99]}
+    json.dump(config, open(path, "w"))
+    jlora.peft.load(tmp, p)
+
+
+@case("trainable tokens, to_lora, LoftQ", "`compose.to_lora` at a rank above min(fan_in, fan_out)",
+      r"w/kernel: rank 5 exceeds min\(fan_in, fan_out\) = 3")
+def _(tmp):
+    import jax.numpy as jnp
+    _jl().compose.to_lora({"w": {"kernel": jnp.ones((4, 3))}}, 5)
+
+
+@case("trainable tokens, to_lora, LoftQ", "`compose.to_lora` with an energy threshold above 1",
+      r"jlora.compose.to_lora: rank must be")
+def _(tmp):
+    import jax.numpy as jnp
+    _jl().compose.to_lora({"w": {"kernel": jnp.ones((4, 3))}}, 1.5)
+
+
+@case("trainable tokens, to_lora, LoftQ", "`LoftQ(rank=4, loftq_iter=0)`",
+      r"LoftQ: loftq_iter must be")
+def _(tmp):
+    _jl().LoftQ(rank=4, loftq_iter=0)
+
+
 # ---------------------------------------------------------------- the page
 
 

@@ -1,4 +1,8 @@
-"""Smoke test of experiments/activation_study.py (tiny sizes; the committed table is the real run)."""
+"""Smoke test of experiments/activation_study.py (tiny sizes; the committed table is the real run).
+
+SAM's calibration (``jlora.optim.sam_select``) is tested in tests/methods/test_sparse.py;
+running it here too would compile MiniLM's gradient once more.
+"""
 
 import json
 
@@ -15,10 +19,10 @@ def test_activation_study_runs_end_to_end(tmp_path):
 
     results = activation_study.main(["--train", "32", "--test", "16", "--batch", "16",
                                      "--max-len", "12", "--calib", "1",
-                                     "--methods", "Sparse SAM", "--out", str(tmp_path)])
+                                     "--methods", "Sparse random", "--out", str(tmp_path)])
     out = json.load(open(tmp_path / "activation_study.json"))
-    assert [r["method"] for r in out["results"]] == ["Sparse SAM"]
+    assert [r["method"] for r in out["results"]] == ["Sparse random"]
     # LoRA r8's budget: 12 query/value kernels x 8 x (384 + 384), plus the 384 x 3 + 3 head
-    assert results[0]["trainable"] == 12 * 8 * 768 + 1155 and results[0]["select_s"] > 0
-    assert "| Sparse SAM |" in (tmp_path / "activation_study.md").read_text()
+    assert results[0]["trainable"] == 12 * 8 * 768 + 1155
+    assert "| Sparse random |" in (tmp_path / "activation_study.md").read_text()
     assert (tmp_path / "activation_study.png").stat().st_size > 0

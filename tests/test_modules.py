@@ -277,6 +277,14 @@ def test_a_mergeable_module_method_rewrites_params_merges_and_gets_context(setup
                                rtol=1e-5, atol=1e-5)
     back = jlora.unmerge(merged, adapted)
     chex.assert_trees_all_close(back, params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(jlora.merge(adapted, onto=params), merged, rtol=1e-6)
+    # a second module-level node on the same module: both run (AdaptFormer is 0 at init)
+    both = jlora.apply(adapted, jlora.Spec({"layers_1/mlp": jlora.AdaptFormer(bottleneck=2)}),
+                       key=jax.random.key(4))
+    np.testing.assert_allclose(run_jit(both, x), y, rtol=1e-6, atol=1e-6)
+    plain, residual = jlora.merge(both, residual=True)
+    assert list(residual) == ["layers_1/mlp@adaptformer"]
+    chex.assert_trees_all_close(plain, merged, rtol=1e-6)
     # context keywords reach intercept (and not the model): the output is linear in the gate
     gated = jax.jit(lambda a, g: run(a, x, context={"gate": g}))
     g0, half = gated(adapted, 0.0), gated(adapted, 0.5)

@@ -37,10 +37,10 @@ def randomized(adapted, seed=3):
                                     jlora.AdaLoRA(init_rank=4, target_rank=2), jlora.LoRA(rank=3, init="pissa"),
                                     jlora.GLoRA(rank=2)])
 def test_adapters_against_numpy_truncated_svd(config):
-    adapted = randomized(jlora.apply(PARAMS, jlora.Spec({"*/kernel": config}),
+    adapted = randomized(jlora.apply(PARAMS, jlora.Spec({"q/kernel": config}),
                                      key=jax.random.key(2)))
     lora, errors = jlora.compose.to_lora(adapted, 3)
-    for name in ("q", "v"):
+    for name in ("q",):
         node, new = adapted[name]["kernel"], lora[name]["kernel"]
         assert type(new) is jlora.methods.LoRANode and new.rank == 3 and new.scale == 1.0
         approx, s, err = np_truncated(node.delta(), 3)
@@ -54,7 +54,7 @@ def test_adapters_against_numpy_truncated_svd(config):
                                    f64(jlora.merge(adapted)[name]["kernel"]) - f64(node.delta())
                                    + approx, rtol=1e-4, atol=1e-4)
     assert lora["q"]["bias"] is adapted["q"]["bias"]  # plain leaves and GLoRA's bias node kept
-    assert sorted(errors) == ["q/kernel", "v/kernel"]
+    assert sorted(errors) == ["q/kernel"] and lora["v"]["kernel"] is adapted["v"]["kernel"]
 
 
 def test_full_rank_is_exact_and_dense_delta_with_base():

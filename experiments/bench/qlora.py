@@ -86,7 +86,7 @@ def make_steps(model, params, rank, dtype):
     return steps, bpp
 
 
-def bench(d_model, n_layers, batch, seq, vocab, rank, reps, dtype=jnp.bfloat16):
+def bench(d_model, n_layers, batch, seq, vocab, rank, reps, dtype=jnp.bfloat16, warmup=2):
     model = DecoderLM(vocab=vocab, d_model=d_model, n_layers=n_layers,
                       n_heads=max(1, d_model // 64), max_len=seq, dtype=dtype)
     tokens = jax.random.randint(jax.random.key(0), (batch, seq), 0, vocab)
@@ -103,7 +103,7 @@ def bench(d_model, n_layers, batch, seq, vocab, rank, reps, dtype=jnp.bfloat16):
                      + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
         temp[name] = ma.temp_size_in_bytes
         compiled[name], state[name] = c, (t, opt, tokens, frozen)
-        for _ in range(2):  # warm-up
+        for _ in range(warmup if reps else 0):  # warm-up
             jax.block_until_ready(c(*state[name]))
     times = {n: [] for n in steps}
     for _ in range(reps):
@@ -111,7 +111,7 @@ def bench(d_model, n_layers, batch, seq, vocab, rank, reps, dtype=jnp.bfloat16):
             t0 = time.perf_counter()
             jax.block_until_ready(c(*state[name]))
             times[name].append(time.perf_counter() - t0)
-    med = {n: statistics.median(t) for n, t in times.items()}
+    med = {n: statistics.median(t) if t else float("nan") for n, t in times.items()}
     return med, mem, temp, bpp
 
 
@@ -123,7 +123,9 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5,
+                    help="timed steps per variant; 0: XLA's memory accounting only")
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="base and compute dtype (XLA:CPU upcasts bf16 matmuls to float32, "
                          "so bf16 temporaries on CPU hold float32 weight copies)")
@@ -136,10 +138,12 @@ def main(argv=None):
     rows = []
     for d in args.d_model:
         med, mem, temp, bpp = bench(d, args.layers, args.batch, args.seq, args.vocab,
-                                    args.rank, args.reps, jnp.dtype(args.dtype))
+                                    args.rank, args.reps, jnp.dtype(args.dtype), args.warmup)
         for name in VARIANTS:
-            row = (f"| {d} | {name} | {1e3 * med[name]:.1f} | "
-                   f"{med[name] / med['lora_bf16']:.2f}x | {mem[name] / 2**20:.1f} | "
+            timed = med[name] == med[name]  # not NaN (--reps 0: memory only)
+            ms = f"{1e3 * med[name]:.1f}" if timed else "-"
+            ratio = f"{med[name] / med['lora_bf16']:.2f}x" if timed else "-"
+            row = (f"| {d} | {name} | {ms} | {ratio} | {mem[name] / 2**20:.1f} | "
                    f"{temp[name] / 2**20:.1f} | {bpp[name]:.3f} |")
             rows.append(row)
             print(row, flush=True)

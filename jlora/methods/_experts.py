@@ -21,6 +21,7 @@ parameter budget of one dense adapter, as SkyRL and Thinking Machines do).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 
@@ -32,10 +33,23 @@ RANK_MODES = ("full", "divide")
 def check_expert_axis(owner: str, expert_axis, rank_per_expert: str) -> None:
     if expert_axis is not None and (isinstance(expert_axis, bool) or expert_axis != 0):
         raise ValueError(f"{owner}: expert_axis must be None or 0 (the leading axis, where "
-                         f"MoE layers and nn.scan stack their kernels), got {expert_axis!r}")
+                         f"MoE layers and nn.scan stack their kernels), got {expert_axis!r}; "
+                         "a kernel stacked along another axis keeps that axis between its "
+                         "input and output features, which no per-slice fast path can "
+                         "contract: store it stacked first (jnp.moveaxis(w, axis, 0))")
     if rank_per_expert not in RANK_MODES:
         raise ValueError(f"{owner}: rank_per_expert must be one of {RANK_MODES}, "
                          f"got {rank_per_expert!r}")
+
+
+def check_stacking(config, *supported: str) -> None:
+    """Check ``config.expert_axis`` (and ``rank_per_expert`` where the config has
+    it); only the config classes named in ``supported`` build stacked nodes."""
+    name = type(config).__name__
+    check_expert_axis(name, config.expert_axis, getattr(config, "rank_per_expert", "full"))
+    if config.expert_axis is not None and name not in supported:
+        raise ValueError(f"{name}: expert_axis is not supported by {name} (no per-slice "
+                         f"form); it is supported by {', '.join(supported)}")
 
 
 def own_config(node):
@@ -47,11 +61,12 @@ def own_config(node):
 def slice_config(config, n_slices: int):
     """The per-slice config: no expert axis, in_axes relative to a slice, and
     rank ``max(1, rank // E)`` under ``rank_per_expert="divide"``."""
-    rank = config.rank
-    if config.rank_per_expert == "divide":
-        rank = max(1, rank // n_slices)
-    in_axes = None if config.in_axes is None else tuple(a - 1 for a in config.in_axes)
-    return dataclasses.replace(config, expert_axis=None, rank=rank, in_axes=in_axes)
+    changes = {"expert_axis": None}
+    if getattr(config, "rank_per_expert", "full") == "divide":
+        changes["rank"] = max(1, config.rank // n_slices)
+    if getattr(config, "in_axes", None) is not None:  # negative axes count from the end
+        changes["in_axes"] = tuple(a - 1 if a >= 0 else a for a in config.in_axes)
+    return dataclasses.replace(config, **changes)
 
 
 def stacked_init(config, key: Array, base: Array, *, path: str):
@@ -74,13 +89,99 @@ def stacked_init(config, key: Array, base: Array, *, path: str):
     return tuple(i + 1 for i in in_axes), base, a, b, a0, b0
 
 
+def stacked_build(config, key: Array, base: Array, *, path: str):
+    """The node of a stacked kernel for any method: ``config``'s per-slice config
+    builds one adapter per slice (its own key) under ``jax.vmap``; the node keeps
+    every array field stacked along axis 0 and the whole kernel's static fields.
+    The node class must be decorated with :func:`per_slice`."""
+    config.check_leaf(base, path)
+    if base.ndim < 3:
+        raise ValueError(f"{path}: expert_axis=0 needs a stacked kernel (E, in..., out...) "
+                         f"with at least 3 dims, got shape {tuple(base.shape)}")
+    if config.in_axes is not None and 0 in [a % base.ndim for a in config.in_axes]:
+        raise ValueError(f"{path}: in_axes {config.in_axes} include the expert axis 0")
+    one = slice_config(config, base.shape[0])
+    keys = jax.random.split(key, base.shape[0])
+    node = jax.vmap(lambda k, w: one.build(k, w, path=path))(keys, base)
+    return node.replace(config=config, shape=tuple(base.shape),
+                        in_axes=tuple(i + 1 for i in node.in_axes))
+
+
+
+
+def per_slice(cls):
+    """Class decorator: a node class whose configs take ``expert_axis=0``.
+
+    A stacked node (built by :func:`stacked_build`) computes ``delta`` and
+    ``materialize`` slice by slice (``jax.vmap`` of the class's own hooks over
+    the stacked fields), so ``merge`` gives ``K[e] = K0[e] + ΔK(slice e)``
+    exactly; a node that ``nn.scan`` has cut to one slice computes as an
+    ordinary adapter (its ``dot`` is the method's fast path); ``dot`` on the
+    whole stack is the layer on the merged stack. ``partition_specs`` shards
+    every field's expert axis like the base's and its other axes by the
+    field's role within the slice.
+    """
+    def per_slice_hook(name):
+        fn = getattr(cls, name)
+
+        @functools.wraps(fn)
+        def hook(self):
+            if not is_stacked(self):
+                return fn(self)
+            view = self.replace(**slice_static(self))
+            return fn(view) if is_slice(self) else jax.vmap(fn)(view)
+        return hook
+
+    for name in ("delta", "materialize"):
+        setattr(cls, name, per_slice_hook(name))
+    dot = cls.dot
+
+    @functools.wraps(dot)
+    def stacked_dot(self, x, op, *, dropout_key=None, **context):
+        if not is_stacked(self):
+            return dot(self, x, op, dropout_key=dropout_key, **context)
+        if is_slice(self):
+            return dot(self.replace(**slice_static(self)), x, op, dropout_key=dropout_key,
+                       **context)
+        return op(x, self.materialize())
+
+    def partition_specs(self, entries, fold):
+        if not is_stacked(self):
+            return None
+        from jax.sharding import PartitionSpec as P
+
+        from jlora.sharding import node_specs
+
+        one = node_specs(self.replace(**slice_static(self)), P(*entries[1:]))
+        out = {}
+        for f in dataclasses.fields(self):
+            spec = getattr(one, f.name) if f.metadata.get("pytree_node", True) else None
+            if isinstance(spec, P):
+                out[f.name] = P(entries[0], *spec)
+        return out
+
+    def slice_view(self):
+        """One slice of a stacked node whose fields ``nn.scan`` has cut."""
+        return self.replace(**slice_static(self))
+
+    cls.dot = stacked_dot
+    cls.partition_specs = partition_specs
+    cls.slice_view = slice_view
+    return cls
+
+
 def is_stacked(node) -> bool:
     return getattr(node.config, "expert_axis", None) is not None
 
 
 def is_slice(node) -> bool:
     """A stacked node whose fields a map (``nn.scan``) has cut to one slice."""
-    return is_stacked(node) and node.a.ndim == 2
+    if not is_stacked(node):
+        return False
+    base = node.base if "base" in type(node).field_axes else None  # a field, not a property
+    if base is not None:
+        return base.ndim == len(node.shape) - 1
+    return node.a.ndim == 2  # QLoRA: no float base
 
 
 def slice_static(node) -> dict:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora import _validate as v
+from jlora.methods._experts import check_stacking, per_slice, stacked_build
 from jlora.methods.base import (
     AdapterNode,
     Array,
@@ -63,8 +64,10 @@ class AdaLoRA(Config):
     init_std: float = 0.02
     dtype: Any = None
     in_axes: tuple[int, ...] | None = None
+    expert_axis: int | None = None
 
     def __post_init__(self):
+        check_stacking(self, "AdaLoRA")
         v.positive_int("AdaLoRA", "init_rank", self.init_rank)
         v.positive_int("AdaLoRA", "target_rank", self.target_rank, minimum=0)
         if self.target_rank > self.init_rank:
@@ -79,6 +82,8 @@ class AdaLoRA(Config):
         return (self.init_rank if self.alpha is None else self.alpha) / self.init_rank
 
     def build(self, key: Array, base: Array, *, path: str) -> "AdaLoRANode":
+        if self.expert_axis is not None:
+            return stacked_build(self, key, base, path=path)
         view = view_leaf(self, base, path, rank=self.init_rank, rank_name="init_rank")
         dt, r = view.dtype, self.init_rank
         kp, kq = jax.random.split(key)
@@ -88,6 +93,7 @@ class AdaLoRA(Config):
             config=self, shape=view.shape, in_axes=view.in_axes)
 
 
+@per_slice
 class AdaLoRANode(AdapterNode):
     """``K = base + s·p·diag(λ)·q``; trainable ``p``, ``lam``, ``q``."""
 

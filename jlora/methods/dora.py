@@ -59,6 +59,7 @@ from jlora.methods.base import (
     strict_options,
     to_matrix,
 )
+from jlora.methods._experts import per_slice, stacked_build
 from jlora.methods.lora import LoRA, LoRANode
 
 #: added to every squared column norm (see the module docstring)
@@ -77,12 +78,15 @@ class DoRA(LoRA):
         v.boolean("DoRA", "detach_norm", self.detach_norm)
 
     def build(self, key: Array, base: Array, *, path: str) -> "DoRANode":
+        if self.expert_axis is not None:  # one DoRA per slice: its own m and column norms
+            return stacked_build(self, key, base, path=path)
         in_axes, base, a, b, a0, b0 = self.init_factors(key, base, path=path)
         node = DoRANode(base=base, a=a, b=b, m=jnp.zeros(()), a0=a0, b0=b0, config=self,
                         shape=tuple(base.shape), in_axes=in_axes)
         return node.replace(m=node.column_norms())
 
 
+@per_slice
 class DoRANode(LoRANode):
     """``K' = (base + s·a·b) ⊙ m / ‖base + s·a·b‖``; trainable ``a``, ``b``, ``m``.
 

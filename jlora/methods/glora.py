@@ -85,6 +85,8 @@ class GLoRA(Config):
 
     ``rank`` sizes the shared low-rank tensors (default: the largest rank
     named, else 4), so a supernet can sample lowrank for any support.
+    ``expert_axis`` is refused (see the error for why): GLoRA adapts 2-D
+    ``(in, out)`` kernels only.
     """
 
     a: str = "lowrank"
@@ -94,8 +96,15 @@ class GLoRA(Config):
     e: str = "vector"
     rank: int | None = None
     dtype: Any = None
+    expert_axis: int | None = None
 
     def __post_init__(self):
+        if self.expert_axis is not None:
+            raise ValueError(
+                "GLoRA: expert_axis is not supported: GLoRA's search draws one configuration "
+                "per layer (the node's choice) and its C, D, E terms live on the layer's bias, "
+                "so a stacked kernel would need per-slice choices and stacked bias nodes; "
+                "adapt stacked kernels with LoRA, DoRA, VeRA, AdaLoRA, PF2LoRA or QLoRA")
         forms = [parse_form(s, getattr(self, s)) for s in SUPPORTS]
         if self.rank is None:
             object.__setattr__(self, "rank", max([r for _, r in forms] + [0]) or 4)

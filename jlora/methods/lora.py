@@ -70,7 +70,7 @@ import jax.numpy as jnp
 
 from jlora import _validate as v
 from jlora.methods._experts import (
-    check_expert_axis,
+    check_stacking,
     factor_specs,
     is_slice,
     is_stacked,
@@ -137,10 +137,7 @@ class LoRA(Config):
     rank_per_expert: str = "full"
 
     def __post_init__(self):
-        check_expert_axis(type(self).__name__, self.expert_axis, self.rank_per_expert)
-        if self.expert_axis is not None and type(self) is not LoRA:
-            raise ValueError(f"{type(self).__name__}: expert_axis is supported by LoRA and "
-                             "QLoRA only")
+        check_stacking(self, "LoRA", "DoRA")
         name = type(self).__name__
         v.positive_int(name, "rank", self.rank)
         v.real(name, "alpha", self.alpha, gt=0.0, allow_none=True)

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora._validate import positive_int
+from jlora.methods._experts import check_stacking, per_slice, stacked_build
 from jlora.methods.base import (
     AdapterNode,
     Array,
@@ -82,8 +83,10 @@ class PF2LoRA(Config):
     dropout: float = 0.0
     dtype: Any = None
     in_axes: tuple[int, ...] | None = None
+    expert_axis: int | None = None
 
     def __post_init__(self):
+        check_stacking(self, "PF2LoRA")
         name = type(self).__name__
         positive_int(name, "rank", self.rank)
         positive_int(name, "personal_rank", self.personal_rank)
@@ -117,9 +120,12 @@ class PF2LoRA(Config):
                     config=self, shape=tuple(base.shape), in_axes=in_axes)
 
     def build(self, key: Array, base: Array, *, path: str) -> "PF2LoRANode":
+        if self.expert_axis is not None:
+            return stacked_build(self, key, base, path=path)
         return PF2LoRANode(**self.factors(key, base, path=path))
 
 
+@per_slice
 class PF2LoRANode(AdapterNode):
     """``K = base + s·a·b + s̃·c·d``; ``(a, b)`` shared, ``(c, d)`` personal."""
 

@@ -108,6 +108,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
@@ -217,7 +218,7 @@ def _select(h: Array, edited: Array, mask: Array | None) -> Array:
     return jnp.where(mask[..., None], edited, h)
 
 
-def _positions_masks(config, h: Array, attention_mask: Array | None):
+def _positions_masks(config, h: Array, attention_mask: Array | None, path: str = ""):
     """Per parameter group, the boolean ``h.shape[:-1]`` mask (``None``: every position)."""
     pos = config.positions
     if pos is None:
@@ -228,7 +229,8 @@ def _positions_masks(config, h: Array, attention_mask: Array | None):
         try:
             mask = jnp.broadcast_to(mask, h.shape[:-1])
         except ValueError:
-            raise ValueError(f"{type(config).__name__}: attention_mask of shape {mask.shape} "
+            raise ValueError(f"{path or '<root>'}: {type(config).__name__}: attention_mask of "
+                             f"shape {mask.shape} "
                              f"does not match the edited activations' positions "
                              f"{h.shape[:-1]} (batch, seq)") from None
     prefix, suffix = position_masks(mask, *pos)
@@ -252,9 +254,11 @@ def module_dims(module_params: Any, path: str, *, owner: str) -> tuple[int, int,
 
     A ``Dense`` (a direct 2-D ``kernel`` leaf): ``kernel.shape``. Otherwise a
     residual block (``d_in = d_out = d``): the size of its 1-D norm ``scale``
-    leaves when they agree, else the input size of its first kernel when it
-    equals the output size of its last one. A ``ValueError`` naming ``path``
-    when neither works (then pass ``dim=``).
+    leaves when they agree; else the one size that some kernel reads (first
+    axis) and some kernel writes (last axis), or, when several do (an MLP
+    ``d -> 4d -> d``), the smallest of them if it is also the input size of the
+    first kernel and the output size of the last one in the params' own order.
+    A ``ValueError`` naming ``path`` otherwise (then pass ``dim=``).
     """
     if not isinstance(module_params, dict) and not hasattr(module_params, "items"):
         raise ValueError(f"{path}: {owner} is a module-level adapter; the rule must name a "
@@ -263,19 +267,37 @@ def module_dims(module_params: Any, path: str, *, owner: str) -> tuple[int, int,
     kernel = module_params.get("kernel") if hasattr(module_params, "get") else None
     if kernel is not None and getattr(kernel, "ndim", 0) == 2:
         return int(kernel.shape[0]), int(kernel.shape[1]), True
-    leaves = [(p, x) for p, x in leaves_with_paths(module_params) if hasattr(x, "shape")]
+    leaves = [(p, x) for p, x in _ordered_leaves(module_params) if hasattr(x, "shape")]
     scales = {int(x.shape[0]) for p, x in leaves
               if p.rpartition("/")[2] == "scale" and x.ndim == 1}
     if len(scales) == 1:
         d = scales.pop()
         return d, d, False
     kernels = [x for p, x in leaves if p.rpartition("/")[2] == "kernel" and x.ndim >= 2]
-    if kernels and kernels[0].shape[0] == kernels[-1].shape[-1]:
-        d = int(kernels[0].shape[0])
-        return d, d, False
+    # a residual block maps d -> d: d is read by some kernel and written by some kernel
+    both = sorted({int(k.shape[0]) for k in kernels} & {int(k.shape[-1]) for k in kernels})
+    ordered = int(kernels[0].shape[0]) if kernels and (
+        kernels[0].shape[0] == kernels[-1].shape[-1]) else None
+    if len(both) == 1 or (both and ordered == both[0]):
+        return both[0], both[0], False
     raise ValueError(f"{path}: {owner} cannot read the module's hidden size from its params "
-                     "(no single norm scale size, and its first kernel's input size differs "
-                     "from its last kernel's output size); pass dim=")
+                     f"(no single norm scale size; sizes both read and written by its kernels: "
+                     f"{both}); pass dim=")
+
+
+def _ordered_leaves(tree: Any, prefix: str = ""):
+    """``(path, leaf)`` in the params' own order (a Linen module creates its params in call
+    order), not the sorted order of ``jax.tree`` flattening."""
+    join = lambda k: f"{prefix}/{k}" if prefix else str(k)
+    if isinstance(tree, Mapping):
+        for k, x in tree.items():
+            yield from _ordered_leaves(x, join(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, x in enumerate(tree):
+            yield from _ordered_leaves(x, join(i))
+    else:
+        for p, x in leaves_with_paths(tree):
+            yield (join(p) if p else prefix), x
 
 
 def orthogonal_init(key: Array, d: int, r: int, dtype, lead: tuple[int, ...] = ()) -> Array:
@@ -534,7 +556,7 @@ class _ReFTNode:
         """``Φ(h)`` at the selected positions of ``h (..., seq, d)``, ``h`` elsewhere."""
         rate = getattr(self.config, "dropout", 0.0)
         out = h
-        for g, mask in enumerate(_positions_masks(self.config, h, attention_mask)):
+        for g, mask in enumerate(_positions_masks(self.config, h, attention_mask, self.path)):
             new = h.astype(jnp.promote_types(h.dtype, self._dtype)) + self._delta(h, g)
             out = _select(out, branch_dropout(new, dropout_key, rate), mask)
         return out
@@ -702,7 +724,7 @@ class MeFTNode(ModuleNode):
         x = branch_dropout(x, dropout_key, cfg.dropout)
         new = h.astype(jnp.promote_types(h.dtype, self.up.dtype)) + lowrank_edit(
             x, self.down, self.up, self.c, cfg.activation, cfg.scale)
-        (mask,) = _positions_masks(cfg, h, attention_mask)
+        (mask,) = _positions_masks(cfg, h, attention_mask, self.path)
         return _select(h, new, mask)
 
     def intercept(self, call, args, kwargs, *, dropout_key=None, attention_mask=None,

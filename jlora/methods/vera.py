@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora import _validate as v
+from jlora.methods._experts import check_stacking, per_slice, stacked_build
 from jlora.methods.base import (
     AdapterNode,
     Array,
@@ -69,14 +70,18 @@ class VeRA(Config):
     d_initial: float = 0.1
     dtype: Any = None
     in_axes: tuple[int, ...] | None = None
+    expert_axis: int | None = None
 
     def __post_init__(self):
+        check_stacking(self, "VeRA")
         v.positive_int("VeRA", "rank", self.rank)
         v.positive_int("VeRA", "seed", self.seed, minimum=0)
         v.real("VeRA", "d_initial", self.d_initial)
         freeze_in_axes(self)
 
     def build(self, key: Array, base: Array, *, path: str) -> "VeRANode":
+        if self.expert_axis is not None:
+            return stacked_build(self, key, base, path=path)
         view = view_leaf(self, base, path)  # rank may exceed the fans: a projection
         a, b = shared_pair(self.seed, view.fan_in, view.fan_out, self.rank, view.dtype)
         return VeRANode(base=base, a=a, b=b,
@@ -94,6 +99,7 @@ def shared_pair(seed: int, fan_in: int, fan_out: int, rank: int, dtype):
     return a, b
 
 
+@per_slice
 class VeRANode(AdapterNode):
     """``K = base + ((a·diag(λ_d))·b)·diag(λ_b)``; trainable ``lambda_d``, ``lambda_b``."""
 

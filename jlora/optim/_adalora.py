@@ -121,11 +121,13 @@ def adalora(inner: optax.GradientTransformation, *, total_steps: int, init_warmu
             ipt.append(tuple(i_new))
             unc.append(tuple(u_new))
             sp, sl, sq = s
-            scores.append(sl + sp.mean(0) + sq.mean(1))
+            # a stacked node (expert_axis=0) holds one matrix per slice: its
+            # triplets compete in the one global budget like any other matrix's
+            scores.append((sl + sp.mean(-2) + sq.mean(-1)).ravel())
         inner_updates, inner_state = inner.update(updates, state.inner, params)
 
-        b0 = sum(n.config.init_rank for n in p_nodes)
-        bt = sum(n.config.target_rank for n in p_nodes)
+        b0 = sum(n.lam.size for n in p_nodes)
+        bt = sum(n.config.target_rank * (n.lam.size // n.config.init_rank) for n in p_nodes)
         b = budget(t, b0=b0, b_target=bt, total_steps=total_steps, init_warmup=init_warmup,
                    final_warmup=final_warmup)
         in_cubic = (t > init_warmup) & (t <= total_steps - final_warmup)
@@ -139,8 +141,8 @@ def adalora(inner: optax.GradientTransformation, *, total_steps: int, init_warmu
         for i, leaf in enumerate(flat):
             if isinstance(leaf, AdaLoRANode):
                 pn = p_nodes[k]
-                r = pn.lam.shape[0]
-                m = masked[offset:offset + r]
+                r = pn.lam.size
+                m = masked[offset:offset + r].reshape(pn.lam.shape)
                 flat[i] = leaf.replace(lam=jnp.where(m, -pn.lam, leaf.lam))
                 offset, k = offset + r, k + 1
         return jax.tree.unflatten(treedef, flat), AdaLoRAState(inner_state, ipt, unc, t)
@@ -155,8 +157,10 @@ def adalora_orthogonality(trainable) -> jax.Array:
     if not nodes:
         raise ValueError("jlora.optim.adalora_orthogonality: the tree holds no AdaLoRA adapter")
     terms = []
-    for n in nodes:
-        r = n.p.shape[1]
-        eye = jnp.eye(r, dtype=n.p.dtype)
-        terms.append(jnp.linalg.norm(n.p.T @ n.p - eye) + jnp.linalg.norm(n.q @ n.q.T - eye))
-    return jnp.mean(jnp.stack(terms))
+    for n in nodes:  # a stacked node: one term per slice
+        eye = jnp.eye(n.p.shape[-1], dtype=n.p.dtype)
+        pp = jnp.swapaxes(n.p, -1, -2) @ n.p - eye
+        qq = n.q @ jnp.swapaxes(n.q, -1, -2) - eye
+        terms.append((jnp.linalg.norm(pp, axis=(-2, -1))
+                      + jnp.linalg.norm(qq, axis=(-2, -1))).ravel())
+    return jnp.mean(jnp.concatenate(terms))

@@ -186,3 +186,32 @@ def test_study_smoke():
     r = qlora_study.run_variant("qlora", params, args)
     assert r["variant"] == "qlora" and len(r["losses"]) == 2 and 0 <= r["accuracy"] <= 1
     assert 0.5 < r["base_bytes_per_param"] < 0.6
+
+
+def test_checkpoint_frozen_half_holding_quantized_base_round_trips(tmp_path):
+    """``jlora.checkpoint`` stores a QLoRA frozen half: codes and scales as arrays,
+    the block layout as JSON data (no pickle), stacked (expert) bases included."""
+    import re
+
+    params = {"fc": {"kernel": jax.random.normal(jax.random.key(0), (128, 24))},
+              "moe": {"w": jax.random.normal(jax.random.key(1), (2, 64, 16))}}
+    spec = jlora.Spec({"fc/kernel": jlora.QLoRA(rank=2),
+                       "moe/w": jlora.QLoRA(rank=2, quant="int8", expert_axis=0,
+                                            double_quant=False)})
+    t, f = jlora.split(jlora.apply(params, spec, key=jax.random.key(2)))
+    jlora.checkpoint.save(str(tmp_path), t, step=3, frozen=f, spec=spec)
+    got = jlora.checkpoint.restore(str(tmp_path))
+    assert jax.tree.structure(got["frozen"]) == jax.tree.structure(f)
+    for a, b in zip(jax.tree.leaves(got["frozen"]), jax.tree.leaves(f)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    q = got["frozen"]["fc"]["kernel"].quantized
+    assert q.codes.dtype == jnp.uint8 and q.double_quant and q.perm == f["fc"]["kernel"].quantized.perm
+    meta = tmp_path / "3" / "meta" / "metadata"
+    text = meta.read_text()
+    assert '"quantized"' in text
+    bad, n = re.subn(r'"perm":\s*\{"tuple":\s*\[1,\s*0\]\}', '"perm": {"tuple": [0, 0]}', text)
+    assert n == 1
+    meta.write_text(bad)
+    with pytest.raises(ValueError, match="malformed quantized array layout"):
+        jlora.checkpoint.restore(str(tmp_path))

@@ -185,6 +185,11 @@ def test_module_dims_and_bad_input():
     assert reft.module_dims(block_params(), "b", owner="LoReFT") == (D, D, False)
     no_norm = {k: v for k, v in block_params().items() if k != "ln"}
     assert reft.module_dims(no_norm, "b", owner="LoReFT") == (D, D, False)
+    # the params' own order (up before down), not the sorted one
+    up_down = {"up": no_norm["fc1"], "down": no_norm["fc2"]}
+    assert reft.module_dims(up_down, "b", owner="LoReFT") == (D, D, False)
+    with pytest.raises(ValueError, match=r"b: LoReFT cannot read.*\[8, 16\].*pass dim="):
+        reft.module_dims({"down": no_norm["fc2"], "up": no_norm["fc1"]}, "b", owner="LoReFT")
     assert reft.module_dims({"kernel": jnp.ones((5, 4)), "bias": jnp.ones(4)}, "d",
                             owner="MeFT") == (5, 4, True)
     with pytest.raises(ValueError, match="blocks_0.*pass dim="):
@@ -201,6 +206,8 @@ def test_module_dims_and_bad_input():
                 dict(rank=2, share_weights=1), dict(rank=2, dim=0), dict(rank=2, dtype="int8")]:
         with pytest.raises(ValueError, match="LoReFT"):
             jlora.LoReFT(**bad)
+    with pytest.raises(ValueError, match="blocks_0: LoReFT: attention_mask of shape"):
+        build(jlora.LoReFT(2, positions="f1")).edit(hidden(), attention_mask=jnp.ones((3, 5)))
     with pytest.raises(ValueError, match="MeFT: read"):
         jlora.MeFT(2, read="residual")
 
