@@ -1011,7 +1011,7 @@ def _load_experts(config: dict, cfg_path: str, weights_path: str, tensors: dict,
 
     targets = config.get("target_parameters")
     if targets is None or targets == []:
-        return {}
+        return _only_stacked_axes({}, given)
     if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
         _bad(cfg_path, "target_parameters", "a list of parameter names", targets)
     order = _check_parameter_order(parameter_order)
@@ -1085,6 +1085,11 @@ def _load_experts(config: dict, cfg_path: str, weights_path: str, tensors: dict,
                        in_axes=None if axes == (1,) else axes, expert_axis=0)
             nodes[path] = LoRANode(base=base, a=jnp.asarray(a, dt), b=jnp.asarray(b, dt),
                                    config=cfg, shape=tuple(base.shape), in_axes=axes)
+    return _only_stacked_axes(nodes, given)
+
+
+def _only_stacked_axes(nodes: dict, given: dict) -> dict:
+    """``in_axes`` (2,) is for stacked ``(E, out, in)`` kernels only."""
     for path, axes in given.items():
         if tuple(axes) == (2,) and path not in nodes:
             raise ValueError(f"jlora.peft.load: in_axes (2,) for {path} is for a stacked "

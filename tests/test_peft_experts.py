@@ -172,3 +172,8 @@ def test_expert_adapters_peft_refusals(tmp_path):
         jlora.peft.save(tmp_path / "x", {"shared": {"w": ok}}, parameter_order="w")
     with pytest.raises(ValueError, match="in_axes"):
         jlora.peft.load(tmp_path / "ok", params, in_axes={"shared/w": (3,)})
+    flat = {"fc": {"kernel": jnp.ones((D, F))}}
+    jlora.peft.save(tmp_path / "flat", jlora.apply(flat, jlora.Spec({"fc/kernel": jlora.LoRA(
+        rank=2)}), key=jax.random.key(0)))
+    with pytest.raises(ValueError, match=r"in_axes \(2,\) for fc/kernel"):
+        jlora.peft.load(tmp_path / "flat", flat, in_axes={"fc/kernel": (2,)})

