@@ -10,7 +10,7 @@ import jlora
 import jlora.optim
 
 PRIVATE = ("_adalora", "_bar", "_fedopt", "_flat_lora", "_flora", "_glora", "_lora_plus",
-           "_mezo")
+           "_mezo", "_sparse")
 
 
 def test_private_modules_import_and_nothing_is_shadowed():
