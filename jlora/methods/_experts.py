@@ -69,15 +69,20 @@ def slice_config(config, n_slices: int):
     return dataclasses.replace(config, **changes)
 
 
-def stacked_init(config, key: Array, base: Array, *, path: str):
-    """``(in_axes, base, a, b, a0, b0)`` of a stacked kernel, each slice initialised
-    by ``config``'s own ``init_factors`` with its own key (``in_axes`` of the
-    whole kernel: the slice's shifted by one)."""
+def _check_stacked(config, base: Array, path: str) -> None:
+    """A stacked kernel has an expert axis 0 and at least one in and one out axis."""
     if base.ndim < 3:
         raise ValueError(f"{path}: expert_axis=0 needs a stacked kernel (E, in..., out...) "
                          f"with at least 3 dims, got shape {tuple(base.shape)}")
     if config.in_axes is not None and 0 in [a % base.ndim for a in config.in_axes]:
         raise ValueError(f"{path}: in_axes {config.in_axes} include the expert axis 0")
+
+
+def stacked_init(config, key: Array, base: Array, *, path: str):
+    """``(in_axes, base, a, b, a0, b0)`` of a stacked kernel, each slice initialised
+    by ``config``'s own ``init_factors`` with its own key (``in_axes`` of the
+    whole kernel: the slice's shifted by one)."""
+    _check_stacked(config, base, path)
     one = slice_config(config, base.shape[0])
     in_axes = resolve_in_axes(tuple(base.shape[1:]), one.in_axes, path)
     keys = jax.random.split(key, base.shape[0])
@@ -95,11 +100,7 @@ def stacked_build(config, key: Array, base: Array, *, path: str):
     every array field stacked along axis 0 and the whole kernel's static fields.
     The node class must be decorated with :func:`per_slice`."""
     config.check_leaf(base, path)
-    if base.ndim < 3:
-        raise ValueError(f"{path}: expert_axis=0 needs a stacked kernel (E, in..., out...) "
-                         f"with at least 3 dims, got shape {tuple(base.shape)}")
-    if config.in_axes is not None and 0 in [a % base.ndim for a in config.in_axes]:
-        raise ValueError(f"{path}: in_axes {config.in_axes} include the expert axis 0")
+    _check_stacked(config, base, path)
     one = slice_config(config, base.shape[0])
     keys = jax.random.split(key, base.shape[0])
     node = jax.vmap(lambda k, w: one.build(k, w, path=path))(keys, base)
