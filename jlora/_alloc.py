@@ -20,6 +20,7 @@ environment variable ``JLORA_NO_ALLOCATOR_HINT=1``.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 #: glibc malloc tunables that make XLA:CPU's per-step buffers reuse memory
@@ -74,6 +75,8 @@ def hint() -> None:
         return
     _hinted = True
     if os.environ.get("JLORA_NO_ALLOCATOR_HINT", "") not in ("", "0"):
+        return
+    if not sys.platform.startswith("linux"):  # glibc's arenas are a Linux matter
         return
     import jax
 
