@@ -101,6 +101,20 @@ def torch_out(pm, x):
         return pm(torch.tensor(np.asarray(x))).numpy()
 
 
+def saved_loads_equal(tmp_path, adapted, params, *, rtol):
+    """Save ``adapted`` with jlora.peft.save, load it with PEFT onto the torch twin and
+    check PEFT's outputs equal the merged jlora model's; returns PEFT's model."""
+    import peft
+
+    jlora.peft.save(str(tmp_path), adapted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(torch_twin(params), str(tmp_path))
+    np.testing.assert_allclose(torch_out(back, X), f64(run(jlora.merge(adapted), {"x": X})),
+                               rtol=rtol, atol=1e-5)
+    return back
+
+
 def sign_match(ours, theirs, axis):
     """``ours`` with each vector along ``axis`` flipped to the sign of ``theirs``."""
     dot = np.sum(f64(ours) * f64(theirs), axis=axis, keepdims=True)
@@ -204,7 +218,6 @@ def test_orthogonal_factors_reference_and_identity():
 
 @needs_torch
 def test_orthogonal_matches_peft_on_its_draws(tmp_path):
-    import peft
     import torch
 
     params = twin_params()
@@ -219,12 +232,7 @@ def test_orthogonal_matches_peft_on_its_draws(tmp_path):
     np.testing.assert_allclose(f64(b).T, layer.lora_B.default.weight.detach().numpy(), atol=1e-6)
     adapted = perturb(jlora.apply(params, jlora.Spec({"{q,k,o}/kernel": jlora.LoRA(
         rank=R, alpha=8, init="orthogonal")}), key=jax.random.key(0)), size=0.1)
-    jlora.peft.save(str(tmp_path), adapted)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(torch_twin(params), str(tmp_path))
-    np.testing.assert_allclose(torch_out(back, X), f64(run(jlora.merge(adapted), {"x": X})),
-                               rtol=1e-5, atol=1e-5)
+    saved_loads_equal(tmp_path, adapted, params, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- EVA
@@ -307,12 +315,7 @@ def test_eva_matches_peft_ranks_factors_and_files(tmp_path):
         assert node.config.alpha == config.alpha_pattern.get(name, 8)
     np.testing.assert_array_equal(jlora.merge(ours)["q"]["kernel"], params["q"]["kernel"])
     trained = perturb(ours, size=0.2)
-    jlora.peft.save(str(tmp_path), trained)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(torch_twin(params), str(tmp_path))
-    np.testing.assert_allclose(torch_out(back, X), f64(run(jlora.merge(trained), {"x": X})),
-                               rtol=1e-5, atol=1e-5)
+    saved_loads_equal(tmp_path, trained, params, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- CorDA
@@ -377,12 +380,7 @@ def test_corda_matches_reference_and_peft(mode, tmp_path):
     if mode == "kpm":
         return
     trained = perturb(ours, size=0.2)  # saved as a plain LoRA for the original weights
-    jlora.peft.save(str(tmp_path), trained)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(torch_twin(params), str(tmp_path))
-    np.testing.assert_allclose(torch_out(back, X), f64(run(jlora.merge(trained), {"x": X})),
-                               rtol=1e-4, atol=1e-5)
+    saved_loads_equal(tmp_path, trained, params, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- LoRA-GA
@@ -471,10 +469,5 @@ def test_lora_ga_matches_peft(tmp_path):
                                        atol=tol * np.abs(pb).max(), err_msg=name)
         np.testing.assert_allclose(torch_out(pm, X), f64(run(params, {"x": X})), atol=1e-5)
     trained = perturb(ours, size=0.2)  # saved as a plain LoRA for the original weights
-    jlora.peft.save(str(tmp_path), trained)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(torch_twin(params), str(tmp_path))
-    np.testing.assert_allclose(torch_out(back, X), f64(run(jlora.merge(trained), {"x": X})),
-                               rtol=1e-4, atol=1e-5)
+    back = saved_loads_equal(tmp_path, trained, params, rtol=1e-4)
     assert back.peft_config["default"].r == 2 * R
