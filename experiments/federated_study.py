@@ -41,6 +41,7 @@ from tqdm import tqdm
 import jlora
 from jlora import federated as fl
 from experiments.data import LABELS, load_tweets, tokenize
+from experiments.models._layers import mask_bias
 from experiments.models.bert import Layer, load_pretrained, minilm_dir
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -73,8 +74,9 @@ class Lower(nn.Module):
         x = x + nn.Embed(cfg.type_vocab_size, cfg.hidden_size,
                          name="token_type_embeddings")(jnp.zeros_like(ids))
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="embeddings_ln")(x)
+        bias = mask_bias(mask, x.dtype)
         for i in range(self.n):
-            x = Layer(cfg, name=f"layer_{i}")(x, mask)
+            x = Layer(cfg, name=f"layer_{i}")(x, bias)
         return x
 
 
@@ -93,7 +95,7 @@ class Top(nn.Module):
 
     @nn.compact
     def embed(self, h, mask):
-        h = Layer(self.cfg, name="layer_5")(h, mask)
+        h = Layer(self.cfg, name="layer_5")(h, mask_bias(mask, h.dtype))
         m = mask[..., None].astype(h.dtype)
         return (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
 

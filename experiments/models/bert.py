@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.models._layers import attention, gelu_erf, mask_bias, merge_heads, scale_queries, split_heads
+
 
 @dataclass(frozen=True)
 class BertConfig:
@@ -37,30 +39,30 @@ class BertConfig:
 
 
 class SelfAttention(nn.Module):
+    """Multi-head self-attention; ``bias`` is the additive key mask of :func:`mask_bias`."""
+
     cfg: BertConfig
 
     @nn.compact
-    def __call__(self, x, mask):
-        b, t, d = x.shape
+    def __call__(self, x, bias):
+        d = x.shape[-1]
         h = self.cfg.num_attention_heads
-        split = lambda y: y.reshape(b, t, h, d // h)
-        q = split(nn.Dense(d, name="query")(x))
-        k = split(nn.Dense(d, name="key")(x))
-        v = split(nn.Dense(d, name="value")(x))
-        att = nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
-        return att.reshape(b, t, d)
+        q = split_heads(scale_queries(nn.Dense(d, name="query")(x), d // h), h)
+        k = split_heads(nn.Dense(d, name="key")(x), h)
+        v = split_heads(nn.Dense(d, name="value")(x), h)
+        return merge_heads(attention(q, k, v, bias))
 
 
 class Layer(nn.Module):
     cfg: BertConfig
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, bias):
         eps = self.cfg.layer_norm_eps
-        a = SelfAttention(self.cfg, name="self_attn")(x, mask)
+        a = SelfAttention(self.cfg, name="self_attn")(x, bias)
         a = nn.Dense(x.shape[-1], name="attn_out")(a)
         x = nn.LayerNorm(epsilon=eps, name="attn_ln")(x + a)
-        h = nn.gelu(nn.Dense(self.cfg.intermediate_size, name="intermediate")(x), approximate=False)
+        h = gelu_erf(nn.Dense(self.cfg.intermediate_size, name="intermediate")(x))
         h = nn.Dense(x.shape[-1], name="output")(h)
         return nn.LayerNorm(epsilon=eps, name="output_ln")(x + h)
 
@@ -79,8 +81,9 @@ class BertEncoder(nn.Module):
         x = x + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings")(
             jnp.zeros_like(ids))
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="embeddings_ln")(x)
+        bias = mask_bias(mask, x.dtype)  # once, shared by every layer
         for i in range(cfg.num_hidden_layers):
-            x = Layer(cfg, name=f"layer_{i}")(x, mask)
+            x = Layer(cfg, name=f"layer_{i}")(x, bias)
         return x
 
 

@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from experiments.models._layers import attention, causal_bias, merge_heads, scale_queries, split_heads
+
 
 class Block(nn.Module):
     d_model: int
@@ -14,16 +16,14 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        b, t, d = x.shape
-        hd = d // self.n_heads
+        d, heads = x.shape[-1], self.n_heads
         h = nn.LayerNorm(name="ln1", dtype=self.dtype)(x)
         dense = lambda f, name: nn.Dense(f, name=name, dtype=self.dtype, use_bias=False)
-        q = dense(d, "query")(h).reshape(b, t, self.n_heads, hd)
-        k = dense(d, "key")(h).reshape(b, t, self.n_heads, hd)
-        v = dense(d, "value")(h).reshape(b, t, self.n_heads, hd)
-        mask = nn.make_causal_mask(jnp.ones((b, t), bool))
-        att = nn.dot_product_attention(q, k, v, mask=mask, dtype=self.dtype)
-        x = x + dense(d, "out")(att.reshape(b, t, d))
+        q = split_heads(scale_queries(dense(d, "query")(h), d // heads), heads)
+        k = split_heads(dense(d, "key")(h), heads)
+        v = split_heads(dense(d, "value")(h), heads)
+        att = attention(q, k, v, causal_bias(x.shape[1]))
+        x = x + dense(d, "out")(merge_heads(att))
         h = nn.LayerNorm(name="ln2", dtype=self.dtype)(x)
         h = nn.gelu(dense(4 * d, "up")(h))
         return x + dense(d, "down")(h)
