@@ -223,7 +223,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from experiments.allocator import ensure_tuned
-
-    ensure_tuned()  # tuned malloc unless JLORA_ALLOCATOR=default (docs/performance.md)
     main()

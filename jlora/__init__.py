@@ -8,6 +8,10 @@
     >>> served = jlora.merge(jlora.combine(trainable, frozen))
 """
 
+from jlora import _alloc
+
+_alloc.tune()  # before anything starts XLA's CPU threads (jlora/_alloc.py, docs/performance.md)
+
 from jlora import (checkpoint, compose, experts, federated, glora, linen, nnx, optim, peft,
                    presets, quant, sharding)
 from jlora._alloc import AllocatorHint

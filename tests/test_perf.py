@@ -211,21 +211,70 @@ def test_allocator_hint_silenced_by_warning_filter(monkeypatch):
     assert not [w for w in caught if issubclass(w.category, jlora.AllocatorHint)]
 
 
-def test_experiments_reexec_under_tuned_glibc(monkeypatch):
-    from experiments import allocator as launcher
+FAULTS = """
+import resource
+import jlora
+import jax, jax.numpy as jnp
+from jlora import _alloc
+f = jax.jit(lambda x: (jnp.sin(x) @ jnp.cos(x).T).sum() + jnp.exp(x).sum())  # 16 MiB temporaries
+x = jnp.ones((2048, 2048))
+for _ in range(2):
+    f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    f(x).block_until_ready()
+print(_alloc.tuned(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
 
-    calls = []
-    monkeypatch.setattr(launcher.os, "execve", lambda *a: calls.append(a))
-    monkeypatch.setattr(launcher, "allocator", lambda: "glibc")
+
+def _run_faults(**env):
+    import subprocess
+
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "JLORA_ALLOCATOR")}
+    out = subprocess.run([sys.executable, "-c", FAULTS], env={**clean, **env}, capture_output=True,
+                         text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    tuned, faults = out.stdout.split()
+    return tuned == "True", int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc options are Linux's")
+def test_import_tunes_glibc_malloc_and_removes_page_faults():
+    runs = [_run_faults() for _ in range(3)]
+    default_runs = [_run_faults(JLORA_ALLOCATOR="default") for _ in range(3)]
+    assert all(t for t, _ in runs) and not any(t for t, _ in default_runs)
+    # glibc's defaults fault every step's temporaries in afresh; tuned, they are reused.
+    # Where the heap lands (address-space layout) sometimes costs a tuned run a few
+    # heap extensions too, as it does under GLIBC_TUNABLES: compare the best of three.
+    faults, default_faults = min(f for _, f in runs), min(f for _, f in default_runs)
+    assert default_faults > 10_000 and faults < default_faults / 4, (runs, default_runs)
+
+
+@pytest.mark.parametrize("env", [{"JLORA_ALLOCATOR": "default"},
+                                 {"GLIBC_TUNABLES": _alloc.RECOMMENDED_TUNABLES},
+                                 {"LD_PRELOAD": "libjemalloc.so.2"}])
+def test_tune_leaves_an_explicit_choice_alone(monkeypatch, env):
+    monkeypatch.setattr(_alloc, "_tuned", False)
+    detect = _alloc.allocator
+    monkeypatch.setattr(_alloc, "allocator", lambda: detect(maps_path=""))
+    for k in ("JLORA_ALLOCATOR", "LD_PRELOAD", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(k, raising=False)
+    for k, val in env.items():
+        monkeypatch.setenv(k, val)
+    assert not _alloc.tune() and not _alloc.tuned()
+
+
+def test_tune_is_too_late_once_backends_started(monkeypatch):
+    jnp.ones(1).block_until_ready()  # the backends are up in this process
+    monkeypatch.setattr(_alloc, "_tuned", False)
     monkeypatch.delenv("JLORA_ALLOCATOR", raising=False)
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
-    launcher.ensure_tuned()
-    (exe, argv, env), = calls
-    assert exe == sys.executable and argv == [sys.executable] + sys.argv
-    assert env["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0:" + _alloc.RECOMMENDED_TUNABLES
-    monkeypatch.setenv("JLORA_ALLOCATOR", "default")  # the user's explicit choice wins
-    launcher.ensure_tuned()
-    monkeypatch.delenv("JLORA_ALLOCATOR")
-    monkeypatch.setattr(launcher, "allocator", lambda: "glibc-tuned")  # already tuned
-    launcher.ensure_tuned()
-    assert len(calls) == 1
+    assert not _alloc.tune()
+
+
+@pytest.mark.parametrize("tuned, says", [(True, "set glibc's malloc options for this process"),
+                                         (False, "import jlora before the first JAX computation")])
+def test_allocator_hint_says_whether_jlora_tuned(monkeypatch, tuned, says):
+    _fresh_hint(monkeypatch)
+    monkeypatch.setattr(_alloc, "_tuned", tuned)
+    with pytest.warns(jlora.AllocatorHint, match=re.escape(says)):
+        _apply()
