@@ -11,10 +11,12 @@ Every step is AdamW (lr 1e-4, weight decay 0.01) over the adapter factors.
 Within each model/shape the variants run round-robin in one process, after
 warm-up; the table gives medians, the spread (min-max over repetitions, in % of
 the median) and ratios. ``--allocator both`` (the default) runs the whole table
-twice in fresh processes: under glibc's default ``malloc`` and under the tuned
-``GLIBC_TUNABLES`` that the experiments use (docs/performance.md). The XLA
-memory accounting of the compiled LoRA and full fine-tuning steps of the
-decoder is reported next to it.
+twice in fresh processes: as a user gets it (``default``: no ``GLIBC_TUNABLES``
+or preload, so ``import jlora`` sets glibc's malloc options for the process,
+PEFT's side included) and with glibc's own defaults (``glibc-defaults``:
+``JLORA_ALLOCATOR=default``); ``tuned`` sets ``GLIBC_TUNABLES`` before start
+(docs/performance.md). The XLA memory accounting of the compiled LoRA and full
+fine-tuning steps of the decoder is reported next to it.
 
     python experiments/bench/peers.py                       # everything, both allocators
     python experiments/bench/peers.py --models decoder --d-model 256 --reps 3 --allocator current
@@ -41,7 +43,7 @@ import numpy as np
 import optax
 
 import jlora
-from jlora._alloc import RECOMMENDED_TUNABLES, allocator
+from jlora._alloc import RECOMMENDED_TUNABLES, allocator, tuned
 
 LR, WD = 1e-4, 0.01
 DEC_TARGETS = ["query", "key", "value", "out", "up", "down"]
@@ -252,6 +254,10 @@ def time_group(variants, reps, warmup=2):
     return times, first
 
 
+def allocator_label() -> str:
+    return "glibc, tuned by import jlora" if tuned() else allocator()
+
+
 def run_all(args) -> dict:
     cases = []
     if "decoder" in args.models:
@@ -273,11 +279,11 @@ def run_all(args) -> dict:
         results[name] = {"times_s": times, "median_s": {k: statistics.median(t) for k, t in times.items()},
                          "first_loss": first, **extra}
         med = results[name]["median_s"]
-        print(f"[{allocator()}] {name}: " + ", ".join(f"{k} {1e3 * m:.1f} ms" for k, m in med.items()),
+        print(f"[{allocator_label()}] {name}: " + ", ".join(f"{k} {1e3 * m:.1f} ms" for k, m in med.items()),
               flush=True)
         if args.json:  # after every case, so a long run that is cut short keeps what it measured
             with open(args.json, "w") as f:
-                json.dump({allocator(): results}, f)
+                json.dump({allocator_label(): results}, f)
     return results
 
 
@@ -338,6 +344,9 @@ def child_env(kind: str, threads: int) -> dict:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                             f"intra_op_parallelism_threads={threads}").strip()
     tun = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.")]
+    env.pop("JLORA_ALLOCATOR", None)
+    if kind == "glibc-defaults":
+        env["JLORA_ALLOCATOR"] = "default"
     if kind == "tuned":
         tun.append(RECOMMENDED_TUNABLES)
     env["GLIBC_TUNABLES"] = ":".join(tun)
@@ -355,7 +364,8 @@ def main(argv=None):
                     default=[(8, 128), (32, 64)], help="BATCHxSEQ")
     ap.add_argument("--bert-targets", nargs="+", default=["qv", "all"], choices=list(BERT_SPECS))
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--allocator", choices=["both", "default", "tuned", "current"], default="both")
+    ap.add_argument("--allocator", choices=["both", "default", "glibc-defaults", "tuned", "current"],
+                    default="both")
     ap.add_argument("--no-torch", action="store_true", help="jlora only")
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU threads for both XLA and torch (0: each library's default)")
@@ -377,11 +387,11 @@ def main(argv=None):
             with open(path) as f:
                 results[kind] = next(iter(json.load(f).values()))
     elif args.allocator == "current":
-        results = {allocator(): run_all(args)}
+        results = {allocator_label(): run_all(args)}
         if args.json:
             return results
     else:
-        kinds = ["default", "tuned"] if args.allocator == "both" else [args.allocator]
+        kinds = ["default", "glibc-defaults"] if args.allocator == "both" else [args.allocator]
         results = {}
         passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
         for kind in kinds:
