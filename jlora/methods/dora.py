@@ -107,8 +107,10 @@ class DoRANode(LoRANode):
         """``sqrt(‖(K0 + s·a·b)[:, j]‖² + NORM_EPS)`` per output feature, without forming ``a·b``."""
         k0 = to_matrix(self.base, self.in_axes).astype(self.a.dtype)
         a, b, s = self.a, self.b, self.scale
+        # aᵀ·K0, not K0ᵀ·a: XLA:CPU contracts K0 over its rows as a fast GEMM
+        # (the layout of x·K0) but sends K0ᵀ·a to a slow generic dot
         sq = (jnp.sum(k0 * k0, axis=0)
-              + 2 * s * jnp.sum((k0.T @ a) * b.T, axis=-1)
+              + 2 * s * jnp.sum((a.T @ k0) * b, axis=0)
               + s * s * jnp.sum(((a.T @ a) @ b) * b, axis=0))
         return jnp.sqrt(jnp.maximum(sq, 0.0) + NORM_EPS)
 
