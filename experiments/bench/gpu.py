@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
-from experiments.bench.peers import DEC_SPEC, DEC_TARGETS, have, jlora_step, torch_step
+from experiments.bench.peers import DEC_SPEC, DEC_TARGETS, QWIX_DEC, have, jlora_step, qwix_step, torch_step
 
 #: dense bf16 peak TFLOP/s by device kind (vendor data sheets, no sparsity)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5 lite": 197.0,
@@ -76,13 +76,15 @@ def main(argv=None):
     tokens = jnp.asarray(tokens_np)
     params = jax.jit(lambda k: jax.tree.map(lambda p: p.astype(jnp.bfloat16),
                                             DecoderLM(**kw).init(k, tokens)["params"]))(jax.random.key(0))
-    loss = lambda p, tok: lm_loss(jlora.linen.apply(model, {"params": p}, tok), tok)
+    loss_of = lambda apply, p, tok: lm_loss(apply({"params": p}, tok), tok)
     config = jlora.LoRA(rank=args.rank, alpha=2 * args.rank)
     variants = {}
-    variants["jlora lora"], _ = jlora_step(loss, params, [DEC_SPEC], config, (tokens,))
-    variants["jlora dora"], _ = jlora_step(loss, params, [DEC_SPEC], jlora.DoRA(rank=args.rank,
-                                                                              alpha=2 * args.rank),
-                                           (tokens,))
+    variants["jlora lora"], _ = jlora_step(loss_of, model, params, [DEC_SPEC], config, (tokens,))
+    variants["jlora dora"], _ = jlora_step(loss_of, model, params, [DEC_SPEC],
+                                           jlora.DoRA(rank=args.rank, alpha=2 * args.rank), (tokens,))
+    if have("qwix"):
+        variants["qwix lora"] = qwix_step(loss_of, model, params, QWIX_DEC, (tokens,), (tokens,),
+                                          rank=args.rank, alpha=2 * args.rank)
     if have("torch") and have("peft"):
         import torch
         from peft import LoraConfig, get_peft_model
@@ -107,7 +109,6 @@ def main(argv=None):
         print("skip PEFT: torch and peft are not installed")
     if not have("qwix"):
         print("skip qwix: not installed (pip install qwix)")
-
     for fn in variants.values():  # compile + warm-up
         fn(), fn()
     times = {k: [] for k in variants}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -48,11 +49,16 @@ from jlora._alloc import RECOMMENDED_TUNABLES, allocator, tuned
 LR, WD = 1e-4, 0.01
 DEC_TARGETS = ["query", "key", "value", "out", "up", "down"]
 DEC_SPEC = "**/layers_*/{query,key,value,out,up,down}/kernel"
+QWIX_DEC = r"layers_\d+/(query|key|value|out|up|down)"  # qwix matches module paths by regex
 BERT_SPECS = {
     "qv": (["**/self_attn/{query,value}/kernel"], ["query", "value"]),
     "all": (["**/self_attn/{query,key,value}/kernel", "**/layer_*/{attn_out,intermediate,output}/kernel"],
             ["query", "key", "value", "dense"]),
 }
+
+
+QWIX_BERT = {"qv": r".*self_attn/(query|value)",
+             "all": r".*self_attn/(query|key|value)|.*layer_\d+/(attn_out|intermediate|output)"}
 
 
 def have(mod: str) -> bool:
@@ -62,15 +68,13 @@ def have(mod: str) -> bool:
 # ---------------------------------------------------------------- jlora side
 
 
-def jlora_step(loss_fn, params, spec_patterns, config, batch):
-    """A jitted, donating AdamW step over the factors; returns ``run() -> loss``
+def adamw_step(loss_fn, combine, trainable, frozen, batch):
+    """A jitted, donating AdamW step over ``trainable``; returns ``run() -> loss``
     and the compiled step (for its memory accounting)."""
-    spec = jlora.Spec({p: config for p in spec_patterns})
-    trainable, frozen = jlora.split(jlora.apply(params, spec, key=jax.random.key(1)))
     tx = optax.adamw(LR, weight_decay=WD)
 
     def step(t, opt, frozen, *batch):
-        loss, g = jax.value_and_grad(lambda t: loss_fn(jlora.combine(t, frozen), *batch))(t)
+        loss, g = jax.value_and_grad(lambda t: loss_fn(combine(t, frozen), *batch))(t)
         upd, opt = tx.update(g, opt, t)
         return optax.apply_updates(t, upd), opt, loss
 
@@ -83,6 +87,38 @@ def jlora_step(loss_fn, params, spec_patterns, config, batch):
         return float(loss)
 
     return run, compiled
+
+
+def jlora_step(loss_of, model, params, spec_patterns, config, batch):
+    """jlora's step: ``loss_of(apply, params, *batch)`` with jlora's fast path."""
+    spec = jlora.Spec({p: config for p in spec_patterns})
+    trainable, frozen = jlora.split(jlora.apply(params, spec, key=jax.random.key(1)))
+    loss = lambda p, *b: loss_of(functools.partial(jlora.linen.apply, model), p, *b)
+    return adamw_step(loss, jlora.combine, trainable, frozen, batch)
+
+
+# ---------------------------------------------------------------- qwix side
+
+
+def qwix_step(loss_of, model, params, module_path, batch, inputs, *, rank=8, alpha=16):
+    """qwix's LoRA on the modules matching ``module_path``: its ``kernel_lora_a/b``
+    params train (AdamW, as jlora's), the given ``params`` stay frozen."""
+    import qwix
+    from flax import traverse_util
+
+    qmodel = qwix.apply_lora_to_model(model, qwix.LoraProvider(module_path=module_path, rank=rank,
+                                                                 alpha=alpha))
+    init = traverse_util.flatten_dict(jax.device_get(qmodel.init(jax.random.key(1), *inputs)["params"]))
+    lora = {k: v for k, v in init.items() if k[-1].startswith("kernel_lora_")}
+    if not lora:
+        raise ValueError(f"qwix matched no module with module_path={module_path!r}")
+    flat = traverse_util.flatten_dict
+
+    def combine(t, frozen):
+        return traverse_util.unflatten_dict({**flat(frozen), **flat(t)})
+
+    loss = lambda p, *b: loss_of(qmodel.apply, p, *b)
+    return adamw_step(loss, combine, traverse_util.unflatten_dict(lora), params, batch)[0]
 
 
 def full_step_memory(loss_fn, params, batch):
@@ -160,15 +196,19 @@ def decoder_case(d_model, args):
     tokens_np = np.random.default_rng(0).integers(0, vocab, (batch, seq)).astype(np.int32)
     tokens = jnp.asarray(tokens_np)
     params = jax.device_get(model.init(jax.random.key(0), tokens)["params"])
-    loss = lambda p, tok: lm_loss(jlora.linen.apply(model, {"params": p}, tok), tok)
+    loss_of = lambda apply, p, tok: lm_loss(apply({"params": p}, tok), tok)
     v, extra = {}, {}
-    v["jlora lora"], c_lora = jlora_step(loss, params, [DEC_SPEC], jlora.LoRA(rank=8, alpha=16), (tokens,))
-    v["jlora dora"], _ = jlora_step(loss, params, [DEC_SPEC], jlora.DoRA(rank=8, alpha=16), (tokens,))
+    v["jlora lora"], c_lora = jlora_step(loss_of, model, params, [DEC_SPEC], jlora.LoRA(rank=8, alpha=16),
+                                         (tokens,))
+    v["jlora dora"], _ = jlora_step(loss_of, model, params, [DEC_SPEC], jlora.DoRA(rank=8, alpha=16),
+                                    (tokens,))
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     model16 = DecoderLM(vocab=vocab, d_model=d_model, n_layers=layers, n_heads=heads, max_len=seq,
                         dtype=jnp.bfloat16)
-    loss16 = lambda p, tok: lm_loss(jlora.linen.apply(model16, {"params": p}, tok), tok)
-    v["jlora lora bf16"], _ = jlora_step(loss16, bf16, [DEC_SPEC], jlora.LoRA(rank=8, alpha=16), (tokens,))
+    v["jlora lora bf16"], _ = jlora_step(loss_of, model16, bf16, [DEC_SPEC], jlora.LoRA(rank=8, alpha=16),
+                                         (tokens,))
+    if have("qwix"):
+        v["qwix lora"] = qwix_step(loss_of, model, params, QWIX_DEC, (tokens,), (tokens,))
     v["jlora merged fwd"] = jlora_merged_forward(lambda p, t: model.apply({"params": p}, t), params,
                                                  [DEC_SPEC], (tokens,))
     full = full_step_memory(lambda p, tok: lm_loss(model.apply({"params": p}, tok), tok), params, (tokens,))
@@ -203,14 +243,16 @@ def bert_case(batch, seq, targets, args, cache={}):
     model = SentenceClassifier(cfg, 2)
     data = tuple(map(jnp.asarray, (ids_np, mask_np, labels_np)))
 
-    def loss(p, ids, mask, y):
-        logits = jlora.linen.apply(model, {"params": p}, ids, mask)
+    def loss_of(apply, p, ids, mask, y):
+        logits = apply({"params": p}, ids, mask)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     patterns, torch_targets = BERT_SPECS[targets]
     v = {}
-    v["jlora lora"], _ = jlora_step(loss, params, patterns, jlora.LoRA(rank=8, alpha=16), data)
-    v["jlora dora"], _ = jlora_step(loss, params, patterns, jlora.DoRA(rank=8, alpha=16), data)
+    v["jlora lora"], _ = jlora_step(loss_of, model, params, patterns, jlora.LoRA(rank=8, alpha=16), data)
+    v["jlora dora"], _ = jlora_step(loss_of, model, params, patterns, jlora.DoRA(rank=8, alpha=16), data)
+    if have("qwix"):
+        v["qwix lora"] = qwix_step(loss_of, model, params, QWIX_BERT[targets], data, data[:2])
     v["jlora merged fwd"] = jlora_merged_forward(
         lambda p, ids, mask: model.apply({"params": p}, ids, mask), params, patterns, data[:2])
     if not args.no_torch:
@@ -296,9 +338,10 @@ def ratio(med, a, b):
 
 def table(all_results: dict, header: str) -> str:
     lines = [header, "",
-             "| allocator | case | jlora LoRA ms | PEFT LoRA ms | LoRA ratio | jlora DoRA/LoRA | "
-             "PEFT DoRA/LoRA | DoRA ratio | merged fwd ratio | bf16 LoRA / f32 | spread % |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| allocator | case | jlora LoRA ms | PEFT LoRA ms | LoRA ratio | qwix LoRA ms | "
+             "LoRA jlora/qwix | jlora DoRA/LoRA | PEFT DoRA/LoRA | DoRA ratio | merged fwd ratio | "
+             "bf16 LoRA / f32 | spread % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for alloc, results in all_results.items():
         for case, r in results.items():
             med = r["median_s"]
@@ -306,7 +349,9 @@ def table(all_results: dict, header: str) -> str:
             lines.append(
                 f"| {alloc} | {case} | {1e3 * med['jlora lora']:.1f} | "
                 f"{1e3 * med.get('peft lora', float('nan')):.1f} | "
-                f"{ratio(med, 'jlora lora', 'peft lora'):.2f}x | {ratio(med, 'jlora dora', 'jlora lora'):.2f} | "
+                f"{ratio(med, 'jlora lora', 'peft lora'):.2f}x | "
+                f"{1e3 * med.get('qwix lora', float('nan')):.1f} | {ratio(med, 'jlora lora', 'qwix lora'):.2f}x | "
+                f"{ratio(med, 'jlora dora', 'jlora lora'):.2f} | "
                 f"{ratio(med, 'peft dora', 'peft lora'):.2f} | {ratio(med, 'jlora dora', 'peft dora'):.2f}x | "
                 f"{ratio(med, 'jlora merged fwd', 'torch merged fwd'):.2f}x | "
                 f"{ratio(med, 'jlora lora bf16', 'jlora lora'):.2f} | {100 * spread:.0f} |")
