@@ -51,6 +51,7 @@ from jlora import federated as fl
 from jlora.optim import _fedopt as fo
 from jlora.tree import leaves_with_paths
 from experiments.data import LABELS, load_tweets, tokenize
+from experiments.models._layers import mask_bias
 from experiments.models.bert import BertEncoder, Layer, load_pretrained, minilm_dir
 
 METHODS = ("FedAvg", "FedAdam", "MimeLite", "MIME", "FedLADA", "FedSPS", "FedDecSPS")
@@ -88,7 +89,7 @@ class Top(nn.Module):
 
     @nn.compact
     def __call__(self, h, mask):
-        x = Layer(self.cfg, name=LAST)(h, mask)
+        x = Layer(self.cfg, name=LAST)(h, mask_bias(mask, h.dtype))
         m = mask[..., None].astype(x.dtype)
         pooled = (x * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
         return nn.Dense(len(LABELS), name="classifier")(pooled)
@@ -103,8 +104,9 @@ class Below(nn.Module):
     def __call__(self, ids, mask):
         cfg = self.cfg
         x = BertEncoder(dataclasses.replace(cfg, num_hidden_layers=0), name="bert")(ids, mask)
+        bias = mask_bias(mask, x.dtype)
         for i in range(cfg.num_hidden_layers - 1):
-            x = Layer(cfg, name=f"layer_{i}")(x, mask)
+            x = Layer(cfg, name=f"layer_{i}")(x, bias)
         return x
 
 
