@@ -212,18 +212,20 @@ def test_allocator_hint_silenced_by_warning_filter(monkeypatch):
 
 
 FAULTS = """
-import resource
+import resource, statistics
 import jlora
 import jax, jax.numpy as jnp
 from jlora import _alloc
 f = jax.jit(lambda x: (jnp.sin(x) @ jnp.cos(x).T).sum() + jnp.exp(x).sum())  # 16 MiB temporaries
 x = jnp.ones((2048, 2048))
-for _ in range(2):
+for _ in range(4):
     f(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+faults = []
+for _ in range(15):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
-print(_alloc.tuned(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(_alloc.tuned(), statistics.median(faults))
 """
 
 
@@ -235,19 +237,19 @@ def _run_faults(**env):
     out = subprocess.run([sys.executable, "-c", FAULTS], env={**clean, **env}, capture_output=True,
                          text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     tuned, faults = out.stdout.split()
-    return tuned == "True", int(faults)
+    return tuned == "True", float(faults)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc options are Linux's")
 def test_import_tunes_glibc_malloc_and_removes_page_faults():
-    runs = [_run_faults() for _ in range(3)]
-    default_runs = [_run_faults(JLORA_ALLOCATOR="default") for _ in range(3)]
-    assert all(t for t, _ in runs) and not any(t for t, _ in default_runs)
-    # glibc's defaults fault every step's temporaries in afresh; tuned, they are reused.
-    # Where the heap lands (address-space layout) sometimes costs a tuned run a few
-    # heap extensions too, as it does under GLIBC_TUNABLES: compare the best of three.
-    faults, default_faults = min(f for _, f in runs), min(f for _, f in default_runs)
-    assert default_faults > 10_000 and faults < default_faults / 4, (runs, default_runs)
+    tuned, faults = _run_faults()
+    default, default_faults = _run_faults(JLORA_ALLOCATOR="default")
+    assert tuned and not default
+    # Median page faults per call: glibc's defaults fault every call's temporaries in
+    # afresh (~8 k pages); tuned, they are reused (0 on most calls; where the heap
+    # lands in the address space sometimes costs one call a heap extension, under
+    # GLIBC_TUNABLES as much as under mallopt, hence the median).
+    assert default_faults > 2_000 and faults < default_faults / 4, (faults, default_faults)
 
 
 @pytest.mark.parametrize("env", [{"JLORA_ALLOCATOR": "default"},
