@@ -168,14 +168,19 @@ def test_allocator_detection(env, expected):
     assert _alloc.allocator(env, maps_path="") == expected
 
 
-def _fresh_hint(monkeypatch, **env):
-    monkeypatch.setattr(_alloc, "_hinted", False)
-    for k in ("JLORA_NO_ALLOCATOR_HINT", "LD_PRELOAD", "GLIBC_TUNABLES"):
+def _allocator_env(monkeypatch, **env):
+    """Only ``env`` chooses the allocator (nothing from the test process's own)."""
+    for k in ("JLORA_NO_ALLOCATOR_HINT", "JLORA_ALLOCATOR", "LD_PRELOAD", "GLIBC_TUNABLES"):
         monkeypatch.delenv(k, raising=False)
     for k, val in env.items():
         monkeypatch.setenv(k, val)
     detect = _alloc.allocator
     monkeypatch.setattr(_alloc, "allocator", lambda: detect(maps_path=""))
+
+
+def _fresh_hint(monkeypatch, **env):
+    monkeypatch.setattr(_alloc, "_hinted", False)
+    _allocator_env(monkeypatch, **env)
 
 
 def _apply():
@@ -257,12 +262,7 @@ def test_import_tunes_glibc_malloc_and_removes_page_faults():
                                  {"LD_PRELOAD": "libjemalloc.so.2"}])
 def test_tune_leaves_an_explicit_choice_alone(monkeypatch, env):
     monkeypatch.setattr(_alloc, "_tuned", False)
-    detect = _alloc.allocator
-    monkeypatch.setattr(_alloc, "allocator", lambda: detect(maps_path=""))
-    for k in ("JLORA_ALLOCATOR", "LD_PRELOAD", "GLIBC_TUNABLES"):
-        monkeypatch.delenv(k, raising=False)
-    for k, val in env.items():
-        monkeypatch.setenv(k, val)
+    _allocator_env(monkeypatch, **env)
     assert not _alloc.tune() and not _alloc.tuned()
 
 

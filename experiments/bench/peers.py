@@ -122,14 +122,8 @@ def qwix_step(loss_of, model, params, module_path, batch, inputs, *, rank=8, alp
 
 
 def full_step_memory(loss_fn, params, batch):
-    tx = optax.adamw(LR, weight_decay=WD)
-
-    def step(p, opt, *batch):
-        loss, g = jax.value_and_grad(lambda p: loss_fn(p, *batch))(p)
-        upd, opt = tx.update(g, opt, p)
-        return optax.apply_updates(p, upd), opt, loss
-
-    return jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), *batch).compile()
+    """The compiled full fine-tuning step: every parameter trains."""
+    return adamw_step(loss_fn, lambda t, frozen: t, params, {}, batch)[1]
 
 
 def xla_bytes(compiled) -> float:

@@ -27,17 +27,20 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def _bias(keep, dtype):
+    """0 where ``keep``, a large negative number elsewhere (finite, so a fully
+    masked row stays finite)."""
+    return jnp.where(keep, jnp.zeros((), dtype), jnp.asarray(-0.5 * jnp.finfo(dtype).max, dtype))
+
+
 def mask_bias(mask, dtype=jnp.float32):
-    """``(B, T)`` 0/1 key mask -> ``(B, 1, 1, T)`` additive bias: 0 where kept, a
-    large negative number where masked (finite, so a fully masked row stays finite)."""
-    neg = jnp.asarray(-0.5 * jnp.finfo(dtype).max, dtype)
-    return jnp.where(mask[:, None, None, :] > 0, jnp.zeros((), dtype), neg)
+    """``(B, T)`` 0/1 key mask -> ``(B, 1, 1, T)`` additive bias."""
+    return _bias(mask[:, None, None, :] > 0, dtype)
 
 
 def causal_bias(t: int, dtype=jnp.float32):
     """``(1, 1, T, T)`` additive bias letting token i attend to tokens j <= i."""
-    keep = jnp.tril(jnp.ones((t, t), bool))
-    return jnp.where(keep, jnp.zeros((), dtype), jnp.asarray(-0.5 * jnp.finfo(dtype).max, dtype))[None, None]
+    return _bias(jnp.tril(jnp.ones((t, t), bool)), dtype)[None, None]
 
 
 def split_heads(x, heads: int):
