@@ -292,6 +292,14 @@ def branch_dropout(x: Array, key: Array | None, rate: float) -> Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def lowrank_in(x: Array, op: LinearOp, node: AdapterNode, a: Array, *, mid: Array | None = None,
+               scale: float = 1.0, dropout_key: Array | None = None, dropout: float = 0.0) -> Array:
+    """The rank-``r`` activations ``op(drop(x), a) · mid · scale``, shape ``(..., r)``."""
+    x = branch_dropout(x, dropout_key, dropout)
+    h = op(x, a.reshape(node.in_shape + (a.shape[-1],)))
+    return h * (scale if mid is None else mid * scale)
+
+
 def lowrank_dot(x: Array, op: LinearOp, node: AdapterNode, a: Array, b: Array, *,
                 mid: Array | None = None, out: Array | None = None, scale: float = 1.0,
                 dropout_key: Array | None = None, dropout: float = 0.0) -> Array:
@@ -303,11 +311,8 @@ def lowrank_dot(x: Array, op: LinearOp, node: AdapterNode, a: Array, b: Array, *
     output features (VeRA's ``λ_b``). LoRA is ``mid = out = None``. The result
     has the layer's output axes; the caller adds it to ``op(x, base)``.
     """
-    x = branch_dropout(x, dropout_key, dropout)
-    r = a.shape[-1]
-    h = op(x, a.reshape(node.in_shape + (r,)))
-    h = h * (scale if mid is None else mid * scale)
-    lo = jnp.tensordot(h, b.reshape((r,) + node.out_shape).astype(h.dtype), axes=1)
+    h = lowrank_in(x, op, node, a, mid=mid, scale=scale, dropout_key=dropout_key, dropout=dropout)
+    lo = jnp.tensordot(h, b.reshape((a.shape[-1],) + node.out_shape).astype(h.dtype), axes=1)
     if out is not None:
         lo = lo * out.reshape(node.out_shape)
     return lo
