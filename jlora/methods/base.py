@@ -296,8 +296,63 @@ def lowrank_in(x: Array, op: LinearOp, node: AdapterNode, a: Array, *, mid: Arra
                scale: float = 1.0, dropout_key: Array | None = None, dropout: float = 0.0) -> Array:
     """The rank-``r`` activations ``op(drop(x), a) · mid · scale``, shape ``(..., r)``."""
     x = branch_dropout(x, dropout_key, dropout)
-    h = op(x, a.reshape(node.in_shape + (a.shape[-1],)))
+    h = down_projection(op, x, a.reshape(node.in_shape + (a.shape[-1],)))
     return h * (scale if mid is None else mid * scale)
+
+
+def _is_trailing_contraction(op: LinearOp, x: Array, kernel: Array) -> bool:
+    """True when ``op(x, kernel)`` is one ``dot_general`` of ``x``'s trailing axes with
+    ``kernel``'s leading ones (dtype conversions aside), as Dense-like layers compute."""
+    n_in = kernel.ndim - 1
+    try:
+        jaxpr = jax.make_jaxpr(op)(jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                   jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)).jaxpr
+    except Exception:  # an op that cannot be traced on its own: keep autodiff's VJP
+        return False
+    eqns = [e for e in jaxpr.eqns if e.primitive.name != "convert_element_type"]
+    if len(eqns) != 1 or eqns[0].primitive.name != "dot_general":
+        return False
+    want = ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ()))
+    (lhs_c, rhs_c), (lhs_b, rhs_b) = eqns[0].params["dimension_numbers"]
+    got = ((tuple(lhs_c), tuple(rhs_c)), (tuple(lhs_b), tuple(rhs_b)))
+    lhs, rhs = eqns[0].invars
+    converted = {e.outvars[0]: e.invars[0] for e in jaxpr.eqns
+                 if e.primitive.name == "convert_element_type"}
+    return (got == want and converted.get(lhs, lhs) is jaxpr.invars[0]
+            and converted.get(rhs, rhs) is jaxpr.invars[1])
+
+
+def down_projection(op: LinearOp, x: Array, kernel: Array) -> Array:
+    """``op(x, kernel)`` for a rank-``r`` kernel ``(*in_shape, r)``; when ``op`` is a
+    Dense-like contraction, with a VJP whose kernel gradient XLA:CPU computes fast.
+
+    Autodiff writes ``dkernel = Σ_tokens x ⊗ dh`` as a ``(fan_in, r)`` product
+    with the token axis contracted on both sides, which XLA:CPU runs 3-9x slower
+    than the same product laid out ``(r, fan_in)`` (1024 tokens: 2.5 vs 0.4 ms
+    at fan_in 1024, 8.2 vs 1.6 ms at 4096). The VJP computes the latter and
+    transposes the small result; an ``optimization_barrier`` keeps XLA from
+    folding the transpose back into the product.
+    """
+    if not _is_trailing_contraction(op, x, kernel):
+        return op(x, kernel)
+
+    @jax.custom_vjp
+    def project(x, kernel):
+        return op(x, kernel)
+
+    def fwd(x, kernel):
+        return op(x, kernel), (x, kernel)
+
+    def bwd(res, dh):
+        x, kernel = res
+        dx = jax.vjp(lambda x: op(x, kernel), x)[1](dh)[0]
+        lead = tuple(range(x.ndim - (kernel.ndim - 1)))
+        dk = jax.lax.dot_general(dh, x.astype(dh.dtype), ((lead, lead), ((), ())))  # (r, *in)
+        dk = jnp.moveaxis(jax.lax.optimization_barrier(dk), 0, -1)
+        return dx, dk.astype(kernel.dtype)
+
+    project.defvjp(fwd, bwd)
+    return project(x, kernel)
 
 
 def lowrank_dot(x: Array, op: LinearOp, node: AdapterNode, a: Array, b: Array, *,
