@@ -117,7 +117,7 @@ def test_down_projection_vjp_matches_autodiff_float64(name):
 
 
 def test_lora_step_has_no_fan_in_by_rank_gradient_product():
-    """XLA:CPU runs Σ_tokens x ⊗ dh laid out (fan_in, r) 3-9x slower than (r, fan_in):
+    """XLA:CPU runs Σ_tokens x ⊗ dh laid out (fan_in, r) 1.5-6x slower than (r, fan_in):
     the compiled LoRA gradient computes only the latter (it fails with autodiff's VJP)."""
     import flax.linen as nn
     import re
