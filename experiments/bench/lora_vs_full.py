@@ -14,7 +14,13 @@ in one process (round-robin, after warm-up, median of --reps):
 Peak memory is XLA's own accounting of the compiled step
 (arguments + outputs + temporaries, ``compiled.memory_analysis()``).
 
-    python experiments/bench/lora_vs_full.py            # d_model 256 and 1024
+``--remat block`` (or ``names``) rematerializes every block of every variant
+(``DecoderLM(remat=...)``) and compiles the steps with XLA:CPU's memory-optimized
+scheduler, without which the recomputation saves nothing on CPU; the extra
+variant ``full_plain`` is full fine-tuning of the plain model as usually compiled.
+
+    python experiments/bench/lora_vs_full.py                    # d_model 256 and 1024
+    python experiments/bench/lora_vs_full.py --d-model 1024 --remat block
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import jax
 import optax
 
 import jlora
-from experiments.models.decoder import DecoderLM, lm_loss
+from experiments.models.decoder import MEMORY_OPTIMIZED_CPU, REMAT_POLICIES, DecoderLM, lm_loss
 
 SPEC_PATTERN = "**/layers_*/{query,key,value,out,up,down}/kernel"
 
@@ -84,17 +90,23 @@ def make_steps(model, params, tokens, rank):
     return steps
 
 
-def bench(d_model, n_layers, batch, seq, vocab, rank, reps):
-    model = DecoderLM(vocab=vocab, d_model=d_model, n_layers=n_layers,
-                      n_heads=max(1, d_model // 64), max_len=seq)
+def bench(d_model, n_layers, batch, seq, vocab, rank, reps, remat=None):
+    model_of = lambda remat: DecoderLM(vocab=vocab, d_model=d_model, n_layers=n_layers,
+                                       n_heads=max(1, d_model // 64), max_len=seq, remat=remat)
+    model = model_of(remat)
     tokens = jax.random.randint(jax.random.key(0), (batch, seq), 0, vocab)
     params = model.init(jax.random.key(0), tokens)["params"]
     steps = make_steps(model, params, tokens, rank)
+    options = {name: {} for name in steps}
+    if remat is not None:
+        steps["full_plain"] = make_steps(model_of(None), params, tokens, rank)["full"]
+        if jax.default_backend() == "cpu":
+            options = {name: {} if name == "full_plain" else MEMORY_OPTIMIZED_CPU for name in steps}
     compiled, state, mem = {}, {}, {}
     for name, (fn, p, opt, frozen) in steps.items():
         # the frozen weights are an argument, not a closed-over constant, so that
         # XLA's accounting counts them
-        c = jax.jit(fn).lower(p, opt, frozen, tokens).compile()
+        c = jax.jit(fn, compiler_options=options[name]).lower(p, opt, frozen, tokens).compile()
         ma = c.memory_analysis()
         mem[name] = (ma.argument_size_in_bytes + ma.output_size_in_bytes
                      + ma.temp_size_in_bytes - ma.alias_size_in_bytes) if ma else float("nan")
@@ -121,14 +133,17 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--remat", choices=["none", *REMAT_POLICIES], default="none",
+                    help="rematerialize every block (DecoderLM(remat=...)) in every variant")
     args = ap.parse_args(argv)
+    remat = None if args.remat == "none" else args.remat
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
           f"layers={args.layers} batch={args.batch} seq={args.seq} vocab={args.vocab} "
-          f"rank={args.rank}, median of {args.reps}")
+          f"rank={args.rank} remat={args.remat}, median of {args.reps}")
     print(f"{'d_model':>7} {'variant':<12} {'step ms':>9} {'vs full':>8} {'peak MiB':>9}")
     for d in args.d_model:
-        med, mem = bench(d, args.layers, args.batch, args.seq, args.vocab, args.rank, args.reps)
-        for name in ("full", "lora", "lora_merged", "floor"):
+        med, mem = bench(d, args.layers, args.batch, args.seq, args.vocab, args.rank, args.reps, remat)
+        for name in med:
             print(f"{d:>7} {name:<12} {1e3 * med[name]:>9.1f} {med[name] / med['full']:>7.2f}x "
                   f"{mem[name] / 2**20:>9.1f}")
 
