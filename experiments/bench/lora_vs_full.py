@@ -97,16 +97,15 @@ def bench(d_model, n_layers, batch, seq, vocab, rank, reps, remat=None):
     tokens = jax.random.randint(jax.random.key(0), (batch, seq), 0, vocab)
     params = model.init(jax.random.key(0), tokens)["params"]
     steps = make_steps(model, params, tokens, rank)
-    options = {name: {} for name in steps}
     if remat is not None:
         steps["full_plain"] = make_steps(model_of(None), params, tokens, rank)["full"]
-        if jax.default_backend() == "cpu":
-            options = {name: {} if name == "full_plain" else MEMORY_OPTIMIZED_CPU for name in steps}
+    remat_options = MEMORY_OPTIMIZED_CPU if remat is not None and jax.default_backend() == "cpu" else {}
     compiled, state, mem = {}, {}, {}
     for name, (fn, p, opt, frozen) in steps.items():
         # the frozen weights are an argument, not a closed-over constant, so that
         # XLA's accounting counts them
-        c = jax.jit(fn, compiler_options=options[name]).lower(p, opt, frozen, tokens).compile()
+        options = {} if name == "full_plain" else remat_options
+        c = jax.jit(fn, compiler_options=options).lower(p, opt, frozen, tokens).compile()
         ma = c.memory_analysis()
         mem[name] = (ma.argument_size_in_bytes + ma.output_size_in_bytes
                      + ma.temp_size_in_bytes - ma.alias_size_in_bytes) if ma else float("nan")

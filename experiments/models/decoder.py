@@ -62,7 +62,7 @@ class DecoderLM(nn.Module):
         t = tokens.shape[1]
         x = nn.Embed(self.vocab, self.d_model, name="embed")(tokens)
         x = x + nn.Embed(self.max_len, self.d_model, name="pos")(jnp.arange(t))[None]
-        if self.remat not in REMAT_POLICIES and self.remat is not None:
+        if self.remat is not None and self.remat not in REMAT_POLICIES:
             raise ValueError(f"DecoderLM: remat={self.remat!r}; expected None or one of "
                              f"{sorted(REMAT_POLICIES)}")
         block = nn.remat(Block, policy=REMAT_POLICIES[self.remat]) if self.remat else Block
