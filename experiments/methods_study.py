@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import jlora
 from experiments.data import LABELS, load_tweets, tokenize
+from experiments.memory import MIB, xla_bytes
 from experiments.models.bert import SentenceClassifier, load_pretrained, minilm_dir
 from experiments.quickstart import accuracy, batches, pad_batch
 from experiments.report import write_study
@@ -93,9 +94,7 @@ def compile_step(name, rules, model, params, data, args, *, masked=False, adapte
     b = args.batch
     example = (tr_ids[:b], tr_mask[:b], tr_y[:b], np.ones(b, bool), jax.random.key(0))
     compiled = jax.jit(step).lower(trainable, opt, *example).compile()
-    ma = compiled.memory_analysis()
-    peak = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-            - ma.alias_size_in_bytes) / 2**20
+    peak = xla_bytes(compiled) / MIB
     return SimpleNamespace(compiled=compiled, trainable=trainable, opt=opt, frozen=frozen,
                            adapted=adapted, n_train=n_train, steps=steps, peak=peak, kw=kw,
                            is_ada=is_ada, is_glora=is_glora, example=example)

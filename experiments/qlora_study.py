@@ -30,11 +30,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from tqdm import tqdm
 
 import jlora
+from experiments.memory import MIB, xla_bytes
 from experiments.models.decoder import DecoderLM, lm_loss
 from experiments.report import write_study
 
@@ -111,9 +111,7 @@ def run_variant(name, params, args):
 
     batch0 = counting(jax.random.key(1), args.batch, args.seq, args.vocab, 3)
     compiled = jax.jit(step).lower(trainable, opt, frozen, batch0).compile()
-    ma = compiled.memory_analysis()
-    mem = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-           - ma.alias_size_in_bytes)
+    mem = xla_bytes(compiled)
     losses, times = [], []
     for i in tqdm(range(args.steps), desc=name, leave=False):
         tokens = counting(jax.random.key(20_000 + i), args.batch, args.seq, args.vocab, 3)
@@ -124,7 +122,7 @@ def run_variant(name, params, args):
     test = counting(jax.random.key(999), 256, args.seq, args.vocab, 3)
     acc, test_loss = accuracy_and_loss(jax.jit(forward)(trainable, frozen, test), test)
     return {"variant": name, "accuracy": acc, "test_loss": test_loss,
-            "step_ms": 1e3 * statistics.median(times[2:] or times), "step_mib": mem / 2**20,
+            "step_ms": 1e3 * statistics.median(times[2:] or times), "step_mib": mem / MIB,
             "base_bytes_per_param": bpp, "trainable": jlora.count_trainable(adapted)
             if name != "full" else sum(x.size for x in jax.tree.leaves(params)),
             "losses": losses}

@@ -17,6 +17,7 @@ import pytest
 
 import jlora
 from jlora import _alloc
+from experiments.memory import xla_bytes
 from tests._refs import f64
 
 # distinct widths, so a (fan_in, fan_out) buffer of one layer is unambiguous
@@ -85,12 +86,6 @@ def test_adapter_step_has_no_dense_kernel_temporary(name):
 def test_dense_buffer_probe_sees_full_finetuning_gradients():
     # the probe is not blind: full fine-tuning writes kernel-shaped gradients and moments
     assert len(dense_buffers(compiled_step("full"))) >= 2
-
-
-def xla_bytes(compiled):
-    ma = compiled.memory_analysis()
-    return (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-            - ma.alias_size_in_bytes)
 
 
 def test_lora_step_memory_at_most_half_of_full_finetuning():

@@ -37,6 +37,7 @@ import jax
 import optax
 
 import jlora
+from experiments.memory import MIB, xla_bytes
 from experiments.models.decoder import MEMORY_OPTIMIZED_CPU, REMAT_POLICIES, DecoderLM, lm_loss
 
 SPEC_PATTERN = "**/layers_*/{query,key,value,out,up,down}/kernel"
@@ -106,9 +107,7 @@ def bench(d_model, n_layers, batch, seq, vocab, rank, reps, remat=None):
         # XLA's accounting counts them
         options = {} if name == "full_plain" else remat_options
         c = jax.jit(fn, compiler_options=options).lower(p, opt, frozen, tokens).compile()
-        ma = c.memory_analysis()
-        mem[name] = (ma.argument_size_in_bytes + ma.output_size_in_bytes
-                     + ma.temp_size_in_bytes - ma.alias_size_in_bytes) if ma else float("nan")
+        mem[name] = xla_bytes(c)
         compiled[name], state[name] = c, (p, opt, frozen)
         for _ in range(2):  # warm-up
             out = c(*state[name], tokens)
@@ -144,7 +143,7 @@ def main(argv=None):
         med, mem = bench(d, args.layers, args.batch, args.seq, args.vocab, args.rank, args.reps, remat)
         for name in med:
             print(f"{d:>7} {name:<12} {1e3 * med[name]:>9.1f} {med[name] / med['full']:>7.2f}x "
-                  f"{mem[name] / 2**20:>9.1f}")
+                  f"{mem[name] / MIB:>9.1f}")
 
 
 if __name__ == "__main__":

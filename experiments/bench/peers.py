@@ -45,6 +45,7 @@ import optax
 
 import jlora
 from jlora._alloc import RECOMMENDED_TUNABLES, allocator, tuned
+from experiments.memory import MIB, xla_bytes
 
 LR, WD = 1e-4, 0.01
 DEC_TARGETS = ["query", "key", "value", "out", "up", "down"]
@@ -124,14 +125,6 @@ def qwix_step(loss_of, model, params, module_path, batch, inputs, *, rank=8, alp
 def full_step_memory(loss_fn, params, batch):
     """The compiled full fine-tuning step: every parameter trains."""
     return adamw_step(loss_fn, lambda t, frozen: t, params, {}, batch)[1]
-
-
-def xla_bytes(compiled) -> float:
-    ma = compiled.memory_analysis()
-    if ma is None:
-        return float("nan")
-    return float(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-                 - ma.alias_size_in_bytes)
 
 
 def jlora_merged_forward(fwd, params, spec_patterns, batch):
@@ -355,7 +348,7 @@ def table(all_results: dict, header: str) -> str:
         lines += ["", "XLA memory accounting of the compiled step (arguments + outputs + temporaries "
                   "- aliased), LoRA vs full fine-tuning:", "",
                   "| allocator | case | LoRA MiB | full FT MiB | ratio |", "|---|---|---:|---:|---:|"]
-        lines += [f"| {a} | {c} | {m['lora'] / 2**20:.1f} | {m['full'] / 2**20:.1f} | "
+        lines += [f"| {a} | {c} | {m['lora'] / MIB:.1f} | {m['full'] / MIB:.1f} | "
                   f"{m['lora'] / m['full']:.2f}x |" for a, c, m in mem]
     return "\n".join(lines)
 

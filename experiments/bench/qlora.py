@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 import jlora
+from experiments.memory import MIB, xla_bytes
 from experiments.models.decoder import DecoderLM, lm_loss
 
 SPEC_PATTERN = "**/layers_*/{query,key,value,out,up,down}/kernel"
@@ -99,8 +100,7 @@ def bench(d_model, n_layers, batch, seq, vocab, rank, reps, dtype=jnp.bfloat16, 
         # the frozen tree is an argument (not a jit constant), as in real training
         c = jax.jit(fn).lower(t, opt, tokens, frozen).compile()
         ma = c.memory_analysis()
-        mem[name] = (ma.argument_size_in_bytes + ma.output_size_in_bytes
-                     + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
+        mem[name] = xla_bytes(c)
         temp[name] = ma.temp_size_in_bytes
         compiled[name], state[name] = c, (t, opt, tokens, frozen)
         for _ in range(warmup if reps else 0):  # warm-up
@@ -133,7 +133,7 @@ def main(argv=None):
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
           f"layers={args.layers} batch={args.batch} seq={args.seq} vocab={args.vocab} "
           f"rank={args.rank} dtype={args.dtype}, median of {args.reps}")
-    print(f"| d_model | variant | step ms | vs lora_bf16 | step MiB | temps MiB | base B/param |")
+    print("| d_model | variant | step ms | vs lora_bf16 | step MiB | temps MiB | base B/param |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     rows = []
     for d in args.d_model:
@@ -143,8 +143,8 @@ def main(argv=None):
             timed = med[name] == med[name]  # not NaN (--reps 0: memory only)
             ms = f"{1e3 * med[name]:.1f}" if timed else "-"
             ratio = f"{med[name] / med['lora_bf16']:.2f}x" if timed else "-"
-            row = (f"| {d} | {name} | {ms} | {ratio} | {mem[name] / 2**20:.1f} | "
-                   f"{temp[name] / 2**20:.1f} | {bpp[name]:.3f} |")
+            row = (f"| {d} | {name} | {ms} | {ratio} | {mem[name] / MIB:.1f} | "
+                   f"{temp[name] / MIB:.1f} | {bpp[name]:.3f} |")
             rows.append(row)
             print(row, flush=True)
     return rows

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 import jlora
+from experiments.memory import MIB, xla_bytes
 from experiments.models.decoder import DecoderLM, lm_loss
 
 VARIANTS = ("lora", "meft_lora", "loreft", "noreft", "floor")
@@ -71,9 +72,7 @@ def bench(d_model, n_layers, batch, seq, vocab, rank, reps):
 
         opt = tx.init(trainable)
         c = jax.jit(step).lower(trainable, opt, tokens, mask).compile()
-        ma = c.memory_analysis()
-        mem[name] = (ma.argument_size_in_bytes + ma.output_size_in_bytes
-                     + ma.temp_size_in_bytes - ma.alias_size_in_bytes) if ma else float("nan")
+        mem[name] = xla_bytes(c)
         compiled[name], state[name] = c, (trainable, opt)
         for _ in range(2):  # warm-up
             jax.block_until_ready(c(trainable, opt, tokens, mask))
@@ -104,7 +103,7 @@ def main(argv=None):
     print("| variant | trainable | step ms | vs lora | peak MiB |\n|---|---|---|---|---|")
     for name in VARIANTS:
         print(f"| {name} | {counts[name]} | {1e3 * med[name]:.1f} | "
-              f"{med[name] / med['lora']:.2f}x | {mem[name] / 2**20:.1f} |")
+              f"{med[name] / med['lora']:.2f}x | {mem[name] / MIB:.1f} |")
 
 
 if __name__ == "__main__":

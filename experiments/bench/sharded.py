@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import jax
 
 from experiments import train
+from experiments.memory import MIB, xla_bytes
 from experiments.models.decoder import DecoderLM
 
 
@@ -47,9 +48,7 @@ def main(argv=None):
         for name, full in (("full", True), ("lora", False)):
             step, t, opt, frozen, batch_sh = train.build(model, params, mesh, full=full)
             x = jax.device_put(tokens, batch_sh)
-            ma = step.lower(t, opt, frozen, x).compile().memory_analysis()
-            mib = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-                   - ma.alias_size_in_bytes) / 2**20
+            mib = xla_bytes(step.lower(t, opt, frozen, x).compile()) / MIB
             for _ in range(2):
                 t, opt, loss = step(t, opt, frozen, x)
             jax.block_until_ready(loss)
