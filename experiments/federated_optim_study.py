@@ -95,25 +95,10 @@ class Top(nn.Module):
         return nn.Dense(len(LABELS), name="classifier")(pooled)
 
 
-class Below(nn.Module):
-    """Embeddings and the frozen layers under the adapted one (run once to cache)."""
-
-    cfg: object
-
-    @nn.compact
-    def __call__(self, ids, mask):
-        cfg = self.cfg
-        x = BertEncoder(dataclasses.replace(cfg, num_hidden_layers=0), name="bert")(ids, mask)
-        bias = mask_bias(mask, x.dtype)
-        for i in range(cfg.num_hidden_layers - 1):
-            x = Layer(cfg, name=f"layer_{i}")(x, bias)
-        return x
-
-
 def cache_hidden(cfg, bert, ids, mask, batch=64):
-    below = Below(cfg)
-    params = {"bert": {k: v for k, v in bert.items() if not k.startswith("layer_")},
-              **{k: v for k, v in bert.items() if k.startswith("layer_") and k != LAST}}
+    # embeddings and the frozen layers under the adapted one, run once to cache
+    below = BertEncoder(dataclasses.replace(cfg, num_hidden_layers=cfg.num_hidden_layers - 1))
+    params = {k: v for k, v in bert.items() if k != LAST}
     fwd = jax.jit(lambda i, m: below.apply({"params": params}, i, m))
     out = []
     for s in tqdm(range(0, len(ids), batch), desc="cache frozen layers", leave=False):

@@ -24,6 +24,7 @@ Writes ``experiments/results/federated_study.{md,json,png}``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -42,7 +43,7 @@ import jlora
 from jlora import federated as fl
 from experiments.data import LABELS, load_tweets, tokenize
 from experiments.models._layers import mask_bias
-from experiments.models.bert import Layer, load_pretrained, minilm_dir
+from experiments.models.bert import BertEncoder, Layer, load_pretrained, minilm_dir
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QV = "layer_5/self_attn/{query,value}/kernel"
@@ -56,28 +57,6 @@ R = 8  # LoRA rank everywhere else
 
 
 # ---------------------------------------------------------------- model
-
-
-class Lower(nn.Module):
-    """Embeddings and the first ``n`` encoder layers (frozen, run once)."""
-
-    cfg: object
-    n: int
-
-    @nn.compact
-    def __call__(self, ids, mask):
-        cfg = self.cfg
-        pos = jnp.arange(ids.shape[1])[None]
-        x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings")(ids)
-        x = x + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size,
-                         name="position_embeddings")(pos)
-        x = x + nn.Embed(cfg.type_vocab_size, cfg.hidden_size,
-                         name="token_type_embeddings")(jnp.zeros_like(ids))
-        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="embeddings_ln")(x)
-        bias = mask_bias(mask, x.dtype)
-        for i in range(self.n):
-            x = Layer(cfg, name=f"layer_{i}")(x, bias)
-        return x
 
 
 class Top(nn.Module):
@@ -580,7 +559,8 @@ def main(argv=None):
     ids, mask = tokenize(tx, model_dir, args.max_len)
     te_ids, te_mask = tokenize(vx, model_dir, args.max_len)
     lower_params = {k: v for k, v in bert.items() if k != "layer_5"}
-    lower = jax.jit(lambda i, m: Lower(cfg, 5).apply({"params": lower_params}, i, m))
+    lower_model = BertEncoder(dataclasses.replace(cfg, num_hidden_layers=5))  # embeddings + layers 0-4
+    lower = jax.jit(lambda i, m: lower_model.apply({"params": lower_params}, i, m))
     cache = lambda i, m: np.concatenate([np.asarray(lower(i[j:j + 128], m[j:j + 128]))
                                          for j in range(0, len(i), 128)])
     hidden, te_hidden = cache(ids, mask), cache(te_ids, te_mask)
