@@ -8,9 +8,9 @@ exact GELU on both sides, mean pooling + a frozen 2-way head, cross-entropy) at
 batch 8 x 128 and 32 x 64, rank 8 on query+value and on every linear layer.
 Every step is AdamW (lr 1e-4, weight decay 0.01) over the adapter factors.
 
-Within each model/shape the variants run round-robin in one process, after
-warm-up; the table gives medians, the spread (min-max over repetitions, in % of
-the median) and ratios. ``--allocator both`` (the default) runs the whole table
+Within each model/shape the variants alternate in one process, after warm-up,
+in a fresh seeded order each round; the table gives medians, the spread
+(min-max over repetitions, in % of the median) and ratios. ``--allocator both`` (the default) runs the whole table
 twice in fresh processes: as a user gets it (``default``: no ``GLIBC_TUNABLES``
 or preload, so ``import jlora`` sets glibc's malloc options for the process,
 PEFT's side included) and with glibc's own defaults (``glibc-defaults``:
@@ -274,11 +274,16 @@ def time_group(variants, reps, warmup=2):
             out = fn()
             if i == 0:
                 first[k] = out
+    # Each round runs the variants in a fresh (seeded) order: torch's worker
+    # threads keep spinning for a while after an op and slow whatever runs next
+    # (XLA GEMMs alternated with torch calls ran at 76-112 GFLOP/s, alone at
+    # 145-171), so a fixed order would charge that to the same variant each time.
+    order = np.random.default_rng(0)
     times = {k: [] for k in variants}
     for _ in range(reps):
-        for k, fn in variants.items():
+        for k in order.permutation(list(variants)):
             t0 = time.perf_counter()
-            fn()
+            variants[k]()
             times[k].append(time.perf_counter() - t0)
     return times, first
 
