@@ -53,7 +53,7 @@ import optax
 from jlora.tree import PyTree, is_node, leaves_with_paths, path_str
 
 try:  # the optional dependency: only this module needs it
-    from flwr.app import (Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord,
+    from flwr.app import (Array, ArrayRecord, ConfigRecord, Message, MetricRecord,
                           RecordDict)
     from flwr.serverapp.strategy import FedAvg
 except ImportError as e:  # pragma: no cover - exercised only without the extra

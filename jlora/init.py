@@ -54,7 +54,7 @@ from jlora import _validate as v
 from jlora.core import apply as _apply
 from jlora.core import merge as _merge
 from jlora.methods.base import from_matrix, to_matrix
-from jlora.methods.lora import LoRA, LoRANode
+from jlora.methods.lora import LoRANode
 from jlora.tree import is_node, leaves_with_paths, map_with_paths
 
 Progress = Callable[[int, Any], None] | None

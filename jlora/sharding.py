@@ -30,6 +30,7 @@ call ``jax.distributed.initialize()`` first and build the mesh from
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

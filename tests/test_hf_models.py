@@ -13,7 +13,7 @@ import pytest
 
 import jlora
 from tests._refs import f64, perturb
-from tests.hf_models import (BATCH, RANK, SEQ, VOCAB, FAMILIES, GemmaLM, build, full_products,
+from tests.hf_models import (RANK, VOCAB, FAMILIES, GemmaLM, build, full_products,
                        logits, loss_fn, tokens, torch_twin)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,

@@ -8,7 +8,6 @@ exercises ``module_params``, ``merge_into``/``unmerge_from`` and ``context``.
 """
 
 import dataclasses
-import warnings
 
 import chex
 import flax.linen as nn

@@ -19,10 +19,8 @@ import json
 import os
 import re
 
-import jax
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 import jlora
 from tests.test_peft import FIXTURES, assert_same_adapter, base_params
