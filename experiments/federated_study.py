@@ -559,7 +559,8 @@ def main(argv=None):
     ids, mask = tokenize(tx, model_dir, args.max_len)
     te_ids, te_mask = tokenize(vx, model_dir, args.max_len)
     lower_params = {k: v for k, v in bert.items() if k != "layer_5"}
-    lower_model = BertEncoder(dataclasses.replace(cfg, num_hidden_layers=5))  # embeddings + layers 0-4
+    # the embeddings and layers 0-4, frozen: run once to cache their output
+    lower_model = BertEncoder(dataclasses.replace(cfg, num_hidden_layers=5))
     lower = jax.jit(lambda i, m: lower_model.apply({"params": lower_params}, i, m))
     cache = lambda i, m: np.concatenate([np.asarray(lower(i[j:j + 128], m[j:j + 128]))
                                          for j in range(0, len(i), 128)])

@@ -8,15 +8,16 @@ exact GELU on both sides, mean pooling + a frozen 2-way head, cross-entropy) at
 batch 8 x 128 and 32 x 64, rank 8 on query+value and on every linear layer.
 Every step is AdamW (lr 1e-4, weight decay 0.01) over the adapter factors.
 
-Within each model/shape the variants alternate in one process, after warm-up,
-in a fresh seeded order each round; the table gives medians, the spread
-(min-max over repetitions, in % of the median) and ratios. ``--allocator both`` (the default) runs the whole table
-twice in fresh processes: as a user gets it (``default``: no ``GLIBC_TUNABLES``
-or preload, so ``import jlora`` sets glibc's malloc options for the process,
-PEFT's side included) and with glibc's own defaults (``glibc-defaults``:
-``JLORA_ALLOCATOR=default``); ``tuned`` sets ``GLIBC_TUNABLES`` before start
-(docs/performance.md). The XLA memory accounting of the compiled LoRA and full
-fine-tuning steps of the decoder is reported next to it.
+Within each model/shape the variants alternate in one process, after warm-up, in
+a fresh seeded order each round; the table gives medians, the spread (min-max
+over repetitions, in % of the median) and ratios. ``--allocator both`` (the
+default) runs the whole table twice in fresh processes: as a user gets it
+(``default``: no ``GLIBC_TUNABLES`` or preload, so ``import jlora`` sets glibc's
+malloc options for the process, PEFT's side included) and with glibc's own
+defaults (``glibc-defaults``: ``JLORA_ALLOCATOR=default``); ``tuned`` sets
+``GLIBC_TUNABLES`` before start (docs/performance.md). The XLA memory accounting
+of the compiled LoRA and full fine-tuning steps of the decoder is reported next
+to it.
 
     python experiments/bench/peers.py                       # everything, both allocators
     python experiments/bench/peers.py --models decoder --d-model 256 --reps 3 --allocator current
