@@ -51,7 +51,7 @@ from jlora import federated as fl
 from jlora.optim import _fedopt as fo
 from jlora.tree import leaves_with_paths
 from experiments.data import LABELS, load_tweets, tokenize
-from experiments.models._layers import mask_bias
+from experiments.models._layers import key_bias
 from experiments.models.bert import BertEncoder, Layer, load_pretrained, minilm_dir
 
 METHODS = ("FedAvg", "FedAdam", "MimeLite", "MIME", "FedLADA", "FedSPS", "FedDecSPS")
@@ -89,7 +89,7 @@ class Top(nn.Module):
 
     @nn.compact
     def __call__(self, h, mask):
-        x = Layer(self.cfg, name=LAST)(h, mask_bias(mask, h.dtype))
+        x = Layer(self.cfg, name=LAST)(h, key_bias(mask, h.dtype))
         m = mask[..., None].astype(x.dtype)
         pooled = (x * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
         return nn.Dense(len(LABELS), name="classifier")(pooled)

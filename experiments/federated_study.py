@@ -42,7 +42,7 @@ from tqdm import tqdm
 import jlora
 from jlora import federated as fl
 from experiments.data import LABELS, load_tweets, tokenize
-from experiments.models._layers import mask_bias
+from experiments.models._layers import key_bias
 from experiments.models.bert import BertEncoder, Layer, load_pretrained, minilm_dir
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -74,7 +74,7 @@ class Top(nn.Module):
 
     @nn.compact
     def embed(self, h, mask):
-        h = Layer(self.cfg, name="layer_5")(h, mask_bias(mask, h.dtype))
+        h = Layer(self.cfg, name="layer_5")(h, key_bias(mask, h.dtype))
         m = mask[..., None].astype(h.dtype)
         return (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
 

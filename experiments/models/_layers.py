@@ -10,12 +10,16 @@ differentiates the softmax as ``p * (dp - sum(p * dp))``, a reduction over the
 (FlashAttention's ``D_i``), a reduction over head_dim instead, and keeps only
 ``q, k, v, p, o`` for the backward pass. On all-MiniLM-L6-v2 (batch 8 x 128) it
 cuts the compiled LoRA step's temporaries from 314 to 253 MiB
-(docs/performance.md). ``gelu_erf`` is the exact GELU through ``erf``; jax's
+(docs/performance.md). ``key_masked_attention`` is the same math in the
+token-major (batch, tokens, heads, head_dim) layout with a per-key mask, which
+on XLA:CPU runs as the C++ kernel of ``_cpu_attention.cc`` (``_cpu_kernel``).
+``gelu_erf`` is the exact GELU through ``erf``; jax's
 ``gelu(approximate=False)`` goes through ``erfc``, whose XLA:CPU expansion is a
 chain of selects and exponentials.
 
-Both are tested against ``jax.grad`` of the plain formulas in float64
-(tests/test_model_layers.py).
+``attention`` and ``gelu_erf`` are tested against ``jax.grad`` of the plain
+formulas in float64 (tests/test_model_layers.py), the kernel against float64
+numpy (tests/test_cpu_attention_kernel.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from experiments.models import _cpu_kernel
+
 
 def _bias(keep, dtype):
     """0 where ``keep``, a large negative number elsewhere (finite, so a fully
@@ -33,9 +39,14 @@ def _bias(keep, dtype):
     return jnp.where(keep, jnp.zeros((), dtype), jnp.asarray(-0.5 * jnp.finfo(dtype).max, dtype))
 
 
+def key_bias(mask, dtype=jnp.float32):
+    """``(B, T)`` 0/1 key mask -> ``(B, T)`` additive bias (:func:`key_masked_attention`)."""
+    return _bias(mask > 0, dtype)
+
+
 def mask_bias(mask, dtype=jnp.float32):
-    """``(B, T)`` 0/1 key mask -> ``(B, 1, 1, T)`` additive bias."""
-    return _bias(mask[:, None, None, :] > 0, dtype)
+    """``(B, T)`` 0/1 key mask -> ``(B, 1, 1, T)`` additive bias (:func:`attention`)."""
+    return key_bias(mask, dtype)[:, None, None, :]
 
 
 def causal_bias(t: int, dtype=jnp.float32):
@@ -103,6 +114,50 @@ def _backward(res, do):
 
 
 attention.defvjp(_forward, _backward)
+
+
+def _heads_first(x):
+    return x.swapaxes(1, 2)  # (B, T, H, D) <-> (B, H, T, D)
+
+
+@jax.custom_vjp
+def _kernel_attention(q, k, v, key_bias):
+    return _cpu_kernel.inference(q, k, v, key_bias)
+
+
+def _kernel_forward(q, k, v, key_bias):
+    o, p = _cpu_kernel.forward(q, k, v, key_bias)
+    return o, (q, k, v, p, o)
+
+
+def _kernel_backward(res, do):
+    return (*_cpu_kernel.backward(*res, do), None)
+
+
+_kernel_attention.defvjp(_kernel_forward, _kernel_backward)
+
+
+def key_masked_attention(q, k, v, key_bias):
+    """Self-attention on token-major ``(B, T, H, D)`` inputs with a ``(B, T)``
+    additive key bias (:func:`key_bias`); returns ``(B, T, H, D)``.
+
+    The same math and VJP as :func:`attention`. On XLA:CPU with float32
+    operands whose T and head_dim are multiples of 32 it runs the C++ kernel of
+    ``_cpu_attention.cc`` (:mod:`experiments.models._cpu_kernel`), which takes
+    this layout directly, so no head transposes are needed; elsewhere it is
+    :func:`attention` between two transposes.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> q = k = v = jnp.ones((2, 32, 1, 32))
+        >>> key_masked_attention(q, k, v, key_bias(jnp.ones((2, 32)))).shape
+        (2, 32, 1, 32)
+    """
+    if _cpu_kernel.fits(q, k, v, key_bias):
+        return _kernel_attention(q, k, v, key_bias)
+    t = _heads_first
+    return t(attention(t(q), t(k), t(v), key_bias[:, None, None, :]))
 
 
 def gelu_erf(x):

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.models._layers import attention, gelu_erf, mask_bias, merge_heads, scale_queries, split_heads
+from experiments.models._layers import gelu_erf, key_bias, key_masked_attention, scale_queries
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class BertConfig:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention; ``bias`` is the additive key mask of :func:`mask_bias`."""
+    """Multi-head self-attention; ``bias`` is the ``(B, T)`` additive key mask of :func:`key_bias`."""
 
     cfg: BertConfig
 
@@ -47,10 +47,11 @@ class SelfAttention(nn.Module):
     def __call__(self, x, bias):
         d = x.shape[-1]
         h = self.cfg.num_attention_heads
-        q = split_heads(scale_queries(nn.Dense(d, name="query")(x), d // h), h)
-        k = split_heads(nn.Dense(d, name="key")(x), h)
-        v = split_heads(nn.Dense(d, name="value")(x), h)
-        return merge_heads(attention(q, k, v, bias))
+        heads = lambda y: y.reshape(*y.shape[:2], h, d // h)  # token-major (B, T, H, D)
+        q = heads(scale_queries(nn.Dense(d, name="query")(x), d // h))
+        k = heads(nn.Dense(d, name="key")(x))
+        v = heads(nn.Dense(d, name="value")(x))
+        return key_masked_attention(q, k, v, bias).reshape(x.shape)
 
 
 class Layer(nn.Module):
@@ -81,7 +82,7 @@ class BertEncoder(nn.Module):
         x = x + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings")(
             jnp.zeros_like(ids))
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="embeddings_ln")(x)
-        bias = mask_bias(mask, x.dtype)  # once, shared by every layer
+        bias = key_bias(mask, x.dtype)  # once, shared by every layer
         for i in range(cfg.num_hidden_layers):
             x = Layer(cfg, name=f"layer_{i}")(x, bias)
         return x

@@ -1,0 +1,304 @@
+// Softmax attention for XLA:CPU as XLA FFI handlers.
+//
+// Three handlers: forward (keeps p), inference (does not), backward.
+//
+// Layout: q, k, v, o and their gradients are (B, T, H, D) float32, the layout a
+// dense projection's output has before any head transpose; bias is a (B, T)
+// additive key bias; p is (B, H, T, T), the softmax probabilities the forward
+// keeps for the backward. Per (batch, head) every product is a small GEMM whose
+// operands sit in L1/L2, so each (b, h) pair is one task; tasks are spread
+// over XLA's intra-op thread pool.
+//
+//   forward:  p = softmax(q k^T + bias),  o = p v
+//   backward: delta_i = do_i . o_i,  ds = p * (do v^T - delta),
+//             dq = ds k,  dk = ds^T q,  dv = p^T do
+//
+// The one GEMM kernel computes C[m, n] = sum_k A[m, k] B[k, n] with A read
+// through (row, column) strides, so A^T costs nothing, and B row-major with
+// N a multiple of the tile width.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+#else
+constexpr int VW = 8;
+#endif
+typedef float vec __attribute__((vector_size(VW * 4)));
+typedef float uvec __attribute__((vector_size(VW * 4), aligned(4)));
+typedef int ivec __attribute__((vector_size(VW * 4)));
+
+constexpr int MR = 8;       // rows per register tile
+constexpr int NR = 2 * VW;  // columns per register tile
+
+inline vec load(const float* p) { return *reinterpret_cast<const uvec*>(p); }
+inline void store(float* p, vec v) { *reinterpret_cast<uvec*>(p) = v; }
+inline vec splat(float x) { return x - vec{}; }  // x - 0 is x exactly (x + 0 is not, for -0)
+
+// C (M x N, leading dimension ldc) = A (M x K; A[m, k] = a[m * am + k * ak])
+// times B (K x N; B[k, n] = b[k * ldb + n]). N % NR == 0.
+void gemm(float* c, int64_t ldc, const float* a, int64_t am, int64_t ak, const float* b,
+          int64_t ldb, int M, int N, int K) {
+  for (int n0 = 0; n0 < N; n0 += NR) {
+    int m0 = 0;
+    for (; m0 + MR <= M; m0 += MR) {
+      vec acc[MR][2];
+      for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = vec{};
+      const float* ap = a + m0 * am;
+      const float* bp = b + n0;
+      for (int k = 0; k < K; ++k, ap += ak, bp += ldb) {
+        vec b0 = load(bp), b1 = load(bp + VW);
+        for (int i = 0; i < MR; ++i) {
+          vec ai = splat(ap[i * am]);
+          acc[i][0] += ai * b0;
+          acc[i][1] += ai * b1;
+        }
+      }
+      for (int i = 0; i < MR; ++i) {
+        float* cp = c + (m0 + i) * ldc + n0;
+        store(cp, acc[i][0]);
+        store(cp + VW, acc[i][1]);
+      }
+    }
+    for (; m0 < M; ++m0) {  // leftover rows
+      vec acc0 = vec{}, acc1 = vec{};
+      const float* ap = a + m0 * am;
+      const float* bp = b + n0;
+      for (int k = 0; k < K; ++k, ap += ak, bp += ldb) {
+        vec ai = splat(*ap);
+        acc0 += ai * load(bp);
+        acc1 += ai * load(bp + VW);
+      }
+      float* cp = c + m0 * ldc + n0;
+      store(cp, acc0);
+      store(cp + VW, acc1);
+    }
+  }
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the row maximum): 2^n * P(r),
+// r = x - n ln2 in [-ln2/2, ln2/2], P the degree-6 Taylor/Cephes polynomial;
+// relative error below 2e-7. Arguments under -87 flush to 0.
+inline vec vexp(vec x) {
+  const vec lo = splat(-87.3f);
+  x = x < lo ? lo : x;
+  const vec shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vec n = (x * splat(1.44269504088896341f) + shifter) - shifter;
+  vec r = x - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  vec p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  ivec e = (__builtin_convertvector(n, ivec) + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  vec out = p * scale;
+  return x <= lo ? vec{} : out;
+}
+
+inline float hmax(vec v) {
+  float m = v[0];
+  for (int i = 1; i < VW; ++i) m = std::max(m, v[i]);
+  return m;
+}
+inline float hsum(vec v) {
+  float s = 0.f;
+  for (int i = 0; i < VW; ++i) s += v[i];
+  return s;
+}
+
+// Runs body(i) for i in [0, n) on the calling thread and the pool. Each task
+// claims indices from a shared counter, so the caller never waits on a task
+// that has not started: a task scheduled behind a busy pool finds nothing left.
+template <typename Body>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, Body body) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n, body]() {
+    int64_t mine = 0;
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      body(i);
+      ++mine;
+    }
+    if (mine && state->done.fetch_add(mine) + mine == n) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->cv.notify_all();
+    }
+  };
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+struct Shape {
+  int64_t B, T, H, D;
+};
+
+ffi::Error check(const ffi::Buffer<ffi::F32>& q, Shape* s) {
+  auto d = q.dimensions();
+  if (d.size() != 4) return ffi::Error::InvalidArgument("attention expects (B, T, H, D) inputs");
+  *s = {d[0], d[1], d[2], d[3]};
+  if (s->D % NR != 0 || s->T % NR != 0)
+    return ffi::Error::InvalidArgument("attention kernel needs T and D multiples of the tile width");
+  return ffi::Error::Success();
+}
+
+// Per-thread working memory, grown on demand and kept for the next call.
+float* scratch(int64_t n) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// t (D x T) = x^T for one head's rows x (T x D, row stride ld).
+void transpose(float* t, const float* x, int64_t ld, int T, int D) {
+  for (int j = 0; j < T; ++j)
+    for (int d = 0; d < D; ++d) t[d * T + j] = x[j * ld + d];
+}
+
+// KEEP_P: write p for the backward pass; otherwise one (b, h) pair's p lives in
+// per-thread scratch (inference).
+template <bool KEEP_P>
+ffi::Error Forward(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q,
+                   const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
+                   const ffi::Buffer<ffi::F32>& bias, float* O, float* P) {
+  Shape s;
+  if (auto e = check(q, &s); e.failure()) return e;
+  const int64_t B = s.B, T = s.T, H = s.H, D = s.D, ld = H * D;
+  const float *Q = q.typed_data(), *K = k.typed_data(), *V = v.typed_data(),
+              *bias_ = bias.typed_data();
+  parallel_for(pool, B * H, [=](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H;
+    const int64_t base = b * T * ld + h * D;
+    float* kt = scratch(D * T + (KEEP_P ? 0 : T * T));
+    transpose(kt, K + base, ld, T, D);
+    float* pr = KEEP_P ? P + bh * T * T : kt + D * T;
+    gemm(pr, T, Q + base, ld, 1, kt, T, T, T, D);
+    const float* kb = bias_ + b * T;
+    for (int64_t i = 0; i < T; ++i) {
+      float* row = pr + i * T;
+      vec m = splat(-INFINITY);
+      for (int64_t j = 0; j < T; j += VW) {
+        vec x = load(row + j) + load(kb + j);
+        store(row + j, x);
+        m = m > x ? m : x;
+      }
+      const vec mx = splat(hmax(m));
+      vec sum = vec{};
+      for (int64_t j = 0; j < T; j += VW) {
+        vec e = vexp(load(row + j) - mx);
+        store(row + j, e);
+        sum += e;
+      }
+      const vec inv = splat(1.0f / hsum(sum));
+      for (int64_t j = 0; j < T; j += VW) store(row + j, load(row + j) * inv);
+    }
+    gemm(O + base, ld, pr, T, 1, V + base, ld, T, D, T);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias,
+                            ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> p) {
+  return Forward<true>(pool, q, k, v, bias, o->typed_data(), p->typed_data());
+}
+
+ffi::Error AttentionInference(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                              ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                              ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> o) {
+  return Forward<false>(pool, q, k, v, bias, o->typed_data(), nullptr);
+}
+
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> p,
+                             ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> dout,
+                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                             ffi::ResultBuffer<ffi::F32> dv) {
+  Shape s;
+  if (auto e = check(q, &s); e.failure()) return e;
+  const int64_t B = s.B, T = s.T, H = s.H, D = s.D, ld = H * D;
+  const float *Q = q.typed_data(), *K = k.typed_data(), *V = v.typed_data(), *P = p.typed_data(),
+              *O = o.typed_data(), *dO = dout.typed_data();
+  float *dQ = dq->typed_data(), *dK = dk->typed_data(), *dV = dv->typed_data();
+  parallel_for(pool, B * H, [=](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H;
+    const int64_t base = b * T * ld + h * D;
+    float* vt = scratch(D * T + T * T);
+    float* ds = vt + D * T;
+    transpose(vt, V + base, ld, T, D);
+    const float* pr = P + bh * T * T;
+    gemm(ds, T, dO + base, ld, 1, vt, T, T, T, D);  // dp = do v^T
+    for (int64_t i = 0; i < T; ++i) {
+      const float *doi = dO + base + i * ld, *oi = O + base + i * ld;
+      vec acc = vec{};
+      for (int64_t d = 0; d < D; d += VW) acc += load(doi + d) * load(oi + d);
+      const vec delta = splat(hsum(acc));
+      float* row = ds + i * T;
+      const float* prow = pr + i * T;
+      for (int64_t j = 0; j < T; j += VW) store(row + j, load(prow + j) * (load(row + j) - delta));
+    }
+    gemm(dV + base, ld, pr, 1, T, dO + base, ld, T, D, T);        // dv = p^T do
+    gemm(dQ + base, ld, ds, T, 1, K + base, ld, T, D, T);  // dq = ds k
+    gemm(dK + base, ld, ds, 1, T, Q + base, ld, T, D, T);  // dk = ds^T q
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JloraAttentionForward, AttentionForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JloraAttentionInference, AttentionInference,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JloraAttentionBackward, AttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,103 @@
+"""The XLA:CPU attention kernel (experiments/models/_cpu_attention.cc) against float64
+numpy written from the softmax-attention formulas, and its dispatch."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.models import _cpu_kernel
+from experiments.models._layers import key_bias, key_masked_attention
+
+HAS_COMPILER = bool(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"))
+
+
+def reference(q, k, v, bias, g):
+    """Output and (dq, dk, dv) for cotangent g, float64, (B, T, H, D) layout, from
+    p = softmax(q k^T + bias), o = p v and the softmax Jacobian diag(p) - p p^T."""
+    q, k, v, g = (np.asarray(x, np.float64).transpose(0, 2, 1, 3) for x in (q, k, v, g))
+    s = q @ k.swapaxes(-1, -2) + np.asarray(bias, np.float64)[:, None, None, :]
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dp = g @ v.swapaxes(-1, -2)
+    ds = p * dp - p * (p * dp).sum(-1, keepdims=True)
+    back = lambda x: x.transpose(0, 2, 1, 3)
+    return back(p @ v), (back(ds @ k), back(ds.swapaxes(-1, -2) @ q), back(p.swapaxes(-1, -2) @ g))
+
+
+def inputs(b, t, h, d, seed=0):
+    rng = np.random.default_rng(seed)
+    q, k, v, g = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) for _ in range(4))
+    mask = np.ones((b, t), np.int32)
+    mask[1, 2 * t // 3:] = 0          # padded sequence
+    if b > 2:
+        mask[2, :] = 0                # nothing to attend to: uniform weights, finite output
+    return q, k, v, g, key_bias(jnp.asarray(mask))
+
+
+def targets(f, *args):
+    hlo = jax.jit(f).lower(*args).as_text()
+    return {name for name in _cpu_kernel.TARGETS if name in hlo}
+
+
+def test_kernel_is_built_wherever_a_compiler_is():
+    assert _cpu_kernel.available() == HAS_COMPILER
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="the kernel needs a C++ compiler")
+@pytest.mark.parametrize("shape", [(3, 64, 2, 32), (2, 128, 3, 64)])
+def test_kernel_output_and_gradients_match_float64_numpy(shape):
+    q, k, v, g, bias = inputs(*shape)
+    loss = lambda q, k, v: (key_masked_attention(q, k, v, bias) * g).sum()
+    assert targets(jax.grad(loss, argnums=(0, 1, 2)), q, k, v) == {
+        "jlora_attention_forward", "jlora_attention_backward"}
+    assert targets(lambda q, k, v: key_masked_attention(q, k, v, bias), q, k, v) == {
+        "jlora_attention_inference"}
+    out_ref, grads_ref = reference(q, k, v, bias, g)
+    out = jax.jit(key_masked_attention)(q, k, v, bias)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(out, out_ref, rtol=0, atol=2e-6 * np.abs(out_ref).max())
+    for got, want, name in zip(grads, grads_ref, "qkv"):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max(), err_msg=f"d{name}")
+    # masked keys get no attention, so no gradient reaches their k and v rows
+    cut = 2 * shape[1] // 3
+    assert np.all(np.asarray(grads[1])[1, cut:] == 0) and np.all(np.asarray(grads[2])[1, cut:] == 0)
+
+
+def test_shapes_the_kernel_does_not_take_use_xla_attention_with_the_same_math():
+    q, k, v, g, bias = inputs(2, 20, 2, 8)   # T and head_dim not multiples of 32
+    loss = lambda q, k, v: (key_masked_attention(q, k, v, bias) * g).sum()
+    assert targets(jax.grad(loss, argnums=(0, 1, 2)), q, k, v) == set()
+    out_ref, grads_ref = reference(q, k, v, bias, g)
+    np.testing.assert_allclose(key_masked_attention(q, k, v, bias), out_ref, rtol=0, atol=1e-5)
+    for got, want in zip(jax.grad(loss, argnums=(0, 1, 2))(q, k, v), grads_ref):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="the kernel needs a C++ compiler")
+def test_kernel_under_vmap_equals_a_loop():
+    q, k, v, _, bias = inputs(2, 32, 2, 32)
+    stack = lambda x: jnp.stack([x, 2 * x])
+    got = jax.vmap(key_masked_attention, in_axes=(0, 0, 0, None))(stack(q), stack(k), stack(v), bias)
+    for i, s in enumerate((1, 2)):
+        np.testing.assert_allclose(got[i], key_masked_attention(s * q, s * k, s * v, bias), rtol=1e-6)
+
+
+def test_kernel_switch_and_a_failed_build_fall_back_with_a_warning(monkeypatch, tmp_path):
+    _cpu_kernel.available.cache_clear()
+    try:
+        monkeypatch.setenv("JLORA_CPU_ATTENTION", "0")
+        assert not _cpu_kernel.available()
+        monkeypatch.delenv("JLORA_CPU_ATTENTION")
+        _cpu_kernel.available.cache_clear()
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+        monkeypatch.setenv("JLORA_KERNEL_CACHE", str(tmp_path / "cache"))
+        with pytest.warns(RuntimeWarning, match="no-such-compiler"):
+            assert not _cpu_kernel.available()
+        assert not list((tmp_path / "cache").glob("*.so*"))   # nothing half-written left behind
+    finally:
+        monkeypatch.undo()
+        _cpu_kernel.available.cache_clear()
