@@ -78,12 +78,19 @@ def test_shapes_the_kernel_does_not_take_use_xla_attention_with_the_same_math():
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="the kernel needs a C++ compiler")
-def test_kernel_under_vmap_equals_a_loop():
-    q, k, v, _, bias = inputs(2, 32, 2, 32)
+def test_kernel_under_vmap_equals_a_loop_in_one_call():
+    q, k, v, g, bias = inputs(2, 32, 2, 32)
     stack = lambda x: jnp.stack([x, 2 * x])
-    got = jax.vmap(key_masked_attention, in_axes=(0, 0, 0, None))(stack(q), stack(k), stack(v), bias)
+    loss = lambda q, k, v: (key_masked_attention(q, k, v, bias) * g).sum()
+    batched = jax.vmap(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    hlo = jax.jit(batched).lower(stack(q), stack(k), stack(v)).as_text()
+    assert "jlora_attention_forward" in hlo and "while" not in hlo   # one call, not a loop
+    values, grads = batched(stack(q), stack(k), stack(v))
     for i, s in enumerate((1, 2)):
-        np.testing.assert_allclose(got[i], key_masked_attention(s * q, s * k, s * v, bias), rtol=1e-6)
+        value, grad = jax.value_and_grad(loss, argnums=(0, 1, 2))(s * q, s * k, s * v)
+        np.testing.assert_allclose(values[i], value, rtol=1e-5)
+        for got, want in zip(grads, grad):
+            np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
 def test_kernel_switch_and_a_failed_build_fall_back_with_a_warning(monkeypatch, tmp_path):

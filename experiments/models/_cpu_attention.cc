@@ -3,7 +3,8 @@
 // Three handlers: forward (keeps p), inference (does not), backward.
 //
 // Layout: q, k, v, o and their gradients are (B, T, H, D) float32, the layout a
-// dense projection's output has before any head transpose; bias is a (B, T)
+// dense projection's output has before any head transpose (any axes before B,
+// as vmap adds them, count as batch); bias is a (B, T)
 // additive key bias; p is (B, H, T, T), the softmax probabilities the forward
 // keeps for the backward. Per (batch, head) every product is a small GEMM whose
 // operands sit in L1/L2, so each (b, h) pair is one task; tasks are spread
@@ -158,10 +159,14 @@ struct Shape {
   int64_t B, T, H, D;
 };
 
+// (..., T, H, D): every leading axis is batch (vmap adds them in front).
 ffi::Error check(const ffi::Buffer<ffi::F32>& q, Shape* s) {
   auto d = q.dimensions();
-  if (d.size() != 4) return ffi::Error::InvalidArgument("attention expects (B, T, H, D) inputs");
-  *s = {d[0], d[1], d[2], d[3]};
+  const size_t r = d.size();
+  if (r < 4) return ffi::Error::InvalidArgument("attention expects (..., B, T, H, D) inputs");
+  int64_t batch = 1;
+  for (size_t i = 0; i + 3 < r; ++i) batch *= d[i];
+  *s = {batch, d[r - 3], d[r - 2], d[r - 1]};
   if (s->D % NR != 0 || s->T % NR != 0)
     return ffi::Error::InvalidArgument("attention kernel needs T and D multiples of the tile width");
   return ffi::Error::Success();

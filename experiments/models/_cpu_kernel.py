@@ -114,7 +114,8 @@ def fits(*arrays) -> bool:
 
 
 def _call(target, results, *args):
-    return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args)
+    # Under vmap every operand gains the same leading axes, which the kernel folds into B.
+    return jax.ffi.ffi_call(target, results, vmap_method="broadcast_all")(*args)
 
 
 def forward(q, k, v, key_bias):
