@@ -14,6 +14,10 @@
 //   backward: delta_i = do_i . o_i,  ds = p * (do v^T - delta),
 //             dq = ds k,  dk = ds^T q,  dv = p^T do
 //
+// Padding costs nothing: the products stop after the last key not masked out
+// and, in the backward, after the last query row with a nonzero cotangent;
+// what they skip is exactly zero.
+//
 // The one GEMM kernel computes C[m, n] = sum_k A[m, k] B[k, n] with A read
 // through (row, column) strides, so A^T costs nothing, and B row-major with
 // N a multiple of the tile width.
@@ -185,6 +189,35 @@ void transpose(float* t, const float* x, int64_t ld, int T, int D) {
     for (int d = 0; d < D; ++d) t[d * T + j] = x[j * ld + d];
 }
 
+// Keys past the last one whose bias is above -1e30 get exactly zero weight
+// (exp underflows), so every product stops there: the extent, rounded up to the
+// vector width (T when no key is kept, where softmax is uniform over all keys).
+constexpr float MASKED = -1e30f;
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+int64_t key_extent(const float* kb, int64_t T) {
+  int64_t last = T - 1;
+  while (last >= 0 && kb[last] <= MASKED) --last;
+  return last < 0 ? T : std::min(T, round_up(last + 1, VW));
+}
+
+// Query rows past the last one with a nonzero output cotangent have zero
+// gradients (a padded token's output reaches no loss), so the backward stops
+// there too, at a multiple of 8 rows.
+int64_t query_extent(const float* dout, int64_t ld, int64_t T, int64_t D) {
+  int64_t last = T - 1;
+  for (; last >= 0; --last) {
+    const float* row = dout + last * ld;
+    if (std::any_of(row, row + D, [](float x) { return x != 0.0f; })) break;
+  }
+  return std::min(T, round_up(last + 1, 8));
+}
+
+void zero_rows(float* x, int64_t ld, int64_t from, int64_t to, int64_t D) {
+  for (int64_t i = from; i < to; ++i) std::memset(x + i * ld, 0, D * sizeof(float));
+}
+
 // KEEP_P: write p for the backward pass; otherwise one (b, h) pair's p lives in
 // per-thread scratch (inference).
 template <bool KEEP_P>
@@ -202,27 +235,29 @@ ffi::Error Forward(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q,
     float* kt = scratch(D * T + (KEEP_P ? 0 : T * T));
     transpose(kt, K + base, ld, T, D);
     float* pr = KEEP_P ? P + bh * T * T : kt + D * T;
-    gemm(pr, T, Q + base, ld, 1, kt, T, T, T, D);
     const float* kb = bias_ + b * T;
+    const int64_t ke = key_extent(kb, T);
+    gemm(pr, T, Q + base, ld, 1, kt, T, T, round_up(ke, NR), D);
     for (int64_t i = 0; i < T; ++i) {
       float* row = pr + i * T;
       vec m = splat(-INFINITY);
-      for (int64_t j = 0; j < T; j += VW) {
+      for (int64_t j = 0; j < ke; j += VW) {
         vec x = load(row + j) + load(kb + j);
         store(row + j, x);
         m = m > x ? m : x;
       }
       const vec mx = splat(hmax(m));
       vec sum = vec{};
-      for (int64_t j = 0; j < T; j += VW) {
+      for (int64_t j = 0; j < ke; j += VW) {
         vec e = vexp(load(row + j) - mx);
         store(row + j, e);
         sum += e;
       }
       const vec inv = splat(1.0f / hsum(sum));
-      for (int64_t j = 0; j < T; j += VW) store(row + j, load(row + j) * inv);
+      for (int64_t j = 0; j < ke; j += VW) store(row + j, load(row + j) * inv);
+      if (KEEP_P) std::memset(row + ke, 0, (T - ke) * sizeof(float));
     }
-    gemm(O + base, ld, pr, T, 1, V + base, ld, T, D, T);
+    gemm(O + base, ld, pr, T, 1, V + base, ld, T, D, ke);
   });
   return ffi::Error::Success();
 }
@@ -242,13 +277,13 @@ ffi::Error AttentionInference(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> p,
                              ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> dout,
-                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                             ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                              ffi::ResultBuffer<ffi::F32> dv) {
   Shape s;
   if (auto e = check(q, &s); e.failure()) return e;
   const int64_t B = s.B, T = s.T, H = s.H, D = s.D, ld = H * D;
   const float *Q = q.typed_data(), *K = k.typed_data(), *V = v.typed_data(), *P = p.typed_data(),
-              *O = o.typed_data(), *dO = dout.typed_data();
+              *O = o.typed_data(), *dO = dout.typed_data(), *bias_ = bias.typed_data();
   float *dQ = dq->typed_data(), *dK = dk->typed_data(), *dV = dv->typed_data();
   parallel_for(pool, B * H, [=](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
@@ -257,19 +292,23 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
     float* ds = vt + D * T;
     transpose(vt, V + base, ld, T, D);
     const float* pr = P + bh * T * T;
-    gemm(ds, T, dO + base, ld, 1, vt, T, T, T, D);  // dp = do v^T
-    for (int64_t i = 0; i < T; ++i) {
+    const int64_t ke = key_extent(bias_ + b * T, T), me = query_extent(dO + base, ld, T, D);
+    gemm(ds, T, dO + base, ld, 1, vt, T, me, round_up(ke, NR), D);  // dp = do v^T
+    for (int64_t i = 0; i < me; ++i) {
       const float *doi = dO + base + i * ld, *oi = O + base + i * ld;
       vec acc = vec{};
       for (int64_t d = 0; d < D; d += VW) acc += load(doi + d) * load(oi + d);
       const vec delta = splat(hsum(acc));
       float* row = ds + i * T;
       const float* prow = pr + i * T;
-      for (int64_t j = 0; j < T; j += VW) store(row + j, load(prow + j) * (load(row + j) - delta));
+      for (int64_t j = 0; j < ke; j += VW) store(row + j, load(prow + j) * (load(row + j) - delta));
     }
-    gemm(dV + base, ld, pr, 1, T, dO + base, ld, T, D, T);        // dv = p^T do
-    gemm(dQ + base, ld, ds, T, 1, K + base, ld, T, D, T);  // dq = ds k
-    gemm(dK + base, ld, ds, 1, T, Q + base, ld, T, D, T);  // dk = ds^T q
+    gemm(dV + base, ld, pr, 1, T, dO + base, ld, ke, D, me);  // dv = p^T do
+    gemm(dQ + base, ld, ds, T, 1, K + base, ld, me, D, ke);   // dq = ds k
+    gemm(dK + base, ld, ds, 1, T, Q + base, ld, ke, D, me);   // dk = ds^T q
+    zero_rows(dV + base, ld, ke, T, D);
+    zero_rows(dK + base, ld, ke, T, D);
+    zero_rows(dQ + base, ld, me, T, D);
   });
   return ffi::Error::Success();
 }
@@ -298,6 +337,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JloraAttentionInference, AttentionInference,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JloraAttentionBackward, AttentionBackward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

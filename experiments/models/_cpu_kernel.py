@@ -131,7 +131,7 @@ def inference(q, k, v, key_bias):
     return _call("jlora_attention_inference", jax.ShapeDtypeStruct(q.shape, q.dtype), q, k, v, key_bias)
 
 
-def backward(q, k, v, p, o, do):
+def backward(q, k, v, p, o, do, key_bias):
     """``(dq, dk, dv)``."""
     like = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    return _call("jlora_attention_backward", (like, like, like), q, k, v, p, o, do)
+    return _call("jlora_attention_backward", (like, like, like), q, k, v, p, o, do, key_bias)

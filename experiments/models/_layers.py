@@ -127,11 +127,12 @@ def _kernel_attention(q, k, v, key_bias):
 
 def _kernel_forward(q, k, v, key_bias):
     o, p = _cpu_kernel.forward(q, k, v, key_bias)
-    return o, (q, k, v, p, o)
+    return o, (q, k, v, p, o, key_bias)
 
 
 def _kernel_backward(res, do):
-    return (*_cpu_kernel.backward(*res, do), None)
+    q, k, v, p, o, key_bias = res
+    return (*_cpu_kernel.backward(q, k, v, p, o, do, key_bias), None)
 
 
 _kernel_attention.defvjp(_kernel_forward, _kernel_backward)
