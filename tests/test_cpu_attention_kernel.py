@@ -1,5 +1,6 @@
 """The XLA:CPU attention kernel (experiments/models/_cpu_attention.cc) against float64
-numpy written from the softmax-attention formulas, and its dispatch."""
+numpy written from the softmax-attention formulas and against ``jax.grad`` of the plain
+formula in float64, and its dispatch."""
 
 import os
 import shutil
@@ -68,6 +69,21 @@ def test_kernel_output_and_gradients_match_float64_numpy(shape, padded_cotangent
     # masked keys get no attention, so no gradient reaches their k and v rows
     cut = 2 * shape[1] // 3
     assert np.all(np.asarray(grads[1])[1, cut:] == 0) and np.all(np.asarray(grads[2])[1, cut:] == 0)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="the kernel needs a C++ compiler")
+def test_kernel_gradients_match_jax_grad_of_the_plain_formula_in_float64():
+    q, k, v, g, bias = inputs(2, 64, 2, 32, seed=3)
+    grads = jax.jit(jax.grad(lambda q, k, v: (key_masked_attention(q, k, v, bias) * g).sum(),
+                             argnums=(0, 1, 2)))(q, k, v)
+    with jax.enable_x64(True):
+        t = lambda x: jnp.asarray(np.asarray(x), jnp.float64).swapaxes(1, 2)   # (B, H, T, D)
+        b64 = jnp.asarray(np.asarray(bias), jnp.float64)[:, None, None, :]
+        plain = lambda q, k, v: (jax.nn.softmax(q @ k.swapaxes(-1, -2) + b64, axis=-1) @ v * t(g)).sum()
+        want = jax.grad(plain, argnums=(0, 1, 2))(t(q), t(k), t(v))
+        for got, ref, name in zip(grads, want, "qkv"):
+            ref = np.asarray(ref).swapaxes(1, 2)
+            np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max(), err_msg=f"d{name}")
 
 
 def test_shapes_the_kernel_does_not_take_use_xla_attention_with_the_same_math():
