@@ -145,8 +145,9 @@ def key_masked_attention(q, k, v, key_bias):
     The same math and VJP as :func:`attention`. On XLA:CPU with float32
     operands whose T and head_dim are multiples of 32 it runs the C++ kernel of
     ``_cpu_attention.cc`` (:mod:`experiments.models._cpu_kernel`), which takes
-    this layout directly, so no head transposes are needed; elsewhere it is
-    :func:`attention` between two transposes.
+    this layout directly, so no head transposes are needed, and stops its
+    products after the last key whose bias is above -1e30 (exactly: the rest
+    get zero weight); elsewhere it is :func:`attention` between two transposes.
 
     Example::
 
