@@ -124,6 +124,14 @@ def test_kernel_switch_and_a_failed_build_fall_back_with_a_warning(monkeypatch, 
         with pytest.warns(RuntimeWarning, match="no-such-compiler"):
             assert not _cpu_kernel.available()
         assert not list((tmp_path / "cache").glob("*.so*"))   # nothing half-written left behind
+        _cpu_kernel.available.cache_clear()
+        failing = tmp_path / "failing-cxx"
+        failing.write_text("#!/bin/sh\necho 'note: context' >&2\necho 'x.cc:1: error: bad' >&2\nexit 1\n")
+        failing.chmod(0o755)
+        monkeypatch.setenv("CXX", str(failing))
+        with pytest.warns(RuntimeWarning, match="failed on _cpu_attention.cc: x.cc:1: error: bad"):
+            assert not _cpu_kernel.available()
+        assert not list((tmp_path / "cache").glob("*.so*"))
     finally:
         monkeypatch.undo()
         _cpu_kernel.available.cache_clear()

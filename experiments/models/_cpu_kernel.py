@@ -81,7 +81,8 @@ def _build() -> Path:
         done = subprocess.run([cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", partial],
                               capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
-            first = (done.stderr.strip().splitlines() or ["(no message)"])[0]
+            lines = done.stderr.strip().splitlines() or ["(no message)"]
+            first = next((ln for ln in lines if "error" in ln), lines[0])
             raise RuntimeError(f"{cxx} failed on {SOURCE.name}: {first}")
         os.replace(partial, target)
     finally:
