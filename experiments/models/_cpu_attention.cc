@@ -183,10 +183,11 @@ float* scratch(int64_t n) {
   return buffer.data();
 }
 
-// t (D x T) = x^T for one head's rows x (T x D, row stride ld).
-void transpose(float* t, const float* x, int64_t ld, int T, int D) {
-  for (int j = 0; j < T; ++j)
-    for (int d = 0; d < D; ++d) t[d * T + j] = x[j * ld + d];
+// The first n columns of t (D x ldt) = x^T for one head's first n rows x
+// (n x D, row stride ld).
+void transpose(float* t, int64_t ldt, const float* x, int64_t ld, int64_t n, int64_t D) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t d = 0; d < D; ++d) t[d * ldt + j] = x[j * ld + d];
 }
 
 // Keys past the last one whose bias is above -1e30 get exactly zero weight
@@ -233,11 +234,11 @@ ffi::Error Forward(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q,
     const int64_t b = bh / H, h = bh % H;
     const int64_t base = b * T * ld + h * D;
     float* kt = scratch(D * T + (KEEP_P ? 0 : T * T));
-    transpose(kt, K + base, ld, T, D);
     float* pr = KEEP_P ? P + bh * T * T : kt + D * T;
     const float* kb = bias_ + b * T;
-    const int64_t ke = key_extent(kb, T);
-    gemm(pr, T, Q + base, ld, 1, kt, T, T, round_up(ke, NR), D);
+    const int64_t ke = key_extent(kb, T), kn = round_up(ke, NR);
+    transpose(kt, T, K + base, ld, kn, D);
+    gemm(pr, T, Q + base, ld, 1, kt, T, T, kn, D);
     for (int64_t i = 0; i < T; ++i) {
       float* row = pr + i * T;
       vec m = splat(-INFINITY);
@@ -290,10 +291,11 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
     const int64_t base = b * T * ld + h * D;
     float* vt = scratch(D * T + T * T);
     float* ds = vt + D * T;
-    transpose(vt, V + base, ld, T, D);
     const float* pr = P + bh * T * T;
-    const int64_t ke = key_extent(bias_ + b * T, T), me = query_extent(dO + base, ld, T, D);
-    gemm(ds, T, dO + base, ld, 1, vt, T, me, round_up(ke, NR), D);  // dp = do v^T
+    const int64_t ke = key_extent(bias_ + b * T, T), kn = round_up(ke, NR);
+    const int64_t me = query_extent(dO + base, ld, T, D);
+    transpose(vt, T, V + base, ld, kn, D);
+    gemm(ds, T, dO + base, ld, 1, vt, T, me, kn, D);  // dp = do v^T
     for (int64_t i = 0; i < me; ++i) {
       const float *doi = dO + base + i * ld, *oi = O + base + i * ld;
       vec acc = vec{};

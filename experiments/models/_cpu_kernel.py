@@ -61,9 +61,14 @@ def _cache_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="jlora-kernels-"))
 
 
+def compiler() -> str | None:
+    """The C++ compiler the kernel is built with: ``$CXX``, else ``c++`` or ``g++`` on PATH."""
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
 def _build() -> Path:
     """Compiles the kernel (or finds it compiled); raises ``RuntimeError`` saying why not."""
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    cxx = compiler()
     if not cxx:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     import jaxlib
