@@ -219,17 +219,36 @@ void zero_rows(float* x, int64_t ld, int64_t from, int64_t to, int64_t D) {
   for (int64_t i = from; i < to; ++i) std::memset(x + i * ld, 0, D * sizeof(float));
 }
 
+// Row i sees keys j < extent: all kept keys, or under a causal mask those up to
+// i. Its scores are written for j < round_up(extent, VW), lanes past the extent
+// set to -inf (exp gives exactly 0).
+inline int64_t row_extent(int64_t ke, int64_t i, bool causal) {
+  return causal ? std::min(ke, i + 1) : ke;
+}
+
+inline vec lane_index() {
+  vec idx;
+  for (int i = 0; i < VW; ++i) idx[i] = static_cast<float>(i);
+  return idx;
+}
+
+// Under a causal mask rows go in chunks of NR whose products stop after the
+// chunk's last row (about 5/8 of the full products at T = 128); otherwise one
+// chunk of T rows.
+inline int64_t row_chunk(int64_t T, bool causal) { return causal ? NR : T; }
+
 // KEEP_P: write p for the backward pass; otherwise one (b, h) pair's p lives in
 // per-thread scratch (inference).
 template <bool KEEP_P>
 ffi::Error Forward(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q,
                    const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
-                   const ffi::Buffer<ffi::F32>& bias, float* O, float* P) {
+                   const ffi::Buffer<ffi::F32>& bias, bool causal, float* O, float* P) {
   Shape s;
   if (auto e = check(q, &s); e.failure()) return e;
   const int64_t B = s.B, T = s.T, H = s.H, D = s.D, ld = H * D;
   const float *Q = q.typed_data(), *K = k.typed_data(), *V = v.typed_data(),
               *bias_ = bias.typed_data();
+  const int64_t chunk = row_chunk(T, causal);
   parallel_for(pool, B * H, [=](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
     const int64_t base = b * T * ld + h * D;
@@ -237,55 +256,66 @@ ffi::Error Forward(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q,
     float* pr = KEEP_P ? P + bh * T * T : kt + D * T;
     const float* kb = bias_ + b * T;
     const int64_t ke = key_extent(kb, T), kn = round_up(ke, NR);
+    const vec lanes = lane_index();
     transpose(kt, T, K + base, ld, kn, D);
-    gemm(pr, T, Q + base, ld, 1, kt, T, T, kn, D);
-    for (int64_t i = 0; i < T; ++i) {
-      float* row = pr + i * T;
-      vec m = splat(-INFINITY);
-      for (int64_t j = 0; j < ke; j += VW) {
-        vec x = load(row + j) + load(kb + j);
-        store(row + j, x);
-        m = m > x ? m : x;
+    for (int64_t r0 = 0; r0 < T; r0 += chunk) {
+      // the chunk's keys: ke for all rows, or (causal) up to its last row
+      const int64_t kc = causal ? std::min(kn, r0 + chunk) : kn;
+      const int64_t kv = causal ? std::min(ke, r0 + chunk) : ke;
+      gemm(pr + r0 * T, T, Q + base + r0 * ld, ld, 1, kt, T, chunk, kc, D);
+      for (int64_t i = r0; i < r0 + chunk; ++i) {
+        float* row = pr + i * T;
+        const int64_t ei = row_extent(ke, i, causal), ev = round_up(ei, VW);
+        vec m = splat(-INFINITY);
+        for (int64_t j = 0; j < ev; j += VW) {
+          vec x = load(row + j) + load(kb + j);
+          if (j + VW > ei) x = lanes + splat(static_cast<float>(j)) < splat(ei) ? x : splat(-INFINITY);
+          store(row + j, x);
+          m = m > x ? m : x;
+        }
+        const vec mx = splat(hmax(m));
+        vec sum = vec{};
+        for (int64_t j = 0; j < ev; j += VW) {
+          vec e = vexp(load(row + j) - mx);
+          store(row + j, e);
+          sum += e;
+        }
+        const vec inv = splat(1.0f / hsum(sum));
+        for (int64_t j = 0; j < ev; j += VW) store(row + j, load(row + j) * inv);
+        std::memset(row + ev, 0, ((KEEP_P ? T : kv) - ev) * sizeof(float));
       }
-      const vec mx = splat(hmax(m));
-      vec sum = vec{};
-      for (int64_t j = 0; j < ke; j += VW) {
-        vec e = vexp(load(row + j) - mx);
-        store(row + j, e);
-        sum += e;
-      }
-      const vec inv = splat(1.0f / hsum(sum));
-      for (int64_t j = 0; j < ke; j += VW) store(row + j, load(row + j) * inv);
-      if (KEEP_P) std::memset(row + ke, 0, (T - ke) * sizeof(float));
+      gemm(O + base + r0 * ld, ld, pr + r0 * T, T, 1, V + base, ld, chunk, D, kv);
     }
-    gemm(O + base, ld, pr, T, 1, V + base, ld, T, D, ke);
   });
   return ffi::Error::Success();
 }
 
 ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias,
-                            ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> p) {
-  return Forward<true>(pool, q, k, v, bias, o->typed_data(), p->typed_data());
+                            ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> p, bool causal) {
+  return Forward<true>(pool, q, k, v, bias, causal, o->typed_data(), p->typed_data());
 }
 
 ffi::Error AttentionInference(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                              ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> o) {
-  return Forward<false>(pool, q, k, v, bias, o->typed_data(), nullptr);
+                              ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> o,
+                              bool causal) {
+  return Forward<false>(pool, q, k, v, bias, causal, o->typed_data(), nullptr);
 }
 
 ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> p,
                              ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> dout,
-                             ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                             ffi::ResultBuffer<ffi::F32> dv) {
+                             ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> dq,
+                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                             bool causal) {
   Shape s;
   if (auto e = check(q, &s); e.failure()) return e;
   const int64_t B = s.B, T = s.T, H = s.H, D = s.D, ld = H * D;
   const float *Q = q.typed_data(), *K = k.typed_data(), *V = v.typed_data(), *P = p.typed_data(),
               *O = o.typed_data(), *dO = dout.typed_data(), *bias_ = bias.typed_data();
   float *dQ = dq->typed_data(), *dK = dk->typed_data(), *dV = dv->typed_data();
+  const int64_t chunk = row_chunk(T, causal);
   parallel_for(pool, B * H, [=](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
     const int64_t base = b * T * ld + h * D;
@@ -295,19 +325,36 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
     const int64_t ke = key_extent(bias_ + b * T, T), kn = round_up(ke, NR);
     const int64_t me = query_extent(dO + base, ld, T, D);
     transpose(vt, T, V + base, ld, kn, D);
-    gemm(ds, T, dO + base, ld, 1, vt, T, me, kn, D);  // dp = do v^T
-    for (int64_t i = 0; i < me; ++i) {
-      const float *doi = dO + base + i * ld, *oi = O + base + i * ld;
-      vec acc = vec{};
-      for (int64_t d = 0; d < D; d += VW) acc += load(doi + d) * load(oi + d);
-      const vec delta = splat(hsum(acc));
-      float* row = ds + i * T;
-      const float* prow = pr + i * T;
-      for (int64_t j = 0; j < ke; j += VW) store(row + j, load(prow + j) * (load(row + j) - delta));
+    // query rows in chunks: dp = do v^T, ds = p * (dp - delta), dq = ds k
+    for (int64_t r0 = 0; r0 < me; r0 += chunk) {
+      const int64_t rows = std::min(chunk, me - r0);
+      const int64_t kc = causal ? std::min(kn, r0 + chunk) : kn;
+      const int64_t kv = causal ? std::min(ke, r0 + chunk) : ke;
+      gemm(ds + r0 * T, T, dO + base + r0 * ld, ld, 1, vt, T, rows, kc, D);
+      for (int64_t i = r0; i < r0 + rows; ++i) {
+        const float *doi = dO + base + i * ld, *oi = O + base + i * ld;
+        vec acc = vec{};
+        for (int64_t d = 0; d < D; d += VW) acc += load(doi + d) * load(oi + d);
+        const vec delta = splat(hsum(acc));
+        float* row = ds + i * T;
+        const float* prow = pr + i * T;
+        const int64_t ev = round_up(row_extent(ke, i, causal), VW);
+        for (int64_t j = 0; j < ev; j += VW) store(row + j, load(prow + j) * (load(row + j) - delta));
+        std::memset(row + ev, 0, (kv - ev) * sizeof(float));  // p is 0 there
+      }
+      gemm(dQ + base + r0 * ld, ld, ds + r0 * T, T, 1, K + base, ld, rows, D, kv);
     }
-    gemm(dV + base, ld, pr, 1, T, dO + base, ld, ke, D, me);  // dv = p^T do
-    gemm(dQ + base, ld, ds, T, 1, K + base, ld, me, D, ke);   // dq = ds k
-    gemm(dK + base, ld, ds, 1, T, Q + base, ld, ke, D, me);   // dk = ds^T q
+    // key rows in chunks: dv = p^T do, dk = ds^T q over the query rows that see them
+    for (int64_t j0 = 0; j0 < ke; j0 += chunk) {
+      const int64_t keys = std::min(chunk, ke - j0), i0 = causal ? j0 : 0;
+      if (i0 >= me) {
+        zero_rows(dV + base, ld, j0, j0 + keys, D);
+        zero_rows(dK + base, ld, j0, j0 + keys, D);
+        continue;
+      }
+      gemm(dV + base + j0 * ld, ld, pr + i0 * T + j0, 1, T, dO + base + i0 * ld, ld, keys, D, me - i0);
+      gemm(dK + base + j0 * ld, ld, ds + i0 * T + j0, 1, T, Q + base + i0 * ld, ld, keys, D, me - i0);
+    }
     zero_rows(dV + base, ld, ke, T, D);
     zero_rows(dK + base, ld, ke, T, D);
     zero_rows(dQ + base, ld, me, T, D);
@@ -327,12 +374,14 @@ auto AttentionBinding() {
 using F32 = ffi::Buffer<ffi::F32>;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JloraAttentionForward, AttentionForward,
-                              AttentionBinding().Ret<F32>().Ret<F32>());  // o, p
+                              AttentionBinding().Ret<F32>().Ret<F32>()  // o, p
+                                  .Attr<bool>("causal"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JloraAttentionInference, AttentionInference,
-                              AttentionBinding().Ret<F32>());  // o
+                              AttentionBinding().Ret<F32>().Attr<bool>("causal"));  // o
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JloraAttentionBackward, AttentionBackward,
                               AttentionBinding()  // q, k, v, p
                                   .Arg<F32>().Arg<F32>().Arg<F32>()  // o, do, bias
-                                  .Ret<F32>().Ret<F32>().Ret<F32>());  // dq, dk, dv
+                                  .Ret<F32>().Ret<F32>().Ret<F32>()  // dq, dk, dv
+                                  .Attr<bool>("causal"));

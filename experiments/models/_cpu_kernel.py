@@ -119,25 +119,28 @@ def fits(*arrays) -> bool:
             and q.ndim == 4 and q.shape[1] % TILE == 0 and q.shape[3] % TILE == 0 and available())
 
 
-def _call(target, results, *args):
+def _call(target, results, *args, causal):
     # Under vmap every operand gains the same leading axes, which the kernel folds into B.
-    return jax.ffi.ffi_call(target, results, vmap_method="broadcast_all")(*args)
+    return jax.ffi.ffi_call(target, results, vmap_method="broadcast_all")(*args, causal=bool(causal))
 
 
-def forward(q, k, v, key_bias):
-    """``(o, p)``: the output and the ``(B, H, T, T)`` probabilities the backward needs."""
+def forward(q, k, v, key_bias, *, causal=False):
+    """``(o, p)``: the output and the ``(B, H, T, T)`` probabilities the backward needs.
+    ``causal``: token i attends only to tokens j <= i as well."""
     b, t, h, _ = q.shape
     return _call("jlora_attention_forward", (jax.ShapeDtypeStruct(q.shape, q.dtype),
                                              jax.ShapeDtypeStruct((b, h, t, t), q.dtype)),
-                 q, k, v, key_bias)
+                 q, k, v, key_bias, causal=causal)
 
 
-def inference(q, k, v, key_bias):
+def inference(q, k, v, key_bias, *, causal=False):
     """The output alone (no probabilities kept)."""
-    return _call("jlora_attention_inference", jax.ShapeDtypeStruct(q.shape, q.dtype), q, k, v, key_bias)
+    return _call("jlora_attention_inference", jax.ShapeDtypeStruct(q.shape, q.dtype), q, k, v, key_bias,
+                 causal=causal)
 
 
-def backward(q, k, v, p, o, do, key_bias):
+def backward(q, k, v, p, o, do, key_bias, *, causal=False):
     """``(dq, dk, dv)``."""
     like = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    return _call("jlora_attention_backward", (like, like, like), q, k, v, p, o, do, key_bias)
+    return _call("jlora_attention_backward", (like, like, like), q, k, v, p, o, do, key_bias,
+                 causal=causal)

@@ -24,6 +24,7 @@ numpy (tests/test_cpu_attention_kernel.py).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -44,26 +45,9 @@ def key_bias(mask, dtype=jnp.float32):
     return _bias(mask > 0, dtype)
 
 
-def mask_bias(mask, dtype=jnp.float32):
-    """``(B, T)`` 0/1 key mask -> ``(B, 1, 1, T)`` additive bias (:func:`attention`)."""
-    return key_bias(mask, dtype)[:, None, None, :]
-
-
 def causal_bias(t: int, dtype=jnp.float32):
     """``(1, 1, T, T)`` additive bias letting token i attend to tokens j <= i."""
     return _bias(jnp.tril(jnp.ones((t, t), bool)), dtype)[None, None]
-
-
-def split_heads(x, heads: int):
-    """``(B, T, H*D)`` -> ``(B, H, T, D)``."""
-    b, t, d = x.shape
-    return x.reshape(b, t, heads, d // heads).transpose(0, 2, 1, 3)
-
-
-def merge_heads(x):
-    """``(B, H, T, D)`` -> ``(B, T, H*D)``."""
-    b, h, t, d = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
 
 def scale_queries(q, head_dim: int):
@@ -90,7 +74,7 @@ def attention(q, k, v, bias):
     """``softmax(q k^T + bias) v`` over the last two axes of ``(B, H, T, D)`` inputs.
 
     ``q`` is already scaled (:func:`scale_queries`); ``bias`` broadcasts to
-    ``(B, H, T, T)`` (:func:`mask_bias`, :func:`causal_bias`) and receives no
+    ``(B, H, T, T)`` (``key_bias(mask)[:, None, None, :]``, :func:`causal_bias`) and receives no
     gradient. The softmax runs in at least float32.
 
     Example::
@@ -120,46 +104,51 @@ def _heads_first(x):
     return x.swapaxes(1, 2)  # (B, T, H, D) <-> (B, H, T, D)
 
 
-@jax.custom_vjp
-def _kernel_attention(q, k, v, key_bias):
-    return _cpu_kernel.inference(q, k, v, key_bias)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _kernel_attention(q, k, v, key_bias, causal):
+    return _cpu_kernel.inference(q, k, v, key_bias, causal=causal)
 
 
-def _kernel_forward(q, k, v, key_bias):
-    o, p = _cpu_kernel.forward(q, k, v, key_bias)
+def _kernel_forward(q, k, v, key_bias, causal):
+    o, p = _cpu_kernel.forward(q, k, v, key_bias, causal=causal)
     return o, (q, k, v, p, o, key_bias)
 
 
-def _kernel_backward(res, do):
+def _kernel_backward(causal, res, do):
     q, k, v, p, o, key_bias = res
-    return (*_cpu_kernel.backward(q, k, v, p, o, do, key_bias), None)
+    return (*_cpu_kernel.backward(q, k, v, p, o, do, key_bias, causal=causal), None)
 
 
 _kernel_attention.defvjp(_kernel_forward, _kernel_backward)
 
 
-def key_masked_attention(q, k, v, key_bias):
+def key_masked_attention(q, k, v, key_bias, *, causal=False):
     """Self-attention on token-major ``(B, T, H, D)`` inputs with a ``(B, T)``
-    additive key bias (:func:`key_bias`); returns ``(B, T, H, D)``.
+    additive key bias (:func:`key_bias`) and, with ``causal=True``, the causal
+    mask of :func:`causal_bias` as well; returns ``(B, T, H, D)``.
 
     The same math and VJP as :func:`attention`. On XLA:CPU with float32
     operands whose T and head_dim are multiples of 32 it runs the C++ kernel of
     ``_cpu_attention.cc`` (:mod:`experiments.models._cpu_kernel`), which takes
     this layout directly, so no head transposes are needed, and stops its
-    products after the last key whose bias is above -1e30 (exactly: the rest
-    get zero weight); elsewhere it is :func:`attention` between two transposes.
+    products after the last key whose bias is above -1e30 and, under the causal
+    mask, after each 32-row block's last row (exactly: the rest get zero
+    weight); elsewhere it is :func:`attention` between two transposes.
 
     Example::
 
         >>> import jax.numpy as jnp
         >>> q = k = v = jnp.ones((2, 32, 1, 32))
-        >>> key_masked_attention(q, k, v, key_bias(jnp.ones((2, 32)))).shape
+        >>> key_masked_attention(q, k, v, key_bias(jnp.ones((2, 32))), causal=True).shape
         (2, 32, 1, 32)
     """
     if _cpu_kernel.fits(q, k, v, key_bias):
-        return _kernel_attention(q, k, v, key_bias)
+        return _kernel_attention(q, k, v, key_bias, bool(causal))
     t = _heads_first
-    return t(attention(t(q), t(k), t(v), key_bias[:, None, None, :]))
+    bias = key_bias[:, None, None, :]
+    if causal:
+        bias = bias + causal_bias(q.shape[1], bias.dtype)
+    return t(attention(t(q), t(k), t(v), bias))
 
 
 def gelu_erf(x):
