@@ -16,7 +16,9 @@
 //
 // Padding costs nothing: the products stop after the last key not masked out
 // and, in the backward, after the last query row with a nonzero cotangent;
-// what they skip is exactly zero.
+// what they skip is exactly zero. With the attribute causal=true, token i also
+// attends only to keys j <= i, and the products run in blocks of NR query (or,
+// for dk and dv, key) rows that stop at the diagonal.
 //
 // The one GEMM kernel computes C[m, n] = sum_k A[m, k] B[k, n] with A read
 // through (row, column) strides, so A^T costs nothing, and B row-major with
