@@ -223,11 +223,11 @@ void zero_rows(float* x, int64_t ld, int64_t from, int64_t to, int64_t D) {
   for (int64_t i = from; i < to; ++i) std::memset(x + i * ld, 0, D * sizeof(float));
 }
 
-// Row i sees keys j < extent: all kept keys, or under a causal mask those up to
-// i. Its scores are written for j < round_up(extent, VW), lanes past the extent
-// set to -inf (exp gives exactly 0).
-inline int64_t row_extent(int64_t ke, int64_t i, bool causal) {
-  return causal ? std::min(ke, i + 1) : ke;
+// How many of the first n keys rows before `end` see: all n, or under a causal
+// mask those before `end`. For row i (end = i + 1) the scores are written for
+// j < round_up(extent, VW), lanes past the extent set to -inf (exp gives 0).
+inline int64_t keys_seen(int64_t n, int64_t end, bool causal) {
+  return causal ? std::min(n, end) : n;
 }
 
 inline vec lane_index() {
@@ -264,12 +264,11 @@ ffi::Error Forward(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q,
     transpose(kt, T, K + base, ld, kn, D);
     for (int64_t r0 = 0; r0 < T; r0 += chunk) {
       // the chunk's keys: ke for all rows, or (causal) up to its last row
-      const int64_t kc = causal ? std::min(kn, r0 + chunk) : kn;
-      const int64_t kv = causal ? std::min(ke, r0 + chunk) : ke;
+      const int64_t kc = keys_seen(kn, r0 + chunk, causal), kv = keys_seen(ke, r0 + chunk, causal);
       gemm(pr + r0 * T, T, Q + base + r0 * ld, ld, 1, kt, T, chunk, kc, D);
       for (int64_t i = r0; i < r0 + chunk; ++i) {
         float* row = pr + i * T;
-        const int64_t ei = row_extent(ke, i, causal), ev = round_up(ei, VW);
+        const int64_t ei = keys_seen(ke, i + 1, causal), ev = round_up(ei, VW);
         vec m = splat(-INFINITY);
         for (int64_t j = 0; j < ev; j += VW) {
           vec x = load(row + j) + load(kb + j);
@@ -332,8 +331,7 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
     // query rows in chunks: dp = do v^T, ds = p * (dp - delta), dq = ds k
     for (int64_t r0 = 0; r0 < me; r0 += chunk) {
       const int64_t rows = std::min(chunk, me - r0);
-      const int64_t kc = causal ? std::min(kn, r0 + chunk) : kn;
-      const int64_t kv = causal ? std::min(ke, r0 + chunk) : ke;
+      const int64_t kc = keys_seen(kn, r0 + chunk, causal), kv = keys_seen(ke, r0 + chunk, causal);
       gemm(ds + r0 * T, T, dO + base + r0 * ld, ld, 1, vt, T, rows, kc, D);
       for (int64_t i = r0; i < r0 + rows; ++i) {
         const float *doi = dO + base + i * ld, *oi = O + base + i * ld;
@@ -342,7 +340,7 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
         const vec delta = splat(hsum(acc));
         float* row = ds + i * T;
         const float* prow = pr + i * T;
-        const int64_t ev = round_up(row_extent(ke, i, causal), VW);
+        const int64_t ev = round_up(keys_seen(ke, i + 1, causal), VW);
         for (int64_t j = 0; j < ev; j += VW) store(row + j, load(prow + j) * (load(row + j) - delta));
         std::memset(row + ev, 0, (kv - ev) * sizeof(float));  // p is 0 there
       }
