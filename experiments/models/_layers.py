@@ -50,6 +50,11 @@ def causal_bias(t: int, dtype=jnp.float32):
     return _bias(jnp.tril(jnp.ones((t, t), bool)), dtype)[None, None]
 
 
+def split_heads(x, heads: int):
+    """``(B, T, H*D)`` -> token-major ``(B, T, H, D)`` (:func:`key_masked_attention`'s layout)."""
+    return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+
 def scale_queries(q, head_dim: int):
     """Fold attention's ``1/sqrt(head_dim)`` into the queries (T x D, not T x T, multiplies)."""
     return q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.models._layers import gelu_erf, key_bias, key_masked_attention, scale_queries
+from experiments.models._layers import gelu_erf, key_bias, key_masked_attention, scale_queries, split_heads
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,9 @@ class SelfAttention(nn.Module):
     def __call__(self, x, bias):
         d = x.shape[-1]
         h = self.cfg.num_attention_heads
-        heads = lambda y: y.reshape(*y.shape[:2], h, d // h)  # token-major (B, T, H, D)
-        q = heads(scale_queries(nn.Dense(d, name="query")(x), d // h))
-        k = heads(nn.Dense(d, name="key")(x))
-        v = heads(nn.Dense(d, name="value")(x))
+        q = split_heads(scale_queries(nn.Dense(d, name="query")(x), d // h), h)
+        k = split_heads(nn.Dense(d, name="key")(x), h)
+        v = split_heads(nn.Dense(d, name="value")(x), h)
         return key_masked_attention(q, k, v, bias).reshape(x.shape)
 
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from experiments.models._layers import key_masked_attention, scale_queries
+from experiments.models._layers import key_masked_attention, scale_queries, split_heads
 
 
 class Block(nn.Module):
@@ -20,10 +20,9 @@ class Block(nn.Module):
         d, heads = x.shape[-1], self.n_heads
         h = nn.LayerNorm(name="ln1", dtype=self.dtype)(x)
         dense = lambda f, name: nn.Dense(f, name=name, dtype=self.dtype, use_bias=False)
-        split = lambda y: y.reshape(*y.shape[:2], heads, d // heads)  # token-major (B, T, H, D)
-        q = split(scale_queries(checkpoint_name(dense(d, "query")(h), "qkv"), d // heads))
-        k = split(checkpoint_name(dense(d, "key")(h), "qkv"))
-        v = split(checkpoint_name(dense(d, "value")(h), "qkv"))
+        q = split_heads(scale_queries(checkpoint_name(dense(d, "query")(h), "qkv"), d // heads), heads)
+        k = split_heads(checkpoint_name(dense(d, "key")(h), "qkv"), heads)
+        v = split_heads(checkpoint_name(dense(d, "value")(h), "qkv"), heads)
         no_padding = jnp.zeros(x.shape[:2], jnp.float32)
         att = key_masked_attention(q, k, v, no_padding, causal=True).reshape(x.shape)
         att = checkpoint_name(att, "attention")
