@@ -336,6 +336,10 @@ def ratio(med, a, b):
     return med[a] / med[b] if a in med and b in med else float("nan")
 
 
+def _times(r: float) -> str:
+    return "n/a" if r != r else f"{r:.2f}x"  # n/a: the case has no such variant
+
+
 def table(all_results: dict, header: str) -> str:
     lines = [header, "",
              "| allocator | case | jlora LoRA ms | PEFT LoRA ms | LoRA ratio | qwix LoRA ms | "
@@ -355,7 +359,7 @@ def table(all_results: dict, header: str) -> str:
                 f"{ratio(med, 'peft dora', 'peft lora'):.2f} | {ratio(med, 'jlora dora', 'peft dora'):.2f}x | "
                 f"{ratio(med, 'jlora merged fwd', 'torch merged fwd'):.2f}x | "
                 f"{ratio(med, 'jlora lora bf16', 'jlora lora'):.2f} | "
-                f"{ratio(med, 'jlora lora packed', 'peft lora'):.2f}x | {100 * spread:.0f} |")
+                f"{_times(ratio(med, 'jlora lora packed', 'peft lora'))} | {100 * spread:.0f} |")
     mem = [(a, c, r["xla_bytes"]) for a, res in all_results.items() for c, r in res.items()
            if "xla_bytes" in r]
     if mem:
