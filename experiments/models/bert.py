@@ -12,7 +12,21 @@ only attention sees the ``(B, T)`` layout, through a scatter and a gather. The
 hidden states at unmasked positions are the same; the work of the dense layers
 falls in proportion ``C / (B T)``. ``C`` is static (one compiled step per
 value), so the data pipeline picks it, e.g. :func:`packed_size` rounds the
-batch's token count up to a multiple of 64.
+batch's token count up to a multiple of 64. Packing gathers across the whole
+batch: with the batch split over a mesh's data axis, pack each shard's rows
+(``shard_map``) rather than the global batch, or the gather crosses devices.
+
+Example::
+
+    >>> import jax, numpy as np
+    >>> cfg = BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=1,
+    ...                  num_attention_heads=2, intermediate_size=96)
+    >>> ids = np.ones((2, 32), np.int32)
+    >>> mask = (np.arange(32)[None] < np.array([[20], [9]])).astype(np.int32)
+    >>> model = SentenceClassifier(cfg, 3, packed_tokens=packed_size(mask, multiple=32))
+    >>> params = model.init(jax.random.key(0), ids, mask)
+    >>> model.apply(params, ids, mask).shape
+    (2, 3)
 """
 
 from __future__ import annotations
