@@ -163,8 +163,8 @@ def _bert_batch(seed=0, lengths=(20, 32, 0, 7), t=32):
 
 @pytest.mark.parametrize("dtype,packed", [("float64", 59), ("float64", 96), ("float32", 64)])
 def test_packed_bert_matches_padded_bert(dtype, packed):
-    """``packed_tokens=C`` skips the padding, nothing else: the hidden states at unmasked
-    positions, the logits and every LoRA factor's gradient equal the padded model's
+    """``packed_tokens=C`` skips the padding, nothing else: the pooled embeddings, the
+    loss and every LoRA factor's gradient equal the padded model's
     (float64: XLA attention; float32 with T = head_dim = 32: the C++ kernel). C = 59 is
     the exact token count, C = 96 carries 37 masked rows along."""
     import jlora

@@ -154,9 +154,9 @@ class BertEncoder(nn.Module):
         if c is not None:
             if not 0 < c <= mask.size:
                 raise ValueError(f"packed_tokens={c} must be in [1, B*T = {mask.size}]")
-            if not isinstance(mask, jax.core.Tracer) and int((np.asarray(mask) > 0).sum()) > c:
-                raise ValueError(f"packed_tokens={c} is less than the batch's "
-                                 f"{int((np.asarray(mask) > 0).sum())} unmasked tokens")
+            n = None if isinstance(mask, jax.core.Tracer) else int((np.asarray(mask) > 0).sum())
+            if n is not None and n > c:
+                raise ValueError(f"packed_tokens={c} is less than the batch's {n} unmasked tokens")
             index = pack_index(mask, c)
             ids, pos = ids.reshape(-1)[index], index % ids.shape[1]
         x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings")(ids)
