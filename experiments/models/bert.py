@@ -168,9 +168,9 @@ class BertEncoder(nn.Module):
         for i in range(cfg.num_hidden_layers):
             x = Layer(cfg, name=f"layer_{i}")(x, bias, index)
         if index is not None:
-            kept = (mask.reshape(-1)[index] > 0)[:, None]  # filler rows -> 0
-            x = unpack_rows(jnp.where(kept, x, 0), index, mask.shape)
-            x = jnp.where((mask > 0).sum() > c, jnp.nan, x)  # dropped tokens: loud, not silent
+            tokens = (mask > 0).sum()  # pack_index puts them first: rows past it are filler
+            x = unpack_rows(jnp.where(jnp.arange(c)[:, None] < tokens, x, 0), index, mask.shape)
+            x = jnp.where(tokens > c, jnp.nan, x)  # dropped tokens: loud, not silent
         return x
 
 
