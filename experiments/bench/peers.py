@@ -336,8 +336,8 @@ def ratio(med, a, b):
     return med[a] / med[b] if a in med and b in med else float("nan")
 
 
-def _times(r: float) -> str:
-    return "n/a" if r != r else f"{r:.2f}x"  # n/a: the case has no such variant
+def _fmt(x: float, spec: str, suffix: str = "") -> str:
+    return "n/a" if x != x else f"{x:{spec}}{suffix}"  # n/a: the case has no such variant
 
 
 def table(all_results: dict, header: str) -> str:
@@ -350,16 +350,17 @@ def table(all_results: dict, header: str) -> str:
         for case, r in results.items():
             med = r["median_s"]
             spread = max((max(t) - min(t)) / statistics.median(t) for t in r["times_s"].values())
+            ms = lambda k: _fmt(1e3 * med.get(k, float("nan")), ".1f")
+            times = lambda a, b: _fmt(ratio(med, a, b), ".2f", "x")
+            plain = lambda a, b: _fmt(ratio(med, a, b), ".2f")
             lines.append(
-                f"| {alloc} | {case} | {1e3 * med['jlora lora']:.1f} | "
-                f"{1e3 * med.get('peft lora', float('nan')):.1f} | "
-                f"{ratio(med, 'jlora lora', 'peft lora'):.2f}x | "
-                f"{1e3 * med.get('qwix lora', float('nan')):.1f} | {ratio(med, 'jlora lora', 'qwix lora'):.2f}x | "
-                f"{ratio(med, 'jlora dora', 'jlora lora'):.2f} | "
-                f"{ratio(med, 'peft dora', 'peft lora'):.2f} | {ratio(med, 'jlora dora', 'peft dora'):.2f}x | "
-                f"{ratio(med, 'jlora merged fwd', 'torch merged fwd'):.2f}x | "
-                f"{ratio(med, 'jlora lora bf16', 'jlora lora'):.2f} | "
-                f"{_times(ratio(med, 'jlora lora packed', 'peft lora'))} | {100 * spread:.0f} |")
+                f"| {alloc} | {case} | {ms('jlora lora')} | {ms('peft lora')} | "
+                f"{times('jlora lora', 'peft lora')} | {ms('qwix lora')} | "
+                f"{times('jlora lora', 'qwix lora')} | {plain('jlora dora', 'jlora lora')} | "
+                f"{plain('peft dora', 'peft lora')} | {times('jlora dora', 'peft dora')} | "
+                f"{times('jlora merged fwd', 'torch merged fwd')} | "
+                f"{plain('jlora lora bf16', 'jlora lora')} | "
+                f"{times('jlora lora packed', 'peft lora')} | {100 * spread:.0f} |")
     mem = [(a, c, r["xla_bytes"]) for a, res in all_results.items() for c, r in res.items()
            if "xla_bytes" in r]
     if mem:
@@ -420,8 +421,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU threads for both XLA and torch (0: each library's default)")
     ap.add_argument("--json", help="(internal) write the raw results of this process here")
-    ap.add_argument("--from-json", nargs="+", metavar="ALLOCATOR=PATH",
-                    help="only write the table, from --json files of earlier runs")
+    ap.add_argument("--from-json", nargs="+", metavar="[ALLOCATOR=]PATH",
+                    help="only write the table, from --json files of earlier runs "
+                         "(ALLOCATOR=PATH) or a peers.json this script wrote (PATH)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                                   "results"))
     args = ap.parse_args(argv)
@@ -430,12 +432,21 @@ def main(argv=None):
         args.no_torch = True
     if not have("qwix"):
         print("skip qwix: not installed (pip install qwix)")
+    load = os.getloadavg()[0]
     if args.from_json:
         results = {}
         for item in args.from_json:
-            kind, path = item.split("=", 1)
+            kind, path = item.split("=", 1) if "=" in item else (None, item)
             with open(path) as f:
-                results[kind] = next(iter(json.load(f).values()))
+                saved = json.load(f)
+            if kind is None:  # a whole peers.json: every allocator's results
+                if "results" not in saved:
+                    raise SystemExit(f"{path}: no 'results' (a --json file needs ALLOCATOR={path})")
+                results.update(saved["results"])
+                args.reps, args.threads = saved["args"]["reps"], saved["args"]["threads"]
+                load = saved.get("load_average", load)
+            else:
+                results[kind] = next(iter(saved.values()))
     elif args.allocator == "current":
         results = {allocator_label(): run_all(args)}
         if args.json:
@@ -451,10 +462,11 @@ def main(argv=None):
                 subprocess.run(cmd, env=child_env(kind, args.threads), check=True)
                 with open(tmp.name) as f:
                     results[kind] = next(iter(json.load(f).values()))
+        load = os.getloadavg()[0]
     threads = f"{args.threads} thread(s) per library" if args.threads else "default threads"
     header = (f"Median of {args.reps} alternated steps after 2 warm-up steps; {_cpu()}, "
               f"{threads}, "
-              f"{os.cpu_count()} cores (shared, load average {os.getloadavg()[0]:.1f}); "
+              f"{os.cpu_count()} cores (shared, load average {load:.1f}); "
               f"jax {jax.__version__}, torch {_version('torch')}, peft {_version('peft')}, "
               f"qwix {_version('qwix')}. Ratios are jlora / peer (lower is better); DoRA/LoRA is "
               f"each library's own DoRA step over its LoRA step; spread is the largest "
@@ -466,8 +478,8 @@ def main(argv=None):
         with open(os.path.join(args.out, "peers.md"), "w") as f:
             f.write(text + "\n")
         with open(os.path.join(args.out, "peers.json"), "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "json"}, "cpu": _cpu(),
-                       "results": results}, f, indent=1)
+            json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("json", "from_json")},
+                       "cpu": _cpu(), "load_average": round(load, 2), "results": results}, f, indent=1)
     return results
 
 
