@@ -40,12 +40,12 @@ def test_peers_table_marks_missing_variants_and_rebuilds_from_its_own_json(tmp_p
     times = {"jlora lora": [0.1, 0.2, 0.3], "jlora dora": [0.2, 0.2, 0.2]}
     results = {"default": {"minilm 8x128 qv": {"times_s": times,
                                                "median_s": {"jlora lora": 0.2, "jlora dora": 0.2}}}}
-    saved = {"args": {"reps": 3, "threads": 0}, "cpu": "cpu", "load_average": 0.5, "results": results}
+    saved = {"args": {"reps": 3, "threads": 0}, "cpu": "a CPU", "load_average": 0.5, "results": results}
     path = tmp_path / "peers.json"
     path.write_text(json.dumps(saved))
     peers.main(["--from-json", str(path), "--out", str(tmp_path / "out")])
     text = (tmp_path / "out" / "peers.md").read_text()
-    assert text.startswith("Median of 3 alternated steps") and "load average 0.5" in text
+    assert text.startswith("Median of 3 alternated steps") and "a CPU, " in text and "load average 0.5" in text
     cells = [c.strip() for c in next(line for line in text.splitlines() if "minilm" in line).split("|")[1:-1]]
     # allocator, case, jlora ms, PEFT ms, ratio, qwix ms, jlora/qwix, DoRA/LoRA, ..., spread
     assert cells[:4] == ["default", "minilm 8x128 qv", "200.0", "n/a"]

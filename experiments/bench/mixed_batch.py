@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -36,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
+from experiments.bench._host import cpu_name, version
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results")
 N_ADAPTERS = 8
@@ -155,13 +154,13 @@ def main(argv=None):
             jax.block_until_ready(fn())
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    cpu = _cpu()
+    cpu = cpu_name()
     rows = [(k, 1e3 * med[k], med[k] / med["single"]) for k in variants]
     intro = (f"{args.layers} Dense layers of width {args.width} (tanh), LoRA rank {args.rank} "
              f"on every kernel, batch {args.batch} x {args.seq} tokens, {N_ADAPTERS} adapters; "
              f"median of {args.reps} alternated runs after warm-up; {cpu}, "
              f"{os.cpu_count()} cores; jax {jax.__version__}"
-             + ("" if args.no_peft else f", torch {_version('torch')}, peft {_version('peft')}")
+             + ("" if args.no_peft else f", torch {version('torch')}, peft {version('peft')}")
              + f". Mixed vs per-example max |error| {max_err:.1e}.")
     lines = [intro, "", "| variant | median ms | vs single |", "|---|---:|---:|"]
     lines += [f"| {k} | {ms:.1f} | {r:.2f}x |" for k, ms, r in rows]
@@ -174,21 +173,6 @@ def main(argv=None):
                    "max_err": max_err}, f, indent=1)
     print(table)
     return med
-
-
-def _version(name):
-    import importlib.metadata
-
-    return importlib.metadata.version(name)
-
-
-def _cpu():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines()
-                    if l.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ import optax
 
 import jlora
 from jlora._alloc import RECOMMENDED_TUNABLES, allocator, tuned
+from experiments.bench._host import cpu_name, version
 from experiments.memory import MIB, xla_bytes
 
 LR, WD = 1e-4, 0.01
@@ -372,23 +373,6 @@ def table(all_results: dict, header: str) -> str:
     return "\n".join(lines)
 
 
-def _cpu():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
-
-
-def _version(name):
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def child_env(kind: str, threads: int) -> dict:
     env = dict(os.environ)
     if threads:
@@ -432,7 +416,7 @@ def main(argv=None):
         args.no_torch = True
     if not have("qwix"):
         print("skip qwix: not installed (pip install qwix)")
-    load = os.getloadavg()[0]
+    load, cpu = os.getloadavg()[0], cpu_name()
     if args.from_json:
         results = {}
         for item in args.from_json:
@@ -444,7 +428,7 @@ def main(argv=None):
                     raise SystemExit(f"{path}: no 'results' (a --json file needs ALLOCATOR={path})")
                 results.update(saved["results"])
                 args.reps, args.threads = saved["args"]["reps"], saved["args"]["threads"]
-                load = saved.get("load_average", load)
+                load, cpu = saved.get("load_average", load), saved.get("cpu", cpu)
             else:
                 results[kind] = next(iter(saved.values()))
     elif args.allocator == "current":
@@ -464,11 +448,11 @@ def main(argv=None):
                     results[kind] = next(iter(json.load(f).values()))
         load = os.getloadavg()[0]
     threads = f"{args.threads} thread(s) per library" if args.threads else "default threads"
-    header = (f"Median of {args.reps} alternated steps after 2 warm-up steps; {_cpu()}, "
+    header = (f"Median of {args.reps} alternated steps after 2 warm-up steps; {cpu}, "
               f"{threads}, "
               f"{os.cpu_count()} cores (shared, load average {load:.1f}); "
-              f"jax {jax.__version__}, torch {_version('torch')}, peft {_version('peft')}, "
-              f"qwix {_version('qwix')}. Ratios are jlora / peer (lower is better); DoRA/LoRA is "
+              f"jax {jax.__version__}, torch {version('torch')}, peft {version('peft')}, "
+              f"qwix {version('qwix')}. Ratios are jlora / peer (lower is better); DoRA/LoRA is "
               f"each library's own DoRA step over its LoRA step; spread is the largest "
               f"(max - min) / median of any variant in the row.")
     text = table(results, header)
@@ -479,7 +463,7 @@ def main(argv=None):
             f.write(text + "\n")
         with open(os.path.join(args.out, "peers.json"), "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("json", "from_json")},
-                       "cpu": _cpu(), "load_average": round(load, 2), "results": results}, f, indent=1)
+                       "cpu": cpu, "load_average": round(load, 2), "results": results}, f, indent=1)
     return results
 
 
