@@ -37,9 +37,10 @@ def test_peers_table_marks_missing_variants_and_rebuilds_from_its_own_json(tmp_p
 
     from experiments.bench import peers
 
-    times = {"jlora lora": [0.1, 0.2, 0.3], "jlora dora": [0.2, 0.2, 0.2]}
+    # per-round ratios 1.2, 1.5, 1.1: paired median 1.2; the medians' ratio is 0.3 / 0.2
+    times = {"jlora lora": [0.1, 0.2, 0.3], "jlora dora": [0.12, 0.3, 0.33]}
     results = {"default": {"minilm 8x128 qv": {"times_s": times,
-                                               "median_s": {"jlora lora": 0.2, "jlora dora": 0.2}}}}
+                                               "median_s": {"jlora lora": 0.2, "jlora dora": 0.3}}}}
     saved = {"args": {"reps": 3, "threads": 0}, "cpu": "a CPU", "load_average": 0.5, "results": results}
     path = tmp_path / "peers.json"
     path.write_text(json.dumps(saved))
@@ -47,8 +48,8 @@ def test_peers_table_marks_missing_variants_and_rebuilds_from_its_own_json(tmp_p
     text = (tmp_path / "out" / "peers.md").read_text()
     assert text.startswith("Median of 3 alternated steps") and "a CPU, " in text and "load average 0.5" in text
     cells = [c.strip() for c in next(line for line in text.splitlines() if "minilm" in line).split("|")[1:-1]]
-    # allocator, case, jlora ms, PEFT ms, ratio, qwix ms, jlora/qwix, DoRA/LoRA, ..., spread
+    # allocator, case, jlora ms, PEFT ms, ratio, qwix ms, jlora/qwix, DoRA/LoRA, paired, ..., spread
     assert cells[:4] == ["default", "minilm 8x128 qv", "200.0", "n/a"]
-    assert cells[7] == "1.00" and cells[-1] == "100"
+    assert cells[7:9] == ["1.50", "1.20"] and cells[-1] == "100"
     assert cells.count("n/a") == 9 and "nan" not in text
     assert json.loads((tmp_path / "out" / "peers.json").read_text())["results"] == results

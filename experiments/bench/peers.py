@@ -337,6 +337,15 @@ def ratio(med, a, b):
     return med[a] / med[b] if a in med and b in med else float("nan")
 
 
+def paired_ratio(times, a, b):
+    """Median over rounds of each round's ``a / b``. A round runs every variant
+    back to back, so the host's slow drifts hit both steps of a pair alike and
+    cancel in their ratio, which the ratio of two medians does not do."""
+    if a not in times or b not in times:
+        return float("nan")
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+
 def _fmt(x: float, spec: str, suffix: str = "") -> str:
     return "n/a" if x != x else f"{x:{spec}}{suffix}"  # n/a: the case has no such variant
 
@@ -344,9 +353,9 @@ def _fmt(x: float, spec: str, suffix: str = "") -> str:
 def table(all_results: dict, header: str) -> str:
     lines = [header, "",
              "| allocator | case | jlora LoRA ms | PEFT LoRA ms | LoRA ratio | qwix LoRA ms | "
-             "LoRA jlora/qwix | jlora DoRA/LoRA | PEFT DoRA/LoRA | DoRA ratio | merged fwd ratio | "
-             "bf16 LoRA / f32 | packed LoRA / PEFT | spread % |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "LoRA jlora/qwix | jlora DoRA/LoRA | jlora DoRA/LoRA paired | PEFT DoRA/LoRA | DoRA ratio | "
+             "merged fwd ratio | bf16 LoRA / f32 | packed LoRA / PEFT | spread % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for alloc, results in all_results.items():
         for case, r in results.items():
             med = r["median_s"]
@@ -354,10 +363,12 @@ def table(all_results: dict, header: str) -> str:
             ms = lambda k: _fmt(1e3 * med.get(k, float("nan")), ".1f")
             times = lambda a, b: _fmt(ratio(med, a, b), ".2f", "x")
             plain = lambda a, b: _fmt(ratio(med, a, b), ".2f")
+            paired = lambda a, b: _fmt(paired_ratio(r["times_s"], a, b), ".2f")
             lines.append(
                 f"| {alloc} | {case} | {ms('jlora lora')} | {ms('peft lora')} | "
                 f"{times('jlora lora', 'peft lora')} | {ms('qwix lora')} | "
                 f"{times('jlora lora', 'qwix lora')} | {plain('jlora dora', 'jlora lora')} | "
+                f"{paired('jlora dora', 'jlora lora')} | "
                 f"{plain('peft dora', 'peft lora')} | {times('jlora dora', 'peft dora')} | "
                 f"{times('jlora merged fwd', 'torch merged fwd')} | "
                 f"{plain('jlora lora bf16', 'jlora lora')} | "
@@ -453,7 +464,8 @@ def main(argv=None):
               f"{os.cpu_count()} cores (shared, load average {load:.1f}); "
               f"jax {jax.__version__}, torch {version('torch')}, peft {version('peft')}, "
               f"qwix {version('qwix')}. Ratios are jlora / peer (lower is better); DoRA/LoRA is "
-              f"each library's own DoRA step over its LoRA step; spread is the largest "
+              f"each library's own DoRA step over its LoRA step (paired: the median over rounds "
+              f"of each round's ratio, the variants of a round running back to back); spread is the largest "
               f"(max - min) / median of any variant in the row.")
     text = table(results, header)
     print(text)
