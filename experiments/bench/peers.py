@@ -427,7 +427,7 @@ def main(argv=None):
         args.no_torch = True
     if not have("qwix"):
         print("skip qwix: not installed (pip install qwix)")
-    load, cpu = os.getloadavg()[0], cpu_name()
+    load = cpu = None  # this host's, unless a saved peers.json names the run's
     if args.from_json:
         results = {}
         for item in args.from_json:
@@ -439,7 +439,7 @@ def main(argv=None):
                     raise SystemExit(f"{path}: no 'results' (a --json file needs ALLOCATOR={path})")
                 results.update(saved["results"])
                 args.reps, args.threads = saved["args"]["reps"], saved["args"]["threads"]
-                load, cpu = saved.get("load_average", load), saved.get("cpu", cpu)
+                load, cpu = saved.get("load_average"), saved.get("cpu")
             else:
                 results[kind] = next(iter(saved.values()))
     elif args.allocator == "current":
@@ -457,7 +457,8 @@ def main(argv=None):
                 subprocess.run(cmd, env=child_env(kind, args.threads), check=True)
                 with open(tmp.name) as f:
                     results[kind] = next(iter(json.load(f).values()))
-        load = os.getloadavg()[0]
+    load = os.getloadavg()[0] if load is None else load
+    cpu = cpu or cpu_name()
     threads = f"{args.threads} thread(s) per library" if args.threads else "default threads"
     header = (f"Median of {args.reps} alternated steps after 2 warm-up steps; {cpu}, "
               f"{threads}, "
