@@ -48,10 +48,10 @@ CONFIGS = {"LoRA": jlora.LoRA(rank=4, alpha=8), "DoRA": jlora.DoRA(rank=4, alpha
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_step(name):
+def compiled_step(name, batch=(2, 8)):
     """The jitted AdamW step over the adapters of ``CONFIGS[name]`` or every param (full)."""
     config = CONFIGS[name]
-    x = jax.random.normal(jax.random.key(0), (2, 8, WIDTHS[0]))
+    x = jax.random.normal(jax.random.key(0), batch + (WIDTHS[0],))
     model = MLP()
     params = model.init(jax.random.key(1), x)["params"]
     if config is None:
@@ -78,9 +78,10 @@ def dense_buffers(compiled):
             if pattern.search(line) and " parameter(" not in line and "ROOT" not in line]
 
 
+@pytest.mark.parametrize("batch", [(2, 8), (8, 64)])  # tokens below and above every fan_in
 @pytest.mark.parametrize("name", ["LoRA", "DoRA"])
-def test_adapter_step_has_no_dense_kernel_temporary(name):
-    assert dense_buffers(compiled_step(name)) == []
+def test_adapter_step_has_no_dense_kernel_temporary(name, batch):
+    assert dense_buffers(compiled_step(name, batch)) == []
 
 
 def test_dense_buffer_probe_sees_full_finetuning_gradients():

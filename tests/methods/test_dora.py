@@ -137,6 +137,40 @@ def test_all_zero_output_column_stays_finite():
     assert bool(jnp.isfinite(merged).all())
 
 
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float64, 1e-10), (jnp.float32, 2e-5)])
+def test_zero_and_tiny_magnitudes_keep_exact_gradients(dtype, rtol):
+    # the backward divides the scaled cotangent's reduction by m/n; a zero or
+    # subnormal magnitude must still give the gradient autodiff gives, not 0/0
+    from jlora.methods.dora import DoRANode
+    from jlora.methods.lora import LoRANode
+
+    with jax.enable_x64(dtype == jnp.float64):
+        model = nn.Dense(4, param_dtype=dtype, dtype=dtype)
+        x = jax.random.normal(jax.random.key(0), (2, 8, 3), dtype)  # 16 tokens ≥ fan_in
+        params = model.init(jax.random.key(1), x)["params"]
+        adapted = jlora.apply(params, jlora.Spec({"kernel": jlora.DoRA(rank=2)}), key=jax.random.key(2))
+        node = bumped(adapted["kernel"], seed=3)
+        tiny = 1e-40 if dtype == jnp.float64 else 1e-20  # below eps² of the dtype
+        node = node.replace(m=node.m.at[1].set(0.0).at[2].set(tiny).at[3].set(-tiny))
+        trainable, frozen = jlora.split({**adapted, "kernel": node})
+        cot = jax.random.normal(jax.random.key(4), (2, 8, 4), dtype)
+        loss = lambda t: jnp.sum(jlora.linen.apply(model, {"params": jlora.combine(t, frozen)}, x) * cot)
+        grads = jax.grad(loss)(trainable)
+
+        def unfused(self, x, op, *, dropout_key=None, **context):
+            y = LoRANode.dot(self, x, op, dropout_key=dropout_key)
+            return y * self._ratio().reshape(self.out_shape)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(DoRANode, "dot", unfused)
+            expected = jax.grad(loss)(trainable)
+        for f in ("a", "b", "m"):
+            got, want = getattr(grads["kernel"], f), getattr(expected["kernel"], f)
+            assert bool(jnp.isfinite(got).all()), f
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(jnp.abs(want).max()), err_msg=f)
+        assert float(jnp.abs(grads["kernel"].m[1:]).min()) > 0  # a zero magnitude can train away from 0
+
+
 class EveryLayer(nn.Module):
     """Every layer type the Linen fast path covers, in float64."""
 
