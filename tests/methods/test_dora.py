@@ -187,8 +187,8 @@ class EveryLayer(nn.Module):
 @pytest.mark.parametrize("batch", [(1, 3), (4, 8)])  # tokens below and above every fan_in
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_fast_path_vjp_matches_autodiff_of_merged_weights_float64(batch, dropout):
-    """DoRA's hand-written VJP (ratio folded into the kernel or into dy, by the token
-    count) against jax.grad of the model on the dense merged kernel, with respect to
+    """DoRA's hand-written VJP (every product and dm from the scaled cotangent)
+    against jax.grad of the model on the dense merged kernel, with respect to
     the factors, the magnitude and the frozen base, on every layer type."""
     with jax.enable_x64(True):
         model = EveryLayer()
