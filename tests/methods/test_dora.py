@@ -22,6 +22,21 @@ def bumped(node, seed=0):
                         m=node.m * (1 + 0.1 * jax.random.normal(km, node.m.shape)))
 
 
+def grad_of_unfused(fn, params):
+    """``jax.grad(fn)(params)`` with DoRA's product left to autodiff: the LoRA
+    product times ``m/n`` (the same dropout masks as the fast path)."""
+    from jlora.methods.dora import DoRANode
+    from jlora.methods.lora import LoRANode
+
+    def unfused(self, x, op, *, dropout_key=None, **context):
+        y = LoRANode.dot(self, x, op, dropout_key=dropout_key)
+        return y * self._ratio().reshape(self.out_shape)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DoRANode, "dot", unfused)
+        return jax.grad(fn)(params)
+
+
 def make(config, shape=(12, 7), seed=0):
     w = jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
     adapted = jlora.apply({"l": {"kernel": w}}, jlora.Spec({"l/kernel": config}), key=jax.random.key(1))
@@ -141,9 +156,6 @@ def test_all_zero_output_column_stays_finite():
 def test_zero_and_tiny_magnitudes_keep_exact_gradients(dtype, rtol):
     # the backward divides the scaled cotangent's reduction by m/n; a zero or
     # subnormal magnitude must still give the gradient autodiff gives, not 0/0
-    from jlora.methods.dora import DoRANode
-    from jlora.methods.lora import LoRANode
-
     with jax.enable_x64(dtype == jnp.float64):
         model = nn.Dense(4, param_dtype=dtype, dtype=dtype)
         x = jax.random.normal(jax.random.key(0), (2, 8, 3), dtype)  # 16 tokens ≥ fan_in
@@ -155,15 +167,7 @@ def test_zero_and_tiny_magnitudes_keep_exact_gradients(dtype, rtol):
         trainable, frozen = jlora.split({**adapted, "kernel": node})
         cot = jax.random.normal(jax.random.key(4), (2, 8, 4), dtype)
         loss = lambda t: jnp.sum(jlora.linen.apply(model, {"params": jlora.combine(t, frozen)}, x) * cot)
-        grads = jax.grad(loss)(trainable)
-
-        def unfused(self, x, op, *, dropout_key=None, **context):
-            y = LoRANode.dot(self, x, op, dropout_key=dropout_key)
-            return y * self._ratio().reshape(self.out_shape)
-
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(DoRANode, "dot", unfused)
-            expected = jax.grad(loss)(trainable)
+        grads, expected = jax.grad(loss)(trainable), grad_of_unfused(loss, trainable)
         for f in ("a", "b", "m"):
             got, want = getattr(grads["kernel"], f), getattr(expected["kernel"], f)
             assert bool(jnp.isfinite(got).all()), f
@@ -214,16 +218,7 @@ def test_fast_path_vjp_matches_autodiff_of_merged_weights_float64(batch, dropout
             np.testing.assert_allclose(fast(adapted), slow(adapted), rtol=1e-12)
             g_slow = jax.grad(slow)(adapted)
         else:  # same dropout masks: the reference is autodiff of the unfused product
-            from jlora.methods.dora import DoRANode
-            from jlora.methods.lora import LoRANode
-
-            def unfused(self, x, op, *, dropout_key=None, **context):
-                y = LoRANode.dot(self, x, op, dropout_key=dropout_key)
-                return y * self._ratio().reshape(self.out_shape)
-
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(DoRANode, "dot", unfused)
-                g_slow = jax.grad(fast)(adapted)
+            g_slow = grad_of_unfused(fast, adapted)
         for (path, a), (_, b) in zip(jlora.tree.leaves_with_paths(g_fast),
                                      jlora.tree.leaves_with_paths(g_slow)):
             for f in ("a", "b", "m", "base") if jlora.is_node(a) else (None,):
