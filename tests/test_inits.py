@@ -375,7 +375,9 @@ def test_corda_matches_reference_and_peft(mode, tmp_path):
         node = ours[name]["kernel"]
         np.testing.assert_allclose(f64(node.b).T @ f64(node.a).T, f64(pb) @ f64(pa), rtol=1e-4,
                                    atol=1e-4)
-        np.testing.assert_allclose(f64(node.base).T, peft_weight(pm, name), atol=1e-4)
+        # base = W - BA on each side carries its float32 product's error, so the same
+        # relative budget as the factors against the float64 reference (1e-3)
+        np.testing.assert_allclose(f64(node.base).T, peft_weight(pm, name), rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(torch_out(pm, X), f64(run(params, {"x": X})), atol=1e-4)
     if mode == "kpm":
         return
