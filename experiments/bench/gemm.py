@@ -39,9 +39,10 @@ import numpy as np
 
 from experiments.bench._host import cpu_name, version
 
-# (tokens, fan_in, fan_out, transposed): all-MiniLM-L6-v2 at 1024 tokens (8 x 128
-# or 32 x 32 rows of a batch) and the decoder LM at d1024; transposed is the
-# input gradient dy·Kᵀ of a (fan_out, fan_in) product.
+# (rows, contracted, out, transposed): a (rows, contracted) operand times a
+# (contracted, out) one, stored as (out, contracted) and read transposed where
+# transposed is set (an input gradient dy·Kᵀ). all-MiniLM-L6-v2's projections at
+# 1024 tokens (a batch of 8 x 128) and the decoder LM's at d1024.
 SHAPES = [
     (1024, 384, 384, False), (1024, 384, 384, True),
     (1024, 384, 1536, False), (1024, 1536, 384, True),
@@ -65,22 +66,22 @@ def xla_gemm(x, w, transposed: bool, options: dict):
 
 
 def variants(shapes, rng, *, torch_too: bool):
-    out = {}
+    """``{(variant, shape): run}`` and ``{shape: whether XLA chose YNNPACK}``."""
+    out, ynn = {}, {}
     for shape in shapes:
         t, k, n, transposed = shape
         x = rng.standard_normal((t, k), dtype=np.float32)
         w = rng.standard_normal((n, k) if transposed else (k, n), dtype=np.float32)
         jx, jw = jnp.asarray(x), jnp.asarray(w)
-        out["xla", shape], ynn = xla_gemm(jx, jw, transposed, {})
+        out["xla", shape], ynn[shape] = xla_gemm(jx, jw, transposed, {})
         out["xla no-ynn", shape], _ = xla_gemm(jx, jw, transposed, NO_YNN)
-        out.setdefault("_ynn", {})[shape] = ynn
         if torch_too:
             import torch
 
             tx, tw = torch.from_numpy(x), torch.from_numpy(w)
             out["torch", shape] = (lambda tx=tx, tw=tw: tx @ tw.t()) if transposed else \
                 (lambda tx=tx, tw=tw: tx @ tw)
-    return out
+    return out, ynn
 
 
 def run(reps: int, *, shapes=SHAPES, seed: int = 0) -> dict:
@@ -88,8 +89,7 @@ def run(reps: int, *, shapes=SHAPES, seed: int = 0) -> dict:
     if not torch_too:
         print("skip torch: not installed (pip install torch==2.13.0)")
     rng = np.random.default_rng(seed)
-    fns = variants(shapes, rng, torch_too=torch_too)
-    ynn = fns.pop("_ynn")
+    fns, ynn = variants(shapes, rng, torch_too=torch_too)
     keys = list(fns)
     for f in fns.values():
         f(), f()
