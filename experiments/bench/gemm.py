@@ -6,8 +6,8 @@ so a library's step can be no faster than its GEMMs. This script times one GEMM
 per shape, ``y = x·K`` and the input gradient ``dx = dy·Kᵀ`` (``Kᵀ`` read in
 place, as both autodiff and PyTorch do), three ways:
 
-* ``xla``        : ``jax.jit(jnp.dot)`` with XLA's default choice of GEMM (on
-                   jax 0.10 a YNNPACK fusion where XLA:CPU picks one);
+* ``xla``        : a jitted ``lax.dot_general`` with XLA's default choice of GEMM
+                   (on jax 0.10 a YNNPACK fusion where XLA:CPU picks one);
 * ``xla no-ynn`` : the same with ``compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""}``
                    (XLA's own dot emitter);
 * ``torch``      : ``torch.matmul`` (MKL or oneDNN), when torch is installed.
