@@ -24,3 +24,15 @@ def test_cpu_name_carries_family_and_model_where_lscpu_reports_them():
     assert name and name != "unknown CPU"
     if family is not None:
         assert f"(family {family}, model " in name
+
+
+def test_unoptimized_xla_names_a_lowered_llvm_level_and_nothing_else():
+    from experiments.bench._host import unoptimized_xla
+
+    reason = unoptimized_xla("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+    assert reason is not None and "--xla_backend_optimization_level=0" in reason
+    assert unoptimized_xla("--xla_backend_optimization_level=1") is not None
+    assert unoptimized_xla("--xla_backend_optimization_level=2") is None
+    assert unoptimized_xla("--xla_backend_optimization_level=3") is None
+    assert unoptimized_xla("--xla_force_host_platform_device_count=8") is None
+    assert unoptimized_xla("") is None

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
+import re
 import subprocess
+import sys
 
 
 def cpu_name() -> str:
@@ -29,3 +32,24 @@ def version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def unoptimized_xla(xla_flags: str | None = None) -> str | None:
+    """Why this process's XLA code is not what users run, or None.
+
+    The test command compiles with ``--xla_backend_optimization_level=0`` (LLVM's
+    optimisation off, for compile time); a benchmark started from such an
+    environment would time unoptimised elementwise code.
+    """
+    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    m = re.search(r"--xla_backend_optimization_level=(\d+)", flags)
+    if m and int(m.group(1)) < 2:
+        return (f"XLA_FLAGS sets --xla_backend_optimization_level={m.group(1)}: "
+                "timings in this process are of unoptimised code (unset it to benchmark)")
+    return None
+
+
+def warn_if_unoptimized() -> None:
+    """Print :func:`unoptimized_xla`'s reason to stderr, if there is one."""
+    if (reason := unoptimized_xla()) is not None:
+        print(f"warning: {reason}", file=sys.stderr)

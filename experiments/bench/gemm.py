@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench._host import cpu_name, version
+from experiments.bench._host import cpu_name, version, warn_if_unoptimized
 
 # (rows, contracted, out, transposed): a (rows, contracted) operand times a
 # (contracted, out) one, stored as (out, contracted) and read transposed where
@@ -137,6 +137,7 @@ def main(argv=None):
         return
     if args.reps < 1:
         raise ValueError(f"--reps must be at least 1, got {args.reps}")
+    warn_if_unoptimized()
     res = run(args.reps)
     print(table(res))
     if args.json:

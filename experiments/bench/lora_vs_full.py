@@ -37,6 +37,7 @@ import jax
 import optax
 
 import jlora
+from experiments.bench._host import warn_if_unoptimized
 from experiments.memory import MIB, xla_bytes
 from experiments.models.decoder import MEMORY_OPTIMIZED_CPU, REMAT_POLICIES, DecoderLM, lm_loss
 
@@ -135,6 +136,7 @@ def main(argv=None):
                     help="rematerialize every block (DecoderLM(remat=...)) in every variant")
     args = ap.parse_args(argv)
     remat = None if args.remat == "none" else args.remat
+    warn_if_unoptimized()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
           f"layers={args.layers} batch={args.batch} seq={args.seq} vocab={args.vocab} "
           f"rank={args.rank} remat={args.remat}, median of {args.reps}")

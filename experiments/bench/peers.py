@@ -50,7 +50,7 @@ import optax
 
 import jlora
 from jlora._alloc import RECOMMENDED_TUNABLES, allocator, tuned
-from experiments.bench._host import cpu_name, version
+from experiments.bench._host import cpu_name, version, warn_if_unoptimized
 from experiments.memory import MIB, xla_bytes
 
 LR, WD = 1e-4, 0.01
@@ -422,6 +422,8 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                                   "results"))
     args = ap.parse_args(argv)
+    if not args.from_json:
+        warn_if_unoptimized()
     if not args.no_torch and not (have("torch") and have("peft")):
         print("skip PEFT: torch and peft are not installed (pip install torch peft)")
         args.no_torch = True
