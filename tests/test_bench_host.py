@@ -36,3 +36,5 @@ def test_unoptimized_xla_names_a_lowered_llvm_level_and_nothing_else():
     assert unoptimized_xla("--xla_backend_optimization_level=3") is None
     assert unoptimized_xla("--xla_force_host_platform_device_count=8") is None
     assert unoptimized_xla("") is None
+    assert unoptimized_xla("--xla_backend_optimization_level=0 --xla_backend_optimization_level=2") is None
+    assert unoptimized_xla("--xla_backend_optimization_level=2 --xla_backend_optimization_level=0") is not None

@@ -42,9 +42,9 @@ def unoptimized_xla(xla_flags: str | None = None) -> str | None:
     environment would time unoptimised elementwise code.
     """
     flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
-    m = re.search(r"--xla_backend_optimization_level=(\d+)", flags)
-    if m and int(m.group(1)) < 2:
-        return (f"XLA_FLAGS sets --xla_backend_optimization_level={m.group(1)}: "
+    levels = re.findall(r"--xla_backend_optimization_level=(\d+)", flags)
+    if levels and int(levels[-1]) < 2:  # XLA takes a repeated flag's last value
+        return (f"XLA_FLAGS sets --xla_backend_optimization_level={levels[-1]}: "
                 "timings in this process are of unoptimised code (unset it to benchmark)")
     return None
 
