@@ -18,6 +18,10 @@ halves) and sample counts ``n_k``; every rule normalises them to
 * :func:`lora_fair` (LoRA-FAIR, Bian et al. ICCV 2025): ``(ā, b̄ + Δb)`` with a
   server-side correction ``Δb``.
 
+Stacked-expert nodes (``LoRA(expert_axis=0)``: ``a (E, in, r)``, ``b (E, r, out)``)
+aggregate expert by expert under every rule. Factors aggregate in float32, or
+in float64 where they are float64.
+
 FSLoRA (sketched sub-adapters), FeDLRT (a shared low-rank basis), the
 personal/shared partitions of PF2LoRA, FedDPA and pFedLoRA and
 :func:`simulate` (K clients of a round in one jitted ``vmap``) follow below.
@@ -49,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jlora.methods._experts import is_stacked
 from jlora.methods.base import lowrank_svd
 from jlora.methods.lora import LoRANode
 from jlora.tree import PyTree, is_node, path_str
@@ -87,8 +92,9 @@ def _weights(weights, n: int, who: str) -> jax.Array:
             raise ValueError(f"jlora.federated.{who}: weights must be >= 0, got {w.tolist()}")
         if not w.sum() > 0:
             raise ValueError(f"jlora.federated.{who}: weights are all zero")
-        return jnp.asarray(w / w.sum(), jnp.float32)
-    w = jnp.asarray(weights, jnp.float32)
+        return jnp.asarray(w / w.sum())  # float64 under jax_enable_x64, float32 otherwise
+    w = jnp.asarray(weights)
+    w = w.astype(jnp.promote_types(w.dtype, jnp.float32))
     if w.shape != (n,):
         raise ValueError(f"jlora.federated.{who}: weights must have length {n}, got shape {w.shape}")
     return w / jnp.sum(w)
@@ -125,7 +131,9 @@ def _describe(x) -> str:
 def _check_column(path: str, col: list, who: str) -> None:
     x0 = col[0]
     for k, x in enumerate(col[1:], 1):
-        if (x is None) != (x0 is None) or is_node(x) != is_node(x0) or type(x) is not type(x0):
+        # plain leaves may differ in container (numpy, jax, Python scalar); nodes may not
+        if ((x is None) != (x0 is None) or is_node(x) != is_node(x0)
+                or (is_node(x0) and type(x) is not type(x0))):
             raise ValueError(f"{path}: clients 0 and {k} differ in kind: {_describe(x0)} vs "
                              f"{_describe(x)} (jlora.federated.{who})")
         if x is None:
@@ -172,10 +180,15 @@ def _same_frozen(path: str, name: str, values: list, who: str):
     return v0
 
 
+def _acc(x) -> jnp.dtype:
+    """The dtype to aggregate ``x`` in: float32 for narrower floats, float64 kept."""
+    return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
 def _wsum(p, values):
     dt = jnp.result_type(values[0])
-    acc = sum(p[k].astype(jnp.float32) * jnp.asarray(v).astype(jnp.float32)
-              for k, v in enumerate(values))
+    acc_dt = _acc(values[0])
+    acc = sum(p[k].astype(acc_dt) * jnp.asarray(v).astype(acc_dt) for k, v in enumerate(values))
     return acc.astype(dt)
 
 
@@ -195,13 +208,19 @@ def _node_mean(path, col, p, who, *, b_factors=None):
             raise ValueError(f"{path}: clients 0 and {k} have different configs: "
                              f"{_config_diff(n0.config, n.config)} (jlora.federated.{who})")
     train = set(n0.trainable)
+    # s_k/s_0 goes into b, or into a where b is frozen and shared (MiCA): either way
+    # s_0·ā·b̄ then averages s_k·a_k·b_k's factors
+    fold = "b" if "b" in train else "a"
+    if b_factors is not None and fold not in train and any(c != 1 for c in b_factors):
+        raise ValueError(f"{path}: clients' scales differ ({[n.scale for n in col]}) and neither "
+                         f"a nor b trains, so no factor can carry them (jlora.federated.{who})")
     changes = {}
     for f in _array_fields(n0):
         vals = [getattr(n, f) for n in col]
         if vals[0] is None:
             continue
         if f in train:
-            if f == "b" and b_factors is not None:
+            if f == fold and b_factors is not None:
                 vals = [v * c for v, c in zip(vals, b_factors)]
             changes[f] = _wsum(p, vals)
         else:
@@ -276,7 +295,8 @@ def fedavg(clients: Sequence[PyTree], weights) -> PyTree:
     ``Full``, DoRA magnitudes alike) and of plain array leaves. The merged
     delta ``s·ā·b̄`` differs from ``Σ p_k s_k a_k b_k`` by the cross terms.
     LoRA clients must share the rank; when their scales differ, client k's
-    ``s_k/s_0`` is folded into its ``b`` and the result has client 0's config.
+    ``s_k/s_0`` is folded into its ``b`` (into its ``a`` where ``b`` is frozen and
+    shared, as MiCA's) and the result has client 0's config.
     Frozen fields (``base``, a frozen ``a``) must be identical across clients.
 
     Args:
@@ -332,6 +352,7 @@ def ffa(clients: Sequence[PyTree], weights) -> PyTree:
         _no_initial_factors(path, col, "ffa")
         _check_frozen(path, col, "ffa", skip=("a",))
         a = _same_frozen(path, "a", [n.a for n in col], "ffa") if col[0].a is not None else None
+        _lora_ranks_equal(path, col, "ffa")  # then the other options (alpha, rslora may differ)
         b = _wsum(p, [n.b * c for n, c in zip(col, _ratios(col))])
         return col[0].replace(a=a, b=b)
 
@@ -339,7 +360,11 @@ def ffa(clients: Sequence[PyTree], weights) -> PyTree:
 
 
 def _stack(path, col, p, who):
-    """``A = [p_k s_k a_k]``, ``B = [b_k]``: ``A·B = Σ p_k s_k a_k b_k``."""
+    """``A = [p_k s_k a_k]``, ``B = [b_k]``: ``A·B = Σ p_k s_k a_k b_k``.
+
+    Joined along the rank axis (the last of ``a``, the second to last of ``b``),
+    so stacked-expert factors ``(E, in, r)``, ``(E, r, out)`` join per expert.
+    """
     _no_initial_factors(path, col, who)
     _check_frozen(path, col, who, skip=("a",))
     if any(n.a is None for n in col):
@@ -348,15 +373,24 @@ def _stack(path, col, p, who):
     for k, n in enumerate(col[1:], 1):
         if n.in_axes != col[0].in_axes:
             raise ValueError(f"{path}: clients 0 and {k} have in_axes {col[0].in_axes} vs {n.in_axes}")
-    dt = jnp.result_type(col[0].a)
-    a = jnp.concatenate([(p[k] * n.scale) * n.a.astype(jnp.float32) for k, n in enumerate(col)], 1)
-    b = jnp.concatenate([n.b.astype(jnp.float32) for n in col], 0)
+    dt, acc = jnp.result_type(col[0].a), _acc(col[0].a)
+    a = jnp.concatenate([(p[k].astype(acc) * n.scale) * n.a.astype(acc)
+                         for k, n in enumerate(col)], -1)
+    b = jnp.concatenate([n.b.astype(acc) for n in col], -2)
     return a.astype(dt), b.astype(dt)
 
 
 def _with_rank(node, rank: int, a, b, **options):
+    """``node`` with factors ``a``, ``b`` of rank ``rank`` (per expert for a stacked node)."""
+    if is_stacked(node):  # the rank given is each slice's own
+        options = {"rank_per_expert": "full", **options}
     config = dataclasses.replace(node.config, rank=rank, **options)
     return node.replace(a=a, b=b, config=config)
+
+
+def _mt(x):
+    """The transpose of the last two axes (a batch of matrices for stacked experts)."""
+    return jnp.swapaxes(x, -1, -2)
 
 
 def flora(clients: Sequence[PyTree], weights) -> PyTree:
@@ -379,7 +413,7 @@ def flora(clients: Sequence[PyTree], weights) -> PyTree:
 
     def rule(path, col, p):
         a, b = _stack(path, col, p, "flora")
-        r = a.shape[1]
+        r = a.shape[-1]
         return _with_rank(col[0], r, a, b, alpha=float(r), rslora=False)
 
     return _aggregate(clients, weights, "flora", rule)
@@ -416,14 +450,16 @@ def flexlora(clients: Sequence[PyTree], weights, ranks: Sequence[int] | None = N
     for path, col in zip(paths, columns):
         x0 = col[0]
         if _is_lora(x0):
-            u, s, vt = lowrank_svd(*(x.astype(jnp.float32) for x in _stack(path, col, p, "flexlora")))
+            acc = _acc(x0.a)
+            svd = jax.vmap(lowrank_svd) if is_stacked(x0) else lowrank_svd  # per expert
+            u, s, vt = svd(*(x.astype(acc) for x in _stack(path, col, p, "flexlora")))
             for k, node in enumerate(col):
                 r = node.rank if ranks is None else int(ranks[k])
-                m = min(r, s.shape[0])
-                target = node if r == node.rank else _with_rank(node, r, node.a, node.b)
-                a = jnp.zeros((u.shape[0], r), jnp.float32).at[:, :m].set(u[:, :m])
-                b = jnp.zeros((r, vt.shape[1]), jnp.float32).at[:m].set(
-                    s[:m, None] * vt[:m] / target.scale)
+                m = min(r, s.shape[-1])
+                target = _with_rank(node, r, node.a, node.b)
+                a = jnp.zeros(u.shape[:-1] + (r,), acc).at[..., :m].set(u[..., :m])
+                b = jnp.zeros(vt.shape[:-2] + (r, vt.shape[-1]), acc).at[..., :m, :].set(
+                    s[..., :m, None] * vt[..., :m, :] / target.scale)
                 dt = jnp.result_type(node.a)
                 outs[k].append(_with_rank(node, r, a.astype(dt), b.astype(dt)))
         else:
@@ -466,15 +502,18 @@ def lora_fair(clients: Sequence[PyTree], weights, *, ridge: float = 1e-3) -> PyT
         _lora_ranks_equal(path, col, "lora_fair")
         _no_initial_factors(path, col, "lora_fair")
         avg = _node_mean(path, col, p, "lora_fair", b_factors=_ratios(col))
-        if avg.a is None or not avg.config.train_a:
-            return avg
-        a_bar = avg.a.astype(jnp.float32)
-        b_bar = avg.b.astype(jnp.float32)
-        gram = a_bar.T @ a_bar
-        at_t = sum(p[k] * c * (a_bar.T @ n.a.astype(jnp.float32)) @ n.b.astype(jnp.float32)
+        if avg.a is None or avg.b is None or not {"a", "b"} <= set(avg.trainable):
+            return avg  # one shared factor (a frozen a or b) makes the average exact
+        acc = _acc(avg.a)
+        a_bar, b_bar = avg.a.astype(acc), avg.b.astype(acc)
+        gram = _mt(a_bar) @ a_bar  # (..., r, r): per expert for a stacked node
+        at_t = sum(p[k].astype(acc) * c * (_mt(a_bar) @ n.a.astype(acc)) @ n.b.astype(acc)
                    for k, (n, c) in enumerate(zip(col, _ratios(col))))
-        lam = ridge * jnp.trace(gram) / gram.shape[0]
-        db = jnp.linalg.solve(gram + lam * jnp.eye(gram.shape[0]), at_t - gram @ b_bar)
+        r = gram.shape[-1]
+        # floored so that ā = 0 (nothing to fit through) solves to Δb = 0, not 0/0
+        lam = jnp.maximum(ridge * jnp.trace(gram, axis1=-2, axis2=-1) / r, jnp.finfo(acc).tiny)
+        db = jnp.linalg.solve(gram + lam[..., None, None] * jnp.eye(r, dtype=acc),
+                              at_t - gram @ b_bar)
         return avg.replace(b=(b_bar + db).astype(avg.b.dtype))
 
     return _aggregate(clients, weights, "lora_fair", rule)
@@ -610,6 +649,8 @@ def pad_clients(datasets: Sequence[PyTree]):
     to pass as ``weights``. Padding keeps the vmapped program static; a
     client's loss must weight examples by its mask.
     """
+    if not datasets:
+        raise ValueError("jlora.federated.pad_clients: no datasets given")
     sizes = [len(jax.tree.leaves(d)[0]) for d in datasets]
     n = max(sizes)
 
@@ -721,7 +762,8 @@ def simulate(local_update: Callable, trainable: PyTree, frozen: PyTree, data: Py
     three (sampling, clients, server):
 
     1. sample ``M = clients_per_round`` of the ``K`` clients without
-       replacement (all of them by default), sorted;
+       replacement (all of them by default), sorted; a client of weight 0
+       has no samples and is never drawn when ``M < K``;
     2. client ``i`` starts from ``broadcast(trainable, i)`` (default: the
        server's tree), with its ``personal[i]`` filled in (:func:`combine`);
     3. ``local_update(start, frozen, data[i], fold_in(k_clients, i))`` for
@@ -830,6 +872,10 @@ def simulate(local_update: Callable, trainable: PyTree, frozen: PyTree, data: Py
     if m > n_clients:
         raise ValueError(f"jlora.federated.simulate: clients_per_round={m} exceeds the "
                          f"{n_clients} clients")
+    sampled_from = np.flatnonzero(w > 0)  # a client without samples has nothing to send
+    if m < n_clients and m > len(sampled_from):
+        raise ValueError(f"jlora.federated.simulate: clients_per_round={m} exceeds the "
+                         f"{len(sampled_from)} clients with nonzero weight")
     if restart is not None and server_opt is not None:
         raise ValueError("jlora.federated.simulate: give restart or server_opt, not both")
 
@@ -879,7 +925,8 @@ def simulate(local_update: Callable, trainable: PyTree, frozen: PyTree, data: Py
         if m == n_clients:
             ids = np.arange(n_clients)
         else:
-            ids = np.sort(np.asarray(jax.random.choice(k_sample, n_clients, (m,), replace=False)))
+            ids = np.sort(sampled_from[np.asarray(
+                jax.random.choice(k_sample, len(sampled_from), (m,), replace=False))])
         p = w[ids] / w[ids].sum()
         tr, fr, pers, opt_state = step(state.trainable, state.frozen, state.personal,
                                        state.opt_state, data, jnp.asarray(ids),
@@ -996,6 +1043,9 @@ def fslora_aggregate(global_tree: PyTree, clients: Sequence[PyTree], sketches: S
     """
     n = len(clients)
     p = _weights(weights, n, "fslora_aggregate")
+    if len(sketches) != n:
+        raise ValueError(f"jlora.federated.fslora_aggregate: {len(sketches)} sketches for {n} "
+                         "clients (one sketch per client, in the same order)")
     from jlora._validate import boolean
 
     boolean("jlora.federated.fslora_aggregate", "normalize", normalize)
@@ -1060,6 +1110,9 @@ def fedlrt_truncate(s: jax.Array, u: jax.Array, v: jax.Array, *, tol: float, max
     ``S ← diag(σ[:r₁])``. Returns ``(U, S, V, r₁)`` padded with zeros to
     ``max_rank`` columns (static shapes under ``jit``).
     """
+    from jlora._validate import positive_int
+
+    max_rank = positive_int("jlora.federated.fedlrt_truncate", "max_rank", max_rank)
     p, sig, qt = jnp.linalg.svd(s)
     tails = jnp.sqrt(jnp.cumsum((sig ** 2)[::-1])[::-1])  # tails[j] = ‖σ[j:]‖
     tails = jnp.concatenate([tails, jnp.zeros(1, tails.dtype)])

@@ -192,6 +192,120 @@ def test_mismatched_clients_name_path_and_values():
                   for i in range(2)], [1, 1])
 
 
+def expert_client(config, seed, experts=3, shape=(6, 5)):
+    """A client with trained-looking factors on a stacked-expert kernel ``(E, in, out)``."""
+    rng = np.random.default_rng(seed)
+    base = {"moe": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(experts,) + shape),
+                                          jnp.float32)}}
+    node = jlora.apply(base, jlora.Spec({"moe/kernel": config}), key=jax.random.key(seed))
+    node = node["moe"]["kernel"]
+    return {"moe": {"kernel": node.replace(
+        a=jnp.asarray(rng.normal(size=node.a.shape) * 0.3, jnp.float32),
+        b=jnp.asarray(rng.normal(size=node.b.shape) * 0.3, jnp.float32))}}
+
+
+def np_expert_delta(node):  # (E, in, out): s·a[e]·b[e] per expert
+    return node.scale * np.einsum("eir,ero->eio", np.asarray(node.a, np.float64),
+                                  np.asarray(node.b, np.float64))
+
+
+def test_rules_on_stacked_experts_act_per_expert():
+    configs = [jlora.LoRA(rank=2, alpha=4, expert_axis=0),
+               jlora.LoRA(rank=6, alpha=3, expert_axis=0, rank_per_expert="divide")]  # 2 each
+    clients = [expert_client(c, 1 + k) for k, c in enumerate(configs)]
+    w = [1, 3]
+    p = np.asarray(w, np.float64) / 4
+    want = sum(pk * np_expert_delta(c["moe"]["kernel"]) for pk, c in zip(p, clients))
+    flora = fl.flora(clients, w)["moe"]["kernel"]
+    assert flora.a.shape == (3, 6, 4) and flora.rank == 4 and flora.scale == 1.0
+    np.testing.assert_allclose(np_expert_delta(flora), want, rtol=1e-5, atol=1e-6)
+    # flexlora: each expert's truncated SVD of the exact aggregate, at each client's rank
+    for r, out in zip((1, 2), fl.flexlora(clients, w, ranks=[1, 2])):
+        node = out["moe"]["kernel"]
+        assert node.a.shape == (3, 6, r) and node.rank == r
+        for e in range(3):
+            u, sv, vt = np.linalg.svd(want[e])
+            np.testing.assert_allclose(np_expert_delta(node)[e], (u[:, :r] * sv[:r]) @ vt[:r],
+                                       rtol=1e-4, atol=1e-5)
+    # lora_fair with ridge 0: per expert, the least-squares b for the averaged a
+    same = [expert_client(configs[0], 5 + k) for k in range(2)]
+    target = sum(pk * np_expert_delta(c["moe"]["kernel"]) for pk, c in zip(p, same))
+    fair = fl.lora_fair(same, w, ridge=0.0)["moe"]["kernel"]
+    a_bar = sum(pk * np.asarray(c["moe"]["kernel"].a, np.float64) for pk, c in zip(p, same))
+    for e in range(3):
+        b_ls = np.linalg.lstsq(a_bar[e], target[e] / fair.scale, rcond=None)[0]
+        np.testing.assert_allclose(fair.b[e], b_ls, rtol=1e-3, atol=1e-4)
+
+
+def test_mica_clients_fold_scales_into_a_and_lora_fair_keeps_the_shared_b():
+    """MiCA trains a and freezes one shared b: FedAvg with s_k/s_0 folded into a is exact."""
+    rng = np.random.default_rng(3)
+    clients = [jax.tree.map(
+        lambda n: n.replace(a=jnp.asarray(rng.normal(size=n.a.shape), jnp.float32))
+        if jlora.is_node(n) else n,
+        jlora.apply(params(), jlora.Spec({"{l1,l2}/kernel": jlora.LoRA(rank=2, alpha=alpha,
+                                                                       init="mica")}),
+                    key=jax.random.key(0)), is_leaf=jlora.is_node) for alpha in (2, 8)]
+    assert clients[0]["l1"]["kernel"].trainable == ("a",)
+    for rule in (fl.fedavg, fl.lora_fair):
+        out = rule(clients, [1, 3])
+        for path in SHAPES:
+            np.testing.assert_allclose(merged_delta(out, path), exact(clients, [1, 3], path),
+                                       rtol=1e-5, atol=2e-5)
+        halves = rule([jlora.split(c)[0] for c in clients], [1, 3])
+        np.testing.assert_allclose(halves["l1"]["kernel"].a, out["l1"]["kernel"].a, rtol=1e-6)
+
+
+def test_lora_fair_with_a_zero_mean_a_keeps_fedavgs_b():
+    config = jlora.LoRA(rank=2, alpha=4)
+    c0, c1 = client(config, 0, head=False), client(config, 1, head=False)
+    c1 = jax.tree.map(lambda n0, n1: n1.replace(a=-n0.a) if jlora.is_node(n1) else n1, c0, c1,
+                      is_leaf=jlora.is_node)  # ā = 0: nothing to fit Δb through
+    fair, avg = fl.lora_fair([c0, c1], [1, 1]), fl.fedavg([c0, c1], [1, 1])
+    for path in SHAPES:
+        np.testing.assert_array_equal(fair[path]["kernel"].a, np.zeros(SHAPES[path][:1] + (2,)))
+        np.testing.assert_array_equal(fair[path]["kernel"].b, avg[path]["kernel"].b)
+
+
+def test_float64_clients_aggregate_in_float64():
+    with jax.enable_x64(True):
+        configs = [jlora.LoRA(rank=2, alpha=4, dtype=jnp.float64),
+                   jlora.LoRA(rank=3, alpha=3, dtype=jnp.float64)]
+        rng = np.random.default_rng(4)
+        clients = []
+        for c in configs:
+            t = jlora.apply(params(), jlora.Spec({"{l1,l2}/kernel": c}), key=jax.random.key(1))
+            clients.append(jax.tree.map(
+                lambda n: n.replace(a=jnp.asarray(rng.normal(size=n.a.shape)),
+                                    b=jnp.asarray(rng.normal(size=n.b.shape))) if jlora.is_node(n)
+                else n, t, is_leaf=jlora.is_node))
+        w = [1, 2]
+        out = fl.flora(clients, w)["l1"]["kernel"]
+        assert out.a.dtype == jnp.float64
+        np.testing.assert_allclose(np_delta(out), exact(clients, w, "l1"), rtol=1e-12, atol=1e-12)
+        halves = [jlora.split(c)[0] for c in clients]
+        one = fl.fedavg([halves[0], halves[0]], [1, 2])["l1"]["kernel"]
+        np.testing.assert_allclose(one.b, clients[0]["l1"]["kernel"].b, rtol=1e-14)
+
+
+def test_small_input_checks_name_the_fault():
+    g = client(jlora.LoRA(rank=4), 0)
+    sketch = fl.fslora_sketch(jax.random.key(0), g, 0.5)
+    with pytest.raises(ValueError, match="1 sketches for 2 clients"):
+        fl.fslora_aggregate(g, [g, g], [sketch], [1, 1])
+    with pytest.raises(ValueError, match=r"l1/kernel: clients 0 and 1 have different configs: "
+                                         r"dropout 0.0 vs 0.3 \(jlora.federated.ffa\)"):
+        fl.ffa([client(jlora.LoRA(rank=2, train_a=False), 0),
+                client(jlora.LoRA(rank=2, train_a=False, dropout=0.3), 1)], [1, 1])
+    with pytest.raises(ValueError, match="pad_clients: no datasets"):
+        fl.pad_clients([])
+    with pytest.raises(ValueError, match="max_rank"):
+        fl.fedlrt_truncate(jnp.eye(2), jnp.eye(2), jnp.eye(2), tol=0.1, max_rank=0)
+    # a leaf read back as numpy averages with its jax counterpart
+    out = fl.fedavg([{"w": np.zeros(2, np.float32)}, {"w": jnp.ones(2)}], [1, 3])
+    np.testing.assert_allclose(out["w"], [0.75, 0.75])
+
+
 def test_shared_personal_round_trip():
     c = client(jlora.LoRA(rank=2), 0)
     t, _ = jlora.split(c)
@@ -256,6 +370,18 @@ def test_simulate_equals_sequential_client_updates():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  out.trainable, t)
     assert out.round == 2
+
+
+def test_simulate_samples_only_clients_with_samples():
+    adapted, data, counts = linear_problem()
+    t0, frozen = jlora.split(adapted)
+    seen = []
+    fl.simulate(local_update, t0, frozen, data, rounds=3, key=jax.random.key(1),
+                weights=[5, 0, 3, 0], clients_per_round=2, callback=lambda s: seen.append(s.clients))
+    assert [list(ids) for ids in seen] == [[0, 2]] * 3
+    with pytest.raises(ValueError, match="clients_per_round=3 exceeds the 2 clients with nonzero"):
+        fl.simulate(local_update, t0, frozen, data, rounds=1, key=jax.random.key(1),
+                    weights=[5, 0, 3, 0], clients_per_round=3)
 
 
 def test_simulate_keeps_personal_parts_on_clients():
