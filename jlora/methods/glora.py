@@ -146,6 +146,9 @@ class GLoRA(Config):
             return None
         self.check_leaf(bias, path)
         fan_in, fan_out = kernel.shape
+        if tuple(bias.shape) != (fan_out,):
+            raise ValueError(f"{path}: GLoRA needs the layer's bias of shape ({fan_out},) (the "
+                             f"kernel's fan_out), got {tuple(bias.shape)}")
         dt = factor_dtype(bias.dtype, self.dtype)
         r = self.rank
         return GLoRABiasNode(base=bias, kernel=kernel, c_d=jnp.zeros((fan_in, r), dt),

@@ -7,13 +7,14 @@ minimisation) drives it towards 0 (Li, Zhang, He, NeurIPS 2024, arXiv 2410.14802
 **BAR, as derived here** (the authors publish no code, so jlora derives the
 explicit term from SAM's balancedness dynamics and says so; docs/methods.md). For
 ``L = f(a·b)`` with ``G = ∇f(a·b)``, ``∇_a = G·bᵀ``, ``∇_b = aᵀ·G``. SAM takes
-the gradient at ``θ + ε``, ``ε = c·∇``, ``c = ρ/‖∇‖``. Taking the Hessian of
-``f`` as the identity (exact for ``½‖a·b − M‖²``), ``G(θ+ε) = G + ε_a·b + a·ε_b
-+ ε_a·ε_b`` and the balancedness change of one SGD step of size ``η`` is
-``ΔB_SAM = −2η·D`` with
+the gradient at ``θ + ε``, ``ε = c·∇``, ``c = ρ/‖∇‖``. With the adapter's
+scale ``s`` (``K = K0 + s·a·b``, so ``∇_a = s·G·bᵀ``, ``∇_b = s·aᵀ·G``) and the
+Hessian of ``f`` taken as the identity (exact for ``½‖K0 + s·a·b − M‖²``),
+``G(θ+ε) = G + s·(ε_a·b + a·ε_b + ε_a·ε_b)`` and the balancedness change of
+one SGD step of size ``η`` is ``ΔB_SAM = −2η·D`` with
 
-    D = c·(‖∇_b‖² − ‖∇_a‖²) + c²·(⟨aᵀa, ∇_b∇_bᵀ⟩ − ⟨bbᵀ, ∇_aᵀ∇_a⟩)
-        + c³·(⟨∇_aᵀa, ∇_b∇_bᵀ⟩ − ⟨∇_aᵀ∇_a, b∇_bᵀ⟩)
+    D = c·(‖∇_b‖² − ‖∇_a‖²) + s²·c²·(⟨aᵀa, ∇_b∇_bᵀ⟩ − ⟨bbᵀ, ∇_aᵀ∇_a⟩)
+        + s²·c³·(⟨∇_aᵀa, ∇_b∇_bᵀ⟩ − ⟨∇_aᵀ∇_a, b∇_bᵀ⟩)
 
 (the Hessian terms linear in ``ε`` cancel between ``a`` and ``b``). The first
 term alone is SAM's small-``ρ`` limit; near a minimum, where ``‖∇‖`` is small
@@ -28,6 +29,9 @@ call, no second forward/backward): it adds ``μ·a`` to ``∇_a`` and ``−μ·b
 balanced factorisation of the same product: QR of ``a`` and ``bᵀ``, SVD of
 the small ``r×r`` core, ``a' = Q_a·U·√S``, ``b' = √S·Vᵀ·Q_bᵀ``, so
 ``a'ᵀa' = b'b'ᵀ`` and ``B = 0`` exactly, with ``a'·b' = a·b``.
+
+Stacked-expert pairs (``expert_axis=0``: ``a (E, in, r)``, ``b (E, r, out)``)
+are ``E`` pairs: each expert has its own balancedness, drift and balancing.
 """
 
 from __future__ import annotations
@@ -52,9 +56,25 @@ def _pairs(tree) -> list:
     return [x for x in jax.tree.leaves(tree, is_leaf=is_node) if _is_pair(x)]
 
 
+def _mt(x):
+    """The transpose of the last two axes (per expert for stacked factors)."""
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _sq(x):
+    """``‖x‖²_F`` over the last two axes (one per expert for stacked factors)."""
+    return jnp.sum(jnp.square(x), axis=(-2, -1))
+
+
+def _dot(x, y):
+    """``⟨x, y⟩_F`` over the last two axes."""
+    return jnp.sum(x * y, axis=(-2, -1))
+
+
 def balancedness(tree) -> jax.Array:
-    """``‖a‖² − ‖b‖²`` of every trainable LoRA pair, stacked (a ``(n_pairs,)`` vector)."""
-    return jnp.stack([jnp.sum(n.a ** 2) - jnp.sum(n.b ** 2) for n in _pairs(tree)])
+    """``‖a‖² − ‖b‖²`` of every trainable LoRA pair (one per expert of a stacked
+    pair), concatenated in tree order into a ``(n_pairs,)`` vector."""
+    return jnp.concatenate([jnp.ravel(_sq(n.a) - _sq(n.b)) for n in _pairs(tree)])
 
 
 def _map_pairs(fn, updates, params):
@@ -65,16 +85,18 @@ def _map_pairs(fn, updates, params):
     return jax.tree.unflatten(treedef, out)
 
 
-def sam_drift(a, b, ga, gb, c) -> jax.Array:
+def sam_drift(a, b, ga, gb, c, scale=1.0) -> jax.Array:
     """``D`` with ``ΔB_SAM = −2η·D``: SAM's balancedness drift for one pair, ``c = ρ/‖∇‖``.
 
-    Exact for a loss quadratic in ``a·b`` with identity Hessian, a Gauss–Newton
-    style approximation otherwise; every term is an ``r×r`` contraction.
+    ``scale`` is the adapter's ``s`` in ``K0 + s·a·b``. Exact for a loss
+    quadratic in ``K`` with identity Hessian, a Gauss–Newton style
+    approximation otherwise; every term is an ``r×r`` contraction. Factors with
+    a leading expert axis give one ``D`` per expert.
     """
-    first = jnp.sum(gb ** 2) - jnp.sum(ga ** 2)
-    second = jnp.sum((a.T @ a) * (gb @ gb.T)) - jnp.sum((b @ b.T) * (ga.T @ ga))
-    third = jnp.sum((ga.T @ a) * (gb @ gb.T)) - jnp.sum((ga.T @ ga) * (b @ gb.T))
-    return c * first + c ** 2 * second + c ** 3 * third
+    first = _sq(gb) - _sq(ga)
+    second = _dot(_mt(a) @ a, gb @ _mt(gb)) - _dot(b @ _mt(b), _mt(ga) @ ga)
+    third = _dot(_mt(ga) @ a, gb @ _mt(gb)) - _dot(_mt(ga) @ ga, b @ _mt(gb))
+    return c * first + scale ** 2 * (c ** 2 * second + c ** 3 * third)
 
 
 def bar(rho: float = 0.05) -> optax.GradientTransformation:
@@ -94,9 +116,11 @@ def bar(rho: float = 0.05) -> optax.GradientTransformation:
         gnorm = optax.tree.norm(grads)
 
         def one(g, p):
-            mu = sam_drift(p.a, p.b, g.a, g.b, rho / (gnorm + 1e-12)) / (
-                jnp.sum(p.a ** 2) + jnp.sum(p.b ** 2) + 1e-12)
-            return g.replace(a=g.a + mu * p.a, b=g.b - mu * p.b)
+            mu = sam_drift(p.a, p.b, g.a, g.b, rho / (gnorm + 1e-12), p.scale) / (
+                _sq(p.a) + _sq(p.b) + 1e-12)
+            mu = mu[..., None, None]  # per expert for stacked pairs
+            return g.replace(a=(g.a + mu * p.a).astype(g.a.dtype),
+                             b=(g.b - mu * p.b).astype(g.b.dtype))
 
         return _map_pairs(one, grads, params), state
 
@@ -117,11 +141,14 @@ def balance(tree) -> Any:
     """Every trainable LoRA pair replaced by the balanced factorisation of its product."""
 
     def one(node):
-        qa, ra = jnp.linalg.qr(node.a)
-        qb, rb = jnp.linalg.qr(node.b.T)
-        u, s, vt = jnp.linalg.svd(ra @ rb.T)
+        # QR and SVD in float32 at least (XLA has no bfloat16 decompositions)
+        acc = jnp.promote_types(node.a.dtype, jnp.float32)
+        qa, ra = jnp.linalg.qr(node.a.astype(acc))
+        qb, rb = jnp.linalg.qr(_mt(node.b.astype(acc)))
+        u, s, vt = jnp.linalg.svd(ra @ _mt(rb))
         root = jnp.sqrt(s)
-        return node.replace(a=(qa @ u) * root, b=(root[:, None] * vt) @ qb.T)
+        return node.replace(a=((qa @ u) * root[..., None, :]).astype(node.a.dtype),
+                            b=((root[..., :, None] * vt) @ _mt(qb)).astype(node.b.dtype))
 
     return jax.tree.map(lambda x: one(x) if _is_pair(x) else x, tree,
                         is_leaf=is_node)

@@ -58,6 +58,10 @@ def flat_lora(adapted: Any, key: jax.Array, *, step, total_steps: int, rho: floa
     _check("jlora.optim.flat_lora", step, total_steps, rho)
 
     def perturb(path, x):
+        if is_node(x) and isinstance(getattr(type(x), "base", None), property):  # derived base
+            raise ValueError(f"{path}: jlora.optim.flat_lora perturbs a dense frozen base; this "
+                             f"{type(x).__name__}'s base is stored in another form (quantized), "
+                             "so there is no weight to add the noise to")
         if not is_node(x) or getattr(x, "base", None) is None \
                 or tuple(x.base.shape) != tuple(x.shape) or len(x.shape) < 2:
             return x

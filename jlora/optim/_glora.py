@@ -52,6 +52,16 @@ def glora_layers(tree: Any) -> dict[str, tuple[int, int]]:
             if isinstance(x, GLoRANode)}
 
 
+def _biased(tree: Any) -> set[str]:
+    """Module paths whose GLoRA layer has a bias node (the c, d, e supports act there only)."""
+    return {parent(p) for p, x in leaves_with_paths(tree) if isinstance(x, GLoRABiasNode)}
+
+
+def _allowed(layer: str, support: str, biased: set[str]) -> tuple[int, ...]:
+    """The codes a layer's support can take: only "none" for c, d, e without a bias."""
+    return ALLOWED[support] if support in ("a", "b") or layer in biased else (0,)
+
+
 def glora_current(tree: Any) -> Choices:
     """The configuration every GLoRA layer carries now."""
     return {parent(p): tuple(int(c) for c in np.asarray(x.choice))
@@ -65,6 +75,9 @@ def glora_describe(codes) -> dict[Support, Form]:
 
 def glora_sample(key: jax.Array, tree: Any) -> Any:
     """Draw a uniform configuration per layer (kernel and bias nodes agree); jit-safe.
+
+    A layer without a bias leaf always draws ``c = d = e = "none"`` (those
+    supports act on the bias).
 
     Each layer's draw comes from ``key`` folded with the layer's path, so one key
     per training step trains the supernet without retracing:
@@ -80,13 +93,14 @@ def glora_sample(key: jax.Array, tree: Any) -> Any:
         ...     "none", "vector", "lowrank")
         True
     """
-    options = [jnp.asarray(ALLOWED[s], jnp.int32) for s in SUPPORTS]
+    biased = _biased(tree)
 
     def draw(path, x):
         if not _glora(x):
             return x
-        k = path_key(key, parent(path))
-        ks = jax.random.split(k, len(SUPPORTS))
+        layer = parent(path)
+        ks = jax.random.split(path_key(key, layer), len(SUPPORTS))
+        options = [jnp.asarray(_allowed(layer, s, biased), jnp.int32) for s in SUPPORTS]
         choice = jnp.stack([o[jax.random.randint(kk, (), 0, o.shape[0])]
                             for o, kk in zip(options, ks)])
         return x.replace(choice=choice)
@@ -94,10 +108,10 @@ def glora_sample(key: jax.Array, tree: Any) -> Any:
     return map_with_paths(draw, tree)
 
 
-def _check_codes(layer: str, codes: Any) -> None:
+def _check_codes(layer: str, codes: Any, owner: str = "glora_fix") -> None:
     """Five integer form codes, each allowed for its support."""
     arr = np.asarray(codes)
-    where = f"jlora.optim.glora_fix: layer {layer!r}"
+    where = f"jlora.optim.{owner}: layer {layer!r}"
     if arr.shape != (len(SUPPORTS),) or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{where}: choices must be {len(SUPPORTS)} integer codes "
                          f"(a, b, c, d, e), got {codes!r}")
@@ -129,9 +143,22 @@ def glora_fix(tree: Any, choices: Choices) -> Any:
 
 
 def glora_param_count(tree: Any, choices: Choices) -> int:
-    """Parameters the configuration trains (what the paper's budget counts)."""
-    return sum(support_params(choices[parent(p)], x.config.ranks(), *x.shape)
-               for p, x in leaves_with_paths(tree) if isinstance(x, GLoRANode))
+    """Parameters the configuration trains (what the paper's budget counts).
+
+    A layer without a bias leaf trains no c, d or e, whatever its codes say.
+    """
+    biased, total = _biased(tree), 0
+    for p, x in leaves_with_paths(tree):
+        if not isinstance(x, GLoRANode):
+            continue
+        layer = parent(p)
+        if layer not in choices:
+            raise ValueError(f"jlora.optim.glora_param_count: no configuration for layer {layer!r}")
+        _check_codes(layer, choices[layer], "glora_param_count")
+        codes = [int(c) if layer in biased or s in ("a", "b") else 0
+                 for s, c in zip(SUPPORTS, np.asarray(choices[layer]).tolist())]
+        total += support_params(codes, x.config.ranks(), *x.shape)
+    return total
 
 
 @dataclass
@@ -186,9 +213,11 @@ def glora_search(evaluate: Callable[[Choices], float], tree: Any, *, seed: int =
     if not names:
         raise ValueError("jlora.optim.glora_search: the tree holds no GLoRA layer")
     rng = np.random.default_rng(seed)
+    biased = _biased(tree)
 
     def random_one():
-        return {m: tuple(int(rng.choice(ALLOWED[s])) for s in SUPPORTS) for m in names}
+        return {m: tuple(int(rng.choice(_allowed(m, s, biased))) for s in SUPPORTS)
+                for m in names}
 
     def ok(c):
         return max_params is None or glora_param_count(tree, c) <= max_params
@@ -224,8 +253,8 @@ def glora_search(evaluate: Callable[[Choices], float], tree: Any, *, seed: int =
 
         def mutate():
             p = top[rng.integers(len(top))]
-            return {m: tuple(int(rng.choice(ALLOWED[s])) if rng.random() < p_mutate else v
-                             for s, v in zip(SUPPORTS, p[m])) for m in names}
+            return {m: tuple(int(rng.choice(_allowed(m, s, biased))) if rng.random() < p_mutate
+                             else v for s, v in zip(SUPPORTS, p[m])) for m in names}
 
         def cross():
             p1, p2 = top[rng.integers(len(top))], top[rng.integers(len(top))]

@@ -25,6 +25,7 @@ import jax
 import optax
 
 from jlora._validate import function, real
+from jlora.methods.full import FullNode
 from jlora.tree import is_node
 
 FAST_FIELDS = frozenset({"b"})
@@ -38,8 +39,11 @@ def labels(trainable) -> object:
     def label(x) -> Any:
         if not is_node(x):
             return "base"
+        adapter = not isinstance(x, FullNode)  # Full(): an ordinary weight, trained at lr
+        vector = 1 + (getattr(x.config, "expert_axis", None) is not None)  # one per expert
         return x.replace(**{
-            f: ("fast" if f in FAST_FIELDS or getattr(x, f).ndim == 1 else "base")
+            f: ("fast" if adapter and (f in FAST_FIELDS or getattr(x, f).ndim == vector)
+                else "base")
             for f in x.trainable if getattr(x, f) is not None})
 
     return jax.tree.map(label, trainable, is_leaf=is_node)

@@ -71,7 +71,9 @@ def mezo_sgd(loss_fn: Callable, params: Any, key: jax.Array, *args, eps: float =
     _check("jlora.optim.mezo_sgd", loss_fn, eps, lr=lr, weight_decay=weight_decay)
     g, loss = projected_gradient(loss_fn, params, key, *args, eps=eps)
     z = perturbation(key, params)
-    return jax.tree.map(lambda x, zz: x - lr * (g * zz + weight_decay * x), params, z), loss
+    # cast back: g and a traced lr are float32, which would promote bfloat16 params
+    return jax.tree.map(lambda x, zz: (x - lr * (g * zz + weight_decay * x)).astype(x.dtype),
+                        params, z), loss
 
 
 def mezo_gradient(loss_fn: Callable, params: Any, key: jax.Array, *args,
@@ -79,4 +81,4 @@ def mezo_gradient(loss_fn: Callable, params: Any, key: jax.Array, *args,
     """``(loss, g·z)``: the zero-order gradient estimate, for an Optax update."""
     _check("jlora.optim.mezo_gradient", loss_fn, eps)
     g, loss = projected_gradient(loss_fn, params, key, *args, eps=eps)
-    return loss, jax.tree.map(lambda zz: g * zz, perturbation(key, params))
+    return loss, jax.tree.map(lambda zz: (g * zz).astype(zz.dtype), perturbation(key, params))

@@ -67,6 +67,9 @@ def sam_scores(grad: Array, hessian: Array | None = None) -> Array:
     g2 = jnp.square(grad.astype(jnp.promote_types(grad.dtype, jnp.float32)))
     if hessian is None:
         return g2
+    if tuple(jnp.shape(hessian)) != tuple(jnp.shape(grad)):
+        raise ValueError(f"jlora.optim.sam_scores: hessian has shape {tuple(jnp.shape(hessian))}, "
+                         f"grad has {tuple(jnp.shape(grad))}; they must match")
     h = hessian.astype(g2.dtype)
     return jnp.where(h > 0, g2 / jnp.where(h > 0, h, 1), 0)
 

@@ -248,3 +248,8 @@ def test_bad_inputs_name_the_path(tmp_path):
     ]:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+def test_sam_scores_refuses_a_hessian_of_another_shape():
+    with pytest.raises(ValueError, match=r"sam_scores: hessian has shape \(2,\), grad has \(3,\)"):
+        jlora.optim.sam_scores(jnp.ones(3), jnp.ones(2))

@@ -20,15 +20,96 @@ def test_bar_one_step_against_numpy():
     g, p = grads["fc"]["kernel"], trainable["fc"]["kernel"]
     gnorm = np.sqrt(sum(np.sum(f64(x) ** 2) for x in jax.tree.leaves(grads)))
     a, b, ga, gb, c = f64(p.a), f64(p.b), f64(g.a), f64(g.b), 0.1 / gnorm
+    s2 = p.scale ** 2
+    assert s2 == 4.0  # alpha 6 at rank 3
     # D from the docstring's expansion of SAM's balancedness drift
     D = (c * (np.sum(gb ** 2) - np.sum(ga ** 2))
-         + c ** 2 * (np.sum((a @ gb) ** 2) - np.sum((ga @ b) ** 2))
-         + c ** 3 * (np.sum((ga @ gb) * (a @ gb)) - np.sum((ga @ gb) * (ga @ b))))
+         + s2 * c ** 2 * (np.sum((a @ gb) ** 2) - np.sum((ga @ b) ** 2))
+         + s2 * c ** 3 * (np.sum((ga @ gb) * (a @ gb)) - np.sum((ga @ gb) * (ga @ b))))
     mu = D / (np.sum(a ** 2) + np.sum(b ** 2))
     np.testing.assert_allclose(f64(upd["fc"]["kernel"].a), f64(g.a) + mu * f64(p.a), rtol=1e-5)
     np.testing.assert_allclose(f64(upd["fc"]["kernel"].b), f64(g.b) - mu * f64(p.b), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(upd["head"]["kernel"].value),
                                   np.asarray(grads["head"]["kernel"].value))
+
+
+@pytest.mark.parametrize("alpha", [3.0, 12.0])  # scale 1 and 4
+def test_bar_drift_equals_sams_at_any_lora_scale(alpha):
+    """One small SGD step on ½‖K0 + s·a·b − M‖² (where the expansion is exact): BAR's
+    balancedness change equals the one SAM's second gradient gives, in float64."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        M = jnp.asarray(rng.normal(size=(10, 8)))
+        node = jlora.apply({"k": jnp.zeros((10, 8))},
+                           jlora.Spec({"k": jlora.LoRA(rank=3, alpha=alpha, dtype=jnp.float64)}),
+                           key=jax.random.key(0))["k"].replace(
+            a=jnp.asarray(rng.normal(size=(10, 3)) * 1.5), b=jnp.asarray(rng.normal(size=(3, 8)) * 0.3))
+        t, frozen = jlora.split({"k": node})
+
+        def loss(t):
+            return 0.5 * jnp.sum((jlora.merge(jlora.combine(t, frozen))["k"] - M) ** 2)
+
+        lr, rho = 1e-7, 0.5
+        drift = {}
+        g = jax.grad(loss)(t)
+        for name, step in (("sgd", g), ("sam", jlora.optim.sam_gradient(loss, t, rho=rho)[1]),
+                           ("bar", jlora.optim.bar(rho).update(g, optax.EmptyState(), t)[0])):
+            moved = jax.tree.map(lambda x, u: x - lr * u, t, step)
+            drift[name] = float(jlora.optim.balancedness(moved)[0])
+        sam, bar = drift["sam"] - drift["sgd"], drift["bar"] - drift["sgd"]
+        assert abs(sam) > 1e-6  # 47 and 700 times lr
+        np.testing.assert_allclose(bar, sam, rtol=2e-3)
+
+
+def stacked_pair(dtype=jnp.float32):
+    rng = np.random.default_rng(5)
+    params = {"moe": {"kernel": jnp.asarray(rng.normal(size=(3, 8, 6)), dtype)}}
+    config = jlora.LoRA(rank=2, alpha=4, expert_axis=0, dtype=dtype)
+    node = jlora.apply(params, jlora.Spec({"moe/kernel": config}),
+                       key=jax.random.key(0))["moe"]["kernel"]
+    return {"moe": {"kernel": node.replace(a=jnp.asarray(rng.normal(size=node.a.shape), node.a.dtype),
+                                           b=jnp.asarray(rng.normal(size=node.b.shape), node.b.dtype))}}
+
+
+def test_stacked_experts_are_balanced_expert_by_expert():
+    tree = stacked_pair()
+    node = tree["moe"]["kernel"]
+    a, b = f64(node.a), f64(node.b)
+    t, _ = jlora.split(tree)
+    np.testing.assert_allclose(jlora.optim.balancedness(t),
+                               [np.sum(a[e] ** 2) - np.sum(b[e] ** 2) for e in range(3)], rtol=1e-5)
+    bal = jlora.optim.balance(tree)["moe"]["kernel"]
+    for e in range(3):
+        np.testing.assert_allclose(f64(bal.a[e]) @ f64(bal.b[e]), a[e] @ b[e], atol=1e-4)
+        np.testing.assert_allclose(f64(bal.a[e]).T @ f64(bal.a[e]), f64(bal.b[e]) @ f64(bal.b[e]).T,
+                                   atol=1e-4)
+    # BAR: each expert's own D and μ (numpy, per expert, from the docstring's expansion)
+    g = jax.tree.map(lambda x: jnp.cos(2 * x), t)
+    upd = jlora.optim.bar(0.1).update(g, optax.EmptyState(), t)[0]["moe"]["kernel"]
+    ga, gb = f64(g["moe"]["kernel"].a), f64(g["moe"]["kernel"].b)
+    c = 0.1 / np.sqrt(np.sum(ga ** 2) + np.sum(gb ** 2))
+    s2 = node.scale ** 2
+    for e in range(3):
+        D = (c * (np.sum(gb[e] ** 2) - np.sum(ga[e] ** 2))
+             + s2 * c ** 2 * (np.sum((a[e] @ gb[e]) ** 2) - np.sum((ga[e] @ b[e]) ** 2))
+             + s2 * c ** 3 * (np.sum((ga[e] @ gb[e]) * (a[e] @ gb[e]))
+                              - np.sum((ga[e] @ gb[e]) * (ga[e] @ b[e]))))
+        mu = D / (np.sum(a[e] ** 2) + np.sum(b[e] ** 2))
+        np.testing.assert_allclose(f64(upd.a[e]), ga[e] + mu * a[e], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(f64(upd.b[e]), gb[e] - mu * b[e], rtol=1e-4, atol=1e-6)
+
+
+def test_balance_and_bar_keep_bfloat16_factors():
+    tree = stacked_pair(jnp.bfloat16)
+    node = tree["moe"]["kernel"]
+    assert node.a.dtype == jnp.bfloat16
+    bal = jlora.optim.balance(tree)["moe"]["kernel"]
+    assert bal.a.dtype == bal.b.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.einsum("eir,ero->eio", f64(bal.a), f64(bal.b)),
+                               np.einsum("eir,ero->eio", f64(node.a), f64(node.b)), rtol=0.05, atol=0.05)
+    t, _ = jlora.split(tree)
+    upd = jlora.optim.bar(0.1).update(jax.tree.map(jnp.ones_like, t), optax.EmptyState(), t)[0]
+    assert upd["moe"]["kernel"].a.dtype == jnp.bfloat16
 
 
 def balancedness_runs(steps=600, lr=0.005, rho=0.5):

@@ -91,3 +91,11 @@ def test_flat_lora_refuses_bad_options(kwargs, option):
         jlora.optim.flat_lora(adapted, jax.random.key(1), **kwargs)
     with pytest.raises(ValueError, match=f"jlora.optim.noise_scale: {option} must be"):
         jlora.optim.noise_scale(adapted["k"], **{"rho": 0.05, **kwargs})
+
+
+def test_flat_lora_refuses_a_quantized_base_naming_the_path():
+    params = {"q": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(64, 8)), jnp.float32)}}
+    adapted = jlora.apply(params, jlora.Spec({"q/kernel": jlora.QLoRA(rank=2)}), key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"q/kernel: jlora.optim.flat_lora perturbs a dense frozen "
+                                         r"base; this QLoRANode's base is stored"):
+        jlora.optim.flat_lora(adapted, jax.random.key(1), step=1, total_steps=10)

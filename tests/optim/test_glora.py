@@ -129,3 +129,27 @@ def test_fix_refuses_bad_codes(codes, what):
         jlora.optim.glora_fix(adapted, {"fc": codes})
     with pytest.raises(ValueError, match="jlora.optim.glora_fix: no configuration for layer 'fc'"):
         jlora.optim.glora_fix(adapted, {})
+
+
+def test_bias_free_layers_never_draw_or_count_c_d_e():
+    params = {"fc": {"kernel": jnp.ones((IN, OUT))}}
+    adapted = jlora.apply(params, jlora.Spec({"fc/kernel": jlora.GLoRA(rank=R)}),
+                          key=jax.random.key(0))
+    # c, d, e act on the bias: without one, (3, 3, 3, 2, 2) trains what (3, 3, 0, 0, 0) does
+    assert jlora.optim.glora_param_count(adapted, {"fc": (3, 3, 3, 2, 2)}) == 2 * R * (IN + OUT)
+    for i in range(8):
+        drawn = jlora.optim.glora_sample(jax.random.key(i), adapted)
+        assert tuple(int(c) for c in drawn["fc"]["kernel"].choice)[2:] == (0, 0, 0)
+    res = jlora.optim.glora_search(lambda c: float(sum(c["fc"])), adapted, generations=3)
+    assert res.best["fc"][2:] == (0, 0, 0) and res.best["fc"][:2] == (3, 3)
+    with pytest.raises(ValueError, match="glora_param_count: no configuration for layer 'fc'"):
+        jlora.optim.glora_param_count(adapted, {})
+    with pytest.raises(ValueError, match=r"glora_param_count: layer 'fc': c=1 is not one of"):
+        jlora.optim.glora_param_count(adapted, {"fc": (0, 0, 1, 0, 0)})
+
+
+@pytest.mark.parametrize("bias_shape", [(OUT - 1,), (OUT, 1)])
+def test_a_bias_of_the_wrong_shape_is_refused_at_apply(bias_shape):
+    params = {"fc": {"kernel": jnp.ones((IN, OUT)), "bias": jnp.zeros(bias_shape)}}
+    with pytest.raises(ValueError, match=rf"fc/bias: GLoRA needs the layer's bias of shape \({OUT},\)"):
+        jlora.apply(params, jlora.Spec({"fc/kernel": jlora.GLoRA(rank=R)}), key=jax.random.key(0))

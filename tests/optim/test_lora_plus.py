@@ -47,3 +47,18 @@ def test_lora_plus_refuses_bad_options(kwargs, option):
         jlora.optim.lora_plus(optax.sgd, **kwargs)
     with pytest.raises(ValueError, match="jlora.optim.lora_plus: make_optimizer must be callable"):
         jlora.optim.lora_plus(optax.sgd(0.1), lr=0.1)
+
+
+def test_lora_plus_trains_full_vectors_at_lr_and_stacked_adapter_vectors_fast():
+    params = {"fc": {"kernel": jnp.ones((3, 6, 4)), "bias": jnp.zeros(4)}}
+    spec = jlora.Spec({"fc/kernel": jlora.DoRA(rank=2, expert_axis=0), "fc/bias": jlora.Full()})
+    trainable, _ = jlora.split(jlora.apply(params, spec, key=jax.random.key(0)))
+    grads = jax.tree.map(jnp.ones_like, trainable)
+    tx = jlora.optim.lora_plus(optax.sgd, lr=0.1, ratio=16)
+    upd, _ = tx.update(grads, tx.init(trainable), trainable)
+    np.testing.assert_allclose(f64(upd["fc"]["bias"].value), -0.1, rtol=1e-6)  # Full(): lr
+    node = upd["fc"]["kernel"]
+    assert node.m.shape == (3, 4)  # one magnitude vector per expert: fast, as unstacked
+    np.testing.assert_allclose(f64(node.m), -1.6, rtol=1e-6)
+    np.testing.assert_allclose(f64(node.b), -1.6, rtol=1e-6)
+    np.testing.assert_allclose(f64(node.a), -0.1, rtol=1e-6)

@@ -1,5 +1,6 @@
 """MeZO (jlora/optim/_mezo.py) against float64 numpy references."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,3 +99,19 @@ def test_mezo_refuses_bad_options(kwargs, option):
             jlora.optim.mezo_gradient(loss, jnp.ones(3), jax.random.key(0), **kwargs)
     with pytest.raises(ValueError, match="jlora.optim.mezo_sgd: loss_fn must be callable"):
         jlora.optim.mezo_sgd(None, jnp.ones(3), jax.random.key(0))
+
+
+def test_mezo_keeps_bfloat16_params_and_compiles_once():
+    loss = lambda p: jnp.sum((p["w"].astype(jnp.float32) - 1.0) ** 2)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(p, key, lr):
+        return jlora.optim.mezo_sgd(loss, p, key, eps=1e-2, lr=lr)
+
+    p = {"w": jnp.zeros(8, jnp.bfloat16)}
+    for i in range(3):  # a traced (float32) lr must not promote the params
+        p, _ = step(p, jax.random.key(i), jnp.float32(0.1))
+        assert p["w"].dtype == jnp.bfloat16
+    _, g = jlora.optim.mezo_gradient(loss, p, jax.random.key(9), eps=1e-2)
+    assert g["w"].dtype == jnp.bfloat16
