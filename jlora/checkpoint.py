@@ -107,6 +107,18 @@ def _static_from_json(value):
     raise ValueError(f"unknown static value {value!r}")
 
 
+def _storable(dtype) -> bool:
+    """Whether arrays of ``dtype`` round-trip through a checkpoint, the one test of save and
+    restore: numpy's bool, integer, floating (``float8_e5m2`` reports itself as one) and
+    complex kinds, and bfloat16. Not float0, int4/uint4 or the other float8 types, which
+    Orbax cannot write or restore cannot describe."""
+    dtype = jnp.dtype(dtype)
+    return dtype.kind in "biufc" or dtype.name == "bfloat16"
+
+
+_STORABLE = "bool, integer, floating point, complex or bfloat16"
+
+
 def _encode(tree: PyTree, path: str, leaves: list) -> Any:
     """Describe ``tree`` as JSON; its arrays are appended to ``leaves``."""
     join = lambda k: f"{path}/{k}" if path else str(k)
@@ -144,7 +156,12 @@ def _encode(tree: PyTree, path: str, leaves: list) -> Any:
                 raise ValueError(f"{join(k)}: checkpoint dict keys must be str or int, got {k!r}")
         return {"dict": [[k, _encode(v, join(k), leaves)] for k, v in tree.items()]}
     if isinstance(tree, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)):
-        x = jnp.asarray(tree)
+        dtype = getattr(tree, "dtype", None)
+        x = jnp.asarray(tree) if dtype is None or _storable(dtype) else None
+        if x is None or not _storable(x.dtype):
+            raise ValueError(f"{path or '(root)'}: cannot store an array of dtype "
+                             f"{dtype if x is None else x.dtype} in a checkpoint (only "
+                             f"{_STORABLE} arrays)")
         leaves.append(x)
         return {"leaf": len(leaves) - 1, "shape": list(x.shape), "dtype": x.dtype.name}
     raise ValueError(f"{path or '(root)'}: cannot store a {type(tree).__name__} in a checkpoint "
@@ -168,8 +185,7 @@ def _leaf_specs(desc: Any) -> list[dict]:
                 raise ValueError(f"malformed array entry {d!r}")
             if not isinstance(d.get("dtype"), str):
                 raise ValueError(f"malformed array entry {d!r}")
-            dtype = jnp.dtype(d["dtype"])
-            if dtype.kind not in "biufcV" or dtype.kind == "V" and dtype.name != "bfloat16":
+            if not _storable(d["dtype"]):
                 raise ValueError(f"unsupported dtype {d.get('dtype')!r}")
             out.append(d)
             return
@@ -291,16 +307,20 @@ def save(directory: str, trainable: PyTree, *, step: int, opt_state: PyTree | No
       frozen: also write the frozen half (base weights); off by default.
       keep: keep only the newest ``keep`` checkpoints in ``directory``.
       overwrite: replace an existing checkpoint of the same step (otherwise a
-        ``ValueError``). Orbax cannot rename over an existing step, so the old
-        step is deleted before the new one is written.
+        ``ValueError``). The new trees are checked and encoded first, so input
+        that is refused leaves the old step in place; Orbax cannot rename over
+        an existing step, so the old step is then deleted just before the new
+        one is written.
     """
     mgr = Manager(directory, keep=keep)
-    if step in mgr.all_steps():
-        if not overwrite:
-            raise ValueError(f"{mgr.directory}: a checkpoint for step {step} already exists "
-                             "(pass overwrite=True to replace it)")
+    exists = step in mgr.all_steps()
+    if exists and not overwrite:
+        raise ValueError(f"{mgr.directory}: a checkpoint for step {step} already exists "
+                         "(pass overwrite=True to replace it)")
+    arrays, meta = mgr._encode(step, trainable, opt_state=opt_state, spec=spec, frozen=frozen)
+    if exists:
         mgr.delete(step)
-    mgr.save(step, trainable, opt_state=opt_state, spec=spec, frozen=frozen, force=True)
+    mgr._write(step, arrays, meta)
     return os.path.join(mgr.directory, str(step))
 
 
@@ -390,7 +410,18 @@ class Manager:
             return False
         if step in self._orbax.all_steps():
             raise ValueError(f"{self.directory}: a checkpoint for step {step} already exists")
-        ocp = _ocp()
+        self._write(step, *self._encode(step, trainable, opt_state=opt_state, spec=spec,
+                                        frozen=frozen))
+        return True
+
+    def _encode(self, step: int, trainable: PyTree, *, opt_state: PyTree | None,
+                spec: Spec | None, frozen: PyTree | None) -> tuple[dict, dict]:
+        """Check the inputs and describe them: ``(arrays, metadata)``; writes nothing."""
+        positive_int("jlora.checkpoint", "step", step, minimum=0)
+        if trainable is None:
+            raise ValueError("jlora.checkpoint: trainable must be a tree of arrays, got None")
+        if spec is not None and not isinstance(spec, Spec):
+            raise ValueError(f"jlora.checkpoint: spec must be a jlora.Spec, got {type(spec).__name__}")
         arrays, meta = {}, {"format": FORMAT, "step": int(step),
                             "spec": None if spec is None else spec_to_json(spec)}
         for name, tree in zip(_PARTS, (trainable, opt_state, frozen)):
@@ -398,10 +429,13 @@ class Manager:
                 leaves: list = []
                 meta[name] = _encode(tree, "", leaves)
                 arrays[name] = {str(i): x for i, x in enumerate(leaves)}
+        return arrays, meta
+
+    def _write(self, step: int, arrays: dict, meta: dict) -> None:
+        ocp = _ocp()
         self._orbax.save(int(step), args=ocp.args.Composite(
             arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
         self._orbax.wait_until_finished()
-        return True
 
     def _not_a_checkpoint(self) -> ValueError:
         entries = sorted(os.listdir(self.directory))
@@ -510,6 +544,26 @@ def _check_onto(trainable: PyTree, onto: PyTree, where: str) -> None:
                                  f"{getattr(other, what)!r}")
 
 
+def _old_leaves(part: Any, name: str, where: str) -> list[tuple[list[int], str]]:
+    """The ``[shape, dtype]`` list of one tree in jlora 0.1.0 metadata, checked."""
+    stored = part.get("leaves") if isinstance(part, dict) else None
+    if not isinstance(stored, list):
+        raise ValueError(f"{where}: malformed jlora 0.1.0 metadata ({name} has no list of "
+                         "leaves)")
+    for i, entry in enumerate(stored):
+        ok = (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)
+              and all(type(n) is int and n >= 0 for n in entry[0])
+              and isinstance(entry[1], str))
+        try:
+            ok = ok and _storable(entry[1])
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{where}: malformed jlora 0.1.0 metadata ({name} array #{i} is "
+                             f"{entry!r}, not [shape, dtype] of a {_STORABLE} dtype)")
+    return stored
+
+
 def upgrade(old_directory: str, new_directory: str, *, trainable: PyTree,
             opt_state: PyTree | None = None, frozen: PyTree | None = None,
             step: int | None = None) -> str:
@@ -532,9 +586,18 @@ def upgrade(old_directory: str, new_directory: str, *, trainable: PyTree,
     if step not in steps:
         raise ValueError(f"no checkpoint for step {step} in {old.directory}; have {steps}")
     where = os.path.join(old.directory, str(step))
-    meta = old._orbax.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    try:
+        meta = old._orbax.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises many types for a damaged directory
+        raise ValueError(f"{where}: unreadable checkpoint metadata ({type(e).__name__}: "
+                         f"{e})") from None
     if not isinstance(meta, dict) or meta.get("format") not in _OLD_FORMATS:
         raise ValueError(f"{where}: not a jlora 0.1.0 checkpoint")
+    meta_file = os.path.join(where, "meta", "metadata")
+    if type(meta.get("step")) is not int or meta["step"] < 0:
+        raise ValueError(f"{meta_file}: malformed jlora 0.1.0 metadata (step "
+                         f"{meta.get('step')!r})")
     given = {"trainable": trainable, "opt_state": opt_state, "frozen": frozen}
     targets, treedefs = {}, {}
     for name in _PARTS:
@@ -543,7 +606,7 @@ def upgrade(old_directory: str, new_directory: str, *, trainable: PyTree,
         if given[name] is None:
             raise ValueError(f"{where}: holds {name}; pass {name}= a tree of its structure")
         leaves, treedefs[name] = jax.tree.flatten(given[name])
-        stored = meta[name]["leaves"]
+        stored = _old_leaves(meta[name], name, meta_file)
         if len(leaves) != len(stored):
             raise ValueError(f"{where}: {name} has {len(stored)} arrays, the tree given has "
                              f"{len(leaves)}")
@@ -553,10 +616,17 @@ def upgrade(old_directory: str, new_directory: str, *, trainable: PyTree,
                                  f"given has {jnp.asarray(x).dtype}{list(np.shape(x))} there")
         targets[name] = {str(i): jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d))
                          for i, (s, d) in enumerate(stored)}
-    arrays = old._orbax.restore(step, args=ocp.args.Composite(
-        arrays=ocp.args.StandardRestore(targets)))["arrays"]
+    try:
+        spec = None if meta.get("spec") is None else spec_from_json(meta["spec"])
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise ValueError(f"{meta_file}: malformed jlora 0.1.0 metadata (spec: {e})") from None
+    try:
+        arrays = old._orbax.restore(step, args=ocp.args.Composite(
+            arrays=ocp.args.StandardRestore(targets)))["arrays"]
+    except Exception as e:
+        raise ValueError(f"{where}: unreadable checkpoint arrays ({type(e).__name__}: "
+                         f"{e})") from None
     trees = {n: jax.tree.unflatten(treedefs[n], [arrays[n][str(i)] for i in range(len(targets[n]))])
              for n in targets}
-    spec = None if meta.get("spec") is None else spec_from_json(meta["spec"])
     return save(new_directory, trees["trainable"], step=int(meta["step"]), spec=spec,
                 opt_state=trees.get("opt_state"), frozen=trees.get("frozen"))

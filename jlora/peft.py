@@ -63,14 +63,17 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jlora.methods.dora import DoRA, DoRANode
 from jlora.methods._experts import is_stacked
+from jlora.methods.base import factor_dtype
 from jlora.methods.full import Full, FullNode
 from jlora.methods.lora import LoRA, LoRANode
 from jlora.methods.qlora import QLoRANode
@@ -192,10 +195,29 @@ def _rank_alpha(config: dict, module: str) -> tuple[int, float]:
     return r, _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
 
 
+def _wrapped(rule, module: str) -> bool:
+    """PEFT's ``modules_to_save`` test (``_set_trainable``): a bare ``module.endswith(entry)``,
+    with no dot boundary, so ``["classifier"]`` also wraps ``pre_classifier``."""
+    return bool(rule) and any(module.endswith(m) for m in rule)
+
+
+def _saved_whole(rule, module: str) -> bool:
+    """Whether ``module`` lies in a module PEFT wraps for ``modules_to_save`` (itself or one
+    above it): its tensors are then saved whole, as the wrapper's copy holds them."""
+    parts = module.split(".")
+    return any(_wrapped(rule, ".".join(parts[:i])) for i in range(1, len(parts) + 1))
+
+
+def _lora_excluded(rule, module: str) -> bool:
+    r"""PEFT's guard that keeps LoRA off ``modules_to_save`` modules and their children:
+    ``re.match(rf"(^|.*\.){m}($|\..*)", module)`` (the entry is used as a regex)."""
+    return bool(rule) and any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in rule)
+
+
 def _targeted(config: dict, module: str) -> bool:
     return (_selects(config.get("target_modules"), module)
             and not _selects(config.get("exclude_modules"), module)
-            and not _selects(config.get("modules_to_save"), module))
+            and not _lora_excluded(config.get("modules_to_save"), module))
 
 
 # ---------------------------------------------------------------- save
@@ -220,12 +242,12 @@ def _export_factors(path, node):
     """(a, b, rank, alpha) on the original base; PiSSA/OLoRA folded back to plain LoRA."""
     cfg = node.config
     alpha = cfg.rank if cfg.alpha is None else cfg.alpha
-    a, b, rank = np.asarray(node.a, np.float32), np.asarray(node.b, np.float32), cfg.rank
+    a, b, rank = np.asarray(node.a), np.asarray(node.b), cfg.rank
     if getattr(node, "a0", None) is not None:
         if isinstance(node, DoRANode):
             raise ValueError(f"{path}: exporting a PiSSA/OLoRA-initialised DoRA adapter is not supported")
-        a = np.concatenate([a, np.asarray(node.a0, np.float32)], axis=1)
-        b = np.concatenate([b, -np.asarray(node.b0, np.float32)], axis=0)
+        a = np.concatenate([a, np.asarray(node.a0, a.dtype)], axis=1)
+        b = np.concatenate([b, -np.asarray(node.b0, b.dtype)], axis=0)
         rank *= 2
         alpha = alpha * (math.sqrt(2) if cfg.rslora else 2)
     return a, b, rank, alpha
@@ -275,19 +297,40 @@ def _link_tree(src: str, dst: str, skip: set) -> None:
                 shutil.copy2(s, d, follow_symlinks=False)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore it, the only portable way to read it
+    os.umask(mask)
+    return mask
+
+
 def _write_atomically(out: str, files: dict[str, Callable[[str], None]]) -> None:
     """Write ``files`` (name -> writer(path)) into ``out`` as one all-or-nothing change.
 
     The new directory is built beside ``out`` (other entries of ``out`` are
     linked into it) and swapped in with one atomic rename, so a reader sees the
-    old adapter or the new one, never a mix or a partial file.
+    old adapter or the new one, never a mix or a partial file. A symlinked
+    ``out`` (or parent) is followed: the directory it points to is replaced
+    and the link is kept. The directory keeps the mode of the one it replaces;
+    a new one gets ``0o777`` less the umask, as ``os.mkdir`` gives.
     """
-    parent = os.path.dirname(os.path.abspath(out)) or "."
+    out = os.path.realpath(out)
+    parent = os.path.dirname(out) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.jlora-tmp-")
     try:
         for name, write in files.items():
             write(os.path.join(tmp, name))
+        # mkdtemp makes the directory 0700, private to its owner
+        os.chmod(tmp, stat.S_IMODE(os.stat(out).st_mode) if os.path.isdir(out)
+                 else 0o777 & ~_umask())
         if not os.path.exists(out):
             os.rename(tmp, out)
             return
@@ -306,7 +349,13 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
          adapter_name: str = "default", parameter_order=None) -> None:
     """Write ``adapted``'s adapters as a PEFT LoRA adapter directory.
 
-    ``Full()`` leaves go to ``modules_to_save``. One adapter directory holds one
+    ``Full()`` leaves go to ``modules_to_save``. PEFT wraps every module whose
+    name ends with such an entry (a bare suffix: ``classifier`` also wraps
+    ``pre_classifier``) and needs all its tensors, so every leaf of a wrapped
+    module is written, the ones without ``Full()`` with their base values
+    (exact: PEFT's wrapper starts as a copy of the module); a wrapped leaf
+    with another adapter is refused. Each tensor is written in its own
+    floating dtype (float16, bfloat16, float32, float64). One adapter directory holds one
     ``use_rslora`` / ``use_dora`` / ``lora_dropout`` setting (PEFT's config is
     global), so mixing them in one tree is an error. An adapter named other
     than ``"default"`` is written to ``<directory>/<adapter_name>/``, as PEFT
@@ -340,8 +389,8 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
             raise ValueError(f"jlora.peft.save: Flax paths {owner[name]} and {path} both map to "
                              f"the PyTorch tensor {name!r} (check name_map)")
         owner[name] = path
-        tensors[name] = np.ascontiguousarray(value, np.float32)
-        if not np.isfinite(tensors[name]).all():
+        tensors[name] = _file_tensor(value)
+        if not np.isfinite(tensors[name].astype(np.float64)).all():
             raise ValueError(f"jlora.peft.save: {path} holds NaN or infinite values (for "
                              f"{name!r}); refusing to write a corrupt adapter")
 
@@ -350,9 +399,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
             continue
         module = namer(parent(path))
         key = PREFIX + module
-        if isinstance(node, FullNode):
-            suffix, value = _torch_full(path, np.asarray(node.value, np.float32))
-            put(f"{key}.{suffix}", value, path)
+        if isinstance(node, FullNode):  # written with the rest of its module, below
             if module not in to_save:
                 to_save.append(module)
             continue
@@ -379,7 +426,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         if isinstance(node, DoRANode):
             if kind not in ("linear", "linear_t"):
                 raise ValueError(f"{path}: jlora exports DoRA for Linear layers only")
-            put(f"{key}.lora_magnitude_vector", np.asarray(node.m, np.float32), path)
+            put(f"{key}.lora_magnitude_vector", np.asarray(node.m), path)
         modules[module] = {"r": rank, "alpha": alpha, "rslora": node.config.rslora,
                            "dora": isinstance(node, DoRANode), "dropout": node.config.dropout,
                            "path": path, "transposed": kind == "linear_t"}
@@ -393,6 +440,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         raise ValueError(f"jlora.peft.save: module {both[0]!r} has a LoRA adapter and a Full() "
                          "leaf; PEFT cannot adapt a module and also save it whole "
                          "(modules_to_save)")
+    _put_saved_modules(adapted, namer, to_save, put)
     every = {**modules, **experts}
     for flag in ("rslora", "dora", "dropout"):
         if len({m[flag] for m in every.values()}) > 1:
@@ -447,13 +495,54 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
             raise ValueError(f"jlora.peft.save: PEFT's name matching cannot give module "
                              f"{module!r} exactly its adapter (rank_pattern/alpha_pattern keys "
                              "match by suffix); rename modules with name_map")
-        if _selects(to_save, module) != (module in to_save):
-            raise ValueError(f"jlora.peft.save: modules_to_save entry would also select "
-                             f"{module!r}, which is not a Full() module")
     _write_atomically(out, {
         WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
         CONFIG_FILE: lambda p: _write_json(p, config),
     })
+
+
+def _file_tensor(value) -> np.ndarray:
+    """``value`` as a contiguous array in its own floating dtype (safetensors F16, BF16, F32,
+    F64, all of which PEFT reads); any other dtype as float32."""
+    x = np.asarray(value)
+    if x.dtype not in (np.float16, np.float32, np.float64, jnp.dtype(jnp.bfloat16)):
+        x = x.astype(np.float32)
+    return np.ascontiguousarray(x)
+
+
+def _put_saved_modules(adapted: Any, namer, to_save: list, put) -> None:
+    """Write every leaf of every module PEFT's ``modules_to_save`` wraps.
+
+    PEFT wraps each module whose name ends with an entry (a bare suffix: the
+    entry ``classifier`` also wraps ``pre_classifier``) together with the
+    modules inside it, and its loader needs every parameter of each wrapped
+    module. ``Full()`` leaves are written with their values; the other leaves
+    of those modules with their base values, which is exact since PEFT's
+    wrapper starts as a copy of the module. A wrapped leaf with another
+    adapter is refused.
+    """
+    for entry in to_save:
+        try:
+            re.compile(rf"(^|.*\.){entry}($|\..*)")
+        except (re.error, RecursionError, OverflowError) as e:
+            raise ValueError(f"jlora.peft.save: PEFT matches the modules_to_save entry "
+                             f"{entry!r} (a Full() module's name) as a regular expression, "
+                             f"and it is not one ({e}); rename it with name_map") from None
+    for path, node in leaves_with_paths(adapted):
+        try:
+            module = namer(parent(path))
+        except ValueError:
+            continue
+        if not _saved_whole(to_save, module):
+            continue
+        if is_node(node) and not isinstance(node, FullNode):
+            raise ValueError(f"jlora.peft.save: {path} has a {node.method} adapter, but PEFT "
+                             f"saves its module {module!r} whole (modules_to_save entries "
+                             f"{to_save} match module names by bare suffix); rename modules "
+                             "with name_map")
+        value = node.value if is_node(node) else node
+        suffix, value = _torch_full(path, np.asarray(value))
+        put(f"{PREFIX}{module}.{suffix}", value, path)
 
 
 def _saved_init(adapted: Any, default):
@@ -569,8 +658,9 @@ def _read_config(path: str) -> dict:
         if config.get(key, ok) != ok or type(config.get(key, ok)) is not type(ok):
             raise ValueError(f"{path}: key {key!r} = {config[key]!r} is not supported "
                              f"(only {ok!r})")
-    if not _is_int(config.get("r")) or config["r"] < 1:
-        _bad(path, "r", "an int >= 1", config.get("r"))
+    config.setdefault("r", 8)  # LoraConfig's default rank
+    if not _is_int(config["r"]) or config["r"] < 1:
+        _bad(path, "r", "an int >= 1", config["r"])
     if not _is_real(config.get("lora_alpha", 8)) or config.get("lora_alpha", 8) <= 0:
         _bad(path, "lora_alpha", "a finite number > 0", config.get("lora_alpha"))
     for key in ("use_rslora", "use_dora"):
@@ -596,6 +686,13 @@ def _read_config(path: str) -> dict:
                 isinstance(t, str) and t for t in value)):
             _bad(path, key, "a list of module names" + ("" if key == "modules_to_save"
                                                        else ", a regular expression"), value)
+        elif key == "modules_to_save":  # PEFT puts each entry into a regex
+            for entry in value or []:
+                try:
+                    re.compile(rf"(^|.*\.){entry}($|\..*)")
+                except (re.error, RecursionError, OverflowError) as e:
+                    raise ValueError(f"{path}: key 'modules_to_save' entry {entry!r} is not a "
+                                     f"regular expression, which PEFT matches it as ({e})") from None
     init = config.get("init_lora_weights", True)
     if init not in _PLAIN_INITS or type(init) not in (bool, str):
         if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
@@ -648,7 +745,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
                              "floating point")
         out[key] = np.frombuffer(data, _DTYPES[dtype], math.prod(shape),
                                  8 + n + offsets[0]).reshape(shape)
-        if not np.isfinite(out[key].astype(np.float32)).all():
+        if not np.isfinite(out[key].astype(np.float64)).all():
             raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values")
     end = 0
     for begin, stop, key in sorted(spans):
@@ -670,8 +767,19 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
 
     Honours ``r``/``lora_alpha`` with ``rank_pattern``/``alpha_pattern``,
     ``use_rslora``, ``use_dora``, ``fan_in_fan_out``, ``target_modules``,
-    ``exclude_modules`` and ``modules_to_save``. ``params`` is not modified; the
-    returned tree is complete or a ``ValueError`` names the file and key at fault.
+    ``exclude_modules`` and ``modules_to_save``, with PEFT's defaults (``r`` 8,
+    ``lora_alpha`` 8) for keys the config leaves out. ``params`` is not modified;
+    the returned tree is complete or a ``ValueError`` names the file and key at
+    fault.
+
+    ``modules_to_save`` is matched as PEFT does: each module whose name ends
+    with an entry (no dot needed) comes back whole, as ``Full()`` leaves, with
+    the modules inside it; an entry that matches no module is allowed (PEFT's
+    sequence-classification adapters always list ``classifier`` and
+    ``score``). Every ``target_modules`` entry must match a module.
+
+    Factors keep the file's dtype; the config's ``dtype`` records it where it
+    is not the default for the base (float32, or the base dtype if wider).
 
     Orientation of a 2-D kernel: PEFT's ``lora_A`` is ``(r, in)`` and ``lora_B``
     ``(out, r)``, so a non-square kernel of shape ``(in, out)`` gets
@@ -691,8 +799,9 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
     tensors' shapes fit.
     """
     given = {} if in_axes is None else in_axes
-    if not isinstance(given, dict) or any(tuple(v) not in ((0,), (1,), (2,))
-                                          for v in given.values()):
+    if not isinstance(given, dict) or any(
+            not isinstance(k, str) or not isinstance(v, (tuple, list))
+            or tuple(v) not in ((0,), (1,), (2,)) for k, v in given.items()):
         raise ValueError(f"jlora.peft.load: in_axes must map kernel paths to (0,) or (1,) "
                          f"(or (2,) for a stacked (E, out, in) kernel), "
                          f"got {in_axes!r}")
@@ -728,9 +837,15 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
             raise ValueError(f"{weights_path}: tensor {key!r} targets module {module!r}, which "
                              "params do not have (check name_map)")
         whole = suffix in ("weight", "bias")
-        if whole and not _selects(config.get("modules_to_save"), module):
+        saved = _saved_whole(config.get("modules_to_save"), module)
+        if whole and not saved:
             raise ValueError(f"{weights_path}: unexpected tensor {key!r}: module {module!r} is "
-                             f"not in {CONFIG_FILE}'s modules_to_save")
+                             f"not in (or inside) a module {CONFIG_FILE}'s modules_to_save "
+                             "selects")
+        if not whole and saved:
+            raise ValueError(f"{weights_path}: tensor {key!r} puts LoRA on module {module!r}, "
+                             f"which {CONFIG_FILE}'s modules_to_save also wraps (PEFT matches "
+                             "its entries by bare name suffix); jlora adapts a module one way")
         if not whole and config.get("target_modules") is not None and not _targeted(config, module):
             raise ValueError(f"{weights_path}: unexpected tensor {key!r}: {CONFIG_FILE}'s "
                              f"target_modules does not select module {module!r}")
@@ -755,17 +870,19 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
 
 def _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped,
                    parameters=()) -> None:
-    """Every module the config selects has its tensors; every list entry selects a module."""
-    for key in ("target_modules", "modules_to_save"):
-        rule = config.get(key)
-        if isinstance(rule, list):
-            for entry in rule:
-                if not any(_selects([entry], m) for m in by_module):
-                    raise ValueError(f"{cfg_path}: key {key!r} entry {entry!r} matches no module "
-                                     "of params (check name_map)")
-        elif isinstance(rule, str) and rule != "all-linear" and not any(
-                _selects(rule, m) for m in by_module):
-            raise ValueError(f"{cfg_path}: key {key!r} = {rule!r} matches no module of params")
+    """Every module the config selects has its tensors; every ``target_modules`` entry
+    selects a module. ``modules_to_save`` entries may match nothing, as in PEFT (whose
+    sequence-classification adapters always list both ``classifier`` and ``score``)."""
+    rule = config.get("target_modules")
+    if isinstance(rule, list):
+        for entry in rule:
+            if not any(_selects([entry], m) for m in by_module):
+                raise ValueError(f"{cfg_path}: key 'target_modules' entry {entry!r} matches no "
+                                 "module of params (check name_map)")
+    elif isinstance(rule, str) and rule != "all-linear" and not any(
+            _selects(rule, m) for m in by_module):
+        raise ValueError(f"{cfg_path}: key 'target_modules' = {rule!r} matches no module of "
+                         "params")
     adapted = [m for m, parts in grouped.items() if any(s.startswith("lora_") for s in parts)]
     adapted += parameters  # target_parameters: their patterns match parameter names
     for key in ("rank_pattern", "alpha_pattern"):
@@ -776,13 +893,13 @@ def _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped,
     target = config.get("target_modules")
     for module, mpath in by_module.items():
         join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
-        if _selects(config.get("modules_to_save"), module):
+        if _saved_whole(config.get("modules_to_save"), module):
             for p in leaves:
                 if parent(p) == mpath:
                     suffix = "bias" if p.endswith("bias") else "weight"
                     if suffix not in grouped.get(module, {}):
                         raise ValueError(f"{weights_path}: missing tensor {PREFIX}{module}.{suffix} "
-                                         f"of module {module!r} (in modules_to_save)")
+                                         f"of module {module!r} (PEFT's modules_to_save wraps it)")
             continue
         if target is None or target == "all-linear" or not _targeted(config, module):
             continue
@@ -831,6 +948,14 @@ def _linear_in_axes(path, shape, r, a_t, b_t, config, given) -> tuple[int, ...]:
     return (1,) if config.get("fan_in_fan_out") else (0,)
 
 
+def _loaded_dtype(base_dtype, *file_dtypes):
+    """The loaded factors' dtype, the file's (so a saved adapter comes back in its own
+    precision), and the config's ``dtype`` for it: ``None`` where it is the default
+    for ``base_dtype``."""
+    dt = jax.dtypes.canonicalize_dtype(jnp.result_type(*file_dtypes))
+    return dt, None if dt == factor_dtype(base_dtype, None) else dt
+
+
 def _lora_node(config, module, parts, join, leaves, weights_path, key, given):
     embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
     names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
@@ -876,9 +1001,10 @@ def _lora_node(config, module, parts, join, leaves, weights_path, key, given):
     else:
         a, b = a_t.T, b_t.T
     fan_out = b.shape[1]
+    dt, cfg_dtype = _loaded_dtype(base.dtype, a_t.dtype, b_t.dtype)
     opts = dict(rank=r_file, alpha=alpha, rslora=config.get("use_rslora", False),
-                dropout=float(config.get("lora_dropout", 0.0)), in_axes=in_axes)
-    dt = jnp.promote_types(base.dtype, jnp.float32)
+                dropout=float(config.get("lora_dropout", 0.0)), in_axes=in_axes,
+                dtype=cfg_dtype)
     common = dict(base=base, a=jnp.asarray(a, dt), b=jnp.asarray(b, dt),
                   shape=tuple(base.shape), in_axes=in_axes)
     m = parts.get("lora_magnitude_vector")
@@ -951,10 +1077,10 @@ def _expert_export(path: str, node):
                          f"in_axes {node.in_axes}")
     one = own_config(node)
     rank, alpha = one.rank, one.rank if one.alpha is None else one.alpha
-    a, b = np.asarray(node.a, np.float32), np.asarray(node.b, np.float32)  # (E,in,r), (E,r,out)
+    a, b = np.asarray(node.a), np.asarray(node.b)  # (E,in,r), (E,r,out)
     if getattr(node, "a0", None) is not None:  # PiSSA/OLoRA: plain LoRA on the original weight
-        a = np.concatenate([a, np.asarray(node.a0, np.float32)], axis=-1)
-        b = np.concatenate([b, -np.asarray(node.b0, np.float32)], axis=-2)
+        a = np.concatenate([a, np.asarray(node.a0, a.dtype)], axis=-1)
+        b = np.concatenate([b, -np.asarray(node.b0, b.dtype)], axis=-2)
         rank *= 2
         alpha = alpha * (math.sqrt(2) if one.rslora else 2)
     e = node.shape[0]
@@ -1079,9 +1205,9 @@ def _load_experts(config: dict, cfg_path: str, weights_path: str, tensors: dict,
             e = base.shape[0]
             a = a_t.reshape(e, r, -1).transpose(0, 2, 1)  # (E, in, r)
             b = b_t.reshape(-1, r, e).transpose(2, 1, 0)  # (E, r, out)
-            dt = jnp.promote_types(base.dtype, jnp.float32)
+            dt, cfg_dtype = _loaded_dtype(base.dtype, a_t.dtype, b_t.dtype)
             cfg = LoRA(rank=r, alpha=alpha, rslora=config.get("use_rslora", False),
-                       dropout=float(config.get("lora_dropout", 0.0)),
+                       dropout=float(config.get("lora_dropout", 0.0)), dtype=cfg_dtype,
                        in_axes=None if axes == (1,) else axes, expert_axis=0)
             nodes[path] = LoRANode(base=base, a=jnp.asarray(a, dt), b=jnp.asarray(b, dt),
                                    config=cfg, shape=tuple(base.shape), in_axes=axes)
@@ -1127,7 +1253,7 @@ def _put_token_rows(config: dict, tokens: dict, put, suffix: str = _TOKEN_SUFFIX
     if not tokens:
         return
     for module, (path, node) in tokens.items():
-        put(f"{PREFIX}{module}.{suffix}", np.asarray(node.rows, np.float32), path)
+        put(f"{PREFIX}{module}.{suffix}", np.asarray(node.rows), path)
     config["trainable_token_indices"] = {m: list(n.indices) for m, (_, n) in tokens.items()}
 
 

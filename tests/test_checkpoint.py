@@ -158,6 +158,22 @@ def test_existing_step_is_not_silently_replaced(tmp_path):
     assert_trees_equal(jlora.checkpoint.restore(tmp_path)["trainable"], bumped)
 
 
+@pytest.mark.parametrize("bad", [
+    {"trainable": {"x": "not an array"}}, {"spec": "not a spec"}, {"trainable": None},
+    {"trainable": {"x": jnp.zeros(2, jnp.float8_e4m3fn)}},
+])
+def test_a_refused_overwrite_keeps_the_old_step(tmp_path, bad):
+    spec, trainable, _, opt = small()
+    jlora.checkpoint.save(tmp_path, trainable, step=1, opt_state=opt, spec=spec)
+    args = {"trainable": trainable, **bad}
+    with pytest.raises(ValueError):
+        jlora.checkpoint.save(tmp_path, step=1, overwrite=True, **args)
+    state = jlora.checkpoint.restore(tmp_path)
+    assert state["step"] == 1 and state["spec"] == spec
+    assert_trees_equal(state["trainable"], trainable)
+    assert_trees_equal(state["opt_state"], opt)
+
+
 # ---------------------------------------------------------------- trust: no code from a file
 
 
@@ -258,6 +274,57 @@ def test_unstorable_types_are_named_at_save(tmp_path):
         jlora.checkpoint.save(tmp_path, {"opt": [Mine(jnp.ones(2))]}, step=1)
     with pytest.raises(ValueError, match=r"w: cannot store a object"):
         jlora.checkpoint.save(tmp_path, {"w": object()}, step=1)
+
+
+@pytest.mark.parametrize("dtype", ["bool", "int8", "uint8", "int16", "uint16", "int32",
+                                   "uint32", "float16", "bfloat16", "float32", "complex64",
+                                   "float8_e5m2"])
+def test_storable_dtypes_round_trip_exactly(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray((rng.normal(size=(3, 4)) * 50).astype(np.float32)).astype(dtype)
+    jlora.checkpoint.save(tmp_path, {"w": x}, step=0)
+    back = jlora.checkpoint.restore(tmp_path)["trainable"]["w"]
+    assert back.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(x))
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda: jnp.zeros(4, jnp.float8_e4m3fn), "float8_e4m3fn"),
+    (lambda: jnp.zeros(4, jnp.int4), "int4"), (lambda: jnp.zeros(4, jnp.uint4), "uint4"),
+    (lambda: np.zeros(2, jax.dtypes.float0), "float0"),
+])
+def test_unrestorable_dtypes_are_refused_at_save(tmp_path, make, name):
+    with pytest.raises(ValueError, match=rf"layer/w: cannot store an array of dtype .*{name}"):
+        jlora.checkpoint.save(tmp_path, {"layer": {"w": make(), "ok": jnp.ones(2)}}, step=3)
+    assert jlora.checkpoint.Manager(tmp_path).all_steps() == []
+    assert not [n for n in os.listdir(tmp_path) if not n.startswith(".")]
+
+
+@pytest.mark.parametrize("damage,message", [
+    ({"treedef": "x"}, "trainable has no list of leaves"),
+    ({"treedef": "x", "leaves": 5}, "trainable has no list of leaves"),
+    ({"treedef": "x", "leaves": [[8, 2], [[2, 8], "float32"]]}, r"trainable array #0 is \[8, 2\]"),
+    ({"treedef": "x", "leaves": [[[8, 2], "evil"], [[2, 8], "float32"]]},
+     r"trainable array #0 is \[\[8, 2\], 'evil'\]"),
+    ({"treedef": "x", "leaves": [[[-8, 2], "float32"], [[2, 8], "float32"]]},
+     r"trainable array #0 is \[\[-8, 2\]"),
+    ("not a dict", "trainable has no list of leaves"),
+])
+def test_upgrade_of_damaged_0_1_0_metadata_names_the_file(tmp_path, damage, message):
+    spec, trainable, _, opt = small()
+    _save_like_0_1_0(tmp_path / "old", trainable, opt, step=5)
+    _rewrite_meta(tmp_path / "old" / "5", trainable=damage)
+    meta_file = re.escape(str(tmp_path / "old" / "5" / "meta" / "metadata"))
+    with pytest.raises(ValueError, match=rf"{meta_file}: malformed jlora 0.1.0 metadata "
+                                         rf"\({message}"):
+        jlora.checkpoint.upgrade(tmp_path / "old", tmp_path / "new", trainable=trainable,
+                                 opt_state=opt)
+    assert not os.path.exists(tmp_path / "new")
+    _save_like_0_1_0(tmp_path / "old2", trainable, opt, step=5)
+    _rewrite_meta(tmp_path / "old2" / "5", step="five")
+    with pytest.raises(ValueError, match=r"metadata: malformed jlora 0.1.0 metadata \(step 'five'"):
+        jlora.checkpoint.upgrade(tmp_path / "old2", tmp_path / "new", trainable=trainable,
+                                 opt_state=opt)
 
 
 # ---------------------------------------------------------------- options, mismatches, directories

@@ -420,3 +420,275 @@ def test_a_name_map_function_may_fail_on_modules_it_does_not_adapt(tmp_path):
     assert back["fc1"]["kernel"].rank == 2
     with pytest.raises(ValueError, match=r"name_map failed for Flax module 'fc1' \(KeyError"):
         jlora.peft.save(tmp_path, adapted, name_map=lambda p: {}[p])
+
+
+# ---------------------------------------------------------------- modules_to_save as PEFT matches it
+
+
+class Classifier:
+    """A PyTorch model with DistilBERT's head names: ``classifier`` also ends ``pre_classifier``."""
+
+    @staticmethod
+    def torch(seed=0):
+        import torch
+
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc1 = torch.nn.Linear(8, 16)
+                self.pre_classifier = torch.nn.Linear(16, 16)
+                self.classifier = torch.nn.Linear(16, 4)
+
+            def forward(self, x):
+                return self.classifier(torch.relu(self.pre_classifier(self.fc1(x))))
+
+        torch.manual_seed(seed)
+        return M()
+
+    @staticmethod
+    def params(seed=0):
+        rng = np.random.default_rng(seed)
+        shapes = {"fc1": (8, 16), "pre_classifier": (16, 16), "classifier": (16, 4)}
+        return {m: {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32),
+                    "bias": jnp.asarray(rng.normal(size=s[1]), jnp.float32)}
+                for m, s in shapes.items()}
+
+
+def torch_from_params(model, params):
+    import torch
+
+    sd = {}
+    for module, leaves in params.items():
+        sd[f"{module}.weight"] = torch.tensor(np.asarray(leaves["kernel"]).T.copy())
+        sd[f"{module}.bias"] = torch.tensor(np.asarray(leaves["bias"]))
+    model.load_state_dict(sd)
+    return model
+
+
+def params_from_torch(state_dict):
+    out = {}
+    for key, value in state_dict.items():
+        module, leaf = key.rsplit(".", 1)
+        v = value.detach().numpy()
+        out.setdefault(module, {})["kernel" if leaf == "weight" else "bias"] = (
+            jnp.asarray(v.T) if leaf == "weight" else jnp.asarray(v))
+    return out
+
+
+def randomize_peft(model, seed=1):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+def assert_merged_equal(got, want, atol=1e-6):
+    for (path, x), (_, y) in zip(jlora.tree.leaves_with_paths(got),
+                                  jlora.tree.leaves_with_paths(want)):
+        np.testing.assert_allclose(f64(x), f64(y), rtol=0, atol=atol, err_msg=path)
+
+
+@needs_torch
+def test_peft_seq_cls_adapter_loads_with_score_matching_nothing(tmp_path):
+    """PEFT's SEQ_CLS adapters list modules_to_save ["classifier", "score"] whatever the model."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.numpy import load_file as load_np
+
+    base = Classifier.torch()
+    params = params_from_torch(base.state_dict())
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                            target_modules=["fc1"]))
+    randomize_peft(model)
+    model.save_pretrained(tmp_path)
+    assert "score" in json.load(open(tmp_path / "adapter_config.json"))["modules_to_save"]
+    got = jlora.merge(jlora.peft.load(tmp_path, params))
+    # float64 reference from the file: W + (alpha/r)·B·A for fc1, the saved head as is
+    t = load_np(tmp_path / "adapter_model.safetensors")
+    pre = "base_model.model."
+    k = f64(params["fc1"]["kernel"]) + 2.0 * (f64(t[pre + "fc1.lora_B.weight"])
+                                              @ f64(t[pre + "fc1.lora_A.weight"])).T
+    np.testing.assert_allclose(f64(got["fc1"]["kernel"]), k, rtol=1e-6, atol=1e-6)
+    for module in ("pre_classifier", "classifier"):
+        np.testing.assert_array_equal(got[module]["kernel"], t[f"{pre}{module}.weight"].T)
+        np.testing.assert_array_equal(got[module]["bias"], t[f"{pre}{module}.bias"])
+    assert_merged_equal(got, params_from_torch(model.merge_and_unload().state_dict()))
+
+
+@needs_torch
+def test_modules_to_save_wraps_by_bare_suffix_as_in_peft(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = Classifier.torch()
+    params = params_from_torch(base.state_dict())
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["fc1"],
+                                            modules_to_save=["classifier"]))
+    randomize_peft(model)
+    model.save_pretrained(tmp_path)
+    back = jlora.peft.load(tmp_path, params)
+    # PEFT wrapped pre_classifier too ("pre_classifier".endswith("classifier"))
+    assert isinstance(back["pre_classifier"]["kernel"], jlora.methods.FullNode)
+    assert isinstance(back["classifier"]["bias"], jlora.methods.FullNode)
+    assert_merged_equal(jlora.merge(back), params_from_torch(model.merge_and_unload().state_dict()))
+
+
+@needs_torch
+def test_peft_loads_a_full_module_whose_name_ends_another(tmp_path):
+    """jlora writes the suffix-matched module's base weights, which PEFT's loader needs."""
+    import copy
+
+    from peft import PeftModel
+
+    params = Classifier.params()
+    spec = jlora.Spec({"fc1/kernel": jlora.LoRA(rank=2, alpha=4),
+                       "classifier/{kernel,bias}": jlora.Full()})
+    adapted = perturb(jlora.apply(params, spec, key=jax.random.key(0)), size=0.3)
+    adapted["classifier"]["kernel"] = adapted["classifier"]["kernel"].replace(
+        value=adapted["classifier"]["kernel"].value + 0.5)
+    jlora.peft.save(tmp_path, adapted)
+    t = load_file(tmp_path / "adapter_model.safetensors")
+    np.testing.assert_array_equal(t["base_model.model.pre_classifier.weight"],
+                                  np.asarray(params["pre_classifier"]["kernel"]).T)
+    base = torch_from_params(Classifier.torch(), params)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    want = jlora.merge(adapted)
+    assert_merged_equal(params_from_torch(model.merge_and_unload().state_dict()), want)
+    # the float64 formula for the LoRA module
+    node = adapted["fc1"]["kernel"]
+    np.testing.assert_allclose(f64(want["fc1"]["kernel"]),
+                               f64(params["fc1"]["kernel"]) + 2.0 * f64(node.a) @ f64(node.b),
+                               rtol=1e-6, atol=1e-6)
+    back = jlora.peft.load(tmp_path, params)
+    assert_merged_equal(jlora.merge(back), want, atol=0)
+
+
+def test_modules_to_save_entries_may_match_nothing(tmp_path):
+    d = copy_fixture(tmp_path, "patterns")
+    edit_config(d, modules_to_save=["fc2", "score"])
+    assert_same_adapter(jlora.peft.load(d, base_params("patterns")),
+                        jlora.peft.load(os.path.join(FIXTURES, "patterns", "adapter"),
+                                        base_params("patterns")))
+    edit_config(d, target_modules=["emb", "fc1", "nowhere"])  # target entries still must match
+    with pytest.raises(ValueError, match=r"adapter_config.json: key 'target_modules' entry "
+                                         r"'nowhere' matches no module"):
+        jlora.peft.load(d, base_params("patterns"))
+
+
+def test_lora_inside_a_module_peft_saves_whole_is_refused(tmp_path):
+    params = Classifier.params()
+    spec = jlora.Spec({"pre_classifier/kernel": jlora.LoRA(rank=2),
+                       "classifier/{kernel,bias}": jlora.Full()})
+    with pytest.raises(ValueError, match=r"pre_classifier/kernel has a LoRA adapter, but PEFT "
+                                         r"saves its module 'pre_classifier' whole"):
+        jlora.peft.save(tmp_path / "a", jlora.apply(params, spec, key=jax.random.key(0)))
+    assert not os.path.exists(tmp_path / "a")
+    # and a file with LoRA tensors for such a module
+    good = jlora.apply(params, jlora.Spec({"pre_classifier/kernel": jlora.LoRA(rank=2)}),
+                       key=jax.random.key(0))
+    jlora.peft.save(tmp_path / "b", good)
+    edit_config(tmp_path / "b", modules_to_save=["classifier"])
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: tensor "
+                                         r"'base_model.model.pre_classifier.lora_A.weight' puts "
+                                         r"LoRA on module 'pre_classifier', which "
+                                         r"adapter_config.json's modules_to_save also wraps"):
+        jlora.peft.load(tmp_path / "b", params)
+
+
+def test_a_modules_to_save_entry_that_is_no_regex_is_refused(tmp_path):
+    d = copy_fixture(tmp_path, "patterns")
+    edit_config(d, modules_to_save=["fc2", "a("])
+    with pytest.raises(ValueError, match=r"adapter_config.json: key 'modules_to_save' entry "
+                                         r"'a\(' is not a regular expression"):
+        jlora.peft.load(d, base_params("patterns"))
+
+
+# ---------------------------------------------------------------- where and how files land
+
+
+def test_save_through_a_symlink_writes_into_its_target(tmp_path):
+    params, first = make_adapted(jlora.LoRA(rank=2), emb=False)
+    _, second = make_adapted(jlora.LoRA(rank=2), emb=False, seed=1)
+    run = tmp_path / "run-7"
+    jlora.peft.save(run, first)
+    (tmp_path / "latest").symlink_to("run-7")
+    jlora.peft.save(tmp_path / "latest", second)
+    assert os.path.islink(tmp_path / "latest") and os.readlink(tmp_path / "latest") == "run-7"
+    assert_same_adapter(jlora.peft.load(run, params), jlora.peft.load(tmp_path / "latest", params))
+    np.testing.assert_array_equal(jlora.peft.load(run, params)["fc1"]["kernel"].a,
+                                  second["fc1"]["kernel"].a)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "run-7"]
+
+
+def test_adapter_directory_mode_follows_the_umask_or_the_old_directory(tmp_path):
+    import stat
+
+    params, adapted = make_adapted(jlora.LoRA(rank=2), emb=False)
+    old = os.umask(0o027)
+    try:
+        jlora.peft.save(tmp_path / "new", adapted)
+        assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o750
+        os.mkdir(tmp_path / "old")
+        os.chmod(tmp_path / "old", 0o711)
+        jlora.peft.save(tmp_path / "old", adapted)
+        assert stat.S_IMODE(os.stat(tmp_path / "old").st_mode) == 0o711
+    finally:
+        os.umask(old)
+
+
+# ---------------------------------------------------------------- dtypes and small inputs
+
+
+@pytest.mark.parametrize("dtype,name", [(jnp.bfloat16, "BF16"), (jnp.float16, "F16"),
+                                        (jnp.float32, "F32")])
+def test_factors_keep_their_dtype_through_files(tmp_path, dtype, name):
+    params = base_params()
+    spec = jlora.Spec({"fc1/kernel": jlora.LoRA(rank=2, alpha=4, dtype=dtype)})
+    adapted = perturb(jlora.apply(params, spec, key=jax.random.key(0)), size=0.3)
+    jlora.peft.save(tmp_path, adapted)
+    raw = (tmp_path / "adapter_model.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert header["base_model.model.fc1.lora_A.weight"]["dtype"] == name
+    node, got = adapted["fc1"]["kernel"], jlora.peft.load(tmp_path, params)["fc1"]["kernel"]
+    for x, y in ((node.a, got.a), (node.b, got.b)):
+        assert y.dtype == jnp.dtype(dtype)
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+    # the config says so where the dtype is not the default for a float32 base
+    assert got.config.dtype == (None if dtype is jnp.float32 else jnp.dtype(dtype))
+    np.testing.assert_array_equal(jlora.merge(got), jlora.merge(node))
+
+
+@needs_torch
+def test_peft_loads_bf16_factors(tmp_path):
+    from peft import PeftModel
+
+    params, adapted = make_adapted(jlora.LoRA(rank=4, alpha=8, dtype=jnp.bfloat16), emb=False)
+    jlora.peft.save(tmp_path, adapted)
+    model = PeftModel.from_pretrained(torch_tiny(params), str(tmp_path)).eval()
+    got = model.merge_and_unload().fc1.weight.detach().numpy().T
+    node = adapted["fc1"]["kernel"]
+    want = f64(params["fc1"]["kernel"]) + 2.0 * f64(node.a) @ f64(node.b)
+    np.testing.assert_allclose(f64(got), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [{"fc1/kernel": 0}, {"fc1/kernel": None}, {0: (0,)},
+                                 {"fc1/kernel": (3,)}, ["fc1/kernel"]])
+def test_bad_in_axes_is_a_value_error(tmp_path, bad):
+    params, adapted = make_adapted(jlora.LoRA(rank=2), emb=False)
+    jlora.peft.save(tmp_path, adapted)
+    with pytest.raises(ValueError, match=r"jlora.peft.load: in_axes must map kernel paths"):
+        jlora.peft.load(tmp_path, params, in_axes=bad)
+
+
+def test_a_config_without_r_means_peft_default_8(tmp_path):
+    params, adapted = make_adapted(jlora.LoRA(rank=8, alpha=4), emb=False)
+    jlora.peft.save(tmp_path, adapted)
+    cfg = json.load(open(tmp_path / "adapter_config.json"))
+    del cfg["r"]
+    json.dump(cfg, open(tmp_path / "adapter_config.json", "w"))
+    back = jlora.peft.load(tmp_path, params)
+    assert back["fc1"]["kernel"].rank == 8 and back["fc1"]["kernel"].scale == 0.5
+    edit_config(tmp_path, rank_pattern={"fc1": 2})
+    with pytest.raises(ValueError, match=r"has rank 8 but adapter_config.json says r=2"):
+        jlora.peft.load(tmp_path, params)
