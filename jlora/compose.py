@@ -31,6 +31,9 @@ differ) and real weights ``w_i`` (negative allowed: task negation). With
 
 DoRA and GLoRA deltas are not low-rank: the dense methods take them, ``svd``
 factorizes their dense sum, ``cat``/``linear``/``lorahub`` refuse them.
+Stacked (``expert_axis``) adapters are taken by :func:`lorahub`, :func:`switch`
+and the element-wise merges with ``rank=None``; the other functions refuse them.
+Adapters must be whole nodes, not the halves of ``jlora.split``.
 
 Example::
 
@@ -61,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._validate import choice, positive_int, real
+from jlora._validate import choice, function, positive_int, real
 from jlora.core import merge, path_key, unmerge
 from jlora.methods.adalora import AdaLoRANode
 from jlora.methods.base import lowrank_svd, to_matrix
@@ -78,14 +81,26 @@ F32 = jnp.float32
 
 
 def _weights(fn: str, adapters, weights) -> jax.Array:
+    """The weights as float32 ``(n,)``; concrete ones (numpy or jax) must be finite reals."""
     if not isinstance(adapters, (list, tuple)) or not adapters:
         raise ValueError(f"jlora.compose.{fn}: adapters must be a non-empty list of adapted trees")
-    w = np.asarray(weights, dtype=np.float64) if not isinstance(weights, jax.Array) else weights
+    if isinstance(weights, jax.Array):
+        w = weights
+        if not jnp.issubdtype(w.dtype, jnp.floating) and not jnp.issubdtype(w.dtype, jnp.integer):
+            raise ValueError(f"jlora.compose.{fn}: weights must be real numbers, got dtype "
+                             f"{w.dtype}")
+    else:
+        try:
+            w = np.asarray(weights, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"jlora.compose.{fn}: weights must be real numbers, one per "
+                             f"adapter, got {weights!r}") from None
     if w.shape != (len(adapters),):
         raise ValueError(f"jlora.compose.{fn}: weights must hold one number per adapter "
                          f"({len(adapters)}), got shape {w.shape}")
-    if isinstance(w, np.ndarray) and not np.isfinite(w).all():
-        raise ValueError(f"jlora.compose.{fn}: weights must be finite, got {weights!r}")
+    # traced weights (inside jit) cannot be inspected; every concrete array is
+    if _concrete(w) and not np.isfinite(np.asarray(w, np.float64)).all():
+        raise ValueError(f"jlora.compose.{fn}: weights must be finite, got {np.asarray(w)!r}")
     return jnp.asarray(w, F32)
 
 
@@ -93,21 +108,51 @@ def _concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+#: PiSSA/OLoRA rebuild their original weight as ``residual + s·a0·b0``, rounded to
+#: the base dtype: it matches the other adapters' base within a few of its ulps
+_ROUNDING_EPS = 8
+
+
 def _same(path: str, what: str, x, y, loose: bool) -> None:
+    """``x`` equals ``y`` (``loose``: within ``8·eps·max|x|`` of the coarser dtype)."""
     if jnp.shape(x) != jnp.shape(y):
         raise ValueError(f"{path}: adapters do not share one base: {what} shapes "
                          f"{jnp.shape(x)} vs {jnp.shape(y)}")
     if not (_concrete(x) and _concrete(y)):
         return
+    dts = [jnp.asarray(v).dtype for v in (x, y)]
+    loose = loose and all(jnp.issubdtype(d, jnp.floating) for d in dts)
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    ok = (np.allclose(x, y, rtol=1e-6, atol=1e-6 * (1 + np.abs(x).max(initial=0)))
-          if loose else np.array_equal(x, y))
+    if loose:
+        eps = max(float(jnp.finfo(d).eps) for d in dts)
+        scale = max(np.abs(x).max(initial=0), np.abs(y).max(initial=0))
+        ok = bool(np.all(np.abs(x - y) <= _ROUNDING_EPS * eps * scale))
+    else:
+        ok = np.array_equal(x, y)
     if not ok:
         raise ValueError(f"{path}: adapters do not share one base ({what} values differ)")
 
 
-def zip_adapters(fn: str, adapters: Sequence[PyTree]) -> list[tuple[str, list]]:
-    """``[(path, [leaf of each adapter])]``; raises naming the path where they disagree."""
+def _whole(fn: str, path: str, node) -> None:
+    if node.half() is not None:
+        raise ValueError(f"{path}: jlora.compose.{fn} needs whole adapter nodes, got the "
+                         f"{node.half()} half of jlora.split; rebuild them with "
+                         "jlora.combine(trainable, frozen) first")
+
+
+def _no_experts(fn: str, path: str, node) -> None:
+    if getattr(node.config, "expert_axis", None) is not None:
+        raise ValueError(f"{path}: jlora.compose.{fn} does not combine stacked (expert_axis) "
+                         "adapters; their factors hold one adapter slice per expert")
+
+
+def zip_adapters(fn: str, adapters: Sequence[PyTree], *,
+                 experts: bool = False) -> list[tuple[str, list]]:
+    """``[(path, [leaf of each adapter])]``; raises naming the path where they disagree.
+
+    Every node must be whole (not a half of ``jlora.split``); ``experts=False``
+    refuses stacked (``expert_axis``) nodes.
+    """
     flat = [leaves_with_paths(t) for t in adapters]
     paths = [p for p, _ in flat[0]]
     for i, f in enumerate(flat[1:], 1):
@@ -123,6 +168,11 @@ def zip_adapters(fn: str, adapters: Sequence[PyTree]) -> list[tuple[str, list]]:
         if len(kinds) > 1:
             raise ValueError(f"{path}: adapted in some adapters and plain in others")
         first = leaves[0]
+        if is_node(first):
+            for x in leaves:
+                _whole(fn, path, x)
+                if not experts:
+                    _no_experts(fn, path, x)
         for x in leaves[1:]:
             if is_node(first):
                 if x.shape != first.shape or x.in_axes != first.in_axes:
@@ -363,7 +413,9 @@ def _dense_merge(fn, adapters, weights, density, *, rank, prune, elect, key=None
     w = _weights(fn, adapters, weights)
     if rank is not None:
         rank = positive_int(f"jlora.compose.{fn}", "rank", rank)
-    for path, nodes in zip_adapters(fn, adapters):
+    # the element-wise merges act on each layer's dense delta, a stacked (expert_axis)
+    # one included; a rank-`rank` factorization of it would need one per expert
+    for path, nodes in zip_adapters(fn, adapters, experts=rank is None):
         if is_node(nodes[0]):
             _delta_check(path, nodes[0])
             if rank is not None:
@@ -440,9 +492,16 @@ def magnitude_prune(adapters: Sequence[PyTree], weights, density: float, *,
 
 
 def _key(fn, key):
+    """``key`` must be a PRNG key: a typed ``jax.random.key`` or a raw uint32 ``(2,)`` key."""
     if key is None:
         raise ValueError(f"jlora.compose.{fn}: key (a jax.random key) is required")
-    return key
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and key.shape == ():
+        return key
+    if dtype == jnp.uint32 and tuple(key.shape) == (2,):
+        return key
+    raise ValueError(f"jlora.compose.{fn}: key must be a PRNG key (jax.random.key(seed)), "
+                     f"got {key!r}")
 
 
 def dare_linear(adapters: Sequence[PyTree], weights, density: float, key: jax.Array = None, *,
@@ -477,6 +536,9 @@ def switch(served: PyTree, old: PyTree, new: PyTree) -> PyTree:
     """Move merged weights from adapter ``old`` to ``new``: ``merge(new, onto=unmerge(served, old))``.
 
     No copy of the base is kept; the result equals ``merge(new)`` to float32 rounding.
+    ``old`` and ``new`` must share one base and tree structure (checked as the
+    other functions check adapters 0 and 1), and ``served`` must have ``old``'s
+    structure, with its adapted leaves' shapes.
 
     Example::
 
@@ -492,6 +554,18 @@ def switch(served: PyTree, old: PyTree, new: PyTree) -> PyTree:
         >>> bool(jnp.allclose(moved["w"]["kernel"], jlora.merge(new)["w"]["kernel"], atol=1e-5))
         True
     """
+    zip_adapters("switch", [old, new], experts=True)
+    paths = [p for p, _ in leaves_with_paths(old)]
+    served_paths = [p for p, _ in leaves_with_paths(served)]
+    if served_paths != paths:
+        diff = (sorted(set(paths) ^ set(served_paths))
+                or [p for p, q in zip(paths, served_paths) if p != q])
+        raise ValueError(f"jlora.compose.switch: served does not have old's tree structure "
+                         f"(is it merge(old)?), first at path {diff[0]!r}")
+    for (path, node), (_, leaf) in zip(leaves_with_paths(old), leaves_with_paths(served)):
+        if is_node(node) and tuple(jnp.shape(leaf)) != tuple(node.shape):
+            raise ValueError(f"{path}: served holds shape {tuple(jnp.shape(leaf))}, old's "
+                             f"adapter {tuple(node.shape)}")
     return merge(new, onto=unmerge(served, old))
 
 
@@ -507,6 +581,8 @@ def pad(tree: PyTree, rank: int) -> PyTree:
     def one(path, node):
         if not is_node(node):
             return node
+        _whole("pad", path, node)
+        _no_experts("pad", path, node)
         if isinstance(node, DoRANode):
             if rank < node.rank:
                 raise ValueError(f"{path}: cannot pad rank {node.rank} down to {rank}")
@@ -539,8 +615,11 @@ def stack(adapters: Sequence[PyTree], *, mode: str = "gather") -> PyTree:
     adapters, masked: cheapest for a few adapters) or ``"ragged"``
     (``jax.lax.ragged_dot`` over examples sorted by adapter, on 2-D Dense
     inputs). The stacked tree is differentiable: each adapter's factors get
-    the sum of their examples' gradients, so ``n`` adapters train in one batch.
-    See ``jlora.methods.stacked``.
+    the sum of their examples' gradients, so ``n`` adapters train in one batch;
+    what an adapter's own method keeps frozen (LoRA-FA's ``a``, MiCA's ``b``,
+    PiSSA/OLoRA's ``a0``, ``b0``) sits in the stacked node's frozen fields and
+    gets no gradient. ``ids`` holds one id per example (its length is checked
+    against each stacked layer's batch). See ``jlora.methods.stacked``.
     """
     choice("jlora.compose.stack", "mode", mode, ("gather", "onehot", "ragged"))
     if not isinstance(adapters, (list, tuple)) or not adapters:
@@ -572,18 +651,24 @@ def lorahub(adapters: Sequence[PyTree], loss_fn: Callable[[PyTree], float], *, b
     ``budget`` evaluations, seeded from ``key``. ``callback(step, w, loss)`` is
     called after each evaluation. Returns ``(weights, composed, history)``.
     """
-    import nevergrad as ng
-
     n = len(adapters) if isinstance(adapters, (list, tuple)) else 0
     _weights("lorahub", adapters, np.zeros(n))
     budget = positive_int("jlora.compose.lorahub", "budget", budget)
     real("jlora.compose.lorahub", "l1", l1, ge=0.0)
+    key = _key("lorahub", key)
+    function("jlora.compose.lorahub", "loss_fn", loss_fn)
+    if callback is not None:
+        function("jlora.compose.lorahub", "callback", callback)
+    if isinstance(bounds, (str, bytes)) or not hasattr(bounds, "__len__") or len(bounds) != 2:
+        raise ValueError(f"jlora.compose.lorahub: bounds must be a pair (lo, hi) of finite "
+                         f"numbers, got {bounds!r}")
     lo, hi = (real("jlora.compose.lorahub", "bounds", b) for b in tuple(bounds))
     if not lo <= 0.0 <= hi or lo == hi:
         raise ValueError(f"jlora.compose.lorahub: bounds must satisfy lo <= 0 <= hi, lo < hi, "
                          f"got {bounds!r}")
     stacks = {}
-    for path, nodes in zip_adapters("lorahub", adapters):
+    # factor-level sums keep each node's layout, so stacked (expert_axis) ones compose too
+    for path, nodes in zip_adapters("lorahub", adapters, experts=True):
         if not is_node(nodes[0]):
             continue
         if any(type(x) is not LoRANode or x.a0 is not None for x in nodes):
@@ -592,6 +677,7 @@ def lorahub(adapters: Sequence[PyTree], loss_fn: Callable[[PyTree], float], *, b
             raise ValueError(f"{path}: lorahub needs one rank and scale for all adapters, got "
                              f"{[(x.rank, x.scale) for x in nodes]}")
         stacks[path] = (nodes[0], jnp.stack([x.a for x in nodes]), jnp.stack([x.b for x in nodes]))
+    import nevergrad as ng  # the optional `lorahub` extra: only once the inputs are valid
 
     @jax.jit
     def compose(w):

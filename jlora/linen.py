@@ -73,9 +73,10 @@ def _dense(module: nn.Dense, node, method, args, kwargs, key):
     (x,) = args
     op = lambda x, k: _sub_apply(module, k, x, features=k.shape[-1])
     # XLA:CPU runs the rank-r weight-gradient contractions far faster as 2-D
-    # matmuls than over several contracting axes: flatten the batch axes.
+    # matmuls than over several contracting axes: flatten the batch axes. A
+    # stacked node (mixed-adapter batch) is told how many examples the rows hold.
     x2 = x.reshape(-1, x.shape[-1])
-    y = node.dot(x2, op, dropout_key=key)
+    y = node.dot(x2, op, dropout_key=key, examples=x.shape[0] if x.ndim > 1 else 1)
     return _bias(module, y.reshape(x.shape[:-1] + y.shape[-1:]))
 
 
@@ -201,7 +202,8 @@ def _registered(module: nn.Module, node, method, args, kwargs, key):
                                            tuple(range(n_in))), ((), ())), precision=precision)
 
     lead = x.shape[: x.ndim - n_in]
-    y = node.dot(x.reshape((-1,) + node.in_shape), op, dropout_key=key)
+    y = node.dot(x.reshape((-1,) + node.in_shape), op, dropout_key=key,
+                 examples=lead[0] if lead else 1)
     y = y.reshape(lead + y.shape[1:])
     if layer.bias is not None and module.has_variable("params", layer.bias):
         bias = jnp.asarray(module.get_variable("params", layer.bias))
@@ -322,6 +324,8 @@ def apply(model, variables: Any, *args, dropout_key: jax.Array | None = None,
       strict: raise instead of warn when an adapter is served merged.
       adapter_ids: ``(batch,)`` ints for a tree from ``jlora.compose.stack``:
         example ``j`` runs with adapter ``adapter_ids[j]`` (``-1``: the base alone).
+        One id per example: a ``ValueError`` names both sizes when the length
+        differs from the leading (example) axis of a stacked layer's input.
       context: keywords for module-level adapters' ``intercept`` (e.g.
         ``{"attention_mask": mask}`` for position-selecting methods); not
         passed to the model.

@@ -108,7 +108,8 @@ def _fast(kind, node):
                 x, k = self.promote_dtype((x, k), dtype=self.dtype)
                 return self.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())),
                                         precision=self.precision)
-            y = node.dot(x.reshape(-1, x.shape[-1]), op)
+            y = node.dot(x.reshape(-1, x.shape[-1]), op,
+                         examples=x.shape[0] if x.ndim > 1 else 1)
             y = y.reshape(x.shape[:-1] + y.shape[-1:])
             if self.bias is not None:
                 y = y + self.bias[...].astype(y.dtype)

@@ -375,3 +375,124 @@ def test_bad_inputs_name_what_is_wrong(adapters):
         C.svd(adapters, W, 11)
     with pytest.raises(ValueError, match="finite"):
         C.cat(adapters, [1.0, np.nan, 0.0])
+
+
+def test_pissa_on_a_low_precision_base_shares_the_base():
+    """PiSSA rebuilds its original weight (residual + s·a0·b0) rounded to the base dtype:
+    compose accepts it within a few ulps of that dtype, and still refuses another base."""
+    k = jax.random.normal(jax.random.key(0), (24, 16)).astype(jnp.bfloat16)
+    params = {"d": {"kernel": k}}
+    lora = trained(jlora.LoRA(rank=2, alpha=4), 1, params, "d/kernel")
+    pissa = trained(jlora.LoRA(rank=3, alpha=6, init="pissa"), 2, params, "d/kernel")
+    n, m = nodes(pissa)["d/kernel"], nodes(lora)["d/kernel"]
+    assert np.abs(f64(jlora.methods.stacked.original(n)) - f64(k)).max() > 0  # rounded
+    out = C.cat([lora, pissa], [1.0, -2.0])
+    want = delta_ref(m) - 2.0 * scale_ref(n.config) * (f64(n.a) @ f64(n.b) - f64(n.a0) @ f64(n.b0))
+    assert_close({"d/kernel": f64(nodes(out)["d/kernel"].delta())}, {"d/kernel": want})
+    assert nodes(C.stack([lora, pissa]))["d/kernel"].base.dtype == jnp.bfloat16
+    ulp = float(jnp.finfo(jnp.bfloat16).eps) * float(jnp.abs(k.astype(jnp.float32)).max())
+    other = {"d": {"kernel": k.at[3, 4].add(20 * ulp)}}  # one entry 20 ulps away
+    with pytest.raises(ValueError, match="d/kernel: adapters do not share one base"):
+        C.cat([trained(jlora.LoRA(rank=2), 3, other, "d/kernel"), pissa], [1.0, 1.0])
+
+
+def _experts(seed, rank, **kw):
+    w = jax.random.normal(jax.random.key(0), (3, 6, 5))
+    t = jlora.apply({"w": w}, jlora.Spec({"w": jlora.LoRA(rank=rank, alpha=4.0, expert_axis=0,
+                                                          **kw)}), key=jax.random.key(seed))
+    n = t["w"]
+    return {"w": n.replace(b=jax.random.normal(jax.random.key(seed + 10), n.b.shape))}, w
+
+
+def test_expert_axis_adapters_are_refused_where_no_exact_form_exists():
+    (x, w), (y, _) = _experts(1, 2), _experts(2, 3)
+    for fn, call in [("cat", lambda: C.cat([x, y], [1.0, -0.5])),
+                     ("linear", lambda: C.linear([x, y], [1.0, -0.5])),
+                     ("linear", lambda: C.linear([x, y], [1.0, -0.5], peft_compat=True)),
+                     ("svd", lambda: C.svd([x, y], [1.0, -0.5], 2)),
+                     ("ties", lambda: C.ties([x, y], [1.0, -0.5], 0.5, rank=2)),
+                     ("pad", lambda: C.pad(x, 4)),
+                     ("stack", lambda: C.stack([x, y]))]:
+        with pytest.raises(ValueError, match=rf"w: jlora.compose.{fn} does not combine stacked "
+                                             r"\(expert_axis\) adapters"):
+            call()
+    # element-wise merges of the dense (E, in, out) delta are exact: magnitude_prune keeps
+    # the int(density·numel) largest |ΔK_i| of each whole expert tensor, then Σ w_i ΔK̂_i
+    per_expert = lambda n: n.scale * np.einsum("eir,ero->eio", f64(n.a), f64(n.b))
+    want = f64(w)
+    for wi, t in zip([1.0, -0.5], [x, y]):
+        d = per_expert(t["w"])
+        keep = np.argsort(-np.abs(d).ravel(), kind="stable")[:int(0.5 * d.size)]
+        mask = np.zeros(d.size, bool)
+        mask[keep] = True
+        want = want + wi * np.where(mask.reshape(d.shape), d, 0.0)
+    got = C.magnitude_prune([x, y], [1.0, -0.5], 0.5)["w"]
+    np.testing.assert_allclose(f64(got), want, atol=1e-5)
+
+
+def test_expert_axis_pissa_original_weight_is_per_expert():
+    (x, w) = _experts(1, 2, init="pissa")
+    n = x["w"]
+    want = f64(n.base) + n.scale * np.einsum("eir,ero->eio", f64(n.a0), f64(n.b0))
+    np.testing.assert_allclose(f64(jlora.methods.stacked.original(n)), want, atol=1e-5)
+    np.testing.assert_allclose(f64(jlora.methods.stacked.original(n)), f64(w), atol=1e-5)
+
+
+def test_split_halves_are_refused_by_path(adapters):
+    halves = [jlora.split(t)[0] for t in adapters]
+    frozen = jlora.split(adapters[0])[1]
+    for fn, call in [("cat", lambda: C.cat(halves, W)), ("svd", lambda: C.svd(halves, W, 2)),
+                     ("ties", lambda: C.ties(halves, W, 0.5)), ("stack", lambda: C.stack(halves)),
+                     ("pad", lambda: C.pad(halves[0], 8)),
+                     ("cat", lambda: C.cat([frozen, adapters[1]], [1.0, 1.0]))]:
+        with pytest.raises(ValueError, match=rf"conv/kernel: jlora.compose.{fn} needs whole "
+                                             "adapter nodes"):
+            call()
+
+
+def test_switch_refuses_trees_that_are_not_one_served_model(adapters):
+    old, new = adapters[0], adapters[2]
+    served = jlora.merge(old)
+    other = trained(CONFIGS[2], 2, base_params(seed=1))
+    with pytest.raises(ValueError, match="conv/kernel: adapters do not share one base"):
+        C.switch(served, old, other)
+    partial = {**old, "d2": base_params()["d2"]}
+    with pytest.raises(ValueError, match="d2/kernel: adapted in some adapters and plain"):
+        C.switch(served, partial, new)
+    with pytest.raises(ValueError, match="switch: served does not have old's tree structure"):
+        C.switch({k: v for k, v in served.items() if k != "d2"}, old, new)
+
+
+def test_option_checks_come_before_the_search(adapters, monkeypatch):
+    import sys
+
+    hub = [trained(CONFIGS[0], i) for i in range(2)]
+    # lorahub validates its options before importing nevergrad (None: any import fails)
+    monkeypatch.setitem(sys.modules, "nevergrad", None)
+    key = jax.random.key(0)
+    for kw, what in [(dict(bounds=(-1, 0, 1)), "bounds"), (dict(bounds=1.5), "bounds"),
+                     (dict(bounds=(0.5, 1.0)), "bounds"), (dict(bounds=("a", 1)), "bounds"),
+                     (dict(key=None), "key"), (dict(key=3), "key"),
+                     (dict(budget=0), "budget"), (dict(l1=-1.0), "l1")]:
+        with pytest.raises(ValueError, match=f"jlora.compose.lorahub: {what}"):
+            C.lorahub(hub, lambda t: 0.0, **{"key": key, **kw})
+    with pytest.raises(ValueError, match="jlora.compose.lorahub: loss_fn"):
+        C.lorahub(hub, 3.0, key=key)
+    with pytest.raises(ValueError, match="jlora.compose.dare_linear: key must be a PRNG key"):
+        C.dare_linear(adapters, W, 0.5, key=3)
+    for bad in (jnp.array([1.0, jnp.nan, 0.0]), jnp.array([1.0, 0.0, jnp.inf])):
+        with pytest.raises(ValueError, match="jlora.compose.cat: weights must be finite"):
+            C.cat(adapters, bad)
+    with pytest.raises(ValueError, match="jlora.compose.svd: weights must be real numbers"):
+        C.svd(adapters, ["a", "b", "c"], 2)
+    # inside jit the weights are traced: not inspected, and the sum is still exact
+    got = jax.jit(lambda w: C.cat(adapters, w))(jnp.asarray(W))
+    assert_close(merged_delta(got, base_params()), sum_ref(adapters, W))
+
+
+def test_stack_needs_leading_input_axes_and_names_the_path():
+    params = {"d": {"kernel": jnp.ones((6, 5))}}
+    t = [jlora.apply(params, jlora.Spec({"d/kernel": jlora.LoRA(rank=2, in_axes=(1,))}),
+                     key=jax.random.key(i)) for i in range(2)]
+    with pytest.raises(ValueError, match=r"d/kernel: stacked adapters need the input axes first"):
+        C.stack(t)

@@ -729,7 +729,16 @@ class MeFTNode(ModuleNode):
 
     def intercept(self, call, args, kwargs, *, dropout_key=None, attention_mask=None,
                   **context):
-        """The module's output plus the intervention, reading its input or its output."""
+        """The module's output plus the intervention, reading its input or its output.
+
+        ``read="input"`` reads the module's first positional argument; a call
+        without one (keyword arguments only) raises a ``ValueError``.
+        """
+        if self.config.read == "input" and not args:
+            raise ValueError(f"{self.path}: MeFT(read='input') reads the module's first "
+                             f"positional argument, but it was called with keyword arguments "
+                             f"only ({sorted(kwargs)}); call it with its input positionally, "
+                             "or use read='output'")
         h, rebuild = _first_output(call, args, kwargs)
         x = args[0] if self.config.read == "input" else h
         return rebuild(self.edit(x, h, dropout_key=dropout_key, attention_mask=attention_mask))

@@ -9,9 +9,21 @@ zero-padded to the largest ``r`` (exact: the padded columns and rows add
     DoRA:           y_j = (m_g / ‖K0 + s_g a_g b_g‖) ⊙ (x_j·K0 + s_g·(x_j·a_g)·b_g)
     VeRA:           y_j = x_j·K0 + ((x_j·a)·λ_d,g)·b ⊙ λ_b,g   (one shared frozen pair)
 
-The example axis is the leading axis of every adapted layer's input; a layer
-that flattens it together with others (as ``Dense`` does with a sequence axis)
-keeps each example's rows contiguous. Shapes are static (no per-adapter
+The example axis is the leading axis of every adapted layer's input, and
+``ids`` holds one id per example: its length must equal that axis (a
+``ValueError`` names both sizes otherwise). Where the fast path flattens the
+example axis together with others into rows (``Dense``, registered layers,
+``nnx.Linear``: ``(examples, seq, d)`` to ``(examples·seq, d)``), it passes the
+unflattened example count as ``dot(..., examples=)``; each example's rows stay
+contiguous.
+
+Fields each source adapter keeps frozen stay frozen once stacked: the trainable
+``a``/``b`` hold zeros for an adapter whose own factor is frozen (LoRA-FA's
+``a``, MiCA's ``b``), and that factor sits in the frozen ``a_frozen``/``b_frozen``
+(selected per adapter by the static ``config.frozen_a``/``frozen_b``, so no
+gradient reaches the trainable slot); PiSSA/OLoRA's initial factors sit in the
+frozen ``a0``/``b0`` (zero-padded to the largest such rank), contributing
+``−s_g·(x_j·a0_g)·b0_g``. Shapes are static (no per-adapter
 sub-batches, unlike PEFT's mixed-batch forward), and the program is
 differentiable: the gather's transpose is a scatter-add, so adapter ``g``
 receives the sum of its examples' gradients. Three ways to compute the
@@ -36,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.methods._experts import is_stacked, stacked_product
 from jlora.methods.base import AdapterNode, Array, LinearOp, branch_dropout, from_matrix, to_matrix
 from jlora.methods.dora import NORM_EPS, DoRANode
 from jlora.methods.lora import LoRANode
@@ -53,16 +66,31 @@ class Stacked:
     mode: str = "gather"
     dropout: float = 0.0
     detach_norm: bool = True
+    #: indices of the adapters whose ``a`` (``b``) their own method keeps frozen
+    frozen_a: tuple[int, ...] = ()
+    frozen_b: tuple[int, ...] = ()
+    #: where the node sits in the params, for error messages (set by stacking, and
+    #: again when ids are bound)
+    path: str = ""
 
 
-def _rows(x: Array, ids: Array, path: str = "") -> int:
+def _rows(x: Array, ids: Array, path: str = "", examples: int | None = None) -> int:
+    """Rows of ``x`` per example: ``x.shape[0] // len(ids)``.
+
+    ``examples`` is the batch size when the layer has flattened the example axis
+    together with others into ``x``'s leading axis; ``None``: that axis is the
+    example axis itself. ``len(ids)`` must equal the number of examples.
+    """
     if ids.ndim != 1:
-        raise ValueError(f"adapter_ids must be a 1-D int array (one id per example), got "
-                         f"shape {ids.shape}")
-    if x.shape[0] % ids.shape[0]:
-        raise ValueError(f"{path}: a layer input's leading axis ({x.shape[0]}) is not a "
-                         f"multiple of the {ids.shape[0]} adapter_ids")
-    return x.shape[0] // ids.shape[0]
+        raise ValueError(f"{path}: adapter_ids must be a 1-D int array (one id per example), "
+                         f"got shape {ids.shape}")
+    n_ex = x.shape[0] if examples is None else examples
+    if n_ex != ids.shape[0] or x.shape[0] % max(n_ex, 1):
+        raise ValueError(f"{path}: {ids.shape[0]} adapter_ids for a batch of {n_ex} examples "
+                         f"(the leading axis of the layer's input): pass one id per example "
+                         "(a model that folds its examples' tokens into that axis itself "
+                         "passes the ids repeated to match, e.g. jnp.repeat(ids, tokens))")
+    return x.shape[0] // max(ids.shape[0], 1)
 
 
 def _per_example(v: Array, y: Array) -> Array:
@@ -97,17 +125,19 @@ class _StackedBase(AdapterNode):
     def _ids(self, adapter_ids):
         adapter_ids = self.ids if adapter_ids is None else adapter_ids
         if adapter_ids is None:
-            raise ValueError(f"a stacked {self.config.method} node ({self.n} adapters) needs "
-                             "adapter_ids: jlora.linen.apply(model, variables, x, adapter_ids=ids)")
+            raise ValueError(f"{self.config.path}: a stacked {self.config.method} node "
+                             f"({self.n} adapters) needs adapter_ids: "
+                             "jlora.linen.apply(model, variables, x, adapter_ids=ids)")
         ids = jnp.asarray(adapter_ids)
         if not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise ValueError(f"adapter_ids must be integers, got dtype {ids.dtype}")
+            raise ValueError(f"{self.config.path}: adapter_ids must be integers, got dtype "
+                             f"{ids.dtype}")
         valid = (ids >= 0) & (ids < self.n)
         return jnp.where(valid, ids, 0), valid, ids
 
-    def _lowrank(self, x, op, a, b, coef, ids, idx, valid):
+    def _lowrank(self, x, op, a, b, coef, ids, idx, valid, examples=None):
         """Low-rank term ``((x_j·a_g)·coef_g)·b_g`` per example; ``a`` (n, in, r), ``b`` (n, r, out)."""
-        t = _rows(x, ids)
+        t = _rows(x, ids, self.config.path, examples)
         r = a.shape[-1]
         in_shape, out_shape = self.in_shape, self.out_shape
         mode = self.config.mode
@@ -137,35 +167,72 @@ class _StackedBase(AdapterNode):
         return lo.reshape((x.shape[0],) + mid + out_shape)
 
 
-def _check_axes(node):
+def _check_axes(path, node):
     if node.in_axes != tuple(range(len(node.in_axes))):
-        raise ValueError("stacked adapters need the input axes first (the layers' kernel layout)")
+        raise ValueError(f"{path}: stacked adapters need the input axes first (the layers' "
+                         f"kernel layout), got in_axes {node.in_axes}")
 
 
 class StackedLoRANode(_StackedBase):
-    """``n`` LoRA/rsLoRA adapters: ``a (n, fan_in, r)``, ``b (n, r, fan_out)``, ``scale (n,)``."""
+    """``n`` LoRA/rsLoRA adapters: ``a (n, fan_in, r)``, ``b (n, r, fan_out)``, ``scale (n,)``.
+
+    Adapter ``g``'s factors are ``a_frozen[g]`` for ``g`` in ``config.frozen_a``
+    (else ``a[g]``), likewise ``b``; PiSSA/OLoRA adapters add the frozen
+    ``−s_g·a0[g]·b0[g]``. Only ``a`` and ``b`` train, and ``a[g]`` (``b[g]``)
+    gets no gradient for a frozen ``g``.
+    """
 
     base: Array
     a: Array
     b: Array
     scale: Array
     ids: Array | None = None
+    a_frozen: Array | None = None
+    b_frozen: Array | None = None
+    a0: Array | None = None
+    b0: Array | None = None
 
-    trainable = ("a", "b")
     method = "StackedLoRA"
     field_axes = {"base": "base", "a": "replicated", "b": "replicated", "scale": "replicated",
-                  "ids": "replicated"}
+                  "ids": "replicated", "a_frozen": "replicated", "b_frozen": "replicated",
+                  "a0": "replicated", "b0": "replicated"}
 
-    def _coef(self, idx, valid):
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        cfg = self.config
+        return tuple(f for f, frozen in (("a", cfg.frozen_a), ("b", cfg.frozen_b))
+                     if len(frozen) < cfg.n)
+
+    def _pick(self, train, frozen, which):
+        """``frozen[g]`` for ``g`` in ``which``, else ``train[g]`` (no gradient to those slots)."""
+        if not which:
+            return train
+        mask = np.isin(np.arange(self.n), which).reshape((-1,) + (1,) * (train.ndim - 1))
+        return jnp.where(mask, frozen.astype(train.dtype), train)
+
+    def factors(self) -> tuple[Array, Array, Array]:
+        """``(a, b, sign)``: every adapter's full factors, ``a (n, in, R)``, ``b (n, R, out)``,
+        with ``Σ_c sign_c·a[g, :, c]·b[g, c] = a_g·b_g − a0_g·b0_g`` (``sign (R,)``: ±1)."""
+        a = self._pick(self.a, self.a_frozen, self.config.frozen_a)
+        b = self._pick(self.b, self.b_frozen, self.config.frozen_b)
+        sign = jnp.ones(a.shape[-1], a.dtype)
+        if self.a0 is not None:
+            a = jnp.concatenate([a, self.a0.astype(a.dtype)], axis=-1)
+            b = jnp.concatenate([b, self.b0.astype(b.dtype)], axis=1)
+            sign = jnp.concatenate([sign, -jnp.ones(self.a0.shape[-1], sign.dtype)])
+        return a, b, sign
+
+    def _coef(self, idx, valid, sign):
         s = jnp.where(valid, jnp.take(self.scale, idx), 0.0)
-        return jnp.broadcast_to(s[:, None], (idx.shape[0], self.rank))
+        return s[:, None] * sign[None, :].astype(s.dtype)
 
     def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
-            adapter_ids=None, **_) -> Array:
+            adapter_ids=None, examples: int | None = None, **_) -> Array:
         idx, valid, ids = self._ids(adapter_ids)
         y = op(x, self.base)
         xd = branch_dropout(x, dropout_key, self.config.dropout)
-        lo = self._lowrank(xd, op, self.a, self.b, self._coef(idx, valid), ids, idx, valid)
+        a, b, sign = self.factors()
+        lo = self._lowrank(xd, op, a, b, self._coef(idx, valid, sign), ids, idx, valid, examples)
         return _nan_invalid(y + lo.astype(y.dtype), ids, self.n)
 
 
@@ -174,28 +241,34 @@ class StackedDoRANode(StackedLoRANode):
 
     m: Array
 
-    trainable = ("a", "b", "m")
     method = "StackedDoRA"
     field_axes = {**StackedLoRANode.field_axes, "m": "replicated"}
 
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        return super().trainable + ("m",)
+
     def ratios(self) -> Array:
         """``m_g / ‖K0 + s_g a_g b_g‖`` per adapter and output column, without ``a·b``."""
-        k0 = to_matrix(self.base, self.in_axes).astype(self.a.dtype)
-        a, b, s = self.a, self.b, self.scale[:, None]
+        a, b, sign = self.factors()
+        k0 = to_matrix(self.base, self.in_axes).astype(a.dtype)
+        sa = a * (self.scale[:, None] * sign[None, :])[:, None, :]  # s_g·sign_c·a_g
         sq = (jnp.sum(k0 * k0, axis=0)[None]
-              + 2 * s * jnp.sum(jnp.einsum("io,nir->nor", k0, a) * jnp.swapaxes(b, 1, 2), -1)
-              + s * s * jnp.sum(jnp.einsum("nir,nis,nso->nro", a, a, b) * b, axis=1))
+              + 2 * jnp.sum(jnp.einsum("io,nir->nor", k0, sa) * jnp.swapaxes(b, 1, 2), -1)
+              + jnp.sum(jnp.einsum("nir,nis,nso->nro", sa, sa, b) * b, axis=1))
         norm = jnp.sqrt(jnp.maximum(sq, 0.0) + NORM_EPS)  # finite on an all-zero column, as DoRA
         if self.config.detach_norm:
             norm = jax.lax.stop_gradient(norm)
         return self.m / norm
 
     def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
-            adapter_ids=None, **_) -> Array:
+            adapter_ids=None, examples: int | None = None, **_) -> Array:
         idx, valid, ids = self._ids(adapter_ids)
         y = op(x, self.base)
         xd = branch_dropout(x, dropout_key, self.config.dropout)
-        y = y + self._lowrank(xd, op, self.a, self.b, self._coef(idx, valid), ids, idx, valid).astype(y.dtype)
+        a, b, sign = self.factors()
+        y = y + self._lowrank(xd, op, a, b, self._coef(idx, valid, sign), ids, idx, valid,
+                              examples).astype(y.dtype)
         ratio = jnp.where(valid[:, None], jnp.take(self.ratios(), idx, axis=0), 1.0)
         y = _per_example(ratio, y)
         return _nan_invalid(y, ids, self.n)
@@ -217,9 +290,9 @@ class StackedVeRANode(_StackedBase):
                   "lambda_b": "replicated", "ids": "replicated"}
 
     def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
-            adapter_ids=None, **_) -> Array:
+            adapter_ids=None, examples: int | None = None, **_) -> Array:
         idx, valid, ids = self._ids(adapter_ids)
-        _rows(x, ids)
+        _rows(x, ids, self.config.path, examples)
         y = op(x, self.base)
         r = self.a.shape[-1]
         h = op(x, self.a.reshape(self.in_shape + (r,)))
@@ -244,7 +317,8 @@ def check_ids(adapter_ids, n: int, path: str = "") -> None:
         return
     ids = np.asarray(adapter_ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"adapter_ids must be a 1-D int array, got {ids.dtype} {ids.shape}")
+        raise ValueError(f"{path}: adapter_ids must be a 1-D int array, got {ids.dtype} "
+                         f"{ids.shape}")
     bad = ids[(ids < -1) | (ids >= n)]
     if bad.size:
         raise ValueError(f"{path}: adapter_ids {sorted(set(bad.tolist()))[:5]} out of range "
@@ -255,6 +329,8 @@ def bind_adapter_ids(nodes: dict, adapter_ids) -> set[str]:
     """Give every stacked node of ``{path: node}`` the batch's ids (in place); their paths.
 
     Concrete ids are range-checked here; ids without a stacked node are refused.
+    Each bound node records its path, which its errors name (e.g. when the ids'
+    length differs from a layer's batch, checked where the layer runs).
     """
     stacked = {p for p, x in nodes.items() if isinstance(x, _StackedBase)}
     if not stacked:
@@ -267,25 +343,28 @@ def bind_adapter_ids(nodes: dict, adapter_ids) -> set[str]:
             raise ValueError(f"{p}: a stacked node of {nodes[p].n} adapters needs adapter_ids: "
                              "jlora.linen.apply(model, variables, x, adapter_ids=ids)")
         check_ids(adapter_ids, nodes[p].n, p)
-        nodes[p] = nodes[p].replace(ids=jnp.asarray(adapter_ids))
+        nodes[p] = nodes[p].replace(ids=jnp.asarray(adapter_ids),
+                                    config=dataclasses.replace(nodes[p].config, path=p))
     return stacked
 
 
-def _lora_parts(path, node):
-    """``(a, b)`` of a LoRA node over its original weight (PiSSA/OLoRA: ``[a, a0]``, ``[b; −b0]``)."""
-    if node.a0 is None:
-        return node.a, node.b
-    return (jnp.concatenate([node.a, node.a0], axis=1),
-            jnp.concatenate([node.b, -node.b0], axis=0))
+def _frozen_fields(node) -> tuple[bool, bool]:
+    """Whether the adapter's own method keeps ``a`` / ``b`` frozen."""
+    train = set(node.trainable)
+    return "a" not in train, "b" not in train
 
 
 def stack_nodes(path: str, nodes, *, mode: str = "gather"):
-    """Stack one layer's adapter nodes (same base, same method) into one stacked node."""
+    """Stack one layer's adapter nodes (same base, same method) into one stacked node.
+
+    What each adapter's method keeps frozen (LoRA-FA's ``a``, MiCA's ``b``,
+    PiSSA/OLoRA's ``a0``, ``b0``) goes to the stacked node's frozen fields.
+    """
     kinds = {type(x) for x in nodes}
     if len(kinds) > 1:
         raise ValueError(f"{path}: cannot stack different methods {sorted(k.__name__ for k in kinds)}")
     first = nodes[0]
-    _check_axes(first)
+    _check_axes(path, first)
     n = len(nodes)
     if type(first) is VeRANode:
         for x in nodes[1:]:
@@ -296,7 +375,7 @@ def stack_nodes(path: str, nodes, *, mode: str = "gather"):
         return StackedVeRANode(base=first.base, a=first.a, b=first.b,
                                lambda_d=jnp.stack([x.lambda_d for x in nodes]),
                                lambda_b=jnp.stack([x.lambda_b for x in nodes]),
-                               config=Stacked(n=n, method="VeRA", mode=mode),
+                               config=Stacked(n=n, method="VeRA", mode=mode, path=path),
                                shape=first.shape, in_axes=first.in_axes)
     if type(first) not in (LoRANode, DoRANode):
         raise ValueError(f"{path}: stacking supports LoRA, rsLoRA, DoRA and VeRA adapters, "
@@ -308,16 +387,37 @@ def stack_nodes(path: str, nodes, *, mode: str = "gather"):
     if len({x.config.dropout for x in nodes}) > 1 or (
             is_dora and len({x.config.detach_norm for x in nodes}) > 1):
         raise ValueError(f"{path}: stacked adapters must share dropout (and DoRA's detach_norm)")
-    parts = [_lora_parts(path, x) for x in nodes]
-    r = max(a.shape[1] for a, _ in parts)
-    dt = jnp.result_type(*[a.dtype for a, _ in parts])
-    a = jnp.stack([jnp.pad(a, ((0, 0), (0, r - a.shape[1]))).astype(dt) for a, _ in parts])
-    b = jnp.stack([jnp.pad(b, ((0, r - b.shape[0]), (0, 0))).astype(dt) for _, b in parts])
+    frozen = [_frozen_fields(x) for x in nodes]
+    frozen_a = tuple(i for i, (fa, _) in enumerate(frozen) if fa)
+    frozen_b = tuple(i for i, (_, fb) in enumerate(frozen) if fb)
+    r = max(x.a.shape[1] for x in nodes)
+    r0 = max((x.a0.shape[1] for x in nodes if x.a0 is not None), default=0)
+    dt = jnp.result_type(*[x.a.dtype for x in nodes])
+    pad_a = lambda a, k: jnp.pad(a, ((0, 0), (0, k - a.shape[1]))).astype(dt)
+    pad_b = lambda b, k: jnp.pad(b, ((0, k - b.shape[0]), (0, 0))).astype(dt)
+    zero_a, zero_b = (jnp.zeros_like(pad_a(first.a, r)), jnp.zeros_like(pad_b(first.b, r)))
+    # a frozen factor's trainable slot holds zeros: it receives no gradient (the
+    # forward reads the frozen copy), so no optimizer (weight decay included) moves it
+    a = jnp.stack([zero_a if fa else pad_a(x.a, r) for x, (fa, _) in zip(nodes, frozen)])
+    b = jnp.stack([zero_b if fb else pad_b(x.b, r) for x, (_, fb) in zip(nodes, frozen)])
+    kw = {}
+    if frozen_a:
+        kw["a_frozen"] = jnp.stack([pad_a(x.a, r) if fa else zero_a
+                                    for x, (fa, _) in zip(nodes, frozen)])
+    if frozen_b:
+        kw["b_frozen"] = jnp.stack([pad_b(x.b, r) if fb else zero_b
+                                    for x, (_, fb) in zip(nodes, frozen)])
+    if r0:
+        kw["a0"] = jnp.stack([jnp.zeros((x.a.shape[0], r0), dt) if x.a0 is None
+                              else pad_a(x.a0, r0) for x in nodes])
+        kw["b0"] = jnp.stack([jnp.zeros((r0, x.b.shape[1]), dt) if x.b0 is None
+                              else pad_b(x.b0, r0) for x in nodes])
     # PiSSA/OLoRA nodes hold a residual base; stacking measures all against the original
     base = original(first)
     cfg = Stacked(n=n, method=first.method, mode=mode, dropout=first.config.dropout,
-                  detach_norm=getattr(first.config, "detach_norm", True))
-    kw = dict(base=base, a=a, b=b, scale=jnp.asarray([x.scale for x in nodes], dt), config=cfg,
+                  detach_norm=getattr(first.config, "detach_norm", True),
+                  frozen_a=frozen_a, frozen_b=frozen_b, path=path)
+    kw.update(base=base, a=a, b=b, scale=jnp.asarray([x.scale for x in nodes], dt), config=cfg,
               shape=first.shape, in_axes=first.in_axes)
     if is_dora:
         return StackedDoRANode(m=jnp.stack([x.m for x in nodes]), **kw)
@@ -328,6 +428,9 @@ def original(node) -> Array:
     """The weight an adapter's delta is measured against (PiSSA/OLoRA: ``base + s·a0·b0``)."""
     if getattr(node, "a0", None) is None:
         return node.base
-    k = (to_matrix(node.base, node.in_axes).astype(jnp.float32)
-         + node.scale * (node.a0 @ node.b0).astype(jnp.float32))
+    a0, b0 = node.a0.astype(jnp.float32), node.b0.astype(jnp.float32)
+    if is_stacked(node):  # expert_axis: one (a0, b0) pair per slice
+        k = node.base.astype(jnp.float32) + stacked_product(node, a0, b0, node.scale)
+        return k.astype(node.base.dtype)
+    k = to_matrix(node.base, node.in_axes).astype(jnp.float32) + node.scale * (a0 @ b0)
     return from_matrix(k, node.shape, node.in_axes).astype(node.base.dtype)

@@ -267,9 +267,33 @@ def test_meft_reduces_to_lora_forward_and_merge():
 
 
 class _Wrap(nn.Module):
+    keyword: bool = False  # call the Dense as dense(inputs=x)
+
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(5, name="dense")(x)
+        dense = nn.Dense(5, name="dense")
+        return dense(inputs=x) if self.keyword else dense(x)
+
+
+def test_meft_reading_the_input_of_a_keyword_call_is_refused_by_path():
+    """read='input' reads the first positional argument: a keyword-only call is refused;
+    read='output' does not need it and equals the positional call."""
+    x = hidden((2, 4, 6))
+    params = _Wrap().init(jax.random.key(0), x)["params"]
+    meft = jlora.apply(params, jlora.Spec({"dense": jlora.MeFT(2)}), key=jax.random.key(1))
+    with pytest.raises(ValueError, match=r"dense: MeFT\(read='input'\) reads the module's first "
+                                         r"positional argument.*\['inputs'\]"):
+        jlora.linen.apply(_Wrap(keyword=True), {"params": meft}, x)
+    out = jlora.apply(params, jlora.Spec({"dense": jlora.MeFT(2, read="output")}),
+                      key=jax.random.key(1))
+    up = jax.random.normal(jax.random.key(2), out["dense@meft"].up.shape)
+    out["dense@meft"] = out["dense@meft"].replace(up=up)
+    node = out["dense@meft"]
+    h = f64(_Wrap().apply({"params": params}, x))
+    want = h + node.config.scale * (h @ f64(node.down)) @ f64(up)
+    for keyword in (False, True):
+        np.testing.assert_allclose(f64(jlora.linen.apply(_Wrap(keyword=keyword), {"params": out},
+                                                         x)), want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- end to end

@@ -5,9 +5,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jlora
+from tests._refs import f64
 
 N, T = 5, 4
 IDS = np.array([1, -1, 0, 2, 1], np.int32)
@@ -151,7 +153,7 @@ def test_bad_ids_and_merging_a_stack_are_refused():
     run = lambda ids, **kw: jlora.linen.apply(MODEL, {"params": stacked}, TOKENS, adapter_ids=ids)
     with pytest.raises(ValueError, match=r"out of range \[-1, 3\)"):
         run(np.array([0, 1, 3, 0, 0]))
-    with pytest.raises(ValueError, match="multiple of"):
+    with pytest.raises(ValueError, match="3 adapter_ids for a batch of 5 examples"):
         run(np.array([0, 1, 2]))
     with pytest.raises(ValueError, match="adapter_ids"):
         jlora.linen.apply(MODEL, {"params": stacked}, TOKENS)
@@ -190,3 +192,115 @@ def test_nnx_mixed_batch_equals_per_example_runs():
         want = (nnx.merge(graphdef, state) if g < 0 else jlora.nnx.merge(graphdef, trees[g]))(
             TOKENS[j:j + 1])
         np.testing.assert_allclose(got[j], np.asarray(want)[0], atol=2e-5, rtol=2e-5)
+
+
+def _dense_adapters():
+    """A Dense(7 -> 5) and four adapters whose methods freeze different factors."""
+    model = nn.Dense(5)
+    params = model.init(jax.random.key(0), jnp.ones((1, 7)))["params"]
+    rng = np.random.default_rng(7)
+    cfgs = [jlora.LoRA(rank=2, alpha=4, train_a=False),   # LoRA-FA: a frozen
+            jlora.LoRA(rank=3, alpha=6, init="pissa"),    # a0, b0 frozen
+            jlora.LoRA(rank=2, init="mica"),              # b frozen
+            jlora.LoRA(rank=4, alpha=2, rslora=True)]     # a, b both train
+    out = []
+    for i, cfg in enumerate(cfgs):
+        n = jlora.apply(params, jlora.Spec({"kernel": cfg}), key=jax.random.key(i))["kernel"]
+        n = n.replace(a=n.a + jnp.asarray(rng.normal(scale=0.3, size=n.a.shape), jnp.float32),
+                      b=n.b + jnp.asarray(rng.normal(scale=0.3, size=n.b.shape), jnp.float32))
+        out.append({"kernel": n, "bias": params["bias"]})
+    return model, params, out
+
+
+def _delta64(n):
+    """s·(a·b − a0·b0) in float64, the adapter's change to the original kernel."""
+    d = n.scale * f64(n.a) @ f64(n.b)
+    return d if n.a0 is None else d - n.scale * f64(n.a0) @ f64(n.b0)
+
+
+@pytest.mark.parametrize("mode", ["gather", "onehot", "ragged"])
+def test_stacked_factors_frozen_by_their_method_get_no_gradient_and_never_move(mode):
+    model, params, ads = _dense_adapters()
+    ids = np.array([3, 0, 1, -1, 2, 0, 1, 3], np.int32)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(len(ids), 7)), jnp.float32)
+    cot = np.random.default_rng(2).normal(size=(len(ids), 5))
+    stacked = jlora.compose.stack(ads, mode=mode)
+    node = stacked["kernel"]
+    assert node.config.frozen_a == (0,) and node.config.frozen_b == (2,)
+    trainable, frozen = jlora.split(stacked)
+    t = trainable["kernel"]
+    assert t.a_frozen is None and t.b_frozen is None and t.a0 is None and t.b0 is None
+
+    def run(tr):
+        return jlora.linen.apply(model, {"params": jlora.combine(tr, frozen)}, x,
+                                 adapter_ids=jnp.asarray(ids))
+
+    # forward: x_j·K0 + s_g·x_j·(a_g·b_g − a0_g·b0_g) + bias, float64, against the original K0
+    k0, bias = f64(params["kernel"]), f64(params["bias"])
+    want = np.stack([f64(x[j]) @ (k0 + (_delta64(ads[g]["kernel"]) if g >= 0 else 0)) + bias
+                     for j, g in enumerate(ids)])
+    np.testing.assert_allclose(f64(jax.jit(run)(trainable)), want, atol=2e-5, rtol=2e-5)
+
+    grads = jax.jit(jax.grad(lambda tr: jnp.sum(run(tr) * cot)))(trainable)["kernel"]
+    np.testing.assert_array_equal(np.asarray(grads.a[0]), 0.0)  # LoRA-FA's a
+    np.testing.assert_array_equal(np.asarray(grads.b[2]), 0.0)  # MiCA's b
+    for g, ad in enumerate(ads):  # dL/da = s·Xᵀ·G·bᵀ, dL/db = s·aᵀ·Xᵀ·G over g's rows
+        n = ad["kernel"]
+        xg, gg = f64(x)[ids == g], cot[ids == g]
+        r = n.a.shape[1]
+        if g != 0:
+            np.testing.assert_allclose(f64(grads.a[g][:, :r]), n.scale * xg.T @ gg @ f64(n.b).T,
+                                       atol=1e-4, err_msg=f"adapter {g} a")
+        if g != 2:
+            np.testing.assert_allclose(f64(grads.b[g][:r]), n.scale * f64(n.a).T @ xg.T @ gg,
+                                       atol=1e-4, err_msg=f"adapter {g} b")
+
+    # an AdamW step with weight decay moves only what the adapters' own methods train
+    opt = optax.adamw(0.1, weight_decay=0.5)
+    upd, _ = opt.update(jax.grad(lambda tr: jnp.sum(run(tr) * cot))(trainable),
+                        opt.init(trainable), trainable)
+    after = jlora.combine(optax.apply_updates(trainable, upd), frozen)["kernel"]
+    a_eff, b_eff, sign = after.factors()
+    np.testing.assert_array_equal(np.asarray(a_eff[0, :, :2]), np.asarray(ads[0]["kernel"].a))
+    np.testing.assert_array_equal(np.asarray(b_eff[2, :2]), np.asarray(ads[2]["kernel"].b))
+    p = ads[1]["kernel"]
+    np.testing.assert_array_equal(np.asarray(after.a0[1]), np.asarray(p.a0))
+    np.testing.assert_array_equal(np.asarray(after.b0[1]), np.asarray(p.b0))
+    np.testing.assert_array_equal(np.asarray(sign), [1.0] * 4 + [-1.0] * 3)
+    assert not np.allclose(np.asarray(a_eff[3, :, :4]), np.asarray(ads[3]["kernel"].a))
+
+
+def test_adapter_ids_must_hold_one_id_per_example():
+    model, params, ads = _dense_adapters()
+    stacked = jlora.compose.stack([ads[3], ads[3]])
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 7)), jnp.float32)
+    run = lambda x, ids: jlora.linen.apply(model, {"params": stacked}, x,
+                                           adapter_ids=np.asarray(ids, np.int32))
+    for ids in ([0, 1], [1]):  # divides the batch of 4, but is not one id per example
+        with pytest.raises(ValueError, match=f"kernel: {len(ids)} adapter_ids for a batch of "
+                                             "4 examples"):
+            run(x, ids)
+    with pytest.raises(ValueError, match="kernel: 2 adapter_ids for a batch of 4"):
+        jax.jit(lambda x, ids: jlora.linen.apply(model, {"params": stacked}, x, adapter_ids=ids))(
+            x, jnp.array([0, 1]))  # the lengths are static: refused under jit too
+    # Dense flattens (examples, seq, d) into rows: one id per example, not per row
+    x3 = jnp.asarray(np.random.default_rng(4).normal(size=(2, 3, 7)), jnp.float32)
+    with pytest.raises(ValueError, match="kernel: 6 adapter_ids for a batch of 2 examples"):
+        run(x3, [0] * 6)
+    n = ads[3]["kernel"]
+    want = f64(x3) @ (f64(params["kernel"]) + _delta64(n)) + f64(params["bias"])
+    got = f64(run(x3, [1, -1]))
+    np.testing.assert_allclose(got[0], want[0], atol=2e-5)
+    np.testing.assert_allclose(got[1], f64(x3[1]) @ f64(params["kernel"]) + f64(params["bias"]),
+                               atol=2e-5)
+    # layers that see the example axis directly (Embed, DenseGeneral, Einsum, Conv)
+    with pytest.raises(ValueError, match="1 adapter_ids for a batch of 5 examples"):
+        jlora.linen.apply(MODEL, {"params": jlora.compose.stack(family("lora"))}, TOKENS,
+                          adapter_ids=np.array([0], np.int32))
+    from flax import nnx
+
+    graphdef, state = nnx.split(nnx.Linear(7, 5, rngs=nnx.Rngs(0)))
+    trees = [jlora.apply(state, jlora.Spec({"kernel": jlora.LoRA(rank=2)}), key=jax.random.key(i))
+             for i in range(2)]
+    with pytest.raises(ValueError, match="kernel: 2 adapter_ids for a batch of 4 examples"):
+        jlora.nnx.apply(graphdef, jlora.compose.stack(trees), x, adapter_ids=jnp.array([0, 1]))
