@@ -366,6 +366,11 @@ def _zip_nodes(fn, adapted, params, what):
     out = map_with_paths(one, params)
     present = {p for p, _ in leaves_with_paths(params)}
     missing = [p for p in missing if p not in present]
+    nested = [p for p in missing if any(q.startswith(p + "/") for q in present)]
+    if nested:  # e.g. a jlora.quant.QuantizedArray, a pytree of codes and scales
+        raise ValueError(f"jlora.{what}: params hold a tree, not one array, at adapted path(s) "
+                         f"{nested[:5]} (a quantized weight? dequantize it first, e.g. with "
+                         "jlora.quant.dequantize_tree)")
     if missing:
         raise ValueError(f"jlora.{what}: params have no leaf at adapted path(s) {missing[:5]}")
     return out

@@ -53,11 +53,15 @@ def ragged_dot(x: Array, w, group_sizes: Array, **kwargs) -> Array:
     ``x (T, d)`` holds the routed tokens sorted by expert; ``group_sizes (E,)``
     how many go to each expert. ``kwargs`` go to ``jax.lax.ragged_dot``.
     """
+    if is_node(w):
+        _check(w, "ragged_dot")
+    experts = w.shape[0] if is_node(w) else jnp.shape(w)[0]
+    sizes = jnp.shape(group_sizes)
+    if sizes != (experts,) or not jnp.issubdtype(jnp.result_type(group_sizes), jnp.integer):
+        raise ValueError(f"jlora.experts.ragged_dot: group_sizes must be {experts} integers (one "
+                         f"per expert), got shape {sizes} and dtype {jnp.result_type(group_sizes)}")
     op = lambda x, k: jax.lax.ragged_dot(x, k, group_sizes, **kwargs)
-    if not is_node(w):
-        return op(x, w)
-    _check(w, "ragged_dot")
-    return w.dot(x, op)
+    return w.dot(x, op) if is_node(w) else op(x, w)
 
 
 def einsum(eq: str, x: Array, w, **kwargs) -> Array:

@@ -129,22 +129,34 @@ def _blocks(flat: Array, block_size: int):
 
 def _scaled(padded: Array, absmax: Array, n: int, block_size: int) -> Array:
     """``clip(w/absmax, −1, 1)`` the way bitsandbytes computes it in float32:
-    times the reciprocal in full blocks, divided in the partial last block."""
-    safe = jnp.maximum(absmax, np.float32(1e-38))[:, None]
+    times the reciprocal in full blocks, divided in the partial last block.
+
+    An all-zero block scales to exact zeros (its absmax is replaced by 1, not by
+    a tiny number: XLA:CPU flushes subnormals, which would make it ``0·∞``). A
+    block whose reciprocal would be subnormal (absmax at or above 2¹²⁶) is first
+    scaled by 2⁻⁶⁴, values and absmax alike (exact, powers of two), since XLA
+    may turn a division back into a multiplication by the reciprocal.
+    """
+    safe = jnp.where(absmax > 0, absmax, np.float32(1.0))[:, None]
+    huge = safe >= np.float32(2.0 ** 126)
+    padded = jnp.where(huge, padded * np.float32(2.0 ** -64), padded)
+    safe = jnp.where(huge, safe * np.float32(2.0 ** -64), safe)
     scaled = padded * (np.float32(1.0) / safe)
     if n % block_size:
         scaled = scaled.at[-1].set(padded[-1] / safe[-1])
     return jnp.clip(scaled, -1.0, 1.0)
 
 
-def quantize_blockwise(flat: Array, code: np.ndarray, block_size: int):
+def quantize_blockwise(flat: Array, code: np.ndarray, block_size: int, *, even: bool = False):
     """Blockwise absmax quantization of a flat array to indices into ``code``.
 
-    Returns ``(q uint8 (n,), absmax float32 (ceil(n/block_size),))``.
+    Returns ``(q uint8 (n,), absmax float32 (ceil(n/block_size),))``; with
+    ``even``, an odd ``n`` keeps one more code, the one for the padding value
+    0.0, as bitsandbytes packs an odd count (pad the values, then quantize).
     """
     padded, absmax, n = _blocks(flat.astype(jnp.float32), block_size)
     q = _bucketize(_scaled(padded, absmax, n, block_size), code)
-    return q.reshape(-1)[:n], absmax
+    return q.reshape(-1)[:n + (n % 2 if even else 0)], absmax
 
 
 def dequantize_blockwise(q: Array, absmax: Array, code: np.ndarray, block_size: int) -> Array:
@@ -273,14 +285,32 @@ jax.tree_util.register_dataclass(
     meta_fields=["quant", "block_size", "shape", "perm", "dtype", "n_stack"])
 
 
+def _axes(name: str, axes: Any) -> tuple[int, ...]:
+    """An int or a sequence of ints as a tuple; anything else a ValueError naming ``name``."""
+    if isinstance(axes, (int, np.integer)) and not isinstance(axes, bool):
+        return (int(axes),)
+    try:
+        axes = tuple(axes)
+    except TypeError:
+        axes = None
+    if axes is None or any(not isinstance(a, (int, np.integer)) or isinstance(a, bool)
+                           for a in axes):
+        raise ValueError(f"jlora.quantize: {name} must be an int or a tuple of ints")
+    return tuple(int(a) for a in axes)
+
+
 def _storage_perm(ndim: int, in_axes: tuple[int, ...] | None,
                   stack_axes: tuple[int, ...]) -> tuple[int, ...]:
     if ndim == 0:
         raise ValueError("jlora.quantize: needs an array with at least one dimension")
+    in_axes = None if in_axes is None else _axes("in_axes", in_axes)
+    stack_axes = _axes("stack_axes", stack_axes)
     bad = [a for a in (*(in_axes or ()), *stack_axes) if not -ndim <= a < ndim]
     if bad:
         raise ValueError(f"jlora.quantize: axes {bad} out of range for {ndim} dimensions")
     stack = sorted(a % ndim for a in stack_axes)
+    if len(set(stack)) != len(stack):
+        raise ValueError(f"jlora.quantize: stack_axes {stack_axes} repeat an axis")
     if in_axes is None:
         in_axes = (0,) if ndim == 1 else tuple(a for a in range(ndim - 1) if a not in stack)
     axes = sorted(a % ndim for a in in_axes)
@@ -318,15 +348,16 @@ def quantize(x: Array, quant: str = "nf4", block_size: int = 64, double_quant: b
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"jlora.quantize: needs a floating-point array, got dtype {x.dtype}")
-    perm = _storage_perm(x.ndim, in_axes, tuple(stack_axes))
+    perm = _storage_perm(x.ndim, in_axes, stack_axes)
+    n_stack = len(_axes("stack_axes", stack_axes))
     fn = functools.partial(_quantize_stored, quant=quant, block_size=block_size,
                            double_quant=double_quant)
-    for _ in stack_axes:
+    for _ in range(n_stack):
         fn = jax.vmap(fn)
     codes, absmax, absmax2, offset = fn(jnp.transpose(x, perm))
     return QuantizedArray(codes=codes, absmax=absmax, absmax2=absmax2, offset=offset,
                           quant=quant, block_size=block_size, shape=tuple(x.shape),
-                          perm=perm, dtype=jnp.dtype(x.dtype).name, n_stack=len(stack_axes))
+                          perm=perm, dtype=jnp.dtype(x.dtype).name, n_stack=n_stack)
 
 
 @functools.partial(jax.jit, static_argnames=("quant", "block_size", "double_quant"))
@@ -339,7 +370,7 @@ def _quantize_stored(stored: Array, *, quant: str, block_size: int, double_quant
         q = jnp.round(_scaled(padded, absmax, n, block_size) * 127.0)
         codes = q.astype(jnp.int8).reshape(-1)[:n]
     else:
-        q, absmax = quantize_blockwise(flat, codebook(quant), block_size)
+        q, absmax = quantize_blockwise(flat, codebook(quant), block_size, even=True)
         codes = pack(q)
     absmax2 = offset = None
     if double_quant:
@@ -358,6 +389,13 @@ def dequantize(q: QuantizedArray, dtype: Any = None) -> Array:
     (default: the quantized array's original dtype)."""
     if not isinstance(q, QuantizedArray):
         raise ValueError(f"jlora.dequantize: expected a QuantizedArray, got {type(q).__name__}")
+    if dtype is not None:
+        try:
+            floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise ValueError(f"jlora.dequantize: dtype must be a floating dtype, got {dtype!r}")
     return q.dequantize(dtype)
 
 

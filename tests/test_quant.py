@@ -154,3 +154,67 @@ def test_matches_bitsandbytes(quant):
     bnb_deq = F.dequantize_4bit(qb2, st2).numpy().T
     np.testing.assert_allclose(np.asarray(jlora.dequantize(qa2)), bnb_deq,
                                atol=0.02 * np.abs(k).max())
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "int8"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_an_all_zero_block_dequantizes_to_exact_zeros(quant, double_quant):
+    k = np.random.default_rng(2).standard_normal((128, 6)).astype(np.float32)
+    k[:, 5] = 0.0  # one output column of zeros: two whole blocks of 64
+    deq = np.asarray(jlora.dequantize(jlora.quantize(k, quant, 64, double_quant), jnp.float32))
+    np.testing.assert_array_equal(deq[:, 5], 0.0)
+    assert np.abs(deq[:, :5] - k[:, :5]).max() < 0.2 * np.abs(k).max()
+    # a QLoRA layer at init (b = 0) gives exact zeros on that output
+    adapted = jlora.apply({"w": jnp.asarray(k)}, jlora.Spec({"w": jlora.QLoRA(
+        rank=2, quant=quant, double_quant=double_quant)}), key=jax.random.key(0))
+    y = adapted["w"].dot(jnp.ones((3, 128)), lambda x, w: x @ w)
+    np.testing.assert_array_equal(np.asarray(y)[:, 5], 0.0)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "int8"])
+def test_blocks_near_float32s_largest_values_keep_their_codes(quant):
+    """1/absmax is subnormal above 2¹²⁶ (and flushed on CPU): such blocks must still
+    quantize like any other, i.e. like the same block scaled down by a power of two."""
+    k = np.clip(np.random.default_rng(0).standard_normal((128, 2)), -2.5, 2.5).astype(np.float32)
+    k[[0, 64]] = 2.5  # every block's absmax: 2.5·2¹²⁵ ≥ 2¹²⁶, still finite
+    big = k * np.float32(2.0 ** 125)  # exact multiples
+    q_big, q_small = (jlora.quantize(x, quant, 64, False) for x in (big, k))
+    np.testing.assert_array_equal(np.asarray(q_big.codes), np.asarray(q_small.codes))
+    np.testing.assert_allclose(np.asarray(jlora.dequantize(q_big), np.float64),
+                               np.asarray(jlora.dequantize(q_small), np.float64) * 2.0 ** 125,
+                               rtol=1e-6)
+
+
+def test_an_odd_count_pads_with_the_code_of_zero_as_bitsandbytes():
+    k = np.random.default_rng(3).standard_normal((33, 7)).astype(np.float32)  # 231 values
+    for quant in ("nf4", "fp4"):
+        codes = np.asarray(jlora.quantize(k, quant, 64, False).codes).reshape(-1)
+        assert codes.size == 116
+        zero = int(np.flatnonzero(Q.codebook(quant) == 0.0)[0])  # bnb quantizes the pad 0.0
+        assert codes[-1] & 0xF == zero
+
+
+def test_axes_options_and_dequantize_dtype_are_checked():
+    k = jnp.ones((64, 4))
+    q = jlora.quantize(k, in_axes=0)  # an int is one axis, as in the configs
+    assert q.perm == jlora.quantize(k, in_axes=(0,)).perm
+    with pytest.raises(ValueError, match="in_axes must be an int or a tuple of ints"):
+        jlora.quantize(k, in_axes=(0.5,))
+    with pytest.raises(ValueError, match=r"stack_axes \(0, -3\) repeat an axis"):
+        jlora.quantize(jnp.ones((2, 64, 4)), stack_axes=(0, -3))
+    for bad in ("foo", jnp.int32):
+        with pytest.raises(ValueError, match="dequantize: dtype must be a floating dtype"):
+            jlora.dequantize(q, bad)
+    assert jlora.QLoRA(rank=2, in_axes=0).in_axes == (0,)
+    with pytest.raises(ValueError, match=r"QLoRA: in_axes must be a non-empty tuple of ints"):
+        jlora.QLoRA(rank=2, in_axes=(True,))
+
+
+def test_merge_onto_a_quantized_copy_says_to_dequantize_it():
+    k = jnp.asarray(np.random.default_rng(0).standard_normal((64, 4)), jnp.float32)
+    adapted = jlora.apply({"w": k}, jlora.Spec({"w": jlora.QLoRA(rank=2)}), key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"params hold a tree, not one array, at adapted path\(s\) "
+                                         r"\['w'\] \(a quantized weight\? dequantize it first"):
+        jlora.merge(adapted, onto={"w": jlora.quantize(k)})
+    served = jlora.merge(adapted, onto=jlora.quant.dequantize_tree({"w": jlora.quantize(k)}))
+    assert served["w"].shape == (64, 4)

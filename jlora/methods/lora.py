@@ -89,6 +89,7 @@ from jlora.methods.base import (
     base_plus_lowrank,
     freeze_in_axes,
     from_matrix,
+    leading_in_axes,
     strict_options,
     to_matrix,
     view_leaf,
@@ -289,13 +290,17 @@ class LoRANode(AdapterNode):
         return self.replace(**slice_static(self))
 
     def _product(self, a, b) -> Array:
+        if is_slice(self):  # nn.scan cut the fields to one slice
+            return self.slice_view()._product(a, b)
         if is_stacked(self):
             return stacked_product(self, a, b, self.scale)
         return from_matrix(self.scale * (a @ b), self.shape, self.in_axes)
 
     def materialize(self) -> Array:
-        ab = self._product(self.a, self.b)
-        return (self.base.astype(ab.dtype) + ab).astype(self.base.dtype)
+        # in float32 at least: bfloat16 factors on a float32 base must not round the base
+        acc = jnp.promote_types(jnp.promote_types(self.base.dtype, self.a.dtype), jnp.float32)
+        ab = self._product(self.a.astype(acc), self.b.astype(acc))
+        return (self.base.astype(acc) + ab).astype(self.base.dtype)
 
     def delta(self) -> Array:
         d = self._product(self.a, self.b)
@@ -308,6 +313,8 @@ class LoRANode(AdapterNode):
         if is_slice(self):
             return self.slice_view().dot(x, op, dropout_key=dropout_key, **context)
         if is_stacked(self):
+            if not leading_in_axes(self):  # the batched branch needs (E, in, out) kernels
+                return op(x, self.materialize())
             y = op(x, self.base)
             lo = stacked_lowrank(x, op, self, self.a, self.b, self.scale,
                                  dropout_key=dropout_key, dropout=self.config.dropout)

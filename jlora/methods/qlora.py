@@ -18,7 +18,8 @@ quantization.
 
 ``merge`` gives ``deq(K0) + s·a·b`` in ``compute_dtype``; ``merge(onto=...)``,
 ``unmerge`` and PEFT export use the delta ``s·a·b`` alone, so a QLoRA adapter
-is an ordinary LoRA adapter for any copy of the base (float or 4-bit).
+is an ordinary LoRA adapter for any float copy of the base (a 4-bit copy is
+served through the node itself, or merged onto its dequantized weights).
 
 Example::
 
@@ -60,6 +61,7 @@ from jlora.methods.base import (
     Array,
     Config,
     LinearOp,
+    freeze_in_axes,
     from_matrix,
     leading_in_axes,
     lowrank_dot,
@@ -126,8 +128,7 @@ class QLoRA(Config):
                 raise ValueError(f"QLoRA: compute_dtype must be a floating dtype, "
                                  f"got {self.compute_dtype!r}")
             object.__setattr__(self, "compute_dtype", dt.name)
-        if self.in_axes is not None:
-            object.__setattr__(self, "in_axes", tuple(self.in_axes))
+        freeze_in_axes(self)
 
     @property
     def scale(self) -> float:
@@ -229,6 +230,8 @@ class QLoRANode(AdapterNode):
     @property
     def base(self) -> Array:
         """The dequantized frozen kernel in the compute dtype."""
+        if is_slice(self):  # nn.scan cut the codes: the array's static layout is the stack's
+            return self.slice_view().base
         return self.quantized.dequantize(self.compute_dtype)
 
     def base_nbytes(self) -> int:
@@ -236,6 +239,8 @@ class QLoRANode(AdapterNode):
         return self.quantized.nbytes
 
     def delta(self) -> Array:
+        if is_slice(self):
+            return self.slice_view().delta()
         if is_stacked(self):
             return stacked_product(self, self.a, self.b, self.scale)
         return from_matrix(self.scale * (self.a @ self.b), self.shape, self.in_axes)
@@ -248,7 +253,7 @@ class QLoRANode(AdapterNode):
             **context: Any) -> Array:
         if is_slice(self):
             return self.slice_view().dot(x, op, dropout_key=dropout_key, **context)
-        if not is_stacked(self) and not leading_in_axes(self):
+        if not leading_in_axes(self):  # stacked too: the batched branch needs (E, in, out)
             return op(x, self.materialize())
         xc = x.astype(self.compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
         y = quantized_dot(xc, self.quantized, op, self.compute_dtype)

@@ -175,3 +175,15 @@ def test_inits_are_seeded_and_per_path():
     params["z"] = {"kernel": w}
     three = jlora.apply(params, jlora.Spec({"{x,z}/kernel": jlora.LoRA(rank=2)}), key=jax.random.key(3))
     np.testing.assert_array_equal(np.asarray(one["x"]["kernel"].a), np.asarray(three["x"]["kernel"].a))
+
+
+def test_bf16_factors_merge_onto_a_float32_base_without_rounding_it():
+    w = leaf()  # float32
+    _, node = adapt_one(jlora.LoRA(rank=4, dtype=jnp.bfloat16), w)
+    rng = np.random.default_rng(1)
+    node = node.replace(a=jnp.asarray(rng.normal(size=node.a.shape), jnp.bfloat16),
+                        b=jnp.asarray(rng.normal(size=node.b.shape), jnp.bfloat16))
+    want = f64(node.base) + node.scale * f64(node.a) @ f64(node.b)
+    merged = node.materialize()
+    assert merged.dtype == jnp.float32
+    np.testing.assert_allclose(f64(merged), want, rtol=1e-6, atol=1e-6)
