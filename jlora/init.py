@@ -43,6 +43,7 @@ import collections
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any, Callable, Iterable
 
 import flax.linen as nn
@@ -87,15 +88,22 @@ def _setup(fn: str, adapted_or_params, spec, key):
     return params, adapted, targets
 
 
-def _check_fn(fn: str, name: str, value) -> None:
-    if not callable(value):
-        raise ValueError(f"jlora.init.{fn}: {name} must be callable, got {value!r}")
+def _check_fn(fn: str, name: str, value, *, optional: bool = False) -> None:
+    if not (callable(value) or optional and value is None):
+        what = "None or callable" if optional else "callable"
+        raise ValueError(f"jlora.init.{fn}: {name} must be {what}, got {value!r}")
 
 
 def _batches(fn: str, batches) -> Any:
     if isinstance(batches, dict) or not isinstance(batches, Iterable):
         raise ValueError(f"jlora.init.{fn}: batches must be an iterable of batches (a list of "
                          f"them), got a {type(batches).__name__}")
+    if hasattr(batches, "shape") and hasattr(batches, "dtype"):
+        # iterating an array yields its rows: one batch of samples would silently
+        # become many one-sample batches
+        raise ValueError(f"jlora.init.{fn}: batches must be an iterable of batches, got one "
+                         f"array of shape {tuple(batches.shape)}; pass a list of batches "
+                         f"(wrap a single batch x as [x])")
     if iter(batches) is batches:  # a one-shot iterator: keep its batches to re-read them
         batches = list(batches)
     for _ in batches:
@@ -235,11 +243,12 @@ def eva_ranks(evr: dict[str, np.ndarray], shared: dict[str, str], budget: int,
 
     ``shared`` maps every layer to the layer whose PCA it uses (itself, or the
     first layer with identical inputs), in layer order. The explained-variance
-    ratios ``evr[shared[l]][:max_components[shared[l]]]`` of all layers are
-    pooled, the ``budget`` largest picked (stable order on ties: earlier layers
-    and components first) and each layer's rank is how many of its ratios were
-    picked; within a group of identical inputs the PCA's owner then takes the
-    largest rank.
+    ratios ``evr[shared[l]][:max_components[l]]`` of all layers are pooled, the
+    ``budget`` largest picked (stable order on ties: earlier layers and
+    components first) and each layer's rank is how many of its ratios were
+    picked, so at most ``max_components[l]``; within a group of identical inputs
+    the PCA's owner then swaps ranks with a member given more, unless either
+    rank would exceed the other layer's ``max_components``.
 
         >>> eva_ranks({"p": np.array([.5, .3, .1]), "q": np.array([.4, .05, .01])},
         ...           {"p": "p", "q": "q"}, 3, {"p": 3, "q": 3})
@@ -247,14 +256,15 @@ def eva_ranks(evr: dict[str, np.ndarray], shared: dict[str, str], budget: int,
     """
     keys, values = [], []
     for layer, owner in shared.items():
-        for value in np.asarray(evr[owner])[:max_components[owner]]:
+        for value in np.asarray(evr[owner])[:max_components[layer]]:
             keys.append(layer)
             values.append(float(value))
     order = np.argsort(-np.asarray(values, np.float64), kind="stable")[:budget]
     picked = collections.Counter(keys[i] for i in order)
     counts = {layer: picked.get(layer, 0) for layer in shared}
     for layer, owner in shared.items():
-        if owner != layer and counts[owner] < counts[layer]:
+        if (owner != layer and counts[owner] < counts[layer]
+                and counts[layer] <= max_components[owner]):
             counts[owner], counts[layer] = counts[layer], counts[owner]
     return counts
 
@@ -298,7 +308,14 @@ def eva(adapted_or_params: Any, spec, batches: Iterable, apply_fn: Callable, *,
 
     jlora takes an exact SVD of the stacked matrix where PEFT takes a seeded
     randomized one (``svd_lowrank`` with ``q = 2k``, exact when ``in <= 2k``),
-    and breaks ties in the rank pool by layer order. ``max_batches`` bounds
+    and breaks ties in the rank pool by layer order. A layer's rank is capped at
+    ``min(fan_in, fan_out)``, the largest a LoRA of its kernel can have (and
+    ``jlora.apply`` accepts): only its first that many components enter the
+    pool, so the budget goes to layers that can use it, where PEFT can give a
+    narrow layer (``fan_out < k``) a rank above ``fan_out``; within a group of
+    identical inputs the owner keeps its rank when taking a member's would pass
+    its own cap (the group's convergence check then covers the member's rank).
+    Where PEFT's ranks are within the caps, they are the same. ``max_batches`` bounds
     the forward passes (PEFT cycles without limit): not converging by then is a
     ``ValueError`` naming the layers.
 
@@ -318,7 +335,12 @@ def eva(adapted_or_params: Any, spec, batches: Iterable, apply_fn: Callable, *,
     v.boolean("jlora.init.eva", "adjust_scaling_factors", adjust_scaling_factors)
     v.boolean("jlora.init.eva", "use_label_mask", use_label_mask)
     v.positive_int("jlora.init.eva", "max_batches", max_batches)
+    if not isinstance(label_mask_value, numbers.Integral) or isinstance(label_mask_value, bool):
+        raise ValueError(f"jlora.init.eva: label_mask_value must be an int (the label of "
+                         f"positions to leave out, -100 by default), got {label_mask_value!r}")
     _check_fn("eva", "apply_fn", apply_fn)
+    _check_fn("eva", "mask_fn", mask_fn, optional=True)
+    _check_fn("eva", "progress", progress, optional=True)
     batches = _batches("eva", batches)
     params, adapted, targets = _setup("eva", adapted_or_params, spec, key)
     paths = tuple(targets)
@@ -348,6 +370,10 @@ def eva(adapted_or_params: Any, spec, batches: Iterable, apply_fn: Callable, *,
         max_comp[p] = max_comp[shared[p]]
     shared = {**{p: p for p in owners}, **{p: q for p, q in shared.items() if p != q}}
     del first
+    # the pool offers each layer at most min(fan_in, fan_out) components: a larger
+    # LoRA rank than that is one jlora.apply refuses
+    pool = {p: min(max_comp[p], *targets[p].shape) for p in shared}
+    group = {p: [q for q, o in shared.items() if o == p] for p in owners}
 
     states: dict[str, IPCAState | None] = {p: None for p in owners}
     evr: dict[str, np.ndarray] = {}
@@ -358,7 +384,7 @@ def eva(adapted_or_params: Any, spec, batches: Iterable, apply_fn: Callable, *,
     while not all(done.values()):
         for batch in batches:
             for p in owners:
-                ok = bool(converged[p][:ranks[p]].all())
+                ok = bool(converged[p][:max(ranks[q] for q in group[p])].all())
                 if ok != done[p]:
                     done[p] = ok
             if all(done.values()):
@@ -383,7 +409,7 @@ def eva(adapted_or_params: Any, spec, batches: Iterable, apply_fn: Callable, *,
                     if had:
                         converged[p] = np.asarray(cos) >= tau
             if all(states[p] is not None for p in owners):
-                ranks = eva_ranks(evr, shared, budget, max_comp)
+                ranks = eva_ranks(evr, shared, budget, pool)
             _progress(progress, step, None)
     out = {}
     for p, owner in shared.items():
@@ -489,6 +515,7 @@ def corda(adapted_or_params: Any, spec, batches: Iterable, apply_fn: Callable, *
     """
     v.choice("jlora.init.corda", "mode", mode, ("ipm", "kpm"))
     _check_fn("corda", "apply_fn", apply_fn)
+    _check_fn("corda", "progress", progress, optional=True)
     batches = _batches("corda", batches)
     params, adapted, targets = _setup("corda", adapted_or_params, spec, key)
     paths = tuple(targets)
@@ -509,20 +536,30 @@ def corda(adapted_or_params: Any, spec, batches: Iterable, apply_fn: Callable, *
             raise ValueError(f"jlora.init.corda: {p}: the input covariance is not finite (a "
                              "sample whose largest value is 0, or inf/NaN activations)")
         try:
-            a, b, res = corda_factors(node.base, cov, node.config.rank, node.config.scale,
-                                      mode=mode)
+            a, b, _ = corda_factors(node.base, cov, node.config.rank, node.config.scale,
+                                    mode=mode)
         except ValueError as e:
             raise ValueError(f"jlora.init.corda: {p}: {e}") from None
-        out[p] = _residual_node(node, a, b, res, cast=False)
+        out[p] = _residual_node(node, a, b, cast=False)
     return map_with_paths(lambda p, x: out.get(p, x), adapted)
 
 
-def _residual_node(node, a, b, residual, *, cast: bool):
-    """A LoRA node over ``residual`` keeping ``a0 = a``, ``b0 = b`` (as PiSSA)."""
+def _residual_node(node, a, b, *, cast: bool):
+    """A LoRA node over the residual ``K0 − s·a·b`` keeping ``a0 = a``, ``b0 = b`` (as PiSSA).
+
+    ``a`` and ``b`` are first rounded to the dtypes they are stored in (with
+    ``cast``, through the base dtype first, as PEFT's LoRA-GA; then the node's
+    factor dtype), and the residual is taken in float32 from those stored
+    values, so ``base + s·a·b`` is the original kernel to float32 rounding
+    even when the factors are narrower than the base (bf16 factors on a
+    float32 kernel).
+    """
     dt = node.a.dtype
-    if cast:  # factors rounded to the base dtype (PEFT's LoRA-GA)
+    if cast:
         a, b = a.astype(node.base.dtype), b.astype(node.base.dtype)
     a, b = a.astype(dt), b.astype(dt)
+    k0 = to_matrix(node.base, node.in_axes).astype(jnp.float32)
+    residual = k0 - node.config.scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
     base = from_matrix(residual, node.shape, node.in_axes).astype(node.base.dtype)
     return LoRANode(base=base, a=a, b=b, a0=a, b0=b, config=node.config, shape=node.shape,
                     in_axes=node.in_axes)
@@ -577,7 +614,13 @@ def lora_ga_factors(kernel, grad, rank: int, scale: float, *, direction: str = "
 def _target_grads(params, batch, *, loss_fn: Callable, paths: tuple[str, ...]):
     """``∂ loss_fn(params, batch) / ∂ params[p]`` for ``p`` in ``paths`` only."""
     def loss(ws):
-        return loss_fn(map_with_paths(lambda p, x: ws.get(p, x), params), batch)
+        out = loss_fn(map_with_paths(lambda p, x: ws.get(p, x), params), batch)
+        dtype = getattr(out, "dtype", None)
+        if jnp.shape(out) != () or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"jlora.init.lora_ga: loss_fn(params, batch) must return the loss "
+                             f"as a floating-point scalar, got shape {tuple(jnp.shape(out))} "
+                             f"and dtype {dtype}")
+        return out
     return jax.grad(loss)({p: x for p, x in leaves_with_paths(params) if p in paths})
 
 
@@ -613,6 +656,7 @@ def lora_ga(adapted_or_params: Any, spec, loss_fn: Callable, batches: Iterable, 
     v.choice("jlora.init.lora_ga", "scale", scale, SCALES)
     v.real("jlora.init.lora_ga", "stable_gamma", stable_gamma, gt=0.0)
     _check_fn("lora_ga", "loss_fn", loss_fn)
+    _check_fn("lora_ga", "progress", progress, optional=True)
     batches = _batches("lora_ga", batches)
     params, adapted, targets = _setup("lora_ga", adapted_or_params, spec, key)
     for p, node in targets.items():
@@ -642,7 +686,5 @@ def lora_ga(adapted_or_params: Any, spec, loss_fn: Callable, batches: Iterable, 
         k0 = to_matrix(node.base, node.in_axes).astype(jnp.float32)
         a, b = lora_ga_factors(k0, g, node.config.rank, node.config.scale, direction=direction,
                                scaling=scale, stable_gamma=stable_gamma, key=keys.get(p))
-        a, b = a.astype(node.base.dtype), b.astype(node.base.dtype)
-        res = k0 - node.config.scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
-        out[p] = _residual_node(node, a, b, res, cast=True)
+        out[p] = _residual_node(node, a, b, cast=True)
     return map_with_paths(lambda p, x: out.get(p, x), adapted)

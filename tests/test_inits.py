@@ -287,6 +287,109 @@ def test_eva_ranks_pool_and_swap_within_shared_group():
     assert got == {"p": 2, "q": 1, "s": 0}
 
 
+
+def test_eva_ranks_respect_each_layers_cap():
+    # n can hold 2 components (min(fan_in, fan_out) = 2): the budget's rest goes to w
+    evr = {"w": np.array([.5, .2, .1, .05]), "n": np.array([.6, .4, .3, .2])}
+    got = jlora.init.eva_ranks(evr, {"w": "w", "n": "n"}, 4, {"w": 4, "n": 2})
+    assert got == {"w": 2, "n": 2}  # pool .6n .5w .4n .2w (.3n, .2n over n's cap)
+    assert jlora.init.eva_ranks(evr, {"w": "w", "n": "n"}, 4, {"w": 4, "n": 4}) == {
+        "w": 1, "n": 3}
+    # a capped owner does not take a member's larger rank
+    evr = {"p": np.array([.5, .4, .3, .2])}
+    got = jlora.init.eva_ranks(evr, {"p": "p", "q": "p"}, 3, {"p": 1, "q": 4})
+    assert got == {"p": 1, "q": 2}  # pool .5p .5q .4q: no swap past p's cap of 1
+
+
+class WideNarrow(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2, name="narrow")(nn.Dense(16, name="wide")(x))
+
+
+def test_eva_never_gives_a_layer_more_rank_than_its_kernel_allows():
+    model = WideNarrow()
+    params = model.init(jax.random.key(0), jnp.ones((1, 16)))["params"]
+    rng = np.random.default_rng(0)
+    k = np.zeros((16, 16), np.float32)
+    k[:4, :4] = 5 * np.eye(4)
+    params["wide"]["kernel"] = jnp.asarray(k + 0.01 * rng.normal(size=(16, 16)), jnp.float32)
+    xs = [jnp.asarray(rng.normal(size=(64, 16)), jnp.float32) for _ in range(6)]
+    spec = jlora.Spec({"*/kernel": jlora.LoRA(rank=2)})
+    ours = jlora.init.eva(params, spec, xs, lambda p, x: model.apply({"params": p}, x),
+                          rho=2.0, tau=0.9)
+    ranks = {n: ours[n]["kernel"].rank if jlora.is_node(ours[n]["kernel"]) else 0
+             for n in ("wide", "narrow")}
+    assert ranks["narrow"] <= 2 and sum(ranks.values()) == 4  # the whole budget is used
+    for n, r in ranks.items():  # a rank jlora.apply itself accepts for that kernel
+        if r:
+            jlora.apply(params, jlora.Spec({f"{n}/kernel": jlora.LoRA(rank=r)}),
+                        key=jax.random.key(0))
+
+
+def _dense():
+    model = nn.Dense(6)
+    params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    return params, lambda p, x: model.apply({"params": p}, x)
+
+
+@pytest.mark.parametrize("method,kw,match", [
+    ("eva", dict(progress=3), r"jlora.init.eva: progress must be None or callable, got 3"),
+    ("eva", dict(mask_fn=3), r"jlora.init.eva: mask_fn must be None or callable"),
+    ("eva", dict(label_mask_value="x"), r"jlora.init.eva: label_mask_value must be an int"),
+    ("eva", dict(label_mask_value=-100.0), r"jlora.init.eva: label_mask_value must be an int"),
+    ("eva", dict(label_mask_value=True), r"jlora.init.eva: label_mask_value must be an int"),
+    ("corda", dict(progress="x"), r"jlora.init.corda: progress must be None or callable"),
+    ("lora_ga", dict(progress=[]), r"jlora.init.lora_ga: progress must be None or callable"),
+], ids=["eva-progress", "eva-mask_fn", "eva-label-str", "eva-label-float", "eva-label-bool",
+        "corda-progress", "lora_ga-progress"])
+def test_init_options_are_checked_before_any_batch_runs(method, kw, match):
+    params, fwd = _dense()
+    spec = jlora.Spec({"kernel": jlora.LoRA(rank=2)})
+    calls = []
+
+    def counted(p, x):
+        calls.append(1)
+        return fwd(p, x)
+
+    xs = [jax.random.normal(jax.random.key(i), (16, 8)) for i in range(3)]
+    with pytest.raises(ValueError, match=match):
+        if method == "lora_ga":
+            jlora.init.lora_ga(params, spec, lambda p, b: jnp.mean(counted(p, b) ** 2), xs, **kw)
+        else:
+            getattr(jlora.init, method)(params, spec, xs, counted, **kw)
+    assert not calls
+
+
+@pytest.mark.parametrize("loss,what", [
+    (lambda out: out, r"shape \(16, 6\) and dtype float32"),
+    (lambda out: jnp.sum(out > 0), r"shape \(\) and dtype int32"),
+    (lambda out: jnp.mean(out ** 2)[None], r"shape \(1,\)"),
+], ids=["vector", "int", "one-element"])
+def test_lora_ga_loss_must_be_a_float_scalar(loss, what):
+    params, fwd = _dense()
+    xs = [jax.random.normal(jax.random.key(i), (16, 8)) for i in range(2)]
+    want = r"jlora.init.lora_ga: loss_fn\(params, batch\) must return the loss as a "
+    with pytest.raises(ValueError, match=want + r"floating-point scalar, got " + what):
+        jlora.init.lora_ga(params, jlora.Spec({"kernel": jlora.LoRA(rank=2)}),
+                           lambda p, b: loss(fwd(p, b)), xs)
+
+
+@pytest.mark.parametrize("method", ["eva", "corda", "lora_ga"])
+@pytest.mark.parametrize("as_array", [jnp.asarray, np.asarray], ids=["jax", "numpy"])
+def test_one_array_as_batches_is_refused(method, as_array):
+    # iterating it would make each of its 3 samples a batch of its own
+    params, fwd = _dense()
+    x = as_array(jax.random.normal(jax.random.key(1), (3, 5, 8)))
+    spec = jlora.Spec({"kernel": jlora.LoRA(rank=2)})
+    with pytest.raises(ValueError, match=rf"jlora.init.{method}: batches must be an iterable of "
+                                         r"batches, got one array of shape \(3, 5, 8\); pass a "
+                                         r"list of batches \(wrap a single batch x as \[x\]\)"):
+        if method == "lora_ga":
+            jlora.init.lora_ga(params, spec, lambda p, b: jnp.mean(fwd(p, b) ** 2), x)
+        else:
+            getattr(jlora.init, method)(params, spec, x, fwd)
+
 @needs_torch
 def test_eva_matches_peft_ranks_factors_and_files(tmp_path):
     import peft
@@ -436,6 +539,29 @@ def test_lora_ga_factors_match_float64_reference():
     ba = f64(rand.b).T @ f64(rand.a).T
     s_idx = np.linalg.svd(ba, compute_uv=False)[:R] / (O ** 0.25 / 4)
     assert all(np.isclose(sv[:2 * R], x, rtol=1e-3).any() for x in s_idx)
+
+
+@pytest.mark.parametrize("method", ["corda", "lora_ga"])
+def test_residual_base_is_taken_from_the_stored_bf16_factors(method):
+    # bf16 factors on a float32 kernel: base + s·a·b must still be the kernel
+    params = twin_params()
+    spec = jlora.Spec({"{q,k,o}/kernel": jlora.LoRA(rank=R, alpha=8, dtype=jnp.bfloat16)})
+    ours = (jlora.init.corda(params, spec, data(2), run) if method == "corda"
+            else jlora.init.lora_ga(params, spec, mse, ga_batches(), scale="weight_svd"))
+    for name in ("q", "k", "o"):
+        node, w = ours[name]["kernel"], f64(params[name]["kernel"])
+        assert node.a.dtype == node.b.dtype == jnp.bfloat16 and node.base.dtype == jnp.float32
+        np.testing.assert_array_equal(f64(node.a0), f64(node.a))
+        # s = alpha / rank = 2; float32 rounding of W and of the residual's product only
+        np.testing.assert_allclose(f64(node.base) + 2.0 * f64(node.a) @ f64(node.b), w,
+                                   rtol=0, atol=1e-6, err_msg=name)
+        assert np.abs(f64(node.a) @ f64(node.b)).max() > 1e-2  # the factors are not 0
+    # the adapted forward at init is the base model's (float64 reference of Twin)
+    x = f64(X)
+    lin = lambda n, h: h @ f64(params[n]["kernel"]) + f64(params[n]["bias"])
+    want = lin("o", np.tanh(lin("q", x) * lin("k", x)))
+    got = jlora.linen.apply(Twin(), {"params": ours}, X)
+    np.testing.assert_allclose(f64(got), want, rtol=0, atol=1e-5)
 
 
 @needs_torch

@@ -26,11 +26,30 @@ LayerNorm parameters to share them as the paper does). When the targeted module
 already receives normalised input (a Flax ``MlpBlock`` called on ``LN(x)``),
 ``norm=None`` is the paper's form too.
 
-Dimensions come from the module's own params: ``d_in`` is the input size of
-its first kernel, ``d_out`` the output size of its last one (kernels: floating
-leaves with at least two axes, in the params' order). The adapter is not
-mergeable (the ReLU has no linear form): ``jlora.merge`` refuses it, naming its
-path, unless ``residual=True``.
+**Dimensions.** ``in_features`` / ``out_features`` set ``d_in`` / ``d_out``
+when given. Otherwise they are read from the shapes of the module's kernels
+(floating leaves with at least two axes; a two-axis kernel maps its first
+axis's size to its last's), independently of the order of the params' keys,
+which ``jax.tree`` operations sort:
+
+* a size that some kernel reads and no kernel writes is the module's input, a
+  size written and never read its output: when there is exactly one of each,
+  they are ``d_in`` and ``d_out`` (a ``d_in -> h -> d_out`` chain);
+* when every size read is also written, the module maps ``d -> d`` through a
+  cycle of sizes that its shapes alone cannot orient (``fc1 (d, h)``,
+  ``fc2 (h, d)`` read the same as an ``h -> d -> h`` block); ``d`` is taken as the
+  smallest size, the width of a transformer MLP whose hidden layers are wider
+  (plain, gated ``gate/up/down`` or deeper). A module that is narrower inside
+  needs ``in_features``; one of the two options alone sets both here;
+* anything else is a ``ValueError`` at ``jlora.apply`` naming the module and
+  asking for the two options: several candidate input or output sizes
+  (grouped-query attention's narrower ``k``/``v``), or a kernel with more than
+  two axes, whose input axes its shape does not tell (``DenseGeneral``
+  attention's ``(d, heads, head_dim)``, a convolution's ``(kh, kw, in, out)``).
+
+A wrong size still fails at the first forward, naming the module. The adapter
+is not mergeable (the ReLU has no linear form): ``jlora.merge`` refuses it,
+naming its path, unless ``residual=True``.
 
 Example::
 
@@ -88,6 +107,10 @@ class AdaptFormer(ModuleConfig):
       dropout: dropout after the ReLU (0.1 in the code), active with a ``dropout_key``.
       learnable_scale: train ``s`` (initialised to 1, as the code's ``"learnable_scalar"``).
       norm: ``None`` (the code: un-normalised input) or ``"layernorm"`` (the paper's ``LN(x)``).
+      in_features: ``d_in``, the size of the module's input's last axis (keyword
+        only); default: read from the module's kernels (see the module docstring).
+      out_features: ``d_out``, the size of the module's output's last axis
+        (keyword only); default: read from the module's kernels.
     """
 
     bottleneck: int = 64
@@ -95,6 +118,8 @@ class AdaptFormer(ModuleConfig):
     dropout: float = 0.1
     learnable_scale: bool = False
     norm: Optional[str] = None
+    in_features: Optional[int] = dataclasses.field(default=None, kw_only=True)
+    out_features: Optional[int] = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self):
         owner = "AdaptFormer"
@@ -103,6 +128,9 @@ class AdaptFormer(ModuleConfig):
         v.real(owner, "dropout", self.dropout, ge=0.0, lt=1.0)
         v.boolean(owner, "learnable_scale", self.learnable_scale)
         v.choice(owner, "norm", self.norm, NORMS)
+        for name in ("in_features", "out_features"):
+            if getattr(self, name) is not None:
+                v.positive_int(owner, name, getattr(self, name))
 
     def build_module(self, key: Array, module_params: Any, *, path: str) -> "AdaptFormerNode":
         kernels = _kernels(module_params)
@@ -111,9 +139,12 @@ class AdaptFormer(ModuleConfig):
                 f"{path}: AdaptFormer reads the module's input and output sizes from its "
                 f"kernels (floating leaves with 2 or more axes), and this module has none; "
                 f"target a module with weights, such as a transformer block's MLP")
-        (first, k_in), (last, k_out) = kernels[0], kernels[-1]
-        d_in, d_out = int(k_in.shape[0]), int(k_out.shape[-1])
-        dtype = jnp.promote_types(k_in.dtype, jnp.float32)
+        d_in, d_out = self._sizes(kernels, path)
+        # sorted paths: the same kernels whatever the order of the params' keys
+        ordered = sorted(kernels, key=lambda kv: kv[0])
+        first = next((p for p, k in ordered if k.shape[0] == d_in), "")
+        last = next((p for p, k in ordered if k.shape[-1] == d_out), "")
+        dtype = jnp.promote_types(dict(ordered).get(first, ordered[0][1]).dtype, jnp.float32)
         bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform(a=√5) of a (d_in -> bottleneck) Linear
         down = jax.random.uniform(key, (d_in, self.bottleneck), dtype, -bound, bound)
         ln = self.norm == "layernorm"
@@ -126,13 +157,39 @@ class AdaptFormer(ModuleConfig):
             config=self, path=path, shape=(d_in, d_out), in_axes=(0,),
             in_kernel=first, out_kernel=last)
 
+    def _sizes(self, kernels: list[tuple[str, Any]], path: str) -> tuple[int, int]:
+        """``(d_in, d_out)``: the options, else read from the kernels' shapes (module docstring)."""
+        if self.in_features is not None and self.out_features is not None:
+            return self.in_features, self.out_features
+        multi = [(p, k) for p, k in sorted(kernels, key=lambda kv: kv[0]) if k.ndim > 2]
+        if multi:
+            raise ValueError(
+                f"{path}: AdaptFormer cannot tell the module's input and output sizes from "
+                f"its kernels: {multi[0][0]} has shape {tuple(multi[0][1].shape)}, whose input "
+                f"axes a shape does not tell; pass them as AdaptFormer(..., in_features=d_in, "
+                f"out_features=d_out)")
+        read = {int(k.shape[0]) for _, k in kernels}
+        written = {int(k.shape[-1]) for _, k in kernels}
+        inputs, outputs = read - written, written - read
+        if not inputs and not outputs:  # a d -> d cycle: d is the given or the smallest size
+            d = next((x for x in (self.in_features, self.out_features) if x is not None),
+                     min(read))
+            return d, d
+        if len(inputs) == 1 and len(outputs) == 1:
+            d_in, d_out = inputs.pop(), outputs.pop()
+            return (d_in if self.in_features is None else self.in_features,
+                    d_out if self.out_features is None else self.out_features)
+        shapes = ", ".join(f"{p} {tuple(k.shape)}"
+                           for p, k in sorted(kernels, key=lambda kv: kv[0]))
+        raise ValueError(
+            f"{path}: AdaptFormer cannot tell the module's input and output sizes from its "
+            f"kernels ({shapes}; each read as first axis -> last axis: sizes only read "
+            f"{sorted(inputs)}, only written {sorted(outputs)}); pass them as "
+            f"AdaptFormer(..., in_features=d_in, out_features=d_out)")
+
 
 def _kernels(module_params: Any, path: str = "") -> list[tuple[str, Any]]:
-    """``[(relative path, leaf)]`` of the module's floating leaves with >= 2 axes.
-
-    In the params' own order (a Linen module creates its params in call order),
-    not the sorted order of ``jax.tree`` flattening.
-    """
+    """``[(relative path, leaf)]`` of the module's floating leaves with >= 2 axes."""
     join = lambda k: f"{path}/{k}" if path else str(k)
     if isinstance(module_params, Mapping):
         return [kv for k, x in module_params.items() for kv in _kernels(x, join(k))]
@@ -190,9 +247,9 @@ class AdaptFormerNode(ModuleNode):
         """``s·(drop(relu(n(x)·W_d + b_d))·W_u + b_u)``, ``n`` the optional LayerNorm."""
         d_in = self.shape[0]
         if x.shape[-1] != d_in:
-            raise ValueError(f"{self.path}: AdaptFormer was built for inputs of {d_in} features "
-                             f"(the module's first kernel), the module is called on shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(f"{self.path}: AdaptFormer was built for inputs of {d_in} features, "
+                             f"the module is called on shape {tuple(x.shape)}; set the sizes "
+                             f"with AdaptFormer(..., in_features=, out_features=)")
         h = x.astype(jnp.promote_types(x.dtype, self.down.dtype))
         if self.config.norm == "layernorm":
             mean = h.mean(-1, keepdims=True)
@@ -208,7 +265,8 @@ class AdaptFormerNode(ModuleNode):
         if y.shape != z.shape:
             raise ValueError(f"{self.path}: the module returns shape {tuple(y.shape)}, "
                              f"AdaptFormer's branch {tuple(z.shape)} (built for d_out = "
-                             f"{self.shape[1]} from the module's last kernel)")
+                             f"{self.shape[1]}); set the sizes with AdaptFormer(..., "
+                             f"in_features=, out_features=)")
         return y + z.astype(y.dtype)
 
     def base_spec(self, specs: dict[str, Any]) -> Any:

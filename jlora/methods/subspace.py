@@ -219,7 +219,11 @@ def key_tuple(owner: str, key: Any) -> int | tuple[int, ...] | None:
     if key is None:
         return None
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        return v.positive_int(owner, "key", int(key), minimum=0)
+        seed = v.positive_int(owner, "key", int(key), minimum=0)
+        if seed >= 2**32:  # without x64 jax.random.key keeps the low 32 bits: aliasing
+            raise ValueError(f"{owner}: an int key must be a seed in [0, 2**32) (without x64, "
+                             f"jax.random.key keeps only its low 32 bits), got {seed!r}")
+        return seed
     if isinstance(key, (list, tuple)) and key and all(
             isinstance(k, (int, np.integer)) and not isinstance(k, bool) and 0 <= k < 2**32
             for k in key):
@@ -231,8 +235,8 @@ def key_tuple(owner: str, key: Any) -> int | tuple[int, ...] | None:
         if data.dtype != np.uint32 or data.ndim != 1 or data.size == 0:
             raise TypeError
     except (AttributeError, TypeError):
-        raise ValueError(f"{owner}: key must be None, an int seed >= 0 or a jax PRNG key, "
-                         f"got {key!r}") from None
+        raise ValueError(f"{owner}: key must be None, an int seed in [0, 2**32) or a jax "
+                         f"PRNG key, got {key!r}") from None
     return tuple(int(k) for k in data)
 
 
@@ -277,7 +281,7 @@ class Subspace(ModuleConfig):
       dim: ``d``, the number of trained parameters (``1 <= d <= D``).
       projection: ``"fastfood"`` (default, ``O(D log D)``), ``"dense"`` (``O(D·d)``:
         small models) or ``"sparse"`` (density ``1/√D``).
-      key: the projection's key: an int seed >= 0 or a jax PRNG key; ``None``
+      key: the projection's key: an int seed in ``[0, 2**32)`` or a jax PRNG key; ``None``
         (default) derives it from ``jlora.apply``'s key and the module path.
       include: globs, relative to the module, of the leaves to reparameterise
         (default: every floating leaf under it).

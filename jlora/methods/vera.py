@@ -59,7 +59,9 @@ class VeRA(Config):
 
     Args:
       rank: width of the shared random projection (PEFT's default 256).
-      seed: seed of the frozen pair, an int >= 0 (the same seed and shape give the same pair).
+      seed: seed of the frozen pair, an int in ``[0, 2**32)`` (the same seed and shape
+        give the same pair). Larger seeds are refused: without ``jax_enable_x64``,
+        ``jax.random.key`` keeps only their low 32 bits (aliasing a smaller seed).
       d_initial: initial value of every ``λ_d`` entry (0.1 in the paper); finite.
       dtype: dtype of the vectors and the pair; default float32.
       in_axes: which kernel axes are inputs; default all but the last.
@@ -76,6 +78,9 @@ class VeRA(Config):
         check_stacking(self, "VeRA")
         v.positive_int("VeRA", "rank", self.rank)
         v.positive_int("VeRA", "seed", self.seed, minimum=0)
+        if self.seed >= 2**32:
+            raise ValueError(f"VeRA: seed must be an int in [0, 2**32) (without x64, "
+                             f"jax.random.key keeps only its low 32 bits), got {self.seed!r}")
         v.real("VeRA", "d_initial", self.d_initial)
         freeze_in_axes(self)
 

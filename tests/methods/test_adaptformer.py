@@ -139,3 +139,107 @@ def test_options_are_checked():
                        (dict(bottlenek=4), "unknown option")]:
         with pytest.raises(ValueError, match=match):
             jlora.AdaptFormer(**bad)
+
+
+class GatedMlp(nn.Module):
+    """LLaMA's MLP, ``down(silu(gate(x))·up(x))``: two kernels read ``d``, one writes it."""
+
+    @nn.compact
+    def __call__(self, x):
+        g = nn.Dense(16, name="gate_proj")(x)
+        u = nn.Dense(16, name="up_proj")(x)
+        return nn.Dense(x.shape[-1], name="down_proj")(nn.silu(g) * u)
+
+
+class GatedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x + GatedMlp(name="mlp")(x)
+
+
+def gated_block_ref(p, x):
+    m, x = p["mlp"], f64(x)
+    lin = lambda n, h: h @ f64(m[n]["kernel"]) + f64(m[n]["bias"])
+    g = lin("gate_proj", x)
+    return x + lin("down_proj", g / (1 + np.exp(-g)) * lin("up_proj", x))
+
+
+def test_sizes_do_not_depend_on_the_order_of_the_params_keys():
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 5, 8)), jnp.float32)
+    params = GatedBlock().init(jax.random.key(5), x)["params"]
+    resorted = jax.tree.map(lambda a: a, params)  # jax.tree rebuilds dicts with sorted keys
+    assert list(params["mlp"]) == ["gate_proj", "up_proj", "down_proj"]
+    assert list(resorted["mlp"]) == ["down_proj", "gate_proj", "up_proj"]
+    spec = jlora.Spec({"mlp": jlora.AdaptFormer(bottleneck=4)})
+    nodes = []
+    for p in (params, resorted):
+        adapted = jlora.apply(p, spec, key=jax.random.key(6))
+        node = trained(adapted["mlp@adaptformer"])
+        assert node.down.shape == (8, 4) and node.up.shape == (4, 8) and node.shape == (8, 8)
+        assert (node.in_kernel, node.out_kernel) == ("gate_proj/kernel", "down_proj/kernel")
+        y = jlora.linen.apply(GatedBlock(), {"params": {**adapted, "mlp@adaptformer": node}}, x)
+        np.testing.assert_allclose(f64(y), gated_block_ref(p, x) + branch_ref(node, x),
+                                   rtol=1e-5, atol=1e-5)
+        nodes.append(node)
+    np.testing.assert_array_equal(nodes[0].down, nodes[1].down)
+
+
+def _kernel(d_in, d_out):
+    return {"kernel": jnp.zeros((d_in, d_out)), "bias": jnp.zeros((d_out,))}
+
+
+def test_sizes_of_a_chain_of_a_cycle_and_from_the_options():
+    build = lambda mlp, **kw: jlora.AdaptFormer(bottleneck=2, **kw).build_module(
+        jax.random.key(0), mlp, path="enc/mlp")
+    # a chain 8 -> 16 -> 4: 8 only read, 4 only written (keys in either order)
+    chain = {"out": _kernel(16, 4), "inp": _kernel(8, 16)}
+    assert build(chain).shape == (8, 4)
+    # a cycle 8 -> 32 -> 32 -> 8: the smallest size is the width
+    deep = {"c": _kernel(32, 8), "a": _kernel(8, 32), "b": _kernel(32, 32)}
+    assert build(deep).shape == (8, 8)
+    # a module narrower inside (16 -> 4 -> 16) needs the option; one sets both in a cycle
+    narrow = {"fc1": _kernel(16, 4), "fc2": _kernel(4, 16)}
+    assert build(narrow).shape == (4, 4)
+    assert build(narrow, in_features=16).shape == (16, 16)
+    assert build(narrow, out_features=16).down.shape == (16, 2)
+    assert build(chain, out_features=6).shape == (8, 6)
+    # grouped-query attention: q (8, 8), k/v (8, 4), o (8, 8): 4 is written, never read
+    gqa = {n: {"kernel": jnp.zeros((8, w))} for n, w in
+           (("q", 8), ("k", 4), ("v", 4), ("o", 8))}
+    with pytest.raises(ValueError, match=r"enc/mlp: AdaptFormer cannot tell.*k/kernel \(8, 4\)"
+                                         r".*in_features=d_in, out_features=d_out"):
+        build(gqa)
+    node = build(gqa, in_features=8, out_features=8)
+    assert node.shape == (8, 8) and (node.in_kernel, node.out_kernel) == ("k/kernel", "o/kernel")
+    # DenseGeneral attention: q/k/v (8, heads, head_dim), o (heads, head_dim, 8)
+    att = {"q": {"kernel": jnp.zeros((8, 2, 4))}, "o": {"kernel": jnp.zeros((2, 4, 8))}}
+    with pytest.raises(ValueError, match=r"enc/mlp: AdaptFormer cannot tell.*o/kernel has shape "
+                                         r"\(2, 4, 8\).*in_features=d_in, out_features=d_out"):
+        build(att)
+    with pytest.raises(ValueError, match=r"enc/mlp: AdaptFormer cannot tell"):
+        build(att, in_features=8)
+    node = build(att, in_features=8, out_features=8)
+    assert node.shape == (8, 8) and (node.in_kernel, node.out_kernel) == ("q/kernel", "o/kernel")
+
+
+def test_a_wrong_size_fails_at_the_forward_naming_the_options():
+    x = jnp.ones((2, 8))
+    params = {"mlp": {"fc1": _kernel(8, 4), "fc2": _kernel(4, 8)}}  # narrower inside
+    adapted = jlora.apply(params, jlora.Spec({"mlp": jlora.AdaptFormer(bottleneck=2)}),
+                          key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"mlp: AdaptFormer was built for inputs of 4 features"
+                                         r".*in_features="):
+        adapted["mlp@adaptformer"].branch(x)
+    fixed = jlora.apply(params, jlora.Spec({"mlp": jlora.AdaptFormer(bottleneck=2,
+                                                                      in_features=8)}),
+                        key=jax.random.key(0))
+    assert fixed["mlp@adaptformer"].branch(x).shape == (2, 8)
+
+
+@pytest.mark.parametrize("name", ["in_features", "out_features"])
+def test_size_options_are_checked(name):
+    for bad in (0, -3, 8.0, "8", True):
+        with pytest.raises(ValueError, match=f"AdaptFormer: {name} must be an int >= 1"):
+            jlora.AdaptFormer(**{name: bad})
+    with pytest.raises(TypeError):  # keyword only: never taken for another option by position
+        jlora.AdaptFormer(4, 0.1, 0.0, False, None, 8)

@@ -223,6 +223,19 @@ def test_include_projections_key_and_errors():
             jlora.Subspace(**{"dim": 2, **bad})
 
 
+
+def test_an_int_key_must_fit_32_bits():
+    params = Net().init(jax.random.key(0), X)["params"]
+    build = lambda key: jlora.Subspace(3, key=key).build_module(None, params, path="")
+    assert not np.array_equal(np.asarray(build(2**32 - 1).key), np.asarray(build(2**32 - 2).key))
+    np.testing.assert_array_equal(np.asarray(build(np.int64(5)).key), np.asarray(build(5).key))
+    for bad in (2**32, 2**32 + 5, np.uint64(2**40), 2**63, 2**64):
+        with pytest.raises(ValueError,
+                           match=r"Subspace: an int key must be a seed in \[0, 2\*\*32\)"):
+            jlora.Subspace(3, key=bad)
+    with pytest.raises(ValueError, match="Subspace: key must be an int >= 0"):
+        jlora.Subspace(3, key=-1)
+
 def test_shards_replicated_and_checkpoints(tmp_path):
     params = Net().init(jax.random.key(0), X)["params"]
     adapted = jlora.apply(params, SPEC, key=jax.random.key(1))

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import jlora
 from tests._refs import f64
@@ -76,3 +77,16 @@ def test_vera_trains():
     for _ in range(100):
         trainable, opt, loss = step(trainable, opt)
     assert float(loss) < 0.5 * first
+
+
+def test_seed_must_fit_32_bits():
+    # the largest accepted seed draws its own pair; larger ones would alias a smaller seed
+    _, top = adapt(seed=2**32 - 1)
+    _, low = adapt(seed=2**32 - 2)
+    assert not np.allclose(np.asarray(top["x"]["kernel"].a), np.asarray(low["x"]["kernel"].a))
+    for bad in (2**32, 2**32 + 5, 2**63, 2**64):
+        with pytest.raises(ValueError, match=r"VeRA: seed must be an int in \[0, 2\*\*32\)"):
+            jlora.VeRA(rank=4, seed=bad)
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="VeRA: seed must be an int >= 0"):
+            jlora.VeRA(rank=4, seed=bad)
