@@ -133,7 +133,8 @@ def contracted_axes(module: nn.Module, method: str, args, kwargs) -> tuple[int, 
         nb = len(module.batch_dims)
         return tuple(range(nb, nb + len(axis)))
     if cls is nn.Conv:
-        ndim = len(module.kernel_size) + 2  # window..., in, out
+        window = module.kernel_size  # Flax also takes one int for a 1-D window
+        ndim = (len(window) if isinstance(window, (tuple, list)) else 1) + 2  # window..., in, out
         return tuple(range(ndim - 1))
     if cls is nn.Einsum:
         eq = einsum_equation(module, args, kwargs)
@@ -190,7 +191,8 @@ def orient_spec(spec: Spec, params: Any, found: dict[str, set]) -> Spec:
                              f"{sorted(axes)} in different calls; give in_axes in its config")
         layer_axes = next(iter(axes)) if axes else None
         if not has_axes:
-            if layer_axes is not None and layer_axes != tuple(range(len(layer_axes))):
+            if (layer_axes is not None and layer_axes != tuple(range(len(layer_axes)))
+                    and not config.orientation_free):
                 raise ValueError(f"{path}: {type(config).__name__} has no in_axes option but "
                                  f"the layer contracts kernel axes {layer_axes} of shape {shape}")
             groups.setdefault((index, None), []).append(path)

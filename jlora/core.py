@@ -269,7 +269,8 @@ def merge(adapted: PyTree, *, onto: PyTree | None = None, residual: bool = False
     bfloat16 weight (the delta is computed and added in at least float32, then
     the sum is rounded once to bfloat16). A ``split`` half is refused (combine
     the halves first), except that ``onto=`` needs only the deltas, which a
-    trainable half holds when every factor trains.
+    trainable half holds when every factor trains and no frozen field enters
+    the delta (PiSSA/OLoRA's initial ``a0``, ``b0`` do: combine those first).
 
     A module-level node (``jlora.AdaptFormer``, beside its module as
     ``"mlp@adaptformer"``) is folded by its ``merge_into`` into the module's

@@ -139,6 +139,11 @@ def require_whole(tree: Any, what: str, *, allow_trainable: bool = False) -> Non
         half = x.half() if is_node(x) else None
         if half is not None and not (allow_trainable and half == "trainable"):
             raise half_error(what, path, half)
+        if half == "trainable" and any(getattr(x, f, None) is None for f in x.delta_fields):
+            missing = [f for f in x.delta_fields if getattr(x, f, None) is None]
+            raise ValueError(f"{what}: {path or '<root>'} is a node of the trainable half from "
+                             f"jlora.split, and its delta also needs the frozen {missing}; "
+                             "combine the halves first: jlora.combine(trainable, frozen)")
 
 
 # ---------------------------------------------------------------- module-level nodes

@@ -217,3 +217,26 @@ def test_merge_keeps_a_bf16_base_in_bf16():
     np.testing.assert_allclose(f64(merged), ref, rtol=2 ** -8, atol=1e-6)
     np.testing.assert_allclose(f64(onto), ref, rtol=2 ** -8, atol=1e-6)
     assert jlora.unmerge({"k": merged}, adapted)["k"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_trainable_half_whose_delta_needs_frozen_factors_is_refused(init):
+    rng = np.random.default_rng(0)
+    params = {"w": {"kernel": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)}}
+    adapted = jlora.apply(params, jlora.Spec({"w/kernel": jlora.LoRA(rank=2, init=init)}),
+                          key=jax.random.key(0))
+    node = adapted["w"]["kernel"]
+    adapted["w"]["kernel"] = node.replace(a=node.a + 0.5)  # "trained"
+    trainable, frozen = jlora.split(adapted)
+    for call in (lambda: jlora.merge(trainable, onto=params),
+                 lambda: jlora.unmerge(jlora.merge(adapted), trainable)):
+        with pytest.raises(ValueError, match=r"w/kernel is a node of the trainable half .* also "
+                                             r"needs the frozen \['a0', 'b0'\]"):
+            call()
+    # combined, the delta is s·(a·b − a0·b0) onto the original weight
+    n = adapted["w"]["kernel"]
+    want = (np.asarray(params["w"]["kernel"], np.float64) + n.scale * (
+        np.asarray(n.a, np.float64) @ np.asarray(n.b, np.float64)
+        - np.asarray(n.a0, np.float64) @ np.asarray(n.b0, np.float64)))
+    np.testing.assert_allclose(jlora.merge(jlora.combine(trainable, frozen), onto=params)["w"]["kernel"],
+                               want, rtol=1e-5, atol=1e-5)

@@ -224,3 +224,23 @@ def test_embed_with_float_ids_names_the_layer():
                           key=jax.random.key(1))
     with pytest.raises(ValueError, match="Embed .*integer ids"):
         jlora.linen.apply(model, {"params": adapted}, jnp.array([1.0]))
+
+
+def test_conv_with_an_int_kernel_size_runs_the_fast_path_and_resolves():
+    model = nn.Conv(6, 3)  # Flax's 1-D window given as one int
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 4)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    spec = jlora.linen.resolve(model, {"params": params}, x,
+                               spec=jlora.Spec({"kernel": jlora.LoRA(rank=2)}))
+    adapted = perturb(jlora.apply(params, spec, key=jax.random.key(1)))
+    y = jlora.linen.apply(model, {"params": adapted}, x, strict=True)
+    want = model.apply({"params": jlora.merge(adapted)}, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_resolve_keeps_a_full_rule_on_a_kernel_contracted_off_its_first_axis():
+    model = nn.Einsum((2, 8, 4), "bti,hio->btho")  # contracts kernel axis 1
+    x = jnp.ones((1, 3, 8))
+    params = model.init(jax.random.key(0), x)["params"]
+    spec = jlora.Spec({"kernel": jlora.Full()})
+    assert jlora.linen.resolve(model, {"params": params}, x, spec=spec).match("kernel") == jlora.Full()

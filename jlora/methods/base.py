@@ -183,6 +183,12 @@ class AdapterNode(struct.PyTreeNode, NodeBase, kw_only=True):
         return None
 
     @property
+    def delta_fields(self) -> tuple[str, ...]:
+        """The array fields ``delta`` reads: a trainable half holding them all
+        merges onto (and unmerges from) any copy of the base on its own."""
+        return tuple(self.trainable)
+
+    @property
     def rank(self) -> int | None:
         """The config's ``rank`` (``None`` for methods without one)."""
         return getattr(self.config, "rank", None)
@@ -444,6 +450,10 @@ def strict_options(cls):
 
 class Config:
     """Base class of method configs (frozen dataclasses); subclasses register themselves."""
+
+    #: whether the method's math is the same whichever kernel axes a layer contracts
+    #: (``jlora.linen.resolve`` then needs no orientation for it)
+    orientation_free: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -26,6 +26,8 @@ from jlora.methods.base import AdapterNode, Array, Config, LinearOp, Role, stric
 class Full(Config):
     """Leave the leaf as it is, but trainable."""
 
+    orientation_free = True  # the whole leaf trains: no input or output axes
+
     def build(self, key: Array, base: Array, *, path: str) -> "FullNode":
         self.check_leaf(base, path)
         return FullNode(value=base, config=self, shape=tuple(base.shape),

@@ -289,6 +289,12 @@ class LoRANode(AdapterNode):
         """One slice of a stacked node whose fields ``nn.scan`` has cut."""
         return self.replace(**slice_static(self))
 
+    @property
+    def delta_fields(self) -> tuple[str, ...]:
+        """``a``, ``b`` and, for PiSSA/OLoRA, the frozen initial ``a0``, ``b0``."""
+        initial = self.config.init in ("pissa", "pissa_fast", "olora")
+        return ("a", "b") + (("a0", "b0") if initial else ())
+
     def _product(self, a, b) -> Array:
         if is_slice(self):  # nn.scan cut the fields to one slice
             return self.slice_view()._product(a, b)
