@@ -133,8 +133,8 @@ def test_fix_refuses_bad_codes(codes, what):
 
 def test_bias_free_layers_never_draw_or_count_c_d_e():
     params = {"fc": {"kernel": jnp.ones((IN, OUT))}}
-    adapted = jlora.apply(params, jlora.Spec({"fc/kernel": jlora.GLoRA(rank=R)}),
-                          key=jax.random.key(0))
+    config = jlora.GLoRA(rank=R, c="none", d="none", e="none")  # the supernet of a bias-free layer
+    adapted = jlora.apply(params, jlora.Spec({"fc/kernel": config}), key=jax.random.key(0))
     # c, d, e act on the bias: without one, (3, 3, 3, 2, 2) trains what (3, 3, 0, 0, 0) does
     assert jlora.optim.glora_param_count(adapted, {"fc": (3, 3, 3, 2, 2)}) == 2 * R * (IN + OUT)
     for i in range(8):
