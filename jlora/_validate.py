@@ -104,6 +104,36 @@ def real_or_traced(owner: str, name: str, value: Any, **bounds: float | None) ->
     return real(owner, name, value, **bounds)
 
 
+def int_tuple(owner: str, name: str, value: Any, *, nonempty: bool = False) -> tuple[int, ...]:
+    """An int or a sequence of ints (not bools), as a tuple (axes, in the configs' form)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return (int(value),)
+    try:
+        items = tuple(value)
+    except TypeError:
+        items = None
+    if items is None or (nonempty and not items) or any(
+            not isinstance(a, numbers.Integral) or isinstance(a, bool) for a in items):
+        _fail(owner, name, "an int or a " + ("non-empty " if nonempty else "") + "tuple of ints",
+              value)
+    return tuple(int(a) for a in items)
+
+
+def floating_dtype(owner: str, name: str, value: Any, *, allow_none: bool = False) -> str | None:
+    """A floating dtype (``jnp.bfloat16``, ``"float32"``, ...), returned by name."""
+    import jax.numpy as jnp  # the checks above need no jax
+
+    if value is None and allow_none:
+        return None
+    try:
+        dt = None if value is None else jnp.dtype(value)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        _fail(owner, name, "None or a floating dtype" if allow_none else "a floating dtype", value)
+    return dt.name
+
+
 def function(owner: str, name: str, value: Any) -> Any:
     """A callable (a loss, an ``evaluate``, an optimizer factory, a callback)."""
     if not callable(value):

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._validate import boolean, choice, positive_int
+from jlora._validate import boolean, choice, floating_dtype, int_tuple, positive_int
 
 Array = jax.Array
 
@@ -285,26 +285,12 @@ jax.tree_util.register_dataclass(
     meta_fields=["quant", "block_size", "shape", "perm", "dtype", "n_stack"])
 
 
-def _axes(name: str, axes: Any) -> tuple[int, ...]:
-    """An int or a sequence of ints as a tuple; anything else a ValueError naming ``name``."""
-    if isinstance(axes, (int, np.integer)) and not isinstance(axes, bool):
-        return (int(axes),)
-    try:
-        axes = tuple(axes)
-    except TypeError:
-        axes = None
-    if axes is None or any(not isinstance(a, (int, np.integer)) or isinstance(a, bool)
-                           for a in axes):
-        raise ValueError(f"jlora.quantize: {name} must be an int or a tuple of ints")
-    return tuple(int(a) for a in axes)
-
-
 def _storage_perm(ndim: int, in_axes: tuple[int, ...] | None,
                   stack_axes: tuple[int, ...]) -> tuple[int, ...]:
     if ndim == 0:
         raise ValueError("jlora.quantize: needs an array with at least one dimension")
-    in_axes = None if in_axes is None else _axes("in_axes", in_axes)
-    stack_axes = _axes("stack_axes", stack_axes)
+    in_axes = None if in_axes is None else int_tuple("jlora.quantize", "in_axes", in_axes)
+    stack_axes = int_tuple("jlora.quantize", "stack_axes", stack_axes)
     bad = [a for a in (*(in_axes or ()), *stack_axes) if not -ndim <= a < ndim]
     if bad:
         raise ValueError(f"jlora.quantize: axes {bad} out of range for {ndim} dimensions")
@@ -349,7 +335,7 @@ def quantize(x: Array, quant: str = "nf4", block_size: int = 64, double_quant: b
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"jlora.quantize: needs a floating-point array, got dtype {x.dtype}")
     perm = _storage_perm(x.ndim, in_axes, stack_axes)
-    n_stack = len(_axes("stack_axes", stack_axes))
+    n_stack = len(int_tuple("jlora.quantize", "stack_axes", stack_axes))
     fn = functools.partial(_quantize_stored, quant=quant, block_size=block_size,
                            double_quant=double_quant)
     for _ in range(n_stack):
@@ -390,12 +376,7 @@ def dequantize(q: QuantizedArray, dtype: Any = None) -> Array:
     if not isinstance(q, QuantizedArray):
         raise ValueError(f"jlora.dequantize: expected a QuantizedArray, got {type(q).__name__}")
     if dtype is not None:
-        try:
-            floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
-        except TypeError:
-            floating = False
-        if not floating:
-            raise ValueError(f"jlora.dequantize: dtype must be a floating dtype, got {dtype!r}")
+        floating_dtype("jlora.dequantize", "dtype", dtype)
     return q.dequantize(dtype)
 
 

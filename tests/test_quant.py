@@ -206,7 +206,7 @@ def test_axes_options_and_dequantize_dtype_are_checked():
         with pytest.raises(ValueError, match="dequantize: dtype must be a floating dtype"):
             jlora.dequantize(q, bad)
     assert jlora.QLoRA(rank=2, in_axes=0).in_axes == (0,)
-    with pytest.raises(ValueError, match=r"QLoRA: in_axes must be a non-empty tuple of ints"):
+    with pytest.raises(ValueError, match=r"QLoRA: in_axes must be an int or a non-empty tuple of ints"):
         jlora.QLoRA(rank=2, in_axes=(True,))
 
 

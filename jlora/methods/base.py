@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jlora._validate import floating_dtype, int_tuple
 from jlora.tree import Array, NodeBase, Role
 
 # ``op(x, kernel) -> y``: the host layer's linear map for a kernel of shape
@@ -489,27 +490,10 @@ def freeze_in_axes(config) -> None:
     metadata); ``dtype``: ``None`` or a floating dtype. Errors name the option.
     """
     owner = type(config).__name__
-    axes = getattr(config, "in_axes", None)
-    if axes is not None:
-        if isinstance(axes, int) and not isinstance(axes, bool):
-            axes = (axes,)
-        try:
-            axes = tuple(axes)
-        except TypeError:
-            raise ValueError(f"{owner}: in_axes must be a tuple of ints, got {axes!r}") from None
-        if not axes or any(not isinstance(a, (int, np.integer)) or isinstance(a, bool)
-                           for a in axes):
-            raise ValueError(f"{owner}: in_axes must be a non-empty tuple of ints, "
-                             f"got {config.in_axes!r}")
-        object.__setattr__(config, "in_axes", tuple(int(a) for a in axes))
-    dt = getattr(config, "dtype", None)
-    if dt is not None:
-        try:
-            ok = jnp.issubdtype(jnp.dtype(dt), jnp.floating)
-        except TypeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"{owner}: dtype must be None or a floating dtype, got {dt!r}")
+    if getattr(config, "in_axes", None) is not None:
+        object.__setattr__(config, "in_axes", int_tuple(owner, "in_axes", config.in_axes,
+                                                        nonempty=True))
+    floating_dtype(owner, "dtype", getattr(config, "dtype", None), allow_none=True)
 
 
 def factor_dtype(base_dtype, dtype) -> jnp.dtype:

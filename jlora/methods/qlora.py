@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import quant as Q
-from jlora._validate import boolean, choice, positive_int, real
+from jlora._validate import boolean, choice, floating_dtype, positive_int, real
 from jlora.methods._experts import (
     check_expert_axis,
     factor_specs,
@@ -120,14 +120,8 @@ class QLoRA(Config):
         boolean("QLoRA", "rslora", self.rslora)
         real("QLoRA", "dropout", self.dropout, ge=0.0, lt=1.0)
         if self.compute_dtype is not None:
-            try:
-                dt = jnp.dtype(self.compute_dtype)
-            except TypeError:
-                dt = None
-            if dt is None or not jnp.issubdtype(dt, jnp.floating):
-                raise ValueError(f"QLoRA: compute_dtype must be a floating dtype, "
-                                 f"got {self.compute_dtype!r}")
-            object.__setattr__(self, "compute_dtype", dt.name)
+            object.__setattr__(self, "compute_dtype",
+                               floating_dtype("QLoRA", "compute_dtype", self.compute_dtype))
         freeze_in_axes(self)
 
     @property
