@@ -431,6 +431,16 @@ class Manager:
                 arrays[name] = {str(i): x for i, x in enumerate(leaves)}
         return arrays, meta
 
+    def _meta(self, step: int, where: str) -> Any:
+        """The JSON metadata of ``step``; a ValueError naming ``where`` if unreadable."""
+        ocp = _ocp()
+        try:
+            return self._orbax.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # orbax raises many types for a damaged directory
+            raise ValueError(f"{where}: not a jlora checkpoint or unreadable metadata "
+                             f"({type(e).__name__}: {e})") from None
+
     def _write(self, step: int, arrays: dict, meta: dict) -> None:
         ocp = _ocp()
         self._orbax.save(int(step), args=ocp.args.Composite(
@@ -461,12 +471,7 @@ class Manager:
         if step not in steps:
             raise ValueError(f"no checkpoint for step {step} in {self.directory}; have {steps}")
         where = os.path.join(self.directory, str(step))
-        try:
-            meta = self._orbax.restore(step, args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as e:  # orbax raises many types for a damaged directory
-            raise ValueError(f"{where}: not a jlora checkpoint or unreadable metadata "
-                             f"({type(e).__name__}: {e})") from None
+        meta = self._meta(step, where)
         fmt = meta.get("format") if isinstance(meta, dict) else None
         if fmt in _OLD_FORMATS:
             raise ValueError(
@@ -586,12 +591,7 @@ def upgrade(old_directory: str, new_directory: str, *, trainable: PyTree,
     if step not in steps:
         raise ValueError(f"no checkpoint for step {step} in {old.directory}; have {steps}")
     where = os.path.join(old.directory, str(step))
-    try:
-        meta = old._orbax.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # orbax raises many types for a damaged directory
-        raise ValueError(f"{where}: unreadable checkpoint metadata ({type(e).__name__}: "
-                         f"{e})") from None
+    meta = old._meta(step, where)
     if not isinstance(meta, dict) or meta.get("format") not in _OLD_FORMATS:
         raise ValueError(f"{where}: not a jlora 0.1.0 checkpoint")
     meta_file = os.path.join(where, "meta", "metadata")
