@@ -119,6 +119,18 @@ def int_tuple(owner: str, name: str, value: Any, *, nonempty: bool = False) -> t
     return tuple(int(a) for a in items)
 
 
+def prng_key(owner: str, name: str, value: Any) -> Any:
+    """A PRNG key: a typed ``jax.random.key(seed)`` or a raw uint32 ``(2,)`` key."""
+    import jax
+
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and jax.numpy.issubdtype(dtype, jax.dtypes.prng_key) and value.shape == ():
+        return value
+    if dtype == jax.numpy.uint32 and tuple(value.shape) == (2,):
+        return value
+    _fail(owner, name, "a PRNG key (jax.random.key(seed))", value)
+
+
 def floating_dtype(owner: str, name: str, value: Any, *, allow_none: bool = False) -> str | None:
     """A floating dtype (``jnp.bfloat16``, ``"float32"``, ...), returned by name."""
     import jax.numpy as jnp  # the checks above need no jax

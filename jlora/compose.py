@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._validate import choice, function, positive_int, real
+from jlora._validate import choice, function, positive_int, prng_key, real
 from jlora.core import merge, path_key, unmerge
 from jlora.methods.adalora import AdaLoRANode
 from jlora.methods.base import lowrank_svd, to_matrix
@@ -492,16 +492,9 @@ def magnitude_prune(adapters: Sequence[PyTree], weights, density: float, *,
 
 
 def _key(fn, key):
-    """``key`` must be a PRNG key: a typed ``jax.random.key`` or a raw uint32 ``(2,)`` key."""
     if key is None:
         raise ValueError(f"jlora.compose.{fn}: key (a jax.random key) is required")
-    dtype = getattr(key, "dtype", None)
-    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and key.shape == ():
-        return key
-    if dtype == jnp.uint32 and tuple(key.shape) == (2,):
-        return key
-    raise ValueError(f"jlora.compose.{fn}: key must be a PRNG key (jax.random.key(seed)), "
-                     f"got {key!r}")
+    return prng_key(f"jlora.compose.{fn}", "key", key)
 
 
 def dare_linear(adapters: Sequence[PyTree], weights, density: float, key: jax.Array = None, *,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import _alloc
+from jlora._validate import prng_key
 from jlora.methods._module import ModuleNode
 from jlora.spec import Spec
 from jlora.tree import (PyTree, half_error, is_module_node, is_node, leaves_with_paths, map_nodes,
@@ -51,7 +52,7 @@ def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
     """
     if not isinstance(spec, Spec):
         raise ValueError(f"jlora.apply: spec must be a jlora.Spec, got {type(spec).__name__}")
-    _check_key(key)
+    prng_key("jlora.apply", "key", key)
     _alloc.hint()  # once per process: glibc's default malloc slows XLA:CPU
     leaves = leaves_with_paths(params)
     by_path = dict(leaves)
@@ -193,16 +194,6 @@ def module_params_applied(params: PyTree, nodes) -> PyTree:
                              "module, but no module params at that path") from None
         params = replace_subtrees(params, {node.path: node.module_params(sub)})
     return params
-
-
-def _check_key(key) -> None:
-    """``key`` must be a PRNG key: a typed ``jax.random.key`` or a raw uint32 ``(2,)`` key."""
-    dtype = getattr(key, "dtype", None)
-    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and key.shape == ():
-        return
-    if dtype == jnp.uint32 and tuple(key.shape) == (2,):
-        return
-    raise ValueError(f"jlora.apply: key must be a PRNG key (jax.random.key(seed)), got {key!r}")
 
 
 def _none_fields(node, keep: bool):
