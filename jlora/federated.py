@@ -388,11 +388,6 @@ def _with_rank(node, rank: int, a, b, **options):
     return node.replace(a=a, b=b, config=config)
 
 
-def _mt(x):
-    """The transpose of the last two axes (a batch of matrices for stacked experts)."""
-    return jnp.swapaxes(x, -1, -2)
-
-
 def flora(clients: Sequence[PyTree], weights) -> PyTree:
     """FLoRA (Wang et al. NeurIPS 2024, §3): stack the clients' factors along the rank axis.
 
@@ -506,8 +501,8 @@ def lora_fair(clients: Sequence[PyTree], weights, *, ridge: float = 1e-3) -> PyT
             return avg  # one shared factor (a frozen a or b) makes the average exact
         acc = _acc(avg.a)
         a_bar, b_bar = avg.a.astype(acc), avg.b.astype(acc)
-        gram = _mt(a_bar) @ a_bar  # (..., r, r): per expert for a stacked node
-        at_t = sum(p[k].astype(acc) * c * (_mt(a_bar) @ n.a.astype(acc)) @ n.b.astype(acc)
+        gram = a_bar.mT @ a_bar  # (..., r, r): per expert for a stacked node
+        at_t = sum(p[k].astype(acc) * c * (a_bar.mT @ n.a.astype(acc)) @ n.b.astype(acc)
                    for k, (n, c) in enumerate(zip(col, _ratios(col))))
         r = gram.shape[-1]
         # floored so that ā = 0 (nothing to fit through) solves to Δb = 0, not 0/0

@@ -56,11 +56,6 @@ def _pairs(tree) -> list:
     return [x for x in jax.tree.leaves(tree, is_leaf=is_node) if _is_pair(x)]
 
 
-def _mt(x):
-    """The transpose of the last two axes (per expert for stacked factors)."""
-    return jnp.swapaxes(x, -1, -2)
-
-
 def _sq(x):
     """``‖x‖²_F`` over the last two axes (one per expert for stacked factors)."""
     return jnp.sum(jnp.square(x), axis=(-2, -1))
@@ -94,8 +89,8 @@ def sam_drift(a, b, ga, gb, c, scale=1.0) -> jax.Array:
     a leading expert axis give one ``D`` per expert.
     """
     first = _sq(gb) - _sq(ga)
-    second = _dot(_mt(a) @ a, gb @ _mt(gb)) - _dot(b @ _mt(b), _mt(ga) @ ga)
-    third = _dot(_mt(ga) @ a, gb @ _mt(gb)) - _dot(_mt(ga) @ ga, b @ _mt(gb))
+    second = _dot(a.mT @ a, gb @ gb.mT) - _dot(b @ b.mT, ga.mT @ ga)
+    third = _dot(ga.mT @ a, gb @ gb.mT) - _dot(ga.mT @ ga, b @ gb.mT)
     return c * first + scale ** 2 * (c ** 2 * second + c ** 3 * third)
 
 
@@ -144,11 +139,11 @@ def balance(tree) -> Any:
         # QR and SVD in float32 at least (XLA has no bfloat16 decompositions)
         acc = jnp.promote_types(node.a.dtype, jnp.float32)
         qa, ra = jnp.linalg.qr(node.a.astype(acc))
-        qb, rb = jnp.linalg.qr(_mt(node.b.astype(acc)))
-        u, s, vt = jnp.linalg.svd(ra @ _mt(rb))
+        qb, rb = jnp.linalg.qr(node.b.astype(acc).mT)
+        u, s, vt = jnp.linalg.svd(ra @ rb.mT)
         root = jnp.sqrt(s)
         return node.replace(a=((qa @ u) * root[..., None, :]).astype(node.a.dtype),
-                            b=((root[..., :, None] * vt) @ _mt(qb)).astype(node.b.dtype))
+                            b=((root[..., :, None] * vt) @ qb.mT).astype(node.b.dtype))
 
     return jax.tree.map(lambda x: one(x) if _is_pair(x) else x, tree,
                         is_leaf=is_node)
