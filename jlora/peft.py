@@ -88,14 +88,14 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 _READ = {"peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern",
          "alpha_pattern", "target_modules", "exclude_modules", "lora_dropout", "bias",
          "lora_bias", "fan_in_fan_out", "modules_to_save", "init_lora_weights",
-         "trainable_token_indices", "target_parameters"}
+         "trainable_token_indices", "target_parameters", "layers_to_transform",
+         "layers_pattern"}
 # Informational keys (and keys whose usual value changes nothing for a plain LoRA
 # adapter) with the JSON types they may hold.
 _INFO = {"base_model_name_or_path": (str, type(None)), "revision": (str, type(None)),
          "task_type": (str, type(None)), "peft_version": (str, type(None)),
          "inference_mode": (bool,), "auto_mapping": (dict, type(None)),
-         "megatron_core": (str, type(None)), "qalora_group_size": (int,),
-         "layers_pattern": (str, list, type(None))}
+         "megatron_core": (str, type(None)), "qalora_group_size": (int,)}
 _NON_EMPTY_DEFAULTS = {"loftq_config": {}, "runtime_config": {"ephemeral_gpu_offload": False}}
 # init_lora_weights values after which the saved tensors apply to the base as it was.
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
@@ -214,8 +214,31 @@ def _lora_excluded(rule, module: str) -> bool:
     return bool(rule) and any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in rule)
 
 
+def _in_layers(config: dict, module: str) -> bool:
+    """PEFT's ``layers_to_transform`` test (``check_target_module_exists``) for a module a
+    ``target_modules`` list selects by suffix: the first numbered segment after a
+    ``layers_pattern`` entry (any segment when there is none) must be a listed layer index.
+    A module named exactly in the list, or a ``target_modules`` regex, is not restricted."""
+    layers = config.get("layers_to_transform")
+    rule = config.get("target_modules")
+    if layers is None or layers == [] or not isinstance(rule, list) or module in rule:
+        return True
+    patterns = config.get("layers_pattern") or []
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        match = next((m for m in (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module)
+                                  for p in patterns) if m), None)
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
 def _targeted(config: dict, module: str) -> bool:
     return (_selects(config.get("target_modules"), module)
+            and _in_layers(config, module)
             and not _selects(config.get("exclude_modules"), module)
             and not _lora_excluded(config.get("modules_to_save"), module))
 
@@ -693,6 +716,18 @@ def _read_config(path: str) -> dict:
                 except (re.error, RecursionError, OverflowError) as e:
                     raise ValueError(f"{path}: key 'modules_to_save' entry {entry!r} is not a "
                                      f"regular expression, which PEFT matches it as ({e})") from None
+    layers, pattern = config.get("layers_to_transform"), config.get("layers_pattern")
+    if layers is not None and not (_is_int(layers) and layers >= 0 or isinstance(layers, list)
+                                   and all(_is_int(i) and i >= 0 for i in layers)):
+        _bad(path, "layers_to_transform", "a layer index or a list of them", layers)
+    if pattern is not None and not (isinstance(pattern, str) or isinstance(pattern, list)
+                                    and all(isinstance(p, str) for p in pattern)):
+        _bad(path, "layers_pattern", "a name or a list of names", pattern)
+    for entry in [pattern] if isinstance(pattern, str) else pattern or []:
+        _check_regex(path, "layers_pattern", entry)
+    if layers is not None and isinstance(config.get("target_modules"), str):
+        raise ValueError(f"{path}: key 'layers_to_transform' is set with a regular expression "
+                         "for 'target_modules', which PEFT refuses")
     init = config.get("init_lora_weights", True)
     if init not in _PLAIN_INITS or type(init) not in (bool, str):
         if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
@@ -766,8 +801,9 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
     """Read a PEFT LoRA adapter directory into an adapted tree over ``params``.
 
     Honours ``r``/``lora_alpha`` with ``rank_pattern``/``alpha_pattern``,
-    ``use_rslora``, ``use_dora``, ``fan_in_fan_out``, ``target_modules``,
-    ``exclude_modules`` and ``modules_to_save``, with PEFT's defaults (``r`` 8,
+    ``use_rslora``, ``use_dora``, ``fan_in_fan_out``, ``target_modules`` (with
+    ``layers_to_transform``/``layers_pattern``), ``exclude_modules`` and
+    ``modules_to_save``, with PEFT's defaults (``r`` 8,
     ``lora_alpha`` 8) for keys the config leaves out. ``params`` is not modified;
     the returned tree is complete or a ``ValueError`` names the file and key at
     fault.

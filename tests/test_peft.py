@@ -692,3 +692,82 @@ def test_a_config_without_r_means_peft_default_8(tmp_path):
     edit_config(tmp_path, rank_pattern={"fc1": 2})
     with pytest.raises(ValueError, match=r"has rank 8 but adapter_config.json says r=2"):
         jlora.peft.load(tmp_path, params)
+
+
+# ---------------------------------------------------------------- layers_to_transform
+
+
+class Layered:
+    """A PyTorch decoder-like stack: ``model.layers.<i>.{q,v}`` and a ``head``."""
+
+    @staticmethod
+    def torch(n=3, seed=0):
+        import torch
+
+        class Block(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.q = torch.nn.Linear(6, 6)
+                self.v = torch.nn.Linear(6, 5)
+
+        class Inner(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layers = torch.nn.ModuleList([Block() for _ in range(n)])
+
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = Inner()
+                self.head = torch.nn.Linear(5, 2)
+
+        torch.manual_seed(seed)
+        return M()
+
+
+def params_from_torch_nested(state_dict):
+    """``model.layers.0.q.weight`` -> ``{"model": {"layers": {"0": {"q": {"kernel"}}}}}``."""
+    out = {}
+    for key, value in state_dict.items():
+        *modules, leaf = key.split(".")
+        node = out
+        for m in modules:
+            node = node.setdefault(m, {})
+        v = value.detach().numpy()
+        node["kernel" if leaf == "weight" else "bias"] = jnp.asarray(v.T if v.ndim == 2 else v)
+    return out
+
+
+@needs_torch
+@pytest.mark.parametrize("layers,pattern", [([0, 2], None), (1, "layers"), ([2], ["blocks", "layers"])])
+def test_layers_to_transform_adapts_the_layers_peft_adapts(tmp_path, layers, pattern):
+    from peft import LoraConfig, get_peft_model
+
+    base = Layered.torch()
+    params = params_from_torch_nested(base.state_dict())
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"],
+                                            layers_to_transform=layers, layers_pattern=pattern))
+    randomize_peft(model)
+    model.save_pretrained(tmp_path)
+    got = jlora.peft.load(tmp_path, params)
+    chosen = [layers] if isinstance(layers, int) else layers
+    for i in range(3):
+        for m in ("q", "v"):
+            assert jlora.tree.is_node(got["model"]["layers"][str(i)][m]["kernel"]) == (i in chosen)
+    assert_merged_equal(jlora.merge(got),
+                        params_from_torch_nested(model.merge_and_unload().state_dict()))
+
+
+def test_layers_to_transform_is_checked(tmp_path):
+    d = copy_fixture(tmp_path)
+    edit_config(d, layers_to_transform=["0"])
+    with pytest.raises(ValueError, match="layers_to_transform"):
+        jlora.peft.load(d, base_params())
+    edit_config(d, layers_to_transform=[0], target_modules="fc.*")
+    with pytest.raises(ValueError, match="layers_to_transform.*regular expression"):
+        jlora.peft.load(d, base_params())
+    # the fixture's modules have no layer index, so the config selects none of them and
+    # its tensors are refused rather than ignored
+    edit_config(d, layers_to_transform=[0], target_modules=["fc1", "fc2"])
+    with pytest.raises(ValueError, match="target_modules does not select module"):
+        jlora.peft.load(d, base_params())
