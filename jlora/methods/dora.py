@@ -109,10 +109,16 @@ class DoRANode(LoRANode):
     def trainable(self) -> tuple[str, ...]:
         return ("a", "b", "m") if self.config.train_a else ("b", "m")
 
+    def _acc(self) -> jnp.dtype:
+        """The precision of norms and merges: float32 at least, so bfloat16 factors on a
+        float32 base neither round the base nor sum squares in bfloat16."""
+        return jnp.promote_types(jnp.promote_types(self.base.dtype, self.a.dtype), jnp.float32)
+
     def column_norms(self) -> Array:
         """``sqrt(‖(K0 + s·a·b)[:, j]‖² + NORM_EPS)`` per output feature, without forming ``a·b``."""
-        k0 = to_matrix(self.base, self.in_axes).astype(self.a.dtype)
-        a, b, s = self.a, self.b, self.scale
+        acc = self._acc()
+        k0 = to_matrix(self.base, self.in_axes).astype(acc)
+        a, b, s = self.a.astype(acc), self.b.astype(acc), self.scale
         # aᵀ·K0, not K0ᵀ·a: XLA:CPU contracts K0 over its rows as a fast GEMM
         # (the layout of x·K0) but sends K0ᵀ·a to a slow generic dot
         sq = (jnp.sum(k0 * k0, axis=0)
@@ -126,17 +132,22 @@ class DoRANode(LoRANode):
             n = jax.lax.stop_gradient(n)
         return self.m / n
 
+    def _merged(self) -> Array:
+        """``(K0 + s·a·b) ⊙ m/‖·‖`` as a matrix, in :meth:`_acc` precision."""
+        acc = self._acc()
+        vm = to_matrix(self.base, self.in_axes).astype(acc) + self.scale * (
+            self.a.astype(acc) @ self.b.astype(acc))
+        return vm * self._ratio().astype(acc)
+
     def materialize(self) -> Array:
-        vm = to_matrix(self.base, self.in_axes).astype(self.a.dtype) + self.scale * (self.a @ self.b)
-        k = from_matrix(vm * self._ratio(), self.shape, self.in_axes)
-        return k.astype(self.base.dtype)
+        return from_matrix(self._merged(), self.shape, self.in_axes).astype(self.base.dtype)
 
     def delta(self) -> Array:
-        original = to_matrix(self.base, self.in_axes).astype(self.a.dtype)
+        acc = self._acc()
+        original = to_matrix(self.base, self.in_axes).astype(acc)
         if self.a0 is not None:
-            original = original + self.scale * (self.a0 @ self.b0)
-        return self.materialize().astype(original.dtype) - from_matrix(
-            original, self.shape, self.in_axes)
+            original = original + self.scale * (self.a0.astype(acc) @ self.b0.astype(acc))
+        return from_matrix(self._merged() - original, self.shape, self.in_axes).astype(self.a.dtype)
 
     def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
             **context: Any) -> Array:

@@ -309,10 +309,12 @@ class LoRANode(AdapterNode):
         return (self.base.astype(acc) + ab).astype(self.base.dtype)
 
     def delta(self) -> Array:
-        d = self._product(self.a, self.b)
+        # in float32 at least, so PiSSA/OLoRA's difference of two products keeps its digits
+        acc = jnp.promote_types(self.a.dtype, jnp.float32)
+        d = self._product(self.a.astype(acc), self.b.astype(acc))
         if self.a0 is not None:
-            d = d - self._product(self.a0, self.b0)
-        return d
+            d = d - self._product(self.a0.astype(acc), self.b0.astype(acc))
+        return d.astype(self.a.dtype)
 
     def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
             **context: Any) -> Array:

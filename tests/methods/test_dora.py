@@ -225,3 +225,21 @@ def test_fast_path_vjp_matches_autodiff_of_merged_weights_float64(batch, dropout
                 x, y = (a, b) if f is None else (getattr(a, f), getattr(b, f))
                 assert jnp.asarray(x).dtype == jnp.float64
                 np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12, err_msg=f"{path}.{f}")
+
+
+def test_bf16_factors_on_a_float32_base_keep_the_base_and_the_delta_exact():
+    rng = np.random.default_rng(4)
+    w = jnp.asarray(rng.normal(size=(24, 16)) * 3, jnp.float32)
+    node = jlora.apply({"w": w}, jlora.Spec({"w": jlora.DoRA(rank=4, dtype=jnp.bfloat16)}),
+                       key=jax.random.key(0))["w"]
+    node = node.replace(a=jnp.asarray(0.1 * rng.normal(size=node.a.shape), jnp.bfloat16),
+                        b=jnp.asarray(0.01 * rng.normal(size=node.b.shape), jnp.bfloat16))
+    want = dora_ref(w, node.a, node.b, node.m, node.scale)
+    # the merged kernel in float32: the base is not rounded to bf16 (2e-2 off before)
+    got = node.materialize()
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(f64(got), want, rtol=0, atol=1e-5)
+    # ΔW = K' − K0 is small next to K0: rounded once, to bf16, not computed in it
+    delta = want - f64(w)
+    np.testing.assert_allclose(f64(node.delta()), delta, rtol=0,
+                               atol=2 ** -8 * np.abs(delta).max())

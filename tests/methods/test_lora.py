@@ -187,3 +187,18 @@ def test_bf16_factors_merge_onto_a_float32_base_without_rounding_it():
     merged = node.materialize()
     assert merged.dtype == jnp.float32
     np.testing.assert_allclose(f64(merged), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_bf16_delta_of_a_moved_initial_adapter_keeps_its_digits(init):
+    """``s·(a·b − a0·b0)`` subtracts two large products: each must not round to bf16 first."""
+    _, node = adapt_one(jlora.LoRA(rank=4, init=init, dtype=jnp.bfloat16))
+    rng = np.random.default_rng(2)
+    node = node.replace(
+        a=(f64(node.a) + 0.01 * rng.normal(size=node.a.shape)).astype(jnp.bfloat16),
+        b=(f64(node.b) + 0.01 * rng.normal(size=node.b.shape)).astype(jnp.bfloat16))
+    want = node.scale * (f64(node.a) @ f64(node.b) - f64(node.a0) @ f64(node.b0))
+    got = node.delta()
+    assert got.dtype == jnp.bfloat16
+    # one bf16 rounding of the result (2^-8 relative), not of the products (0.15 before)
+    np.testing.assert_allclose(f64(got), want, rtol=2 ** -8, atol=2 ** -8 * np.abs(want).max())
