@@ -157,10 +157,17 @@ def _corda_reduce(x, batch):
     return corda_covariance(x)
 
 
-def _calls(fn, run, params, batch, paths, targets):
-    """Run one batch; ``{path: [value, ...]}`` in first-call order, every target reached."""
+def _calls(fn, run, params, batch, paths, targets, number):
+    """Run batch ``number`` (1-based); ``{path: [value, ...]}`` in first-call order, every
+    target reached. An error inside the user's ``apply_fn`` (a batch whose features do not
+    fit the model, say) comes back as a ValueError naming the batch."""
     out: dict[str, list] = {}
-    for i, value in run(params, batch):
+    try:
+        calls = run(params, batch)
+    except Exception as e:  # the user's model: Flax, jax and numpy raise many types
+        raise ValueError(f"jlora.init.{fn}: apply_fn(params, batch) failed on calibration "
+                         f"batch #{number} ({type(e).__name__}: {e})") from e
+    for i, value in calls:
         out.setdefault(paths[int(i)], []).append(value)
     missing = [p for p in paths if p not in out]
     if missing:
@@ -355,7 +362,7 @@ def eva(adapted_or_params: Any, spec, batches: Iterable, apply_fn: Callable, *,
     budget = sum(t.config.rank for t in targets.values())
 
     run = _capturer(apply_fn, paths, _EvaRows(mask_fn, use_label_mask, label_mask_value))
-    first = _calls("eva", run, params, next(iter(batches)), paths, targets)
+    first = _calls("eva", run, params, next(iter(batches)), paths, targets, 1)
     # Layers with identical inputs on the first batch share one PCA (PEFT hashes them).
     order = list(first)
     selected = {p: _selected(first[p][0]) for p in order}
@@ -395,7 +402,7 @@ def eva(adapted_or_params: Any, spec, batches: Iterable, apply_fn: Callable, *,
                                  f"did not converge (cosine >= tau={tau}) within max_batches="
                                  f"{max_batches} batches; pass more or more varied batches, "
                                  "raise max_batches or lower tau")
-            calls = _calls("eva", run, params, batch, paths, targets)
+            calls = _calls("eva", run, params, batch, paths, targets, step + 1)
             step += 1
             for p in owners:
                 if done[p]:
@@ -524,7 +531,7 @@ def corda(adapted_or_params: Any, spec, batches: Iterable, apply_fn: Callable, *
     count: dict[str, float] = {}
     total = len(batches) if hasattr(batches, "__len__") else None
     for step, batch in enumerate(batches, 1):
-        for p, values in _calls("corda", run, params, batch, paths, targets).items():
+        for p, values in _calls("corda", run, params, batch, paths, targets, step).items():
             for cov, n in values:
                 sums[p] = cov if p not in sums else sums[p] + cov
                 count[p] = count.get(p, 0.0) + float(n)

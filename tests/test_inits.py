@@ -361,6 +361,15 @@ def test_init_options_are_checked_before_any_batch_runs(method, kw, match):
     assert not calls
 
 
+@pytest.mark.parametrize("method", ["eva", "corda"])
+def test_a_batch_the_model_cannot_run_is_named(method):
+    params, fwd = _dense()
+    xs = [jax.random.normal(jax.random.key(0), (16, 8)), jnp.ones((16, 7))]
+    with pytest.raises(ValueError, match=rf"jlora.init.{method}: apply_fn\(params, batch\) "
+                                         r"failed on calibration batch #2 \(ScopeParamShape"):
+        getattr(jlora.init, method)(params, jlora.Spec({"kernel": jlora.LoRA(rank=2)}), xs, fwd)
+
+
 @pytest.mark.parametrize("loss,what", [
     (lambda out: out, r"shape \(16, 6\) and dtype float32"),
     (lambda out: jnp.sum(out > 0), r"shape \(\) and dtype int32"),
