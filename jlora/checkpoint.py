@@ -227,6 +227,11 @@ def _decode(desc: Any, nodes: dict, states: dict) -> PyTree:
         kwargs = {k: _static_from_json(v) for k, v in desc["static"].items()}
         kwargs.update({k: _decode(v, nodes, states) for k, v in desc["fields"]})
         names = {f.name for f in dataclasses.fields(cls)}
+        # a static field added to a node class after the checkpoint was written keeps its
+        # default; an array field must be present
+        names -= {f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+                  and not f.metadata.get("pytree_node", True)
+                  and f.default is not dataclasses.MISSING}
         if set(kwargs) != names:
             raise ValueError(f"{desc['node']} fields {sorted(kwargs)} are not {sorted(names)}")
         return cls(**kwargs)

@@ -361,10 +361,10 @@ def _svd(adapters, w, rank):
 # ------------------------------------------------------------------ dense merges
 
 
-def _delta_check(path, node) -> None:
+def _delta_check(path, node, what: str = "combining") -> None:
     if not hasattr(node, "base"):
         raise ValueError(f"{path}: a {node.method} leaf has no delta against an original weight; "
-                         "drop it from the adapters before combining")
+                         f"drop it from the adapters before {what}")
 
 
 def _delta(path, node) -> jax.Array:
@@ -825,7 +825,8 @@ def to_lora(tree_or_delta: PyTree, rank, *, base: PyTree | None = None) -> LoRAC
                                  "(expert_axis) adapters")
             if len(node.shape) < 2:
                 continue  # a vector's adapter (GLoRA's bias term) has no low-rank form: kept
-            _delta_check(path, node)
+            _delta_check(path, node, "converting them to LoRA (to_lora keeps weight "
+                         "deltas only; merge or save such a node on its own)")
             out[path], errors[path] = _lora_from_delta(path, node.delta(), node, original(node),
                                                        rank)
     else:

@@ -195,10 +195,11 @@ def position_mask(attention_mask: Array, first: int, last: int) -> Array:
 def orthonormal_columns(p: Array) -> Array:
     """``Q·sign(diag(R))`` of the thin QR ``p = Q·R``: orthonormal columns, and ``p`` itself
     when ``p`` already has orthonormal columns (the sign fix makes the map continuous)."""
-    q, r = jnp.linalg.qr(p)
+    # in float32 at least: LAPACK's QR has no bfloat16/float16 kernel
+    q, r = jnp.linalg.qr(p.astype(jnp.promote_types(p.dtype, jnp.float32)))
     s = jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))
     s = jnp.where(s == 0, 1, s).astype(q.dtype)
-    return q * s[..., None, :]
+    return (q * s[..., None, :]).astype(p.dtype)
 
 
 def lowrank_edit(x: Array, down: Array, up: Array, bias: Array | None = None,
@@ -302,7 +303,8 @@ def _ordered_leaves(tree: Any, prefix: str = ""):
 
 def orthogonal_init(key: Array, d: int, r: int, dtype, lead: tuple[int, ...] = ()) -> Array:
     """``(…, d, r)`` with orthonormal columns: the sign-fixed QR of a Gaussian."""
-    return orthonormal_columns(jax.random.normal(key, lead + (d, r), dtype))
+    draw = jax.random.normal(key, lead + (d, r), jnp.promote_types(dtype, jnp.float32))
+    return orthonormal_columns(draw).astype(dtype)
 
 
 def linear_init(key: Array, shape: tuple[int, ...], fan_in: int, dtype) -> Array:
@@ -509,7 +511,9 @@ class MeFT(_InterventionConfig):
         return MeFTNode(down=linear_init(key, (d_in, self.rank), d_in, dt),
                         up=jnp.zeros((self.rank, d_out), dt),
                         c=jnp.zeros((self.rank,), dt) if self.bias else None, config=self,
-                        path=path, shape=(d_in, d_out), in_axes=(0,), dense=dense)
+                        path=path, shape=(d_in, d_out), in_axes=(0,), dense=dense,
+                        module_bias=hasattr(module_params, "get")
+                        and module_params.get("bias") is not None)
 
 
 # ---------------------------------------------------------------- nodes
@@ -681,6 +685,8 @@ class MeFTNode(ModuleNode):
     up: Array
     c: Array | None = None
     dense: bool = dataclasses.field(default=False, metadata={"pytree_node": False})
+    # whether the module has a bias for ``c`` to fold into, known without its params
+    module_bias: bool = dataclasses.field(default=False, metadata={"pytree_node": False})
 
     config_class = MeFT
     field_axes = {"down": Role.REPLICATED, "up": Role.REPLICATED, "c": Role.REPLICATED}
@@ -705,7 +711,8 @@ class MeFTNode(ModuleNode):
         kernel = params.get("kernel") if hasattr(params, "get") else None
         if not self.dense or (params is not None and getattr(kernel, "ndim", 0) != 2):
             why.append("the module is not a Dense layer with a 2-D kernel")
-        elif params is not None and self.c is not None and params.get("bias") is None:
+        elif self.c is not None and not (self.module_bias if params is None
+                                         else params.get("bias") is not None):
             why.append("its bias c needs a module bias to fold into")
         return why
 

@@ -247,19 +247,29 @@ def key_array(key: int | tuple[int, ...]) -> Array:
     return jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
 
 
-def select(leaves: list[tuple[str, Any]], include: tuple[str, ...] | None) -> list[str]:
-    """Relative paths of the floating array leaves that ``include`` (globs, or all) selects."""
+def select(leaves: list[tuple[str, Any]], include: tuple[str, ...] | None,
+           where: str = "<root>") -> list[str]:
+    """Relative paths of the floating array leaves that ``include`` (globs, or all) selects.
+
+    Each glob must select some leaf, as each rule of a ``jlora.Spec`` must: a typo would
+    otherwise shrink the subspace without a word."""
     from jlora.spec import glob_to_regex
 
     pats = None if include is None else [re.compile(glob_to_regex(g)) for g in include]
-    out = []
+    out, used = [], set()
     for p, leaf in leaves:
         if not (hasattr(leaf, "dtype") and hasattr(leaf, "shape")):
             continue
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             continue
-        if pats is None or any(r.fullmatch(p) for r in pats):
+        hits = [i for i, r in enumerate(pats or []) if r.fullmatch(p)]
+        used.update(hits)
+        if pats is None or hits:
             out.append(p)
+    unused = [g for i, g in enumerate(include or ()) if i not in used]
+    if out and unused:
+        raise ValueError(f"{where}: Subspace include glob {unused[0]!r} matches no floating-point "
+                         f"leaf of the module (its leaves: {[p for p, _ in leaves][:6]})")
     return out
 
 
@@ -318,8 +328,8 @@ class Subspace(ModuleConfig):
 
     def build_module(self, key: Array, module_params: PyTree, *, path: str) -> "SubspaceNode":
         leaves = [(p, x) for p, x in leaves_with_paths(module_params) if not is_node(x)]
-        targets = select(leaves, self.include)
         where = path or "<root>"
+        targets = select(leaves, self.include, where)
         if not targets:
             raise ValueError(f"{where}: Subspace finds no floating-point leaf to reparameterise"
                              + (f" matching include={list(self.include)}" if self.include else ""))

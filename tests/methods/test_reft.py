@@ -410,3 +410,41 @@ def test_loreft_on_the_nnx_path():
     sel, _ = ref_positions(mask, 1, 1)
     want = apply_at(h, h + (h @ f64(node.w) + f64(node.b) - h @ p) @ p.T, sel)
     np.testing.assert_allclose(f64(y), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [jlora.LoReFT, jlora.ConsReFT])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_factors_build_and_run(cls, dtype):
+    """LAPACK's QR has no half-precision kernel: the projection is orthonormalised in float32."""
+    node = build(cls(R, dtype=dtype))
+    assert node.p.dtype == dtype
+    p = ref_orthonormal(node.p)
+    np.testing.assert_allclose(f64(node.projection()), p, atol=1e-2)
+    np.testing.assert_allclose(p.T @ p, np.eye(R), atol=1e-6)
+    h = hidden().astype(dtype)
+    grads = jax.grad(lambda n: jnp.sum(n.edit(h).astype(jnp.float32) ** 2))(node)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+class _NoBias(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(5, use_bias=False, name="dense")(x)
+
+
+def test_meft_bias_on_a_bias_free_dense_is_not_mergeable():
+    x = hidden((2, 4, 6))
+    params = _NoBias().init(jax.random.key(0), x)["params"]
+    adapted = jlora.apply(params, jlora.Spec({"dense": jlora.MeFT(2, bias=True)}),
+                          key=jax.random.key(1))
+    node = adapted["dense@meft"]
+    assert not node.mergeable and "module bias" in node.unmergeable_reason
+    plain, left = jlora.merge(adapted, residual=True)  # kept aside, not a failed merge
+    assert list(left) == ["dense@meft"]
+    np.testing.assert_array_equal(np.asarray(plain["dense"]["kernel"]),
+                                  np.asarray(params["dense"]["kernel"]))
+    with pytest.raises(ValueError, match="its bias c needs a module bias"):
+        jlora.merge(adapted)
+    with_bias = jlora.apply(_Wrap().init(jax.random.key(0), x)["params"],
+                            jlora.Spec({"dense": jlora.MeFT(2, bias=True)}), key=jax.random.key(1))
+    assert with_bias["dense@meft"].mergeable

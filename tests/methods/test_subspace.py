@@ -213,6 +213,11 @@ def test_include_projections_key_and_errors():
         jlora.Spec({"": jlora.LoRA(rank=1)})
     with pytest.raises(ValueError, match="body: Subspace dim=100 exceeds D=35"):
         jlora.apply(params, jlora.Spec({"body": jlora.Subspace(100)}), key=jax.random.key(0))
+    # one glob of several that matches nothing is a typo, not a smaller subspace
+    with pytest.raises(ValueError, match="body: Subspace include glob 'typo/\*\*' matches no"):
+        jlora.apply(params, jlora.Spec({"body": jlora.Subspace(2, include=("**/kernel",
+                                                                             "typo/**"))}),
+                    key=jax.random.key(0))
     with pytest.raises(ValueError, match="body: Subspace finds no floating-point leaf"):
         jlora.apply(params, jlora.Spec({"body": jlora.Subspace(2, include=("nope",))}),
                     key=jax.random.key(0))
