@@ -391,3 +391,28 @@ def test_directories_that_are_not_checkpoints_are_named(tmp_path):
     _rewrite_meta(tmp_path / "ck" / "3", format="something-else/1")
     with pytest.raises(ValueError, match=r"ck/3: not a jlora checkpoint \(format 'something-else/1'\)"):
         jlora.checkpoint.restore(tmp_path / "ck")
+
+
+def test_a_static_field_newer_than_the_checkpoint_keeps_its_default(tmp_path):
+    """A checkpoint written before a node class gained a static field restores with the
+    field's default; a missing array field is still malformed."""
+    params = {"fc": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+    adapted = jlora.apply(params, jlora.Spec({"fc": jlora.MeFT(2, bias=True)}),
+                          key=jax.random.key(0))
+    trainable, _ = jlora.split(adapted)
+    assert trainable["fc@meft"].module_bias
+    jlora.checkpoint.save(tmp_path, trainable, step=1)
+    path = tmp_path / "1" / "meta" / "metadata"
+    text = path.read_text()
+    meta = json.loads(text)
+    node = meta["trainable"]["dict"][1][1] if meta["trainable"]["dict"][0][0] != "fc@meft" \
+        else meta["trainable"]["dict"][0][1]
+    del node["static"]["module_bias"]
+    path.write_text(json.dumps(meta))
+    back = jlora.checkpoint.restore(tmp_path)["trainable"]["fc@meft"]
+    assert back.module_bias is False and back.dense
+    np.testing.assert_array_equal(np.asarray(back.down), np.asarray(trainable["fc@meft"].down))
+    node["fields"] = [f for f in node["fields"] if f[0] != "down"]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"malformed checkpoint metadata"):
+        jlora.checkpoint.restore(tmp_path)
