@@ -343,7 +343,11 @@ def restore(directory: str, step: int | None = None, *, spec: Spec | None = None
         to restore onto: every stored adapter must find a node of the same
         method, config and base shape at its path (else a ``ValueError``
         naming the first mismatching path), and the result gains
-        ``"adapted"`` = ``jlora.combine(trainable, onto)``.
+        ``"adapted"`` = ``jlora.combine(trainable, onto)``. The frozen
+        fields a method draws from ``apply``'s key (LoRA-FA's ``a``, a random
+        ``Sparse`` mask's indices) come from ``onto``, not from the
+        checkpoint: build ``onto`` with the key of the run that saved, or save
+        with ``frozen=`` to carry them.
       shardings / opt_shardings: a ``Sharding`` for every leaf, or a tree of
         them matching ``trainable`` / ``opt_state``, to restore directly onto a
         mesh (e.g. ``jlora.sharding.named(t_specs, mesh)``).
