@@ -9,8 +9,10 @@ optimizer of :mod:`jlora.optim` (FedAdam, FedYogi, MIME, FedLADA, ...):
 
 * :func:`to_records` — one ``Array`` per leaf, keyed by its jlora path
   (``encoder/layer_0/query/kernel/a``); :func:`describe` — a ``ConfigRecord``
-  with each adapter's ``rank`` and ``alpha`` (``"path:rank"``), so clients of
-  different ranks (and FLoRA's rank-stacked aggregate) decode by path.
+  with each adapter's ``rank``, ``alpha``, ``rslora`` and effective ``scale``
+  (``"path:rank"``), so clients of different ranks and scalings (and FLoRA's
+  rank-stacked aggregate, whose scale is 1) decode by path to the same
+  ``scale·a·b``.
 * :func:`from_records` — the inverse against a template tree. Every path,
   shape and dtype is checked on arrival (missing or unexpected paths, a shape
   or dtype other than the template's, a serialisation other than
@@ -20,7 +22,9 @@ optimizer of :mod:`jlora.optim` (FedAdam, FedYogi, MIME, FedLADA, ...):
 * :class:`Strategy` — a Flower ``FedAvg`` whose ``aggregate_train`` decodes
   each reply, aggregates with ``rule(clients, weights)`` (weights: the
   replies' ``"num-examples"``) and takes a server step
-  ``x ← optax.apply_updates(x, opt.update(x − agg, s, x))``.
+  ``x ← optax.apply_updates(x, opt.update(x − agg, s, x))``; its train and
+  evaluate messages carry the model's :func:`describe` entries in their
+  ``ConfigRecord``.
 
 Example (two clients of ranks 2 and 4, records built and read as Flower's
 ``ClientApp`` / ``ServerApp`` do)::
@@ -36,6 +40,11 @@ Example (two clients of ranks 2 and 4, records built and read as Flower's
     >>> back = jf.from_records(arrays, client(2), config=config, client="node 7")
     >>> back["dense"]["kernel"].a.shape, back["dense"]["kernel"].scale
     ((6, 4), 2.0)
+
+A client reads a train or evaluate message with
+``from_records(msg.content["arrays"], template, config=msg.content["config"])``:
+entries that are not jlora's (Flower's ``server-round``, the user's
+``train_config``) are ignored.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import numbers
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -61,6 +71,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 NUMPY_STYPE = "numpy.ndarray"
 _RANK_AXES = {"in_rank": -1, "rank_out": 0}
+# the ConfigRecord entries describe() writes, as "path:<entry>"
+_ENTRIES = ("rank", "alpha", "rslora", "scale")
 
 
 def _who(client) -> str:
@@ -101,17 +113,35 @@ def _ranked(node) -> bool:
                                                  for f in node.field_axes))
 
 
+def _has_field(config, name: str) -> bool:
+    return any(f.name == name for f in dataclasses.fields(config))
+
+
+def _scale(node) -> float | None:
+    scale = getattr(node, "scale", None)
+    return float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
+
+
 def describe(tree: PyTree) -> ConfigRecord:
-    """``{"path:rank": r, "path:alpha": α}`` for every LoRA-like node of ``tree``.
+    """``{"path:rank": r, "path:alpha": α, "path:rslora": b, "path:scale": s}`` per LoRA-like node.
 
     Sent next to :func:`to_records` so a receiver whose template has another
-    rank (heterogeneous clients, FLoRA's stacked aggregate) rebuilds the node.
+    rank or scaling (heterogeneous clients, rsLoRA templates, FLoRA's stacked
+    aggregate with ``alpha = R``, ``rslora=False``, i.e. ``s = 1``) rebuilds the
+    node with the sender's ``s``: :func:`from_records` sets rank, alpha and
+    rslora and refuses a rebuilt node whose scale is not ``s``. ``rslora`` is
+    written for configs that have the option, ``scale`` for nodes that have one.
     """
     out = {}
     for path, node in leaves_with_paths(tree):
         if is_node(node) and _ranked(node):
             out[f"{path}:rank"] = int(node.config.rank)
             out[f"{path}:alpha"] = _alpha(node.config)
+            if _has_field(node.config, "rslora"):
+                out[f"{path}:rslora"] = bool(node.config.rslora)
+            scale = _scale(node)
+            if scale is not None:
+                out[f"{path}:scale"] = scale
     return ConfigRecord(out)
 
 
@@ -131,17 +161,24 @@ def _shape_rank(node, path: str, record) -> int | None:
 
 
 def _retemplate(like: PyTree, config, client, record) -> PyTree:
-    """``like`` with each node's rank/alpha set from ``config`` (shapes as ShapeDtypeStructs).
+    """``like`` with each node's rank/alpha/rslora from ``config`` (shapes as ShapeDtypeStructs).
 
-    A node that ``config`` does not name takes the rank its arriving arrays
-    declare (when all its rank axes agree) and keeps the template's alpha.
+    Only ``"path:rank|alpha|rslora|scale"`` entries are jlora's; any other key
+    (no ``":"`` or another suffix: Flower's ``server-round``, a user's
+    ``train_config``) is ignored. A jlora entry for a path without a ranked
+    adapter, or with a value of the wrong kind, raises. A ``scale`` entry is
+    checked against the rebuilt node's scale. A node that ``config`` does not
+    name takes the rank its arriving arrays declare (when all its rank axes
+    agree) and keeps the template's alpha and rslora.
     """
     who = _who(client)
     known = {}
     nodes = {p: n for p, n in leaves_with_paths(like) if is_node(n) and _ranked(n)}
     for key in ([] if config is None else config.keys()):
-        path, _, what = str(key).rpartition(":")
-        if path not in nodes or what not in ("rank", "alpha"):
+        path, sep, what = str(key).rpartition(":")
+        if not sep or what not in _ENTRIES:
+            continue
+        if path not in nodes:
             raise ValueError(f"{who}{key}: unexpected config entry (no adapter with a rank at "
                              f"{path!r}; adapters: {sorted(nodes)[:5]})")
         known.setdefault(path, {})[what] = config[key]
@@ -163,18 +200,41 @@ def _retemplate(like: PyTree, config, client, record) -> PyTree:
         if (not isinstance(alpha, (int, float)) or isinstance(alpha, bool)
                 or not math.isfinite(alpha) or alpha <= 0):
             raise ValueError(f"{who}{path}:alpha must be a positive finite number, got {alpha!r}")
-        if rank == node.config.rank and alpha == _alpha(node.config):
-            return node
         changes = {}
-        for field, axis in node.field_axes.items():
-            x = getattr(node, field, None)
-            if x is None or axis not in _RANK_AXES:
-                continue
-            shape = list(np.shape(x))
-            shape[_RANK_AXES[axis]] = rank
-            changes[field] = jax.ShapeDtypeStruct(tuple(shape), x.dtype)
-        config_ = dataclasses.replace(node.config, rank=rank, alpha=alpha)
-        return node.replace(config=config_, **changes)
+        if "rslora" in got:
+            rslora = got["rslora"]
+            if not isinstance(rslora, bool):
+                raise ValueError(f"{who}{path}:rslora must be a bool, got {rslora!r}")
+            if _has_field(node.config, "rslora"):
+                if rslora != node.config.rslora:
+                    changes["rslora"] = rslora
+            elif rslora:
+                raise ValueError(f"{who}{path}:rslora is True but the template's "
+                                 f"{type(node.config).__name__} has no rslora option")
+        if rank != node.config.rank or alpha != _alpha(node.config) or changes:
+            fields = {}
+            for field, axis in node.field_axes.items():
+                x = getattr(node, field, None)
+                if x is None or axis not in _RANK_AXES:
+                    continue
+                shape = list(np.shape(x))
+                shape[_RANK_AXES[axis]] = rank
+                fields[field] = jax.ShapeDtypeStruct(tuple(shape), x.dtype)
+            config_ = dataclasses.replace(node.config, rank=rank, alpha=alpha, **changes)
+            node = node.replace(config=config_, **fields)
+        if "scale" in got:
+            want = got["scale"]
+            if (not isinstance(want, (int, float)) or isinstance(want, bool)
+                    or not math.isfinite(want) or want <= 0):
+                raise ValueError(f"{who}{path}:scale must be a positive finite number, "
+                                 f"got {want!r}")
+            have = _scale(node)
+            if have is None or not math.isclose(have, want, rel_tol=1e-9):
+                raise ValueError(
+                    f"{who}{path}:scale is {want!r} but the template's "
+                    f"{type(node.config).__name__}(rank={node.config.rank}, alpha="
+                    f"{_alpha(node.config)}) rebuilt with the sent entries has scale {have!r}")
+        return node
 
     return jax.tree_util.tree_map_with_path(
         lambda kp, x: rebuild(path_str(kp), x) if is_node(x) else x, like, is_leaf=is_node)
@@ -194,10 +254,14 @@ def _decode(array, key: str, shape, dtype, who: str) -> np.ndarray:
     except Exception as e:  # any undecodable payload is the sender's fault
         raise ValueError(f"{who}{key}: bytes are not a numpy array ({type(e).__name__}: {e})"
                          ) from None
+    if (isinstance(out, np.ndarray) and want.kind == "V" and want.fields is None
+            and out.dtype == np.dtype(f"V{want.itemsize}")):
+        # np.save writes ml_dtypes types (bfloat16, float8_*) as raw void bytes
+        out = out.view(want)
     if not isinstance(out, np.ndarray) or out.dtype != want or out.shape != tuple(shape):
         raise ValueError(f"{who}{key}: data holds {getattr(out, 'dtype', type(out).__name__)}"
                          f"{list(getattr(out, 'shape', ()))}, declared {want.name}{list(shape)}")
-    if np.issubdtype(want, np.inexact) and not np.isfinite(out).all():
+    if jnp.issubdtype(want, jnp.inexact) and not np.isfinite(out).all():
         raise ValueError(f"{who}{key}: non-finite values")
     return out
 
@@ -206,13 +270,19 @@ def from_records(record: ArrayRecord, like: PyTree, *, config: ConfigRecord | No
                  client: Any = None) -> PyTree:
     """The tree ``record`` encodes, with ``like``'s structure, shapes and dtypes.
 
-    ``config`` (from :func:`describe`) changes the rank of the named adapters
-    first; without it, an adapter whose arriving factors all declare another
-    rank takes that rank with the template's ``alpha`` (alpha ``None``, i.e.
-    ``alpha = rank``, stays so). ``client`` (a node id, a name) prefixes every error. Raises a
+    ``config`` (from :func:`describe`, or a whole train/evaluate message's
+    ``ConfigRecord``) sets the rank, alpha and rslora of the named adapters first
+    and checks their ``scale``; its entries that are not ``"path:rank|alpha|
+    rslora|scale"`` (Flower's ``server-round``, user keys) are ignored. Without
+    an entry, an adapter whose arriving factors all declare another rank takes
+    that rank with the template's ``alpha`` and ``rslora`` (alpha ``None``,
+    i.e. ``alpha = rank``, stays so): send :func:`describe` whenever the
+    sender's scale may differ. ``bfloat16``/``float8`` leaves round-trip
+    exactly. ``client`` (a node id, a name) prefixes every error. Raises a
     ``ValueError`` naming the client and the path for a missing or unexpected
-    path, a wrong shape or dtype, a non-numpy or undecodable payload, or
-    non-finite values; nothing is unpickled.
+    path, a wrong shape or dtype, a non-numpy or undecodable payload,
+    non-finite values, or a malformed or inconsistent jlora config entry;
+    nothing is unpickled.
     """
     who = _who(client)
     if not isinstance(record, ArrayRecord):
@@ -244,10 +314,16 @@ def reply(message: Message, tree: PyTree, *, num_examples: int, metrics: dict | 
           config_key: str = "config") -> Message:
     """A ``ClientApp``'s reply: ``tree`` as records, its ranks, and ``num-examples``.
 
-    ``extra`` adds more trees as ArrayRecords under their own keys (FedLADA's
-    ``nu_hat``/``offset``, MIME's ``full_gradient``), read by the strategy's
-    ``server_inputs``.
+    ``num_examples`` is a non-negative ``int`` (the aggregation weight; a
+    ``float`` or ``bool`` raises rather than being truncated). ``extra`` adds
+    more trees as ArrayRecords under their own keys (FedLADA's
+    ``nu_hat``/``offset``, MimeLite's ``full_gradient``), read by the
+    strategy's ``server_inputs``.
     """
+    if (not isinstance(num_examples, numbers.Integral) or isinstance(num_examples, bool)
+            or num_examples < 0):
+        raise ValueError(f"jlora.flower.reply: num_examples must be a non-negative int, "
+                         f"got {num_examples!r}")
     content = RecordDict({arrays_key: to_records(tree), config_key: describe(tree),
                           "metrics": MetricRecord({"num-examples": int(num_examples),
                                                    **(metrics or {})})})
@@ -272,11 +348,27 @@ class Strategy(FedAvg):
         Needs an aggregate with the server's structure.
       server_inputs: reply ArrayRecord keys decoded against the template,
         averaged with the reply weights and passed to the optimizer's
-        ``update`` by that name (``("full_gradient",)`` for MIME,
-        ``("nu_hat", "offset")`` for FedLADA).
+        ``update`` by that name (``("full_gradient",)`` for MimeLite,
+        ``("nu_hat", "offset")`` for FedLADA). Needs ``server_optimizer``.
       send_state: also send the server optimizer's state (key
-        ``"server-state"``): MIME's statistics, FedLADA's ``ν`` and ``g_a``.
+        ``"server-state"``): MimeLite's statistics, FedLADA's ``ν`` and ``g_a``.
+        Needs ``server_optimizer``.
       **kwargs: ``flwr.serverapp.strategy.FedAvg``'s sampling and key options.
+
+    Train and evaluate messages carry, in their ``ConfigRecord``, the
+    :func:`describe` entries of the tree they send (``self.model``, or a node's
+    own tree from a per-client rule), so a client decodes either with
+    ``from_records(arrays, template, config=msg.content["config"])``. The
+    ``ArrayRecord`` Flower hands to ``Strategy.start``'s ``evaluate_fn(round,
+    arrays)`` has no ranks: evaluate ``strategy.model`` (the decoded tree)
+    there, or decode ``from_records(arrays, template,
+    config=describe(strategy.model))``.
+
+    Only MimeLite, not MIME, runs through this strategy: a round is one train
+    exchange, and MIME's clients need the full-batch gradient ``c`` at the
+    round's model *before* they train (an extra exchange per round); MimeLite's
+    clients train with the frozen server statistics and send ``c`` up with
+    their model (``server_inputs=("full_gradient",)``, ``send_state=True``).
     """
 
     def __init__(self, template: PyTree, *, rule: Callable | None = None,
@@ -288,6 +380,11 @@ class Strategy(FedAvg):
             rule = federated.fedavg
         if not callable(rule):
             raise ValueError(f"jlora.flower.Strategy: rule must be callable, got {rule!r}")
+        if server_optimizer is None and (tuple(server_inputs) or send_state):
+            raise ValueError("jlora.flower.Strategy: server_inputs="
+                             f"{tuple(server_inputs)!r} and send_state={send_state!r} feed a "
+                             "server optimizer; pass server_optimizer= (e.g. "
+                             "jlora.optim.fedlada_server()) or drop them")
         self.template = template
         self.rule = rule
         self.server_optimizer = server_optimizer
@@ -301,10 +398,9 @@ class Strategy(FedAvg):
         """The template as the ``initial_arrays`` of ``Strategy.start``."""
         return to_records(self.template)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid) -> Iterable[Message]:
-        """FedAvg's sampling; each message carries the model, its ranks and (opt.) the state."""
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+    def _with_model(self, messages: Iterable[Message], *, state: bool) -> list[Message]:
+        """Each message with its node's tree, the tree's :func:`describe`, (opt.) the state."""
+        messages = list(messages)
         for msg in messages:
             node = msg.metadata.dst_node_id
             tree = self.per_client.get(node)
@@ -315,10 +411,22 @@ class Strategy(FedAvg):
             for k, v in describe(self.model if tree is None else tree).items():
                 cfg[k] = v
             content[self.configrecord_key] = cfg
-            if self.send_state and self.state is not None:
+            if state and self.send_state and self.state is not None:
                 content["server-state"] = to_records(self.state)
             msg.content = content
         return messages
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid) -> Iterable[Message]:
+        """FedAvg's sampling; each message carries the model, its ranks and (opt.) the state."""
+        return self._with_model(super().configure_train(server_round, arrays, config, grid),
+                                state=True)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid) -> Iterable[Message]:
+        """FedAvg's sampling; each message carries the model and its ranks, as in training."""
+        return self._with_model(super().configure_evaluate(server_round, arrays, config, grid),
+                                state=False)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

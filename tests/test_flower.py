@@ -188,8 +188,11 @@ def test_strategy_refuses_bad_replies_naming_the_client():
         b=jnp.zeros((4, 7), jnp.float32))
     with pytest.raises(ValueError, match="client 8: enc/v/kernel/b: declares float32"):
         st.aggregate_train(1, [good, jf.reply(instruction(8), evil, num_examples=3)])
+    negative = Message(RecordDict({"arrays": jf.to_records(client_tree(4, 3)),
+                                   "metrics": MetricRecord({"num-examples": -1})}),
+                       reply_to=instruction(9))   # a reply not built by jf.reply
     with pytest.raises(ValueError, match="client 9: num-examples must be a positive"):
-        st.aggregate_train(1, [good, jf.reply(instruction(9), client_tree(4, 3), num_examples=-1)])
+        st.aggregate_train(1, [good, negative])
     no_metrics = Message(RecordDict({"arrays": jf.to_records(client_tree(4, 3))}),
                          reply_to=instruction(10))
     with pytest.raises(ValueError, match="client 10: reply has no MetricRecord"):
@@ -256,3 +259,185 @@ def test_ranks_are_read_from_the_arrays_without_a_config():
     bad["enc/q/kernel/b"] = Array(np.zeros((6, 9), np.float32))   # a says 8, b says 6
     with pytest.raises(ValueError, match="client 3: enc/q/kernel/"):
         jf.from_records(bad, client_tree(4, 0), client=3)
+
+
+# ---------------------------------------------------------------- scales, messages, dtypes
+
+
+def rs_tree(rank, seed, rslora=True, alpha=2.0):
+    spec = jlora.Spec({"enc/*/kernel": jlora.LoRA(rank=rank, alpha=alpha, rslora=rslora),
+                       "head/*": jlora.Full()})
+    return jlora.split(perturb(jlora.apply(PARAMS, spec, key=jax.random.key(seed)), seed=seed,
+                               size=0.3))[0]
+
+
+def test_describe_carries_rslora_and_scale_so_every_delta_decodes_exactly():
+    """FLoRA's aggregate (alpha = R, rslora off: s = 1) sent to rsLoRA clients keeps s = 1."""
+    from jlora import federated
+    clients, sizes = [rs_tree(2, 1), rs_tree(4, 2)], [1, 3]
+    agg = federated.flora(clients, np.asarray(sizes, float))
+    cfg = jf.describe(agg)
+    assert cfg["enc/q/kernel:rslora"] is False and cfg["enc/q/kernel:scale"] == 1.0
+    node = jf.from_records(jf.to_records(agg), rs_tree(4, 0), config=cfg)["enc"]["q"]["kernel"]
+    assert (node.rank, node.config.rslora, node.scale) == (6, False, 1.0)
+    # float64 reference from the clients' own factors: Σ p_k·(α/√r_k)·a_k·b_k
+    q = [c["enc"]["q"]["kernel"] for c in clients]
+    ref = sum(n / 4 * 2.0 / np.sqrt(r) * f64(k.a) @ f64(k.b) for k, n, r in zip(q, sizes, (2, 4)))
+    np.testing.assert_allclose(lora_delta(node), ref, rtol=1e-5, atol=1e-6)
+    # a plain-LoRA client read against an rsLoRA template (and back) keeps its own scale
+    for sent, template in ((rs_tree(4, 3, rslora=False), rs_tree(4, 0)),
+                           (rs_tree(4, 3), rs_tree(4, 0, rslora=False))):
+        got = jf.from_records(jf.to_records(sent), template, config=jf.describe(sent), client=1)
+        s_ref = 2.0 / (np.sqrt(4) if sent["enc"]["q"]["kernel"].config.rslora else 4)
+        assert got["enc"]["q"]["kernel"].scale == s_ref
+        np.testing.assert_allclose(lora_delta(got["enc"]["q"]["kernel"]),
+                                   s_ref * f64(sent["enc"]["q"]["kernel"].a)
+                                   @ f64(sent["enc"]["q"]["kernel"].b), rtol=1e-6)
+    rec = jf.to_records(clients[0])
+    for entry, match in (({"enc/q/kernel:scale": 3.0}, "enc/q/kernel:scale is 3.0 but"),
+                         ({"enc/q/kernel:rslora": "yes"}, "enc/q/kernel:rslora must be a bool"),
+                         ({"enc/q/kernel:scale": float("nan")},
+                          "enc/q/kernel:scale must be a positive")):
+        with pytest.raises(ValueError, match=f"client 5: {match}"):
+            jf.from_records(rec, rs_tree(2, 0), config=ConfigRecord(entry), client=5)
+
+
+class Nodes:
+    """The one Grid call FedAvg's sampling makes: the connected node ids."""
+
+    def __init__(self, ids):
+        self.ids = list(ids)
+
+    def get_node_ids(self):
+        return self.ids
+
+
+@pytest.fixture
+def serverapp_identity(monkeypatch):
+    """What a ServerApp process sets before its strategy builds instruction messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def test_evaluate_messages_carry_the_description_train_messages_carry(serverapp_identity):
+    from jlora import federated
+    template = client_tree(4, 0)
+    clients, sizes = [client_tree(2, 1), client_tree(4, 2)], [1, 3]
+    st = jf.Strategy(template, rule=federated.flora, min_available_nodes=2,
+                     min_evaluate_nodes=2, min_train_nodes=2)
+    arrays, _ = st.aggregate_train(1, replies_of(clients, sizes, first=1))
+    server = st.model["enc"]["q"]["kernel"]
+    assert (server.rank, server.scale) == (6, 1.0)
+    for configure in (st.configure_evaluate, st.configure_train):
+        messages = list(configure(2, arrays, ConfigRecord({"lr": 0.1}), Nodes([1, 2])))
+        assert len(messages) == 2
+        for msg in messages:
+            cfg = msg.content["config"]
+            assert cfg["server-round"] == 2 and cfg["lr"] == 0.1
+            assert cfg["enc/q/kernel:rank"] == 6 and cfg["enc/q/kernel:scale"] == 1.0
+            # the whole message config, Flower's and the user's keys included
+            got = jf.from_records(msg.content["arrays"], template, config=cfg)["enc"]["q"]["kernel"]
+            np.testing.assert_allclose(lora_delta(got), exact_sum(clients, sizes), rtol=2e-5,
+                                       atol=1e-6)
+    # a per-client rule: each node evaluates its own tree, as it trains it
+    st = jf.Strategy(template, rule=federated.flexlora, min_available_nodes=2,
+                     min_evaluate_nodes=2)
+    arrays, _ = st.aggregate_train(1, replies_of([client_tree(2, 1), client_tree(8, 2)], sizes,
+                                                 first=1))
+    for msg in st.configure_evaluate(2, arrays, ConfigRecord({}), Nodes([1, 2])):
+        want = st.per_client[msg.metadata.dst_node_id]["enc"]["q"]["kernel"]
+        assert msg.content["config"]["enc/q/kernel:rank"] == want.rank
+        got = jf.from_records(msg.content["arrays"], template, config=msg.content["config"])
+        np.testing.assert_array_equal(np.asarray(got["enc"]["q"]["kernel"].a), np.asarray(want.a))
+
+
+def test_config_entries_that_are_not_jloras_are_ignored_and_malformed_ones_raise():
+    tree, template = client_tree(8, 8), client_tree(4, 0)
+    cfg = ConfigRecord({**dict(jf.describe(tree).items()), "server-round": 3, "lr": 0.01,
+                        "note": "x:y", "optimizer:momentum": 0.9})
+    back = jf.from_records(jf.to_records(tree), template, config=cfg, client=2)
+    assert back["enc"]["q"]["kernel"].rank == 8 and back["enc"]["q"]["kernel"].scale == 2.0
+    for entry, match in (({"enc/x:rank": 2}, "enc/x:rank: unexpected config entry"),
+                         ({"enc/q/kernel:rank": "8"}, "enc/q/kernel:rank must be a positive int"),
+                         ({"enc/q/kernel:alpha": -1.0}, "enc/q/kernel:alpha must be a positive")):
+        with pytest.raises(ValueError, match=f"client 2: {match}"):
+            jf.from_records(jf.to_records(tree), template,
+                            config=ConfigRecord({**dict(cfg.items()), **entry}), client=2)
+
+
+def test_bfloat16_adapters_round_trip_exactly():
+    params = {"d": {"kernel": jnp.asarray(np.random.default_rng(1).normal(size=(6, 5)),
+                                          jnp.bfloat16)}}
+    spec = jlora.Spec({"d/kernel": jlora.LoRA(rank=2, dtype=jnp.bfloat16)})
+    tree = jlora.split(perturb(jlora.apply(params, spec, key=jax.random.key(0)), size=0.5))[0]
+    rec = jf.to_records(tree)
+    assert rec["d/kernel/b"].dtype == "bfloat16"
+    back = jf.from_records(rec, tree, config=jf.describe(tree), client=1)
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+        assert x.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+    bad = malformed(rec, "d/kernel/a", Array(np.full((6, 2), np.nan, jnp.bfloat16)))
+    with pytest.raises(ValueError, match="client 1: d/kernel/a: non-finite"):
+        jf.from_records(bad, tree, client=1)
+
+
+def test_reply_and_strategy_refuse_silent_inputs():
+    tree = client_tree(4, 1)
+    for n in (2.7, True, 0.4, -1, "3", None):
+        with pytest.raises(ValueError, match="reply: num_examples must be a non-negative int"):
+            jf.reply(instruction(3), tree, num_examples=n)
+    for n in (0, 5, np.int64(7)):
+        sent = jf.reply(instruction(3), tree, num_examples=n).content["metrics"]
+        assert sent["num-examples"] == n
+    for kw in ({"server_inputs": ("nu_hat",)}, {"send_state": True}):
+        with pytest.raises(ValueError, match="Strategy: server_inputs=.* pass server_optimizer"):
+            jf.Strategy(tree, **kw)
+
+
+# ---------------------------------------------------------------- against Flower's own strategies
+
+
+def flower_reply(node, arrays, n):
+    return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                               "metrics": MetricRecord({"num-examples": n})}),
+                   reply_to=instruction(node))
+
+
+@pytest.mark.parametrize("kind", ["adagrad", "yogi", "adam"])
+def test_strategy_server_optimizers_equal_flowers_strategies(kind, serverapp_identity):
+    """float64, 5 rounds; each strategy runs its own configure_train; the same replies."""
+    from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedYogi
+    eta, b1, b2, tau = 0.05, 0.9, 0.99, 1e-2
+    if kind == "adagrad":
+        flower = FedAdagrad(eta=eta, tau=tau)
+        ours = jlora.optim.fedadagrad(eta, b1=0.0, tau=tau, initial_accumulator=0.0)
+    elif kind == "yogi":
+        flower = FedYogi(eta=eta, beta_1=b1, beta_2=b2, tau=tau)
+        ours = jlora.optim.fedyogi(eta, b1=b1, b2=b2, tau=tau, initial_accumulator=0.0)
+    else:   # Flower's FedAdam bias-corrects with β^(round + 1)
+        flower = FedAdam(eta=eta, beta_1=b1, beta_2=b2, tau=tau)
+        ours = jlora.optim.fedadam(eta, b1=b1, b2=b2, tau=tau, initial_accumulator=0.0,
+                                   bias_correction="flower")
+    rng = np.random.default_rng(0)
+    x0 = {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=(4,))}
+    with jax.enable_x64(True):
+        st = jf.Strategy({k: jnp.asarray(v) for k, v in x0.items()}, rule=weighted_mean,
+                         server_optimizer=ours, min_available_nodes=3, min_train_nodes=3)
+        arrays_f = arrays_j = ArrayRecord({k: Array(v) for k, v in x0.items()})
+        for rnd in range(1, 6):
+            list(flower.configure_train(rnd, arrays_f, ConfigRecord({}), Nodes([10, 11, 12])))
+            list(st.configure_train(rnd, arrays_j, ConfigRecord({}), Nodes([10, 11, 12])))
+            x = {k: arrays_f[k].numpy() for k in x0}
+            clients = [{k: v + rng.normal(size=v.shape) * 0.3 for k, v in x.items()}
+                       for _ in range(3)]
+            replies = [flower_reply(10 + i, c, n)
+                       for i, (c, n) in enumerate(zip(clients, [1, 3, 2]))]
+            arrays_f, _ = flower.aggregate_train(rnd, replies)
+            arrays_j, _ = st.aggregate_train(rnd, replies)
+            for k in x0:
+                assert arrays_j[k].dtype == "float64"
+                moved = np.abs(arrays_f[k].numpy() - x[k]).max()
+                assert moved > 1e-3     # the step is not trivially zero
+                np.testing.assert_allclose(arrays_j[k].numpy(), arrays_f[k].numpy(),
+                                           rtol=1e-13, atol=1e-15)

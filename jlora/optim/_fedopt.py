@@ -25,16 +25,18 @@ over a leading client axis):
       v_t = v_{t−1} − (1−β2)·Δ_t²·sign(v_{t−1} − Δ_t²)        (FedYogi)
       x_{t+1} = x_t + η·m_t / (√v_t + τ)
 
-  no bias correction, ``m_{−1} = 0``, ``v_{−1} = τ²`` (the paper asks
-  ``v_{−1} ≥ τ²``; ``initial_accumulator=0`` is Flower's choice). The moment
+  no bias correction (``fedadam(bias_correction=...)`` adds it), ``m_{−1} = 0``,
+  ``v_{−1} = τ²`` (the paper asks ``v_{−1} ≥ τ²``; ``initial_accumulator=0``
+  is Flower's choice). The moment
   EMAs are optax's own ``optax.tree.update_moment`` /
   ``update_moment_per_elem_norm`` and the sign and step size come from
   ``optax.scale_by_learning_rate``. ``optax.adam``/``yogi``/``adagrad`` are
   *not* these rules: Adam and Yogi add bias correction, Yogi starts ``v`` at
   ``1e-6``, Adagrad starts at ``0.1``, has no momentum and puts ``ε`` inside
   the root (``g/√(v+ε)`` rather than ``g/(√v+τ)``). Flower's ``FedAdam``
-  strategy also bias-corrects its step; its ``FedYogi`` and ``FedAdagrad``
-  equal these with ``initial_accumulator=0``.
+  strategy bias-corrects its step (``fedadam(..., initial_accumulator=0.0,
+  bias_correction="flower")``); its ``FedYogi`` and ``FedAdagrad`` equal these
+  with ``initial_accumulator=0`` (``fedadagrad`` with ``b1=0``).
 * **MIME / MimeLite** (Karimireddy et al. 2020, arXiv 2008.03606, Alg. 1; as
   fedjax's ``mime.py``/``mime_lite.py``): the server keeps a base optimizer's
   state ``s``; clients apply ``base.update(g, s, y)`` with ``s`` **frozen**
@@ -80,7 +82,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jlora._validate import choice, real
+from jlora._validate import choice, positive_int, real, real_or_traced
 from jlora.tree import PyTree, path_str
 
 
@@ -230,20 +232,42 @@ def scale_by_fedopt(kind: str, *, b1: float, b2: float = 0.99, tau: float = 1e-3
     return optax.GradientTransformation(init, update)
 
 
-def _fedopt(kind, learning_rate, b1, b2, tau, initial_accumulator):
+BIAS_CORRECTIONS = (None, "adam", "flower")
+
+
+def _bias_corrected(learning_rate, b1: float, b2: float, offset: int):
+    """The schedule ``η_t·√(1−β2^(t+offset))/(1−β1^(t+offset))``, ``t = count + 1``."""
+    def schedule(count):
+        lr = learning_rate(count) if callable(learning_rate) else learning_rate
+        t = jnp.asarray(count).astype(jnp.result_type(float)) + (1 + offset)
+        return lr * jnp.sqrt(1 - jnp.power(b2, t)) / (1 - jnp.power(b1, t))
+    return schedule
+
+
+def _fedopt(kind, learning_rate, b1, b2, tau, initial_accumulator, bias_correction=None):
     if not callable(learning_rate):
         real(f"{_OWNER}.fed{kind}", "learning_rate", learning_rate, gt=0.0)
-    return optax.chain(
-        scale_by_fedopt(kind, b1=b1, b2=b2, tau=tau, initial_accumulator=initial_accumulator),
-        optax.scale_by_learning_rate(learning_rate))
+    transform = scale_by_fedopt(kind, b1=b1, b2=b2, tau=tau,
+                                initial_accumulator=initial_accumulator)
+    choice(f"{_OWNER}.fed{kind}", "bias_correction", bias_correction, BIAS_CORRECTIONS)
+    if bias_correction is not None:
+        learning_rate = _bias_corrected(learning_rate, b1, b2,
+                                        1 if bias_correction == "flower" else 0)
+    return optax.chain(transform, optax.scale_by_learning_rate(learning_rate))
 
 
 def fedadam(learning_rate=1e-2, *, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3,
-            initial_accumulator: float | None = None) -> optax.GradientTransformation:
+            initial_accumulator: float | None = None, bias_correction: str | None = None
+            ) -> optax.GradientTransformation:
     """FedAdam server optimizer (Reddi et al. 2021, Alg. 2): ``v_t = β2·v + (1−β2)·Δ²``.
 
-    Update: ``x ← x + η·m_t/(√v_t + τ)`` with ``Δ = −g``; no bias correction.
-    ``learning_rate`` (``η``) may be an optax schedule of the round.
+    Update: ``x ← x + η·m_t/(√v_t + τ)`` with ``Δ = −g``; no bias correction by
+    default. ``learning_rate`` (``η``) may be an optax schedule of the round.
+    ``bias_correction="adam"`` steps with ``η_t = η·√(1−β2^t)/(1−β1^t)``
+    (``t = 1, 2, …`` the server step; Kingma & Ba's form, ``τ`` not rescaled);
+    ``"flower"`` uses ``β^(t+1)``, as Flower's ``FedAdam`` strategy does with
+    its round numbers starting at 1: ``fedadam(η, b1=, b2=, tau=,
+    initial_accumulator=0.0, bias_correction="flower")`` is that strategy.
 
         >>> import jax.numpy as jnp, jlora
         >>> opt = jlora.optim.fedadam(0.1, tau=0.5)
@@ -251,7 +275,7 @@ def fedadam(learning_rate=1e-2, *, b1: float = 0.9, b2: float = 0.99, tau: float
         >>> round(float(u["w"][0]), 5)   # −0.1·(0.1·2)/(√(0.25·0.99 + 0.01·4) + 0.5)
         -0.0193
     """
-    return _fedopt("adam", learning_rate, b1, b2, tau, initial_accumulator)
+    return _fedopt("adam", learning_rate, b1, b2, tau, initial_accumulator, bias_correction)
 
 
 def fedyogi(learning_rate=1e-2, *, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3,
@@ -430,8 +454,31 @@ def fedlada_client(learning_rate: float, server_state: FedLADAServerState, *, b1
     return optax.GradientTransformation(init, update)
 
 
+def _local_steps(owner: str, steps):
+    """An int ``K >= 1``; an integer JAX/NumPy scalar (traced under ``vmap``: unchecked)."""
+    if isinstance(steps, jax.core.Tracer):
+        if not jnp.issubdtype(steps.dtype, jnp.integer) or steps.ndim:
+            raise ValueError(f"{owner}: steps must be an int >= 1 (or an integer scalar array), "
+                             f"got a traced {steps.dtype}{list(steps.shape)}")
+        return steps
+    if isinstance(steps, (jax.Array, np.ndarray)):
+        arr = np.asarray(steps)
+        if arr.ndim or not np.issubdtype(arr.dtype, np.integer) or int(arr) < 1:
+            raise ValueError(f"{owner}: steps must be an int >= 1, got {steps!r}")
+        return steps
+    return positive_int(owner, "steps", steps)
+
+
 def fedlada_offset(start: PyTree, end: PyTree, learning_rate: float, steps) -> PyTree:
-    """A FedLADA client's offset ``d_i = (x − y_i)/(η_l·K_i)`` (its mean local direction)."""
+    """A FedLADA client's offset ``d_i = (x − y_i)/(η_l·K_i)`` (its mean local direction).
+
+    ``learning_rate`` ``η_l > 0`` and ``steps`` ``K_i``, an int ``>= 1`` (an
+    integer array under ``jit``/``vmap``); anything else raises a ``ValueError``
+    rather than sending ``nan``/``inf`` offsets that every client would apply.
+    """
+    owner = _OWNER + ".fedlada_offset"
+    real_or_traced(owner, "learning_rate", learning_rate, gt=0.0)
+    steps = _local_steps(owner, steps)
     return _map(lambda x, y: (x - y) / (learning_rate * steps), start, end)
 
 
@@ -502,7 +549,8 @@ def feddecsps(c0: float = 0.5, max_step: float = 1.0, *, f_min: float = 0.0, eps
 
     ``γ_t = min{(F − ℓ*)/(‖g‖² + eps), c_{t−1}·γ_{t−1}} / c_t`` with
     ``c_t = c0·√(t+1)``, ``c_{−1} = c0`` and ``γ_{−1} = γ_b`` (``max_step``).
-    The loss comes as ``update(..., value=loss)``. ``t`` counts this client's
+    ``γ`` is kept in the params' float dtype (float64 under x64, float32 for
+    narrower params). The loss comes as ``update(..., value=loss)``. ``t`` counts this client's
     local steps; a client that keeps its state across rounds (as the paper's)
     passes it on, one that restarts gets ``init`` again.
 
@@ -519,8 +567,10 @@ def feddecsps(c0: float = 0.5, max_step: float = 1.0, *, f_min: float = 0.0, eps
     real(owner, "eps", eps, ge=0.0)
 
     def init(params):
-        del params
-        return FedDecSPSState(count=jnp.zeros((), jnp.int32), step=jnp.asarray(max_step, jnp.float32))
+        floats = [x for x in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(x),
+                                                                        jnp.floating)]
+        dtype = jnp.promote_types(jnp.result_type(*floats), jnp.float32) if floats else jnp.float32
+        return FedDecSPSState(count=jnp.zeros((), jnp.int32), step=jnp.asarray(max_step, dtype))
 
     def update(updates, state, params=None, *, value, **extra):
         del params, extra

@@ -389,3 +389,71 @@ def test_merged_step_fedadam_on_flora_stacked_aggregate_vs_numpy():
         got = f64(new_f["k"].base) if n == "k" else f64(new_t["h"].value)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(new_t["k"].b).max()) == 0.0   # clients restart from a fresh adapter
+
+
+def test_fedadam_bias_correction_vs_numpy_float64():
+    """``η_t = η·√(1−β2^k)/(1−β1^k)``: k = t ("adam"), t + 1 ("flower"); t = 1, 2, …"""
+    eta, b1, b2, tau = 0.05, 0.8, 0.95, 1e-2
+    rng = np.random.default_rng(4)
+    with jax.enable_x64(True):
+        for mode, offset in (("adam", 0), ("flower", 1)):
+            opt = O.fedadam(eta, b1=b1, b2=b2, tau=tau, initial_accumulator=0.0,
+                            bias_correction=mode)
+            x = rng.normal(size=(3, 2))
+            xj = {"w": jnp.asarray(x)}
+            state = opt.init(xj)
+            m, v = np.zeros_like(x), np.zeros_like(x)
+            for t in range(1, 5):
+                agg = x + rng.normal(size=x.shape)
+                xj, state = O.server_step(opt, state, xj, {"w": jnp.asarray(agg)})
+                d = agg - x
+                m, v = b1 * m + (1 - b1) * d, b2 * v + (1 - b2) * d ** 2
+                k = t + offset
+                x = x + eta * np.sqrt(1 - b2 ** k) / (1 - b1 ** k) * m / (np.sqrt(v) + tau)
+                assert xj["w"].dtype == jnp.float64
+                np.testing.assert_allclose(np.asarray(xj["w"]), x, rtol=1e-13, atol=1e-15)
+    # a schedule is corrected too; no correction stays the default
+    sched = O.fedadam(optax.constant_schedule(0.1), b1=0.5, b2=0.5, tau=1.0, bias_correction="adam")
+    u, _ = sched.update({"w": jnp.array([-2.0])}, sched.init({"w": jnp.zeros(1)}))
+    # Δ = 2: m = 1, v = 0.5·τ² + 0.5·4 = 2.5; η_1 = 0.1·√(1−0.5)/(1−0.5)
+    np.testing.assert_allclose(float(u["w"][0]), 0.1 * np.sqrt(0.5) / 0.5 / (np.sqrt(2.5) + 1),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="fedadam: bias_correction must be one of"):
+        O.fedadam(0.1, bias_correction=True)
+
+
+def test_fedlada_offset_refuses_steps_and_rates_that_poison_the_average():
+    x, y = {"w": jnp.ones(2)}, {"w": jnp.zeros(2)}
+    for steps in (0, -1, 2.5, True, jnp.array(0), np.array([2, 3]), jnp.array(2.0)):
+        with pytest.raises(ValueError, match="fedlada_offset: steps must be an int >= 1"):
+            O.fedlada_offset(x, y, 0.1, steps)
+    for lr in (-1.0, 0.0, float("inf"), jnp.float32(-0.1)):
+        with pytest.raises(ValueError, match="fedlada_offset: learning_rate must be"):
+            O.fedlada_offset(x, y, lr, 2)
+    np.testing.assert_allclose(np.asarray(O.fedlada_offset(x, y, 0.1, 4)["w"]), [2.5, 2.5])
+    # per-client step counts under vmap (traced integers) stay allowed
+    per = jax.vmap(lambda k: O.fedlada_offset(x, y, 0.5, k))(jnp.array([1, 4]))
+    np.testing.assert_allclose(np.asarray(per["w"]), [[2.0, 2.0], [0.5, 0.5]])
+
+
+def test_feddecsps_keeps_its_step_size_in_the_params_float_dtype():
+    c0, gamma_b = 0.5, 0.1
+    g = np.array([30.0, 10.0])
+    with jax.enable_x64(True):
+        tx = O.feddecsps(c0, gamma_b)
+        x = {"w": jnp.array([1.0, -2.0], jnp.float64)}
+        st = tx.init(x)
+        assert st.step.dtype == jnp.float64
+        prev, ref = gamma_b, np.array([1.0, -2.0])
+        for t in range(6):
+            loss = 1e6 if t % 2 else 0.7    # both branches of the min
+            u, st = tx.update({"w": jnp.asarray(g)}, st, x, value=loss)
+            x = optax.apply_updates(x, u)
+            c_t, c_prev = c0 * np.sqrt(t + 1), c0 * np.sqrt(max(t, 1))
+            prev = min(loss / (g @ g), c_prev * prev) / c_t
+            ref = ref - prev * g
+            assert st.step.dtype == jnp.float64
+            np.testing.assert_allclose(float(st.step), prev, rtol=1e-14)
+        np.testing.assert_allclose(np.asarray(x["w"]), ref, rtol=1e-14)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        assert O.feddecsps(c0, gamma_b).init({"w": jnp.ones(2, dtype)}).step.dtype == jnp.float32
