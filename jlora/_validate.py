@@ -48,10 +48,12 @@ def real(owner: str, name: str, value: Any, *, gt: float | None = None,
     if value is None and allow_none:
         return None
     what = _number_text(gt=gt, ge=ge, lt=lt, le=le)
-    if (not isinstance(value, numbers.Real) or isinstance(value, bool)
-            or not math.isfinite(float(value))):
+    try:
+        v = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+    except OverflowError:  # an int beyond float range
+        v = None
+    if v is None or not math.isfinite(v):
         _fail(owner, name, what, value)
-    v = float(value)
     if ((gt is not None and not v > gt) or (ge is not None and not v >= ge)
             or (lt is not None and not v < lt) or (le is not None and not v <= le)):
         _fail(owner, name, what, value)
@@ -70,7 +72,7 @@ def choice(owner: str, name: str, value: Any, options: Iterable[Any]) -> Any:
     options = tuple(options)
     try:
         ok = value in options
-    except TypeError:  # unhashable or uncomparable
+    except (TypeError, ValueError):  # uncomparable, or an array's ambiguous truth value
         ok = False
     if not ok:
         _fail(owner, name, f"one of {options}", value)

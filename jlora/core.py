@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import math
 from collections.abc import Mapping
 from dataclasses import fields
@@ -56,6 +58,7 @@ def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
     _alloc.hint()  # once per process: glibc's default malloc slows XLA:CPU
     leaves = leaves_with_paths(params)
     by_path = dict(leaves)
+    _refuse_duplicate_paths(leaves, "jlora.apply")
     problems: list[str] = []
     touched = [0] * len(spec.rules)
     won = [0] * len(spec.rules)
@@ -135,6 +138,17 @@ def apply(params: PyTree, spec: Spec, *, key: jax.Array) -> PyTree:
     return rebuild_mappings(out, insert)
 
 
+def _refuse_duplicate_paths(leaves, what: str) -> None:
+    """Two leaves that render to one path (a key holding ``/``, such as Haiku's
+    ``mlp/~/linear_0`` beside a nested ``mlp``) would share one adapter."""
+    seen = collections.Counter(p for p, _ in leaves)
+    twice = [p for p, n in seen.items() if n > 1]
+    if twice:
+        raise ValueError(f"{what}: {len(twice)} path(s) name more than one leaf, e.g. "
+                         f"{twice[0]!r} (a dict key containing '/' beside a nested subtree of "
+                         "the same name); rename the keys so every leaf has its own path")
+
+
 def _claim_modules(params, spec, touched, won, problems) -> dict:
     """``{module path: config}`` for the module-level rules (first match wins)."""
     if not any(rule.level == "module" for rule in spec.rules):
@@ -154,6 +168,11 @@ def _claim_modules(params, spec, touched, won, problems) -> dict:
             problems.append(f"{mpath}: {type(config).__name__} stores its node beside the module, "
                             f"in a mapping, but {parent(npath) or '<root>'} is a "
                             f"{type(holder).__name__}")
+        elif any(not isinstance(k, str) for k in holder):
+            # a string key among an nnx.List's int keys makes a tree jax cannot sort
+            problems.append(f"{mpath}: {type(config).__name__} stores its node beside the module, "
+                            f"under a string key, but {parent(npath) or '<root>'} has integer "
+                            f"keys (a list of layers); adapt a submodule of {mpath} instead")
         elif npath.rpartition("/")[2] in holder:
             problems.append(f"{mpath}: already adapted ({npath} exists); apply a spec once")
         else:
@@ -243,8 +262,31 @@ def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
     except ValueError as e:
         raise ValueError(
             "jlora.combine: trainable and frozen trees do not have the same structure "
-            f"(were they split from the same adapted tree?): {e}"
+            f"(were they split from the same adapted tree?): {_first_difference(trainable, frozen) or e}"
         ) from None
+
+
+def _first_difference(trainable: PyTree, frozen: PyTree) -> str | None:
+    """The first path where two halves disagree: present in one only, or adapted
+    differently (method, config, shape); None when no such path is found."""
+    def entries(tree):
+        out = {}
+        for path, x in leaves_with_paths(tree, is_leaf=lambda y: y is None):
+            out[path] = ((x.method, x.config, x.shape) if is_node(x)
+                         else None if x is None else "array")
+        return out
+
+    t, f = entries(trainable), entries(frozen)
+    for path in list(t) + [p for p in f if p not in t]:
+        if path not in t or path not in f:
+            return f"{path} is in the {'trainable' if path in t else 'frozen'} half only"
+        a, b = t[path], f[path]
+        if a is not None and b is not None and a != b:
+            if isinstance(a, tuple) and isinstance(b, tuple):
+                return (f"at {path} the trainable half holds {a[1]!r} of shape {a[2]}, "
+                        f"the frozen half {b[1]!r} of shape {b[2]}")
+            return f"at {path} one half holds an adapter, the other a plain array"
+    return None
 
 
 def merge(adapted: PyTree, *, onto: PyTree | None = None, residual: bool = False):
@@ -337,6 +379,7 @@ def _zip_nodes(fn, adapted, params, what):
     when it holds every factor the delta reads; a frozen half never does.
     """
     require_whole(adapted, f"jlora.{what}", allow_trainable=True)
+    _refuse_duplicate_paths(leaves_with_paths(params), f"jlora.{what}")
     adapted_leaves = {p: x for p, x in leaves_with_paths(adapted) if not is_module_node(x)}
     missing = [p for p, x in adapted_leaves.items() if is_node(x)]
 
@@ -348,6 +391,9 @@ def _zip_nodes(fn, adapted, params, what):
             raise ValueError(f"jlora.{what}: {path}: params leaf has shape "
                              f"{tuple(getattr(leaf, 'shape', ()))}, the adapter was built for "
                              f"{tuple(node.shape)}")
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise ValueError(f"jlora.{what}: {path}: params leaf has dtype "
+                             f"{jnp.result_type(leaf)}; a delta would be rounded into it")
         try:
             return fn(node, leaf)
         except (AttributeError, TypeError):

@@ -29,6 +29,7 @@ import re
 from typing import Any, Iterable, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 
 from jlora.methods.base import CONFIGS, Config
 
@@ -111,7 +112,10 @@ class Rule:
 
     @staticmethod
     def describe(pattern) -> str:
-        return repr(pattern.pattern if isinstance(pattern, re.Pattern) else pattern)
+        if not isinstance(pattern, re.Pattern):
+            return repr(pattern)
+        flags = _flags(pattern)
+        return repr(pattern.pattern) + (f" (flags {re.RegexFlag(flags)!r})" if flags else "")
 
     @property
     def level(self) -> str:
@@ -135,7 +139,15 @@ class Spec:
 
     def __init__(self, rules: Mapping[Any, Config] | Iterable[tuple[Any, Config]]):
         items = rules.items() if isinstance(rules, Mapping) else rules
-        self.rules = tuple(Rule(p, c) for p, c in items)
+        try:
+            pairs = [tuple(pair) for pair in items]
+        except TypeError:
+            pairs = None
+        if isinstance(rules, (str, bytes, Config)) or pairs is None or any(
+                len(pair) != 2 for pair in pairs):
+            raise ValueError(f"Spec: rules must be a mapping {{pattern: config}} or a sequence "
+                             f"of (pattern, config) pairs, got {rules!r}")
+        self.rules = tuple(Rule(p, c) for p, c in pairs)
         if not self.rules:
             raise ValueError("Spec: no rules given")
 
@@ -184,7 +196,9 @@ def config_to_dict(config: Config) -> dict:
         if f.name == "dtype" and v is not None:
             v = jnp.dtype(v).name
         elif isinstance(v, tuple):
-            v = list(v)
+            v = [x.item() if isinstance(x, np.generic) else x for x in v]
+        elif isinstance(v, np.generic):  # LoRA(rank=np.int64(2)) is a valid option
+            v = v.item()
         out[f.name] = v
     return out
 
@@ -204,17 +218,38 @@ def config_from_dict(d: dict) -> Config:
 
 def spec_to_json(spec: Spec) -> list:
     """Rules as JSON: ``[{"glob" | "regex": pattern, "config": {...}}]``."""
-    return [
-        {("regex" if isinstance(r.pattern, re.Pattern) else "glob"):
-             (r.pattern.pattern if isinstance(r.pattern, re.Pattern) else r.pattern),
-         "config": config_to_dict(r.config)}
-        for r in spec.rules
-    ]
+    out = []
+    for r in spec.rules:
+        if isinstance(r.pattern, re.Pattern):
+            rule = {"regex": r.pattern.pattern}
+            if _flags(r.pattern):
+                rule["flags"] = _flags(r.pattern)
+        else:
+            rule = {"glob": r.pattern}
+        out.append({**rule, "config": config_to_dict(r.config)})
+    return out
+
+
+def _flags(pattern: re.Pattern) -> int:
+    """A compiled pattern's own flags (``re.IGNORECASE``, ...), without the implicit ones."""
+    return int(pattern.flags & ~re.UNICODE)
 
 
 def spec_from_json(rules: list) -> Spec:
     """Inverse of :func:`spec_to_json`."""
-    return Spec([
-        (re.compile(r["regex"]) if "regex" in r else r["glob"], config_from_dict(r["config"]))
-        for r in rules
-    ])
+    if not isinstance(rules, list):
+        raise ValueError(f"a spec's JSON must be a list of rules, got {type(rules).__name__}")
+    out = []
+    for i, r in enumerate(rules):
+        if not isinstance(r, dict) or "config" not in r or ("regex" in r) == ("glob" in r):
+            raise ValueError(f"spec rule #{i} must be an object with 'glob' or 'regex' and "
+                             f"'config', got {r!r}")
+        flags = r.get("flags", 0)
+        if type(flags) is not int or flags < 0:
+            raise ValueError(f"spec rule #{i}: 'flags' must be a non-negative int, got {flags!r}")
+        try:
+            pattern = re.compile(r["regex"], flags) if "regex" in r else r["glob"]
+        except (re.error, TypeError, ValueError) as e:
+            raise ValueError(f"spec rule #{i}: not a regular expression ({e})") from None
+        out.append((pattern, config_from_dict(r["config"])))
+    return Spec(out)

@@ -240,3 +240,42 @@ def test_a_trainable_half_whose_delta_needs_frozen_factors_is_refused(init):
         - np.asarray(n.a0, np.float64) @ np.asarray(n.b0, np.float64)))
     np.testing.assert_allclose(jlora.merge(jlora.combine(trainable, frozen), onto=params)["w"]["kernel"],
                                want, rtol=1e-5, atol=1e-5)
+
+
+def test_two_leaves_with_one_path_are_refused_not_given_one_adapter():
+    params = {"a/kernel": jnp.ones((2, 2)), "a": {"kernel": 2 * jnp.ones((2, 2))}}
+    spec = jlora.Spec({"**kernel": jlora.LoRA(rank=1)})
+    with pytest.raises(ValueError, match=r"jlora.apply: 1 path\(s\) name more than one leaf, "
+                                         r"e.g. 'a/kernel'"):
+        jlora.apply(params, spec, key=jax.random.key(0))
+    adapted = jlora.apply({"a": {"kernel": jnp.ones((2, 2))}}, spec, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="jlora.merge: 1 path"):
+        jlora.merge(adapted, onto=params)
+
+
+def test_a_module_adapter_beside_list_layers_is_refused_by_path():
+    params = {"layers": {0: {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)},
+                         1: {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}}
+    with pytest.raises(ValueError, match=r"layers/0: AdaptFormer stores its node beside the "
+                                         r"module, under a string key, but layers has integer keys"):
+        jlora.apply(params, jlora.Spec({"layers/0": jlora.AdaptFormer(bottleneck=2)}),
+                    key=jax.random.key(0))
+
+
+def test_combine_names_the_path_where_the_halves_differ():
+    params = {f"layer_{i}": {"q": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
+              for i in range(8)}
+    two = jlora.Spec({"**/kernel": jlora.LoRA(rank=2)})
+    three = jlora.Spec({"layer_7/q/kernel": jlora.LoRA(rank=3), "**/kernel": jlora.LoRA(rank=2)})
+    _, frozen = jlora.split(jlora.apply(params, two, key=jax.random.key(0)))
+    trainable, _ = jlora.split(jlora.apply(params, three, key=jax.random.key(0)))
+    with pytest.raises(ValueError, match=r"at layer_7/q/kernel the trainable half holds "
+                                         r"LoRA\(rank=3"):
+        jlora.combine(trainable, frozen)
+
+
+def test_merge_onto_an_integer_leaf_is_refused():
+    adapted = jlora.apply({"w": jnp.ones((4, 4))}, jlora.Spec({"w": jlora.LoRA(rank=2)}),
+                          key=jax.random.key(0))
+    with pytest.raises(ValueError, match="jlora.merge: w: params leaf has dtype int32"):
+        jlora.merge(adapted, onto={"w": jnp.ones((4, 4), jnp.int32)})

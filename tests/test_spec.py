@@ -130,3 +130,57 @@ def test_applying_twice_is_an_error():
     adapted = jlora.apply(PARAMS, spec, key=jax.random.key(0))
     with pytest.raises(ValueError, match="enc/q/kernel: already adapted"):
         jlora.apply(adapted, spec, key=jax.random.key(0))
+
+
+def test_dtype_options_equal_their_json_round_trip_and_restore(tmp_path):
+    import numpy as np
+
+    spec = jlora.Spec({"w": jlora.LoRA(rank=2, dtype=jnp.bfloat16),
+                       "v": jlora.DoRA(rank=2, dtype=np.float32)})
+    assert spec.rules[0].config.dtype == "bfloat16"
+    assert jlora.spec.spec_from_json(jlora.spec.spec_to_json(spec)) == spec
+    params = {"w": jnp.ones((4, 4)), "v": jnp.ones((4, 4))}
+    trainable, frozen = jlora.split(jlora.apply(params, spec, key=jax.random.key(0)))
+    assert trainable["w"].a.dtype == jnp.bfloat16
+    jlora.checkpoint.save(tmp_path, trainable, step=1, spec=spec)
+    back = jlora.checkpoint.restore(tmp_path, spec=spec, onto=frozen)
+    assert back["spec"] == spec
+
+
+def test_numpy_scalar_options_are_written_as_json_numbers(tmp_path):
+    import json
+
+    import numpy as np
+
+    spec = jlora.Spec({"w": jlora.LoRA(rank=np.int64(2), alpha=np.float32(4))})
+    text = json.dumps(jlora.spec.spec_to_json(spec))
+    assert '"rank": 2' in text and '"alpha": 4.0' in text
+    trainable, _ = jlora.split(jlora.apply({"w": jnp.ones((4, 4))}, spec, key=jax.random.key(0)))
+    jlora.checkpoint.save(tmp_path, trainable, step=1, spec=spec)
+    assert jlora.checkpoint.restore(tmp_path)["spec"] == spec
+
+
+def test_regex_flags_survive_json_and_count_in_equality():
+    flagged = jlora.Spec([(re.compile("DENSE/KERNEL", re.I), jlora.LoRA(rank=2))])
+    back = jlora.spec.spec_from_json(jlora.spec.spec_to_json(flagged))
+    assert back == flagged and back.match("dense/kernel") is not None
+    plain = jlora.Spec([(re.compile("DENSE/KERNEL"), jlora.LoRA(rank=2))])
+    assert plain != flagged and plain.match("dense/kernel") is None
+    with pytest.raises(ValueError, match="spec rule #0 must be an object with 'glob' or 'regex'"):
+        jlora.spec.spec_from_json([{"config": {"method": "LoRA", "rank": 2}}])
+
+
+@pytest.mark.parametrize("rules", ["**/kernel", ["**/kernel"], jlora.LoRA(rank=2), 3])
+def test_a_spec_of_the_wrong_kind_says_what_it_takes(rules):
+    with pytest.raises(ValueError, match=r"Spec: rules must be a mapping \{pattern: config\} or a "
+                                         r"sequence of \(pattern, config\) pairs"):
+        jlora.Spec(rules)
+
+
+def test_option_values_that_are_no_numbers_or_choices_are_value_errors():
+    import numpy as np
+
+    with pytest.raises(ValueError, match="LoRA: alpha must be a finite number"):
+        jlora.LoRA(rank=2, alpha=10 ** 400)
+    with pytest.raises(ValueError, match="LoRA: init must be one of"):
+        jlora.LoRA(rank=2, init=np.array([1, 2]))

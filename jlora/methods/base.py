@@ -487,13 +487,16 @@ def freeze_in_axes(config) -> None:
     """Check a config's ``in_axes`` and ``dtype`` options; store ``in_axes`` as a tuple.
 
     ``in_axes``: ``None`` or a sequence of ints (configs are hashable static
-    metadata); ``dtype``: ``None`` or a floating dtype. Errors name the option.
+    metadata); ``dtype``: ``None`` or a floating dtype, stored by name
+    (``jnp.bfloat16`` -> ``"bfloat16"``). Errors name the option.
     """
     owner = type(config).__name__
     if getattr(config, "in_axes", None) is not None:
         object.__setattr__(config, "in_axes", int_tuple(owner, "in_axes", config.in_axes,
                                                         nonempty=True))
-    floating_dtype(owner, "dtype", getattr(config, "dtype", None), allow_none=True)
+    dtype = floating_dtype(owner, "dtype", getattr(config, "dtype", None), allow_none=True)
+    if dtype is not None:  # by name, so the config equals its JSON round trip
+        object.__setattr__(config, "dtype", dtype)
 
 
 def factor_dtype(base_dtype, dtype) -> jnp.dtype:

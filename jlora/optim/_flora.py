@@ -100,9 +100,14 @@ def flora(rank: int = 8, *, kappa: int = 1000, beta: float = 0.9, seed: int = 0,
         out, new_moms = [], []
         for i, (g, mt) in enumerate(zip(leaves, moms)):
             if compressed(g.shape, min_dim=min_dim, max_aspect=max_aspect):
-                p_old = projection(state.key, i, g.shape, rank, g.dtype)
                 p_new = projection(new_key, i, g.shape, rank, g.dtype)
-                mt = jnp.where(resample, _down(p_new, _up(p_old, mt, g.shape)), mt)
+                # a branch, not a select: the old projection and the transfer
+                # (two τ·m·n products) are paid once every κ steps, not every step
+                mt = jax.lax.cond(
+                    resample,
+                    lambda m, i=i, shape=g.shape, dtype=g.dtype, p_new=p_new: _down(
+                        p_new, _up(projection(state.key, i, shape, rank, dtype), m, shape)),
+                    lambda m: m, mt)
                 mt = beta * mt + (1 - beta) * _down(p_new, g)
                 out.append(beta * _up(p_new, mt, g.shape) + (1 - beta) * g)
             else:
