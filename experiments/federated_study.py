@@ -403,6 +403,23 @@ def personalized(study, client_params, test_lists, train_lists, name, key):
     return total / n
 
 
+#: FeDLRT's initial coefficients ``S = εI``: invertible, so the first round's basis
+#: gradients ``G_U = ∇W·V·Sᵀ``, ``G_V = ∇Wᵀ·U·S`` follow the data (``S = 0`` zeroes
+#: them and the first augmentation would not depend on the data), and small, so
+#: ``W = K0 + U S Vᵀ`` starts near ``K0``.
+FEDLRT_S0 = 1e-2
+
+
+def fedlrt_start(paths, dim: int, rank: int, rng) -> dict:
+    """Each kernel's starting ``{u, s, v}``: random orthonormal ``U``, ``V`` and ``S = εI``."""
+
+    def orth(n):
+        return jnp.asarray(np.linalg.qr(rng.normal(size=(n, rank)))[0], jnp.float32)
+
+    return {p: {"u": orth(dim), "s": FEDLRT_S0 * jnp.eye(rank, dtype=jnp.float32),
+                "v": orth(dim)} for p in paths}
+
+
 def run_fedlrt(study, t0, frozen, data, counts, kw, on_round, head_bytes):
     """FeDLRT (Schotthöfer & Laiu 2024): K = K0 + U S Vᵀ with a shared basis per kernel.
 
@@ -410,18 +427,15 @@ def run_fedlrt(study, t0, frozen, data, counts, kw, on_round, head_bytes):
     server augments the bases; (2) clients send coefficient gradients at the
     augmented point, the server returns each client's variance correction;
     (3) clients train ``S̃`` (and the head) with the correction, the server
-    averages and truncates (tolerance ``tol``, rank at most 8).
+    averages and truncates (tolerance ``tol``, rank at most 8). Bases start
+    random and orthonormal with ``S = εI`` (:func:`fedlrt_start`).
     """
     args = study.args
     paths = [p for p, n in jlora.tree.leaves_with_paths(frozen["params"])
              if isinstance(n, jlora.methods.LoRANode)]
     rng = np.random.default_rng(args.seed)
-
-    def orth(n):
-        return jnp.asarray(np.linalg.qr(rng.normal(size=(n, R)))[0], jnp.float32)
-
     dim = study.cfg.hidden_size
-    g = {"usv": {p: {"u": orth(dim), "s": jnp.zeros((R, R)), "v": orth(dim)} for p in paths},
+    g = {"usv": fedlrt_start(paths, dim, R, rng),
          "head": jax.tree.map(lambda n: n if isinstance(n, jlora.methods.FullNode) else None,
                               t0, is_leaf=jlora.is_node),
          "rank": {p: jnp.asarray(R) for p in paths}}

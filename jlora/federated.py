@@ -18,9 +18,14 @@ halves) and sample counts ``n_k``; every rule normalises them to
 * :func:`lora_fair` (LoRA-FAIR, Bian et al. ICCV 2025): ``(ā, b̄ + Δb)`` with a
   server-side correction ``Δb``.
 
-Stacked-expert nodes (``LoRA(expert_axis=0)``: ``a (E, in, r)``, ``b (E, r, out)``)
-aggregate expert by expert under every rule. Factors aggregate in float32, or
-in float64 where they are float64.
+The formulas apply at LoRA and QLoRA nodes (a delta ``s·a·b``). Stacked-expert
+nodes (``LoRA(expert_axis=0)``: ``a (E, in, r)``, ``b (E, r, out)``) aggregate
+expert by expert under every rule. ``Full`` and ``TrainableTokens`` nodes are
+averaged as plain leaves. Any other adapter node (DoRA, PF2LoRA's and FedDPA's
+shared pair, VeRA, ...) is averaged field-wise by :func:`fedavg` and is a
+``ValueError`` naming its path and type under the other rules, whose formulas
+do not hold for its delta. Factors aggregate in float32, or in float64 where
+they are float64.
 
 FSLoRA (sketched sub-adapters), FeDLRT (a shared low-rank basis), the
 personal/shared partitions of PF2LoRA, FedDPA and pFedLoRA and
@@ -55,7 +60,10 @@ import optax
 
 from jlora.methods._experts import is_stacked
 from jlora.methods.base import lowrank_svd
+from jlora.methods.full import FullNode
 from jlora.methods.lora import LoRANode
+from jlora.methods.qlora import QLoRANode
+from jlora.methods.trainable_tokens import TrainableTokensNode
 from jlora.tree import PyTree, is_node, path_str
 
 
@@ -166,17 +174,26 @@ def _config_diff(c0, c1) -> str:
 
 
 def _same_frozen(path: str, name: str, values: list, who: str):
-    """A frozen array must be identical across clients (checked when concrete)."""
+    """A frozen array (or a pytree of arrays: QLoRA's quantized base) must be identical
+    across clients (checked when concrete)."""
     v0 = values[0]
+    leaves0, def0 = jax.tree.flatten(v0)
     for k, v in enumerate(values[1:], 1):
-        if v is None or not (_concrete(v) and _concrete(v0)):
+        if v is None:
             continue
-        if np.shape(v) != np.shape(v0) or not np.array_equal(np.asarray(v), np.asarray(v0)):
-            d = (float(np.max(np.abs(np.asarray(v, np.float64) - np.asarray(v0, np.float64))))
-                 if np.shape(v) == np.shape(v0) else "shape")
-            raise ValueError(f"{path}/{name}: clients 0 and {k} differ in this frozen array "
-                             f"(max |difference| {d}; shapes {np.shape(v0)} vs {np.shape(v)}); "
-                             f"jlora.federated.{who} needs one shared {name}")
+        leaves, treedef = jax.tree.flatten(v)
+        if treedef != def0:
+            raise ValueError(f"{path}/{name}: clients 0 and {k} differ in this frozen value's "
+                             f"structure; jlora.federated.{who} needs one shared {name}")
+        for x0, x in zip(leaves0, leaves):
+            if not (_concrete(x) and _concrete(x0)):
+                continue
+            if np.shape(x) != np.shape(x0) or not np.array_equal(np.asarray(x), np.asarray(x0)):
+                d = (float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(x0, np.float64))))
+                     if np.shape(x) == np.shape(x0) else "shape")
+                raise ValueError(f"{path}/{name}: clients 0 and {k} differ in this frozen array "
+                                 f"(max |difference| {d}; shapes {np.shape(x0)} vs "
+                                 f"{np.shape(x)}); jlora.federated.{who} needs one shared {name}")
     return v0
 
 
@@ -204,7 +221,7 @@ def _node_mean(path, col, p, who, *, b_factors=None):
     """Field-wise weighted mean of the trainable fields; frozen fields must agree."""
     n0 = col[0]
     for k, n in enumerate(col[1:], 1):
-        if n.config != n0.config and not (type(n0) is LoRANode and b_factors is not None):
+        if n.config != n0.config and not (_is_lora(n0) and b_factors is not None):
             raise ValueError(f"{path}: clients 0 and {k} have different configs: "
                              f"{_config_diff(n0.config, n.config)} (jlora.federated.{who})")
     train = set(n0.trainable)
@@ -246,7 +263,7 @@ def _unscaled(config) -> dict:
 
 
 def _no_initial_factors(path, col, who):
-    if any(n.a0 is not None for n in col):
+    if any(getattr(n, "a0", None) is not None for n in col):
         raise ValueError(f"{path}: jlora.federated.{who} aggregates plain LoRA deltas; this node "
                          "carries initial factors a0/b0 (PiSSA/OLoRA): merge them first")
 
@@ -260,10 +277,26 @@ def _check_frozen(path, col, who, skip=()):
 
 
 def _is_lora(x) -> bool:
-    return type(x) is LoRANode
+    """A node whose delta is ``s·a·b`` alone (LoRA, QLoRA): every rule's formula holds."""
+    return type(x) in (LoRANode, QLoRANode)
 
 
-def _aggregate(clients, weights, who, lora_rule):
+#: nodes that hold a plain trainable value (a head, trainable rows): averaged as leaves
+_DENSE_NODES = (FullNode, TrainableTokensNode)
+
+
+def _other_node_mean(path, col, p, who, factorwise: bool):
+    """A node that is not plain LoRA: averaged field-wise where that is the rule's meaning
+    (FedAvg, dense nodes), an error naming the path and node type otherwise."""
+    if not factorwise and not isinstance(col[0], _DENSE_NODES):
+        raise ValueError(f"{path}: jlora.federated.{who} has no rule for "
+                         f"{type(col[0]).__name__} nodes (it aggregates LoRA and QLoRA "
+                         "deltas s·a·b); a factor-wise average of this node is "
+                         "jlora.federated.fedavg")
+    return _node_mean(path, col, p, who)
+
+
+def _aggregate(clients, weights, who, lora_rule, *, factorwise: bool = False):
     paths, columns, treedef = _zip(clients, who)
     p = _weights(weights, len(clients), who)
     out = []
@@ -274,7 +307,7 @@ def _aggregate(clients, weights, who, lora_rule):
         elif _is_lora(x0):
             out.append(lora_rule(path, col, p))
         elif is_node(x0):
-            out.append(_node_mean(path, col, p, who))
+            out.append(_other_node_mean(path, col, p, who, factorwise))
         else:
             out.append(_leaf_mean(path, col, p, who))
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -322,7 +355,7 @@ def fedavg(clients: Sequence[PyTree], weights) -> PyTree:
         _lora_ranks_equal(path, col, "fedavg")
         return _node_mean(path, col, p, "fedavg", b_factors=_ratios(col))
 
-    return _aggregate(clients, weights, "fedavg", rule)
+    return _aggregate(clients, weights, "fedavg", rule, factorwise=True)
 
 
 def ffa(clients: Sequence[PyTree], weights) -> PyTree:
@@ -461,7 +494,7 @@ def flexlora(clients: Sequence[PyTree], weights, ranks: Sequence[int] | None = N
             if x0 is None:
                 agg = None
             elif is_node(x0):
-                agg = _node_mean(path, col, p, "flexlora")
+                agg = _other_node_mean(path, col, p, "flexlora", factorwise=False)
             else:
                 agg = _leaf_mean(path, col, p, "flexlora")
             for k in range(n):
@@ -517,7 +550,8 @@ def lora_fair(clients: Sequence[PyTree], weights, *, ridge: float = 1e-3) -> PyT
 # ---------------------------------------------------------------- personal / shared
 
 
-def _personal_matcher(paths):
+def _personal_matcher(paths, names, who):
+    """A predicate on paths; every glob in ``paths`` must match one of ``names``."""
     if paths is None:
         return lambda path: False
     if callable(paths):
@@ -528,12 +562,16 @@ def _personal_matcher(paths):
     if isinstance(paths, str):
         paths = [paths]
     regexes = [re.compile(glob_to_regex(p) + r"\Z") for p in paths]
+    for glob, r in zip(paths, regexes):
+        if not any(r.match(n) for n in names):  # a typo would leave nothing personal
+            raise ValueError(f"jlora.federated.{who}: paths glob {glob!r} matches no leaf of "
+                             f"the tree (paths such as {names[:3]})")
     return lambda path: any(r.match(path) for r in regexes)
 
 
-def _partition(tree, paths, keep_personal: bool):
-    is_personal = _personal_matcher(paths)
+def _partition(tree, paths, keep_personal: bool, who: str):
     names, leaves, treedef = _flatten(tree)
+    is_personal = _personal_matcher(paths, names, who)
     out = []
     for path, x in zip(names, leaves):
         if x is None:
@@ -554,8 +592,9 @@ def shared(tree: PyTree, *, paths=None) -> PyTree:
 
     Personal are the fields a node class lists in ``personal_fields``
     (PF2LoRA's and FedDPA's ``c``, ``d``) and every leaf or node whose path
-    matches ``paths`` (globs as in ``jlora.Spec``, or a predicate on the path):
-    pFedLoRA's personal block, e.g. ``paths=["**/local/**", "classifier/*"]``.
+    matches ``paths`` (globs as in ``jlora.Spec``, each of which must match a
+    path of ``tree``, or a predicate on the path): pFedLoRA's personal block,
+    e.g. ``paths=["**/local/**", "classifier/*"]``.
     ``combine(shared(t), personal(t))`` gives ``t`` back. A rule aggregates
     ``shared`` trees like any other (holes stay holes).
 
@@ -569,12 +608,12 @@ def shared(tree: PyTree, *, paths=None) -> PyTree:
         >>> fl.combine(fl.shared(t, paths="head"), fl.personal(t, paths="head")) == t
         True
     """
-    return _partition(tree, paths, keep_personal=False)
+    return _partition(tree, paths, keep_personal=False, who="shared")
 
 
 def personal(tree: PyTree, *, paths=None) -> PyTree:
     """What stays on the client: the complement of :func:`shared` (same ``paths``)."""
-    return _partition(tree, paths, keep_personal=True)
+    return _partition(tree, paths, keep_personal=True, who="personal")
 
 
 def combine(first: PyTree, second: PyTree) -> PyTree:
@@ -744,6 +783,42 @@ def _round_program(local_update, aggregate, server_opt, restart, broadcast, prep
     return run_round
 
 
+def _aggregate_change(aggregate, trainable, personal, m: int) -> str | None:
+    """Where ``aggregate`` would change the server tree's structure or shapes, or ``None``.
+
+    Traced once with ``jax.eval_shape`` on ``m`` copies of the server's upload;
+    an aggregate that cannot be traced on them is left to the round to report.
+    """
+    template = None if personal is None else jax.tree.map(lambda x: x[0], personal)
+    uploads = trainable if template is None else _take(trainable, template, keep=False)
+    try:
+        agg = jax.eval_shape(lambda u, p: aggregate([u] * m, p), uploads,
+                             jnp.full((m,), 1.0 / m, jnp.float32))
+    except Exception:  # noqa: BLE001 -- the round raises its own, fuller error
+        return None
+    flat_t, def_t = jax.tree_util.tree_flatten_with_path(trainable)
+    flat_a, def_a = jax.tree_util.tree_flatten_with_path(agg)
+    shapes_t = {path_str(kp): np.shape(x) for kp, x in flat_t}
+    shapes_a = {path_str(kp): tuple(x.shape) for kp, x in flat_a}
+    for path, shape in shapes_t.items():
+        if path not in shapes_a:
+            return f"{path}: the server tree has shape {shape}, the aggregate has no value there"
+        if shapes_a[path] != shape:
+            return f"{path}: the server tree has shape {shape}, the aggregate has shape " \
+                   f"{shapes_a[path]}"
+    for path, shape in shapes_a.items():
+        if path not in shapes_t:
+            return f"{path}: the aggregate has shape {shape}, the server tree has no value there"
+    if def_t != def_a:
+        nodes_a = dict(zip(*_flatten(agg)[:2]))
+        for path, x in zip(*_flatten(trainable)[:2]):
+            y = nodes_a.get(path)
+            if is_node(x) and is_node(y) and x.config != y.config:
+                return f"{path}: the adapter config changes ({_config_diff(x.config, y.config)})"
+        return "the tree structure"
+    return None
+
+
 def simulate(local_update: Callable, trainable: PyTree, frozen: PyTree, data: PyTree, *,
              rounds: int, key: jax.Array, weights=None, clients_per_round: int | None = None,
              aggregate: Callable = fedavg, server_opt: optax.GradientTransformation | None = None,
@@ -798,7 +873,9 @@ def simulate(local_update: Callable, trainable: PyTree, frozen: PyTree, data: Py
       weights: ``(K,)`` sample counts (default: equal).
       clients_per_round: ``M ≤ K`` sampled per round (default ``K``).
       aggregate: ``(clients, weights) -> tree`` (default :func:`fedavg`).
-      server_opt: an optax transform on the pseudo-gradient (FedAdam etc.).
+      server_opt: an optax transform on the pseudo-gradient (FedAdam etc.); the
+        aggregate must keep the server tree's shapes (checked before the first
+        round: a ``ValueError`` names the path where e.g. :func:`flora` changes them).
       restart: ``(aggregate, frozen, key) -> (trainable, frozen)``.
       broadcast: ``(trainable, client_id) -> start`` (e.g. FlexLoRA's per-client truncation).
       personal: stacked ``(K, ...)`` personal parts (``stack([personal(t) ...])``).
@@ -873,6 +950,17 @@ def simulate(local_update: Callable, trainable: PyTree, frozen: PyTree, data: Py
                          f"{len(sampled_from)} clients with nonzero weight")
     if restart is not None and server_opt is not None:
         raise ValueError("jlora.federated.simulate: give restart or server_opt, not both")
+    if server_opt is not None:
+        where = _aggregate_change(aggregate, trainable, personal, m)
+        if where is not None:
+            name = getattr(aggregate, "__name__", repr(aggregate))
+            raise ValueError(
+                f"jlora.federated.simulate: server_opt steps on the pseudo-gradient trainable − "
+                f"aggregate, but aggregate={name} changes the server tree: {where}. A rule "
+                "that changes the adapters' shape (flora's rank-stacked aggregate) has no "
+                "factor-wise pseudo-gradient: use restart=merge_and_restart(spec) (merge into "
+                "the base and restart from fresh adapters), or step the server optimizer on "
+                "the merged weights with jlora.optim.merged_step")
 
     sharding = None
     if mesh is not None:
@@ -955,10 +1043,31 @@ def merge_and_restart(spec) -> Callable:
 # ---------------------------------------------------------------- FSLoRA
 
 
-def _lora_map(fn, tree, *rest):
-    """``fn(node, *rest_nodes)`` at every LoRA node; other positions pass through."""
-    return jax.tree.map(lambda x, *r: fn(x, *r) if _is_lora(x) else x, tree, *rest,
-                        is_leaf=_is_hole_or_node)
+def _sketchable(path: str, x) -> bool:
+    """Whether FSLoRA sketches ``x``: a node with rank factors ``a``, ``b`` (LoRA, DoRA,
+    QLoRA). Plain leaves and dense nodes (``Full``, ``TrainableTokens``) are not;
+    any other adapter node is an error naming its path."""
+    if isinstance(x, (LoRANode, QLoRANode)):
+        return True
+    if is_node(x) and not isinstance(x, _DENSE_NODES):
+        raise ValueError(f"{path}: FSLoRA does not support {type(x).__name__} nodes (it "
+                         "sketches the rank components of LoRA, DoRA and QLoRA adapters)")
+    return False
+
+
+def _fslora_map(fn, tree, *rest, other=lambda x, *r: x):
+    """``fn(node, *rest_nodes)`` at every sketchable node, ``other`` elsewhere."""
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x, *r: fn(x, *r) if _sketchable(path_str(kp), x) else other(x, *r),
+        tree, *rest, is_leaf=_is_hole_or_node)
+
+
+def _check_ratio(ratio) -> None:
+    if _concrete(ratio):
+        r = np.asarray(ratio, np.float64)
+        if not np.all((r > 0) & (r <= 1)):  # NaN fails too
+            raise ValueError(f"jlora.federated.fslora_sketch: ratio must be in (0, 1] (the "
+                             f"fraction of rank components a client trains), got {r.tolist()}")
 
 
 def fslora_sketch(key: jax.Array, tree: PyTree, ratio) -> PyTree:
@@ -967,24 +1076,39 @@ def fslora_sketch(key: jax.Array, tree: PyTree, ratio) -> PyTree:
     At a node of rank ``r``, ``k = max(1, round(ratio·r))`` rank components
     ``I`` are drawn uniformly without replacement and the sketch is the
     diagonal ``S = (r/k)·Σ_{j∈I} e_j e_jᵀ`` (``E[S] = I``), returned as its
-    ``(r,)`` diagonal. Each node draws from ``fold_in(key, crc32(path))``;
-    seed ``key`` per client and round (``simulate`` hands every client its own
-    key). ``ratio`` may be a traced per-client value (a static shape either
-    way). Non-LoRA positions get ``None``.
+    ``(r,)`` diagonal in the factors' precision (float32, float64 for float64
+    factors). ``0 < ratio ≤ 1``. Each node draws from ``fold_in(key,
+    crc32(path))``; seed ``key`` per client and round (``simulate`` hands
+    every client its own key). ``ratio`` may be a traced per-client value (a
+    static shape either way).
+
+    Sketched nodes are those with rank factors ``a``, ``b``: LoRA, DoRA and
+    QLoRA (the paper's 4-bit setup). Plain leaves, ``Full`` and
+    ``TrainableTokens`` nodes get ``None`` (every client trains and sends them
+    whole); any other adapter node is a ``ValueError`` naming its path.
     """
     from jlora.core import path_key
 
+    _check_ratio(ratio)
     names, leaves, treedef = _flatten(tree)
     out = []
     for path, x in zip(names, leaves):
-        if not _is_lora(x):
+        if not _sketchable(path, x):
             out.append(None)
             continue
         r = x.rank
+        factor = x.b if x.b is not None else x.a
+        dt = jnp.float32 if factor is None else _acc(factor)
         k = jnp.clip(jnp.round(jnp.asarray(ratio, jnp.float32) * r), 1, r)
         order = jnp.argsort(jax.random.permutation(path_key(key, path), r))
-        out.append(jnp.where(order < k, r / k, 0.0).astype(jnp.float32))
+        out.append(jnp.where(order < k, r / k.astype(dt), 0.0).astype(dt))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _sketched(node, s):
+    if node.b is not None:
+        return node.replace(b=(s[:, None] * node.b).astype(node.b.dtype))
+    return node.replace(a=(node.a * s).astype(node.a.dtype))  # b frozen (MiCA): a·S
 
 
 def fslora_apply(tree: PyTree, sketch: PyTree) -> PyTree:
@@ -993,8 +1117,13 @@ def fslora_apply(tree: PyTree, sketch: PyTree) -> PyTree:
     Use it inside the client's loss (``loss(combine(fslora_apply(t, S), frozen))``)
     and differentiate with respect to the unsketched ``t``: the gradients are
     the paper's ``∇_a = s·G·(S b)ᵀ``, ``∇_b = s·(a S)ᵀ·G``, zero outside ``I``.
+    ``S`` scales ``b`` (``a`` where ``b`` is frozen and absent from a trainable
+    half). A DoRA node becomes DoRA on the sketched low-rank update,
+    ``m ⊙ (K0 + s·a·S·b) / ‖K0 + s·a·S·b‖`` (its column norms those of the
+    sketched weight); its magnitude ``m`` is a dense vector that every client
+    trains and sends whole, as a head.
     """
-    return _lora_map(lambda n, s: n.replace(b=(s[:, None] * n.b).astype(n.b.dtype)), tree, sketch)
+    return _fslora_map(_sketched, tree, sketch)
 
 
 def _component_mask(node, s):
@@ -1010,31 +1139,32 @@ def fslora_mask(global_tree: PyTree, client_tree: PyTree, sketch: PyTree) -> PyT
 
     ``g + (c − g)⊙m`` with ``m`` the sketch's support (columns of ``a``, rows of
     ``b``): what the paper's clients send, and exactly the global value where
-    a local optimizer's weight decay touched an unsketched component.
+    a local optimizer's weight decay touched an unsketched component. Leaves
+    outside the sketch (heads, DoRA's magnitude) are the client's own.
     """
 
-    def one(g, c, s):
+    def one(c, g, s):
         m = _component_mask(c, s)
         return c.replace(**{f: jnp.where(mk > 0, getattr(c, f), getattr(g, f))
-                            for f, mk in m.items()})
+                            for f, mk in m.items() if getattr(c, f) is not None})
 
-    return jax.tree.map(lambda c, g, s: one(g, c, s) if _is_lora(c) else c, client_tree,
-                        global_tree, sketch, is_leaf=_is_hole_or_node)
+    return _fslora_map(one, client_tree, global_tree, sketch)
 
 
 def fslora_aggregate(global_tree: PyTree, clients: Sequence[PyTree], sketches: Sequence[PyTree],
                      weights, *, normalize: bool = False) -> PyTree:
     """FSLoRA's server step with plain averaging, per rank component.
 
-    For component ``j`` of a LoRA node (column ``j`` of ``a``, row ``j`` of
+    For component ``j`` of a sketched node (column ``j`` of ``a``, row ``j`` of
     ``b``): ``x_j ← x_j + Σ_i p_i m_ij (x_ij − x_j)``, ``m_ij = 1`` when client
     ``i``'s sketch selected ``j`` (the released code's averaging over the
     sampled clients; equal ``weights`` give its ``1/M``). ``normalize=True``
     divides by ``Σ_i p_i m_ij`` instead (each component averaged over the
-    clients that trained it). Other leaves are averaged as in :func:`fedavg`.
-    With a server optimizer, feed ``global − fslora_aggregate(...)`` to it as
-    the pseudo-gradient (``simulate(..., server_opt=optax.adamw(3e-4))`` does
-    so; the paper's code uses AdamW, ``optax.sgd(1.0)`` is this averaging).
+    clients that trained it). Other leaves, and DoRA's magnitude, are
+    averaged as in :func:`fedavg`. With a server optimizer, feed ``global −
+    fslora_aggregate(...)`` to it as the pseudo-gradient
+    (``simulate(..., server_opt=optax.adamw(3e-4))`` does so; the paper's code
+    uses AdamW, ``optax.sgd(1.0)`` is this averaging).
     """
     n = len(clients)
     p = _weights(weights, n, "fslora_aggregate")
@@ -1059,10 +1189,9 @@ def fslora_aggregate(global_tree: PyTree, clients: Sequence[PyTree], sketches: S
                 den = sum(p[i] * masks[i] for i in range(n))
                 num = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
             changes[f] = (getattr(g, f) + num).astype(getattr(g, f).dtype)
-        return g.replace(**changes)
+        return r.replace(**changes)  # fields outside the sketch (DoRA's m): FedAvg's
 
-    return jax.tree.map(lambda g, r, *cs: one(g, r, *cs) if _is_lora(g) else r,
-                        global_tree, rest, *clients, *sketches, is_leaf=_is_hole_or_node)
+    return _fslora_map(one, global_tree, rest, *clients, *sketches, other=lambda g, r, *_: r)
 
 
 # ---------------------------------------------------------------- FeDLRT
@@ -1077,6 +1206,13 @@ def fedlrt_augment(u: jax.Array, v: jax.Array, grad_u: jax.Array, grad_v: jax.Ar
     of ``W = U S Vᵀ``. With ``S̃ = [[S, 0], [0, 0]]``, ``Ū S̃ V̄ᵀ = U S Vᵀ``.
     Shapes are static: ``U (n, r_max)`` may carry zero columns past ``rank``;
     the new columns past ``rank`` are zeroed too, so they stay inert.
+
+    ``G_U = ∇_W L·V·Sᵀ`` and ``G_V = ∇_W Lᵀ·U·S`` vanish with ``S``: from
+    ``S = 0`` (or a singular ``S``) the new columns do not follow the data.
+    Start from an invertible ``S`` (DLRT starts from a random ``U S Vᵀ``; a
+    small ``S = εI`` keeps the model near ``K0``), or pass the K- and L-step
+    gradients ``∇_W L·V`` and ``∇_W Lᵀ·U`` instead, which span the same
+    columns when ``S`` is invertible.
     """
 
     def aug(b, g):
@@ -1100,23 +1236,31 @@ def fedlrt_augment_coefficients(s: jax.Array) -> jax.Array:
 def fedlrt_truncate(s: jax.Array, u: jax.Array, v: jax.Array, *, tol: float, max_rank: int):
     """FeDLRT's truncation: SVD ``S̃* = P Σ Qᵀ``, keep the smallest ``r₁`` with tail ≤ ϑ.
 
-    ``r₁`` is the smallest rank with ``‖(σ_{r₁+1}, …)‖₂ ≤ ϑ = tol·‖σ‖₂``, capped
-    at ``max_rank`` (and at least 1); ``U ← Ū P[:, :r₁]``, ``V ← V̄ Q[:, :r₁]``,
-    ``S ← diag(σ[:r₁])``. Returns ``(U, S, V, r₁)`` padded with zeros to
-    ``max_rank`` columns (static shapes under ``jit``).
+    ``r₁`` is the smallest rank with ``‖(σ_{r₁+1}, …)‖₂ ≤ ϑ = tol·‖σ‖₂``
+    (``tol ≥ 0``), capped at ``max_rank`` (and at least 1); ``U ← Ū P[:, :r₁]``,
+    ``V ← V̄ Q[:, :r₁]``, ``S ← diag(σ[:r₁])``. Returns ``(U, S, V, r₁)``
+    padded with zeros to ``max_rank`` columns (static shapes under ``jit``),
+    also where ``max_rank`` exceeds the size of ``S̃``.
     """
     from jlora._validate import positive_int
 
     max_rank = positive_int("jlora.federated.fedlrt_truncate", "max_rank", max_rank)
+    if _concrete(tol):
+        t = np.asarray(tol, np.float64)
+        if t.shape != () or not (np.isfinite(t) and t >= 0):
+            raise ValueError(f"jlora.federated.fedlrt_truncate: tol must be a finite number "
+                             f">= 0, got {tol!r}")
     p, sig, qt = jnp.linalg.svd(s)
     tails = jnp.sqrt(jnp.cumsum((sig ** 2)[::-1])[::-1])  # tails[j] = ‖σ[j:]‖
     tails = jnp.concatenate([tails, jnp.zeros(1, tails.dtype)])
     ok = tails <= tol * jnp.sqrt(jnp.sum(sig ** 2))
     r1 = jnp.clip(jnp.argmax(ok), 1, max_rank)
+    extra = max(0, max_rank - sig.shape[0])  # components past S̃'s size: zero
+    p = jnp.pad(p, ((0, 0), (0, extra)))[:, :max_rank]
+    q = jnp.pad(qt.T, ((0, 0), (0, extra)))[:, :max_rank]
+    sig = jnp.pad(sig, (0, extra))[:max_rank]
     keep = (jnp.arange(max_rank) < r1).astype(s.dtype)
-    u_new = (u @ p[:, :max_rank]) * keep
-    v_new = (v @ qt.T[:, :max_rank]) * keep
-    return u_new, jnp.diag(sig[:max_rank] * keep), v_new, r1
+    return (u @ p) * keep, jnp.diag(sig * keep), (v @ q) * keep, r1
 
 
 def fedlrt_correction(grads: PyTree, weights) -> PyTree:
@@ -1192,10 +1336,13 @@ def feddpa_weight(emb: jax.Array, reference: jax.Array, *, beta: float = 0.5) ->
 
     ``emb (B, D)``: the test inputs' embeddings; ``reference (N, D)``: those of
     N of the client's training instances (the official code embeds both with
-    the base model plus the local adapter, N = 5, β = 0.5). Returns ``(B,)``.
-    The official code multiplies the *global* adapter by ``w(x)``; pass
-    ``branch=`` to :func:`feddpa_set_weight` to choose.
+    the base model plus the local adapter, N = 5, β = 0.5); ``β > 0``. Returns
+    ``(B,)`` in ``[−β, β]``. The official code multiplies the *global* adapter
+    by ``w(x)``; pass ``branch=`` to :func:`feddpa_set_weight` to choose.
     """
+    from jlora._validate import real_or_traced
+
+    real_or_traced("jlora.federated.feddpa_weight", "beta", beta, gt=0.0)
     unit = lambda e: e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
     return beta * jnp.mean(unit(emb) @ unit(reference).T, axis=-1)
 
@@ -1204,14 +1351,36 @@ def feddpa_set_weight(tree: PyTree, weight, *, branch: str = "global") -> PyTree
     """Set every FedDPA node's mixing weight: ``w`` on the global branch (``1 − w`` on the
     local one) with ``branch="global"``, the reverse with ``branch="local"``.
 
-    ``weight`` is a scalar (training phases: 0.5 local phase, 1.0 global phase)
-    or ``(B,)`` per-example weights from :func:`feddpa_weight`.
+    ``weight`` is a scalar in ``[0, 1]`` (training phases: 0.5 local phase, 1.0
+    global phase) or ``(B,)`` finite per-example weights from
+    :func:`feddpa_weight`; it is stored in each node's weight dtype (the
+    factors'). The weight is frozen: set it on a full tree or on the frozen
+    half of ``jlora.split``; a trainable half has no weight (a ``ValueError``
+    naming the path), so the weight never becomes a trained, uploaded leaf.
     """
     from jlora._validate import choice
     from jlora.methods.feddpa import FedDPANode
 
-    choice("jlora.federated.feddpa_set_weight", "branch", branch, ("global", "local"))
-    w = jnp.asarray(weight, jnp.float32)
-    w = w if branch == "global" else 1.0 - w
-    return jax.tree.map(lambda n: n.replace(weight=w) if isinstance(n, FedDPANode) else n,
-                        tree, is_leaf=_is_hole_or_node)
+    who = "jlora.federated.feddpa_set_weight"
+    choice(who, "branch", branch, ("global", "local"))
+    if _concrete(weight):
+        v = np.asarray(weight, np.float64)
+        if v.ndim > 1 or not np.all(np.isfinite(v)):
+            raise ValueError(f"{who}: weight must be a finite scalar or (B,) per-example "
+                             f"weights, got shape {v.shape} with values {v.ravel()[:4].tolist()}")
+        if v.ndim == 0 and not 0.0 <= v <= 1.0:
+            raise ValueError(f"{who}: a scalar weight must be in [0, 1] (the global branch's "
+                             f"share), got {float(v)}")
+    w = jnp.asarray(weight)
+
+    def one(path, n):
+        if not isinstance(n, FedDPANode):
+            return n
+        if n.weight is None:
+            raise ValueError(f"{path}: a jlora.split trainable half has no FedDPA weight; set it "
+                             f"on the frozen half or on the combined tree ({who})")
+        wn = w.astype(jnp.result_type(n.weight))
+        return n.replace(weight=wn if branch == "global" else 1 - wn)
+
+    return jax.tree_util.tree_map_with_path(lambda kp, n: one(path_str(kp), n), tree,
+                                            is_leaf=_is_hole_or_node)

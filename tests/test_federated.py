@@ -636,3 +636,258 @@ def test_federated_study_runs_end_to_end(tmp_path):
         assert r["bytes_per_round"] > 0 and len(r["curve"]) == 1
     assert (tmp_path / "federated_study.png").stat().st_size > 0
     assert "| FedDPA |" in (tmp_path / "federated_study.md").read_text()
+
+
+# ---------------------------------------------------------------- node types, bad input
+
+
+def _perturbed(config, seed, shape=(64, 16), **fields):
+    """A one-kernel tree of ``config`` with random ``a``, ``b`` (and any ``fields``)."""
+    rng = np.random.default_rng(seed)
+    p = {"q": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)}}
+    t = jlora.apply(p, jlora.Spec({"q/kernel": config}), key=jax.random.key(seed))
+    n = t["q"]["kernel"]
+    rnd = lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.3, x.dtype)
+    changes = {f: rnd(getattr(n, f)) for f in ("a", "b", *fields)}
+    t["q"]["kernel"] = n.replace(**changes)
+    return t
+
+
+def test_fslora_sketches_qlora_and_dora_nodes():
+    for config in (jlora.QLoRA(rank=8, alpha=16), jlora.DoRA(rank=8, alpha=16)):
+        g = jlora.split(_perturbed(config, 0))[0]
+        sk = fl.fslora_sketch(jax.random.key(1), g, 0.25)
+        s = np.asarray(sk["q"]["kernel"])
+        assert sorted(s.tolist()) == [0.0] * 6 + [4.0, 4.0], type(config).__name__
+        idx = np.flatnonzero(s)
+        node = g["q"]["kernel"]
+        a, b = np.asarray(node.a, np.float64), np.asarray(node.b, np.float64)
+        sketched = fl.fslora_apply(g, sk)["q"]["kernel"]
+        np.testing.assert_allclose(np.asarray(sketched.b, np.float64)[idx], 4.0 * b[idx],
+                                   rtol=1e-6)
+        assert not np.asarray(sketched.b)[s == 0].any()
+        # the upload carries the sketched rows/columns only
+        c = jlora.split(_perturbed(config, 5))[0]
+        up = fl.fslora_mask(g, c, sk)["q"]["kernel"]
+        changed = np.flatnonzero(np.abs(np.asarray(up.b) - b).max(1) > 0)
+        np.testing.assert_array_equal(changed, idx)
+        # server: per component for a, b; DoRA's magnitude averaged as FedAvg
+        cs = [jlora.split(_perturbed(config, 7 + i, m=()) if isinstance(config, jlora.DoRA)
+                          else _perturbed(config, 7 + i))[0] for i in range(2)]
+        sks = [fl.fslora_sketch(jax.random.key(20 + i), g, 0.5) for i in range(2)]
+        out = fl.fslora_aggregate(g, cs, sks, [1, 3])["q"]["kernel"]
+        p = np.array([0.25, 0.75])
+        want_b = b.copy()
+        for i, (ci, si) in enumerate(zip(cs, sks)):
+            on = np.asarray(si["q"]["kernel"]) > 0
+            want_b[on] += p[i] * (np.asarray(ci["q"]["kernel"].b, np.float64)[on] - b[on])
+        np.testing.assert_allclose(out.b, want_b, rtol=1e-5, atol=1e-6)
+        if isinstance(config, jlora.DoRA):
+            want_m = sum(pi * np.asarray(ci["q"]["kernel"].m, np.float64) for pi, ci in zip(p, cs))
+            np.testing.assert_allclose(out.m, want_m, rtol=1e-6)
+
+
+def test_fslora_sketched_qlora_model_and_gradients_match_numpy():
+    t, fr = jlora.split(_perturbed(jlora.QLoRA(rank=4, alpha=8), 3))
+    sk = fl.fslora_sketch(jax.random.key(2), t, 0.5)
+    s = np.asarray(sk["q"]["kernel"], np.float64)
+    rng = np.random.default_rng(9)
+    x, y = rng.normal(size=(5, 64)), rng.normal(size=(5, 16))
+    n = t["q"]["kernel"]
+    k0 = np.asarray(jlora.combine(t, fr)["q"]["kernel"].base, np.float64)
+
+    def loss(q):
+        k = jlora.merge(jlora.combine(fl.fslora_apply(q, sk), fr))["q"]["kernel"]
+        return 0.5 * jnp.sum((jnp.asarray(x, jnp.float32) @ k - y) ** 2)
+
+    g = jax.grad(loss)(t)["q"]["kernel"]
+    a, b, sc = np.asarray(n.a, np.float64), np.asarray(n.b, np.float64), n.scale
+    gk = x.T @ (x @ (k0 + sc * a @ np.diag(s) @ b) - y)
+    np.testing.assert_allclose(g.a, sc * gk @ (np.diag(s) @ b).T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(g.b, sc * (a @ np.diag(s)).T @ gk, rtol=1e-4, atol=1e-4)
+    assert not np.asarray(g.b)[s == 0].any()
+
+
+def test_fslora_refuses_adapter_nodes_without_rank_factors():
+    t = jlora.split(_perturbed(jlora.PF2LoRA(2, 1), 0, c=(), d=()))[0]
+    lora = jlora.split(_perturbed(jlora.LoRA(rank=2), 0))[0]
+    sk = fl.fslora_sketch(jax.random.key(0), lora, 0.5)
+    for call in (lambda: fl.fslora_sketch(jax.random.key(0), t, 0.5),
+                 lambda: fl.fslora_apply(t, sk),
+                 lambda: fl.fslora_mask(t, t, sk),
+                 lambda: fl.fslora_aggregate(t, [t, t], [sk, sk], [1, 1])):
+        with pytest.raises(ValueError, match="q/kernel: FSLoRA does not support PF2LoRANode"):
+            call()
+
+
+def test_fslora_sketch_is_in_the_factors_precision():
+    with jax.enable_x64(True):
+        t = jlora.split(_perturbed(jlora.LoRA(rank=7, dtype=jnp.float64), 0))[0]
+        sk = fl.fslora_sketch(jax.random.key(3), t, 3 / 7)
+        s = np.asarray(sk["q"]["kernel"])
+        assert s.dtype == np.float64 and sorted(s.tolist())[-1] == 7 / 3
+        b = np.asarray(t["q"]["kernel"].b)
+        np.testing.assert_allclose(fl.fslora_apply(t, sk)["q"]["kernel"].b, s[:, None] * b,
+                                   rtol=1e-15, atol=0)
+
+
+def _shared_tree(config, seed):
+    return fl.shared(jlora.split(_perturbed(config, seed, c=(), d=()))[0])
+
+
+@pytest.mark.parametrize("config", [jlora.PF2LoRA(2, 1), jlora.FedDPA(2, 1), jlora.DoRA(rank=2)],
+                         ids=lambda c: type(c).__name__)
+@pytest.mark.parametrize("rule", ["ffa", "flora", "flexlora", "lora_fair"])
+def test_rules_refuse_nodes_they_have_no_formula_for(config, rule):
+    if isinstance(config, jlora.DoRA):
+        cs = [jlora.split(_perturbed(config, s))[0] for s in (1, 2)]
+    else:
+        cs = [_shared_tree(config, s) for s in (1, 2)]
+    with pytest.raises(ValueError, match=rf"q/kernel: jlora.federated.{rule} has no rule for "
+                                         rf"{type(config).__name__}Node"):
+        getattr(fl, rule)(cs, [1, 1])
+    # FedAvg's meaning for them is the factor-wise mean
+    out = fl.fedavg(cs, [1, 3])["q"]["kernel"]
+    want = 0.25 * np.asarray(cs[0]["q"]["kernel"].a, np.float64) + 0.75 * np.asarray(
+        cs[1]["q"]["kernel"].a, np.float64)
+    np.testing.assert_allclose(out.a, want, rtol=1e-6)
+
+
+def test_rules_apply_to_qlora_nodes():
+    cs = [_perturbed(jlora.QLoRA(rank=r, alpha=a), s) for r, a, s in ((2, 4, 1), (3, 3, 2))]
+    w = [1, 3]
+
+    def delta(n):
+        return n.scale * np.asarray(n.a, np.float64) @ np.asarray(n.b, np.float64)
+
+    want = 0.25 * delta(cs[0]["q"]["kernel"]) + 0.75 * delta(cs[1]["q"]["kernel"])
+    out = fl.flora(cs, w)["q"]["kernel"]
+    assert type(out).__name__ == "QLoRANode" and out.rank == 5
+    np.testing.assert_allclose(delta(out), want, rtol=1e-5, atol=1e-5)
+    u, s, vt = np.linalg.svd(want)
+    for k, c in enumerate(fl.flexlora(cs, w)):
+        n, r = c["q"]["kernel"], cs[k]["q"]["kernel"].rank
+        np.testing.assert_allclose(delta(n), (u[:, :r] * s[:r]) @ vt[:r], rtol=1e-4, atol=1e-5)
+    # full trees: the quantized base must be one shared array
+    same = [_perturbed(jlora.QLoRA(rank=2), s) for s in (1, 2)]
+    avg = fl.fedavg(same, [1, 1])["q"]["kernel"]
+    np.testing.assert_allclose(avg.b, (np.asarray(same[0]["q"]["kernel"].b, np.float64)
+                                       + np.asarray(same[1]["q"]["kernel"].b)) / 2, rtol=1e-6)
+    other = jlora.apply({"q": {"kernel": jnp.ones((64, 16))}},
+                        jlora.Spec({"q/kernel": jlora.QLoRA(rank=2)}), key=jax.random.key(1))
+    with pytest.raises(ValueError, match="q/kernel/quantized: clients 0 and 1 differ"):
+        fl.fedavg([same[0], other], [1, 1])
+
+
+def test_fedlrt_truncate_pads_past_the_augmented_size():
+    rng = np.random.default_rng(1)
+    n, r2, max_rank = 10, 4, 6
+    s = rng.normal(size=(r2, r2))
+    ub = np.linalg.qr(rng.normal(size=(n, r2)))[0]
+    vb = np.linalg.qr(rng.normal(size=(n, r2)))[0]
+    u, ss, v, rank = fl.fedlrt_truncate(*(jnp.asarray(x, jnp.float32) for x in (s, ub, vb)),
+                                        tol=0.0, max_rank=max_rank)
+    assert u.shape == (n, max_rank) and v.shape == (n, max_rank) and ss.shape == (6, 6)
+    assert int(rank) == r2
+    assert not np.asarray(u)[:, r2:].any() and not np.asarray(ss)[r2:].any()
+    np.testing.assert_allclose(np.asarray(u, np.float64) @ np.asarray(ss) @ np.asarray(v).T,
+                               ub @ s @ vb.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call, msg", [
+    (lambda t: fl.fslora_sketch(jax.random.key(0), t, float("nan")), "ratio must be in"),
+    (lambda t: fl.fslora_sketch(jax.random.key(0), t, -0.5), "ratio must be in"),
+    (lambda t: fl.fslora_sketch(jax.random.key(0), t, 3.0), "ratio must be in"),
+    (lambda t: fl.fslora_sketch(jax.random.key(0), t, 0.0), "ratio must be in"),
+    (lambda t: fl.fedlrt_truncate(jnp.eye(4), jnp.eye(4), jnp.eye(4), tol=-1.0, max_rank=2),
+     "tol must be"),
+    (lambda t: fl.fedlrt_truncate(jnp.eye(4), jnp.eye(4), jnp.eye(4), tol=float("nan"),
+                                  max_rank=2), "tol must be"),
+    (lambda t: fl.feddpa_weight(jnp.ones((2, 3)), jnp.ones((4, 3)), beta=-3.0), "beta"),
+    (lambda t: fl.feddpa_weight(jnp.ones((2, 3)), jnp.ones((4, 3)), beta=0.0), "beta"),
+    (lambda t: fl.shared(t, paths="classifier/*"), "'classifier/\\*' matches no leaf"),
+    (lambda t: fl.personal(t, paths=["q/*", "head/*"]), "'head/\\*' matches no leaf"),
+    (lambda t: fl.pfedlora_phase(t, "personal", paths="clasifier/**"), "matches no leaf"),
+])
+def test_bad_personal_and_sketch_inputs_name_the_fault(call, msg):
+    t = jlora.split(_perturbed(jlora.LoRA(rank=4), 0))[0]
+    with pytest.raises(ValueError, match=msg):
+        call(t)
+
+
+@pytest.mark.parametrize("weight", [1.7, -0.2, float("nan"), [0.5, float("inf")]])
+def test_feddpa_set_weight_refuses_bad_weights(weight):
+    tree = _perturbed(jlora.FedDPA(2, 2), 0, c=(), d=())
+    with pytest.raises(ValueError, match="feddpa_set_weight: .*weight"):
+        fl.feddpa_set_weight(tree, weight)
+
+
+def test_feddpa_weight_stays_frozen_in_the_global_phase():
+    tree = _perturbed(jlora.FedDPA(2, 2), 0, c=(), d=())
+    t, fr = jlora.split(tree)
+    with pytest.raises(ValueError, match="q/kernel: a jlora.split trainable half has no FedDPA "
+                                         "weight"):
+        fl.feddpa_set_weight(t, 1.0)
+    fr = fl.feddpa_set_weight(fr, 1.0)  # the global phase: w = 1 on the frozen half
+    train, hold = fl.shared(t), fl.personal(t)
+    assert all(n.weight is None for n in jax.tree.leaves(
+        train, is_leaf=jlora.is_node) if jlora.is_node(n))
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(8, 64)), rng.normal(size=(8, 16))
+
+    def loss(q):
+        k = jlora.merge(jlora.combine(fl.combine(q, hold), fr))["q"]["kernel"]
+        return jnp.mean((jnp.asarray(x, jnp.float32) @ k - y) ** 2)
+
+    g = jax.grad(loss)(train)
+    tx = optax.sgd(0.1)
+    new = optax.apply_updates(train, tx.update(g, tx.init(train), train)[0])
+    out = jlora.combine(fl.combine(new, hold), fr)["q"]["kernel"]
+    assert float(out.weight) == 1.0
+    n = tree["q"]["kernel"]
+    k0, a, b = (np.asarray(v, np.float64) for v in (n.base, n.a, n.b))
+    gk = 2 * x.T @ (x @ (k0 + n.scale * a @ b) - y) / y.size  # w = 1: the local pair drops out
+    np.testing.assert_allclose(g["q"]["kernel"].b, n.scale * a.T @ gk, rtol=1e-4, atol=1e-5)
+
+
+def test_simulate_flora_with_a_server_optimizer_is_a_clear_error():
+    spec = jlora.Spec({"d/kernel": jlora.LoRA(rank=2)})
+    tr, fr = jlora.split(jlora.apply({"d": {"kernel": jnp.ones((4, 3))}}, spec,
+                                     key=jax.random.key(0)))
+    step = lambda t, f, d, k: jax.tree.map(lambda x: x + 0.1, t)
+    with pytest.raises(ValueError, match=r"aggregate=flora changes the server tree: d/kernel/a: "
+                                         r"the server tree has shape \(4, 2\), the aggregate has "
+                                         r"shape \(4, 4\).*restart=merge_and_restart\(spec\)"):
+        fl.simulate(step, tr, fr, {"x": jnp.ones((2, 1))}, rounds=1, key=jax.random.key(0),
+                    aggregate=fl.flora, server_opt=optax.sgd(1.0))
+    # rules that keep the shapes run as before
+    out = fl.simulate(step, tr, fr, {"x": jnp.ones((2, 1))}, rounds=1, key=jax.random.key(0),
+                      server_opt=optax.sgd(1.0))
+    np.testing.assert_allclose(out.trainable["d"]["kernel"].b, np.asarray(tr["d"]["kernel"].b)
+                               + 0.1, rtol=1e-6)
+
+
+@pytest.mark.skipif(any(__import__("importlib").util.find_spec(m) is None
+                        for m in ("tokenizers", "tqdm")),
+                    reason="tokenizers / tqdm (the study's imports) not installed")
+def test_federated_study_fedlrt_start_lets_the_first_augmentation_follow_the_data():
+    from experiments import federated_study
+
+    n, r = 8, 2
+    start = federated_study.fedlrt_start(["k"], n, r, np.random.default_rng(0))["k"]
+    u, s, v = (np.asarray(start[f], np.float64) for f in "usv")
+    assert np.linalg.matrix_rank(s) == r
+    k0 = np.random.default_rng(1).normal(size=(n, n))
+    news = []
+    for seed in (1, 2):
+        rng = np.random.default_rng(seed)
+        x, y = rng.normal(size=(16, n)), rng.normal(size=(16, n))
+        gw = 2 * x.T @ (x @ (k0 + u @ s @ v.T) - y) / y.size  # ∇_W of the mean squared error
+        gu, gv = gw @ v @ s.T, gw.T @ u @ s
+        ub, _ = fl.fedlrt_augment(*(jnp.asarray(z, jnp.float32) for z in (u, v, gu, gv)))
+        new = np.asarray(ub, np.float64)[:, r:]
+        # span of the new columns = span of (I − UUᵀ)·∇W·V, the K-step direction
+        q = np.linalg.qr((np.eye(n) - u @ u.T) @ gw @ v)[0]
+        np.testing.assert_allclose(new @ new.T, q @ q.T, atol=1e-4)
+        news.append(new @ new.T)
+    assert np.abs(news[0] - news[1]).max() > 0.1

@@ -6,8 +6,8 @@ weight ``w``:
 
     K = K0 + w·s·a·b + (1 − w)·s̃·c·d
 
-``w`` is an array field (frozen): a scalar, or one weight per example for the
-paper's instance-wise dynamic weighting at test time,
+``w`` is an array field (frozen, in the factors' dtype): a scalar, or one
+weight per example for the paper's instance-wise dynamic weighting at test time,
 ``w(x) = β·(1/N)·Σ_j cos(e(x), e(x_j))`` over N of the client's training
 examples (``jlora.federated.feddpa_weight``). The training phases of the
 official code's FedDPA-T set ``w`` too (``jlora.federated.feddpa_set_weight``):
@@ -15,7 +15,9 @@ the local phase trains ``(c, d)`` with the global pair frozen at ``w = 0.5``,
 the global phase trains ``(a, b)`` alone at ``w = 1``. Per-example weights act
 on the fast path (``jlora.linen.apply``) only: they have no single merged
 weight, so ``merge`` gives NaN there (a layer outside the fast path fails
-loudly; ``jlora.linen.consumed`` lists which layers are factorized).
+loudly; ``jlora.linen.consumed`` lists which layers are factorized). They
+belong to the batch's leading axis; under ``jax.vmap`` over examples, vmap
+the node's weight with them.
 
 Example::
 
@@ -53,7 +55,8 @@ class FedDPA(PF2LoRA):
 
     def build(self, key: Array, base: Array, *, path: str) -> "FedDPANode":
         f = self.factors(key, base, path=path)
-        return FedDPANode(**f, weight=jnp.asarray(self.weight, jnp.float32))
+        # in the factors' dtype: a float32 w would cap a float64 adapter at float32 precision
+        return FedDPANode(**f, weight=jnp.asarray(self.weight, jnp.result_type(f["a"])))
 
 
 class FedDPANode(PF2LoRANode):

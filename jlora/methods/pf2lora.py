@@ -12,7 +12,9 @@ server aggregates ``(a, b)``; ``(c, d)`` never leaves the client
 client's total delta ``a·b + c·d`` has a rank anywhere in ``[r − r̃, r + r̃]``:
 the paper's "automatic rank learning". Init: ``a`` and ``c`` kaiming-uniform,
 ``b`` and ``d`` zero (the model starts at ``K0``). The fast path computes
-``y = x·K0 + s·(drop(x)·a)·b + s̃·(drop(x)·c)·d``; ``merge`` folds both pairs in.
+``y = x·K0 + s·(drop₁(x)·a)·b + s̃·(drop₂(x)·c)·d`` with independent dropout
+masks per branch (PEFT's per-adapter ``lora_dropout``); ``merge`` folds both
+pairs in.
 
 Example::
 
@@ -174,23 +176,34 @@ class PF2LoRANode(AdapterNode):
             return op(x, self.materialize())
         y = op(x, self.base)
         drop = self.config.dropout
+        # one dropout per branch, as PEFT's per-adapter lora_dropout: independent masks
+        k_shared, k_own = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         shared = lowrank_dot(x, op, self, self.a, self.b, scale=self.scale,
-                             dropout_key=dropout_key, dropout=drop)
+                             dropout_key=k_shared, dropout=drop)
         own = lowrank_dot(x, op, self, self.c, self.d, scale=self.personal_scale,
-                          dropout_key=dropout_key, dropout=drop)
+                          dropout_key=k_own, dropout=drop)
         w_shared, w_personal = self.branch_weights()
-        w_shared, w_personal = _rows(w_shared, y), _rows(w_personal, y)
+        examples = context.get("examples")
+        w_shared, w_personal = _rows(w_shared, y, examples), _rows(w_personal, y, examples)
         return y + (w_shared * shared + w_personal * own).astype(y.dtype)
 
 
-def _rows(w, y):
-    """A per-example weight ``(N,)`` laid over ``y``'s leading rows (batch-major)."""
-    w = jnp.asarray(w, jnp.float32)
+def _rows(w, y, examples=None):
+    """A per-example weight ``(N,)`` laid over ``y``'s leading rows (batch-major).
+
+    ``examples`` is the batch size when the layer has flattened the example
+    axis with others into ``y``'s leading axis (``jlora.linen``'s ``Dense``);
+    ``None``: that axis is the example axis. ``N`` must equal the batch size.
+    """
+    w = jnp.asarray(w)
     if w.ndim == 0:
         return w
     n = y.shape[0]
-    if n % w.shape[0]:
-        raise ValueError(f"per-example weights of length {w.shape[0]} do not divide the "
-                         f"{n} rows reaching the layer")
-    w = jnp.repeat(w, n // w.shape[0])
+    n_ex = n if examples is None else examples
+    if w.ndim != 1 or w.shape[0] != n_ex or n % max(n_ex, 1):
+        raise ValueError(f"per-example weights of shape {w.shape} for a batch of {n_ex} "
+                         f"examples ({n} rows reaching the layer): pass one weight per example "
+                         "of the leading batch axis; under jax.vmap over examples, vmap the "
+                         "node's weight too (in_axes on it), so each example sees a scalar")
+    w = jnp.repeat(w, n // max(n_ex, 1))
     return w.reshape((n,) + (1,) * (y.ndim - 1))

@@ -159,3 +159,20 @@ def test_pfedlora_phase_partition():
     jax.tree.map(np.testing.assert_array_equal, fl.combine(train, hold), t)
     with pytest.raises(ValueError, match="phase"):
         fl.pfedlora_phase(t, "both", paths="head/*")
+
+
+def test_branches_draw_independent_dropout_masks():
+    """Each branch has its own dropout mask (PEFT's per-adapter lora_dropout)."""
+    n_feat = 4
+    params = {"dense": {"kernel": jnp.zeros((n_feat, n_feat))}}
+    spec = jlora.Spec({"dense/kernel": jlora.PF2LoRA(n_feat, n_feat, dropout=0.5)})
+    node = jlora.apply(params, spec, key=jax.random.key(0))["dense"]["kernel"]
+    eye = jnp.eye(n_feat)
+    node = node.replace(a=eye, b=eye, c=eye, d=2 * eye)  # scales 1: y = m₁/(1−p) + 2·m₂/(1−p)
+    x = jnp.ones((2000, n_feat))
+    y = jlora.linen.apply(nn.Dense(n_feat, use_bias=False), {"params": {"kernel": node}}, x,
+                          dropout_key=jax.random.key(3))
+    code = np.asarray(y) * 0.5  # m₁ + 2·m₂ per element
+    values, counts = np.unique(np.round(code, 5), return_counts=True)
+    np.testing.assert_array_equal(values, [0, 1, 2, 3])
+    np.testing.assert_allclose(counts / code.size, 0.25, atol=0.02)  # independent, p = 0.5
