@@ -427,6 +427,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
                 to_save.append(module)
             continue
         if isinstance(node, TrainableTokensNode):
+            _check_token_export(path, node, adapted)
             tokens[module] = (path, node)
             continue
         if is_stacked(node):
@@ -455,7 +456,13 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
                            "path": path, "transposed": kind == "linear_t"}
     experts = _save_experts(stacked, namer, parameter_order, put) if stacked else {}
     if not modules and not experts and tokens and not to_save:
+        _check_token_names(tokens, all_modules, standalone=True)
         return _save_tokens_only(out, tokens, put, tensors, base_model_name_or_path, task_type)
+    if not modules and not experts and tokens:
+        raise ValueError("jlora.peft.save: the tree holds trainable tokens and Full() leaves "
+                         f"({sorted(to_save)}) but no LoRA/DoRA adapter: PEFT's standalone "
+                         "TRAINABLE_TOKENS format has no modules_to_save, so trainable tokens "
+                         "with Full() need at least one LoRA leaf (a LoRA adapter carries both)")
     if not modules and not experts:
         raise ValueError("jlora.peft.save: the tree holds no LoRA/DoRA adapter")
     both = sorted(set(modules) & set(to_save))
@@ -509,6 +516,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
     if experts:
         config["target_parameters"] = sorted(experts)
         _check_expert_config(config, experts, adapted, name_map)
+    _check_token_names(tokens, all_modules, standalone=False)
     _put_token_rows(config, tokens, put)
     config["init_lora_weights"] = _saved_init(adapted, config["init_lora_weights"])
     for module in all_modules:  # what PEFT will do with this config, module by module
@@ -1275,7 +1283,8 @@ def _check_expert_config(config: dict, experts: dict, adapted, name_map) -> None
 
 
 # ---------------------------------------------------------------- trainable tokens
-# PEFT's layouts: LoRA + ``trainable_token_indices = {module: [ids]}`` keeps the rows at
+# PEFT's layouts: LoRA + ``trainable_token_indices = {module suffix: [ids]}`` (or a list of
+# ids: the input embedding) keeps the rows at the full module name's
 # ``<module>.token_adapter.trainable_tokens_delta``; a standalone ``TRAINABLE_TOKENS``
 # adapter (``token_indices``, ``target_modules``) at ``<module>.trainable_tokens_delta``.
 # The tensor is ``(k, dim)``: the new row values, in the order of the indices.
@@ -1326,14 +1335,61 @@ def _token_tensors(tensors: dict) -> tuple[dict, dict]:
     return rest, rows
 
 
+def _check_token_export(path: str, node, adapted) -> None:
+    """PEFT gives ``node``'s rows the outputs jlora gives them, or a ``ValueError`` naming ``path``.
+
+    PEFT's ``TrainableTokensLayer`` wraps an ``nn.Embedding`` (a Flax ``embedding`` leaf,
+    token axis 0) or an ``nn.Linear`` (a ``kernel`` leaf, token axis 1). On a Linear it
+    computes ``F.linear(x, W')`` with no bias term, so a head whose module has a bias would
+    lose the whole bias under PEFT; jlora keeps it.
+    """
+    leaf = path.rpartition("/")[2]
+    if (leaf, node.token_axis) not in (("embedding", 0), ("kernel", 1)):
+        raise ValueError(f"jlora.peft.save: {path}: PEFT's trainable tokens wrap an "
+                         "nn.Embedding (a Flax 'embedding' leaf, token axis 0) or an nn.Linear "
+                         f"(a 'kernel' leaf, token axis 1), not a {leaf!r} leaf with token axis "
+                         f"{node.token_axis}")
+    bias = f"{parent(path)}/bias" if parent(path) else "bias"
+    if node.token_axis == 1 and any(p == bias for p, _ in leaves_with_paths(adapted)):
+        raise ValueError(f"jlora.peft.save: {path}: trainable tokens on a head kernel whose "
+                         f"module has a bias ({bias}): PEFT's TrainableTokensLayer computes "
+                         "F.linear(x, W') without the bias, so under PEFT the layer would lose "
+                         "its whole bias (jlora keeps it); train that head with Full() "
+                         "(modules_to_save) instead")
+
+
+def _check_token_names(tokens: dict, all_modules, *, standalone: bool) -> None:
+    """PEFT wraps exactly the modules that hold trainable tokens, or a ``ValueError``.
+
+    The standalone adapter's ``target_modules`` list matches a whole name or a suffix after
+    a dot; LoRA's ``trainable_token_indices`` keys match any name that ends with them
+    (``_set_trainable``: ``key.endswith(target_key)``), so a key can also wrap another module.
+    """
+    for module in all_modules:
+        keys = [k for k in tokens if (module == k or module.endswith("." + k) if standalone
+                                      else module.endswith(k))]
+        if keys != ([module] if module in tokens else []):
+            other = next(k for k in keys if k != module)
+            raise ValueError(f"jlora.peft.save: PEFT matches trainable-token module names by "
+                             f"suffix, so the entry {other!r} would also wrap module {module!r} "
+                             "(rename modules with name_map)")
+
+
+def _token_leaf(module, by_module, leaves) -> str | None:
+    """The path of ``module``'s ``embedding`` or ``kernel`` leaf, or None."""
+    if module not in by_module:
+        return None
+    mpath = by_module[module]
+    join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
+    return next((join(x) for x in ("embedding", "kernel") if join(x) in leaves), None)
+
+
 def _token_node(module, indices, rows, by_module, leaves, where, weights_path, key):
     """A TrainableTokensNode for ``module``'s table from the file's indices and rows."""
     if module not in by_module:
         raise ValueError(f"{where}: trainable tokens of module {module!r}, which params do "
                          "not have (check name_map)")
-    mpath = by_module[module]
-    join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
-    path = next((join(x) for x in ("embedding", "kernel") if join(x) in leaves), None)
+    path = _token_leaf(module, by_module, leaves)
     if path is None:
         raise ValueError(f"{where}: module {module!r} has no 'embedding' or 'kernel' leaf for "
                          "its trainable tokens")
@@ -1351,27 +1407,77 @@ def _token_node(module, indices, rows, by_module, leaves, where, weights_path, k
     return {path: node.replace(rows=jnp.asarray(rows, node.rows.dtype))}
 
 
+def _token_entries(spec, token_rows, by_module, cfg_path, weights_path) -> tuple[dict, list]:
+    """LoRA's ``trainable_token_indices`` resolved to ``({module: ids}, [tied entries])``.
+
+    PEFT (``_set_trainable``) wraps every module whose full name ends with a key of
+    ``{key: [ids]}`` and saves each wrapped module's rows under its full name, so a key
+    names the one module whose name ends with it and whose rows the file holds. A list of
+    ids means PEFT's input embedding: the one module with rows in the file. On a tied model
+    PEFT does not wrap a tied head listed with the embedding's ids, and saves nothing for
+    it: such a key (no rows, no module in params, whose tied head reads the embedding) is
+    returned as a tied entry ``(key, ids)``.
+    """
+    where = f"{cfg_path}: key 'trainable_token_indices'"
+    suffix = _TOKEN_SUFFIXES[0]
+    if isinstance(spec, list):
+        if len(token_rows) != 1:
+            raise ValueError(f"{where} is a list of token ids (PEFT: the input embedding); "
+                             f"jlora takes its module from the file's {PREFIX}<module>.{suffix} "
+                             f"tensor, and {weights_path} holds {len(token_rows)} "
+                             f"({sorted(token_rows)})")
+        return {next(iter(token_rows)): spec}, []
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must be a list of token ids or an object "
+                         f"{{module: [token ids]}}, got {spec!r}")
+    entries, owner, tied = {}, {}, []
+    for name, indices in spec.items():
+        hits = [m for m in token_rows if m.endswith(name)]  # PEFT: key.endswith(target_key)
+        if len(hits) > 1:
+            raise ValueError(f"{where}: entry {name!r} matches the rows of modules "
+                             f"{sorted(hits)} in {weights_path}; jlora needs it to name one")
+        if not hits:
+            named = sorted(m for m in by_module if m.endswith(name))
+            if named:
+                raise ValueError(f"{weights_path}: missing tensor {PREFIX}{named[0]}.{suffix} "
+                                 f"(trainable_token_indices entry {name!r})")
+            tied.append((name, indices))
+            continue
+        if hits[0] in owner:
+            raise ValueError(f"{where}: entries {owner[hits[0]]!r} and {name!r} both name "
+                             f"module {hits[0]!r}")
+        owner[hits[0]] = name
+        entries[hits[0]] = indices
+    return entries, tied
+
+
 def _token_nodes(spec, token_rows, by_module, leaves, cfg_path, weights_path, nodes) -> dict:
-    """The nodes of LoRA's ``trainable_token_indices`` (a dict ``{module: [ids]}``)."""
+    """The nodes of LoRA's ``trainable_token_indices`` (see :func:`_token_entries`)."""
     if spec is None:
         if token_rows:
             raise ValueError(f"{weights_path}: tensor {PREFIX}{next(iter(token_rows))}."
                              f"{_TOKEN_SUFFIXES[0]} but {CONFIG_FILE} has no "
                              "trainable_token_indices")
         return {}
-    if not isinstance(spec, dict):
-        raise ValueError(f"{cfg_path}: key 'trainable_token_indices' must be an object "
-                         "{module: [token ids]} (jlora needs the module named), got "
-                         f"{spec!r}")
+    where = f"{cfg_path}: key 'trainable_token_indices'"
+    entries, tied = _token_entries(spec, token_rows, by_module, cfg_path, weights_path)
     out = {}
-    for module, indices in spec.items():
+    for module, indices in entries.items():
         key = f"{PREFIX}{module}.{_TOKEN_SUFFIXES[0]}"
-        got = _token_node(module, indices, token_rows.pop(module, None), by_module, leaves,
-                          f"{cfg_path}: key 'trainable_token_indices'", weights_path, key)
+        got = _token_node(module, indices, token_rows.pop(module), by_module, leaves, where,
+                          weights_path, key)
         if set(got) & set(nodes):
             raise ValueError(f"{cfg_path}: {next(iter(got))} has a LoRA adapter and trainable "
                              "tokens; jlora adapts a leaf with one method")
         out.update(got)
+    loaded = {n.indices for n in out.values()}
+    for name, indices in tied:
+        ids = check_indices(where, f"token indices of {name!r}", indices)
+        if ids not in loaded:
+            raise ValueError(f"{where}: entry {name!r} matches no module of params and "
+                             f"{weights_path} holds no rows for it (check name_map); PEFT "
+                             "saves no rows only for a head tied to the embedding and listed "
+                             "with the embedding's ids")
     if token_rows:
         raise ValueError(f"{weights_path}: tensor {PREFIX}{next(iter(token_rows))}."
                          f"{_TOKEN_SUFFIXES[0]} belongs to no trainable_token_indices entry")
@@ -1417,13 +1523,30 @@ def _load_tokens_only(cfg_path, weights_path, params, by_module) -> Any:
     if not modules:
         raise ValueError(f"{cfg_path}: key 'target_modules' = {target!r} matches no module of "
                          "params")
-    nodes = {}
+    nodes, used = {}, {}
     for module in modules:
         key = f"{PREFIX}{module}.{_TOKEN_SUFFIXES[1]}"
-        nodes.update(_token_node(module, config.get("token_indices"), rows.pop(module, None),
+        used[module] = rows.pop(module, None)
+        nodes.update(_token_node(module, config.get("token_indices"), used[module],
                                  by_module, leaves, f"{cfg_path}: key 'token_indices'",
                                  weights_path, key))
-    if rows:
-        raise ValueError(f"{weights_path}: tensor {PREFIX}{next(iter(rows))}."
-                         f"{_TOKEN_SUFFIXES[1]} targets a module target_modules does not select")
+    for module, value in rows.items():
+        _check_tied_copy(module, value, used, by_module, leaves, weights_path)
     return map_with_paths(lambda p, x: nodes.get(p, x), params)
+
+
+def _check_tied_copy(module, value, used, by_module, leaves, weights_path) -> None:
+    """A standalone adapter's rows for a module ``target_modules`` does not select are
+    accepted only as a tied head's copy: PEFT wraps a head tied to the selected embedding
+    with the same ids and saves its rows too (equal to the embedding's), and tied Flax params
+    have no leaf for that head. Anything else is a ``ValueError`` naming the tensor."""
+    key = f"{PREFIX}{module}.{_TOKEN_SUFFIXES[1]}"
+    if _token_leaf(module, by_module, leaves) is not None:
+        raise ValueError(f"{weights_path}: tensor {key} targets module {module!r}, which "
+                         "target_modules does not select")
+    value = np.asarray(value)
+    if not any(np.array_equal(value, np.asarray(v)) for v in used.values() if v is not None):
+        raise ValueError(f"{weights_path}: tensor {key} targets module {module!r}, which "
+                         "target_modules does not select and params do not have; PEFT writes "
+                         "such rows for a head tied to the embedding, equal to its rows "
+                         f"({sorted(used)}), and these differ")

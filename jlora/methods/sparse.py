@@ -109,8 +109,23 @@ class Indices(tuple):
 
 
 def entries(density: float, n: int) -> int:
-    """``k = max(1, ⌊density·n⌋)``: the number of entries a leaf of ``n`` trains."""
-    return max(1, min(n, math.floor(density * n)))
+    """``k = max(1, ⌊density·n⌋)``: the number of entries a leaf of ``n`` trains.
+
+    ``density`` is a binary float, so ``density·n`` can land a rounding error
+    below an integer the decimal it stands for reaches (``0.29 * 100`` is
+    ``28.999…96``). The floor forgives an error of up to 4 units in the last
+    place of ``density``'s precision, relative to ``density·n``: the rounding
+    of ``density`` and of the product together are below 1, so ``0.29`` of 100
+    entries is 29 (float64 or float32), while a density truly below ``0.29``
+    gets 28. The released code (``runner.py``: ``int(p * numel)``) truncates
+    the float product: 28 entries there, and none when ``p·n < 1``.
+
+        >>> entries(0.29, 100), entries(2 / 3, 3), entries(0.25, 3), entries(1.0, 7)
+        (29, 2, 1, 7)
+    """
+    x = float(density) * n
+    eps = np.finfo(density.dtype if isinstance(density, np.floating) else np.float64).eps
+    return max(1, min(n, math.floor(x + 4 * eps * max(x, 1.0))))
 
 
 @strict_options
@@ -154,6 +169,13 @@ class Sparse(Config):
                                  "sequence of ints >= 0")
             object.__setattr__(self, "indices", idx)
         freeze_in_axes(self)  # checks dtype (Sparse has no in_axes)
+
+    def check_leaf(self, base: Array, path: str) -> None:
+        """A ``ValueError`` naming ``path`` unless ``base`` is a non-empty floating leaf."""
+        super().check_leaf(base, path)
+        if math.prod(base.shape) == 0:
+            raise ValueError(f"{path}: Sparse needs a leaf with at least one entry, got shape "
+                             f"{tuple(base.shape)}")
 
     def choose(self, key: Array, base: Array, *, path: str) -> Array:
         """The sorted flat int32 indices this config trains in ``base``."""

@@ -13,14 +13,17 @@ files hold ``k·dim`` numbers plus the static indices). ``init_weights=True``
 (default, PEFT's) starts from ``rows = E[idx]``, so the model is unchanged at
 init; ``False`` draws ``rows ~ N(0, 1)`` (PEFT's ``init_weights=False``).
 
-Targets:
+Targets (``token_axis`` is the axis of the 2-D leaf that indexes tokens):
 
-* an embedding table (a leaf named ``embedding``, Flax ``Embed``): the token
-  axis is axis 0. ``jlora.linen.apply`` looks ids up in ``E`` and overwrites the
-  hits from ``rows`` without forming ``E'``.
-* a 2-D output-head kernel ``(dim, vocab)`` (Flax ``Dense``, PEFT's Linear
-  ``lm_head`` with rows of its ``(vocab, dim)`` weight): the token axis is the
-  last; logits ``x·K'`` with ``K'[:, i_j] = rows[j]``.
+* an embedding table ``(vocab, dim)``, ``token_axis=0``: the default for a leaf
+  named ``embedding`` (Flax ``Embed``). ``jlora.linen.apply`` looks ids up in
+  ``E`` and overwrites the hits from ``rows`` without forming ``E'``.
+* a 2-D output-head kernel ``(dim, vocab)``, ``token_axis=1``: the default for
+  a leaf named ``kernel`` (Flax ``Dense``, PEFT's Linear ``lm_head`` with rows of
+  its ``(vocab, dim)`` weight); logits ``x·K'`` with ``K'[:, i_j] = rows[j]``.
+* a leaf of any other name (``input_embedding``, a torch-style ``weight``)
+  needs ``token_axis`` given: guessing would train feature columns of a table
+  whose ids happen to be below ``dim``.
 
 **Tied embeddings.** A model whose output head reads the embedding table
 itself (``Embed.attend``, or Hugging Face Flax models passing the shared
@@ -90,6 +93,9 @@ def check_indices(owner: str, name: str, indices: Any) -> tuple[int, ...]:
     return tuple(out)
 
 
+_AXIS_BY_NAME = {"embedding": 0, "kernel": 1}  # Flax Embed's table, Dense's kernel
+
+
 @strict_options
 @dataclasses.dataclass(frozen=True)
 class TrainableTokens(Config):
@@ -100,22 +106,46 @@ class TrainableTokens(Config):
         per leaf, the error names the path); stored as a tuple.
       init_weights: ``True`` starts the rows at their current values (identity at
         init); ``False`` draws them from ``N(0, 1)`` (PEFT's ``init_weights``).
+      token_axis: keyword only; the axis of the 2-D leaf that indexes tokens:
+        ``0`` for a ``(vocab, dim)`` table, ``1`` for a ``(dim, vocab)`` head
+        kernel. ``None`` (default) takes it from the leaf's name: ``embedding``
+        is ``0``, ``kernel`` is ``1``, any other name is a ``ValueError``.
     """
 
     indices: tuple[int, ...]
     init_weights: bool = True
+    token_axis: int | None = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self):
         name = type(self).__name__
         object.__setattr__(self, "indices", check_indices(name, "indices", self.indices))
         v.boolean(name, "init_weights", self.init_weights)
+        axis = self.token_axis
+        if axis is not None:
+            if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)) \
+                    or axis not in (0, 1):
+                raise ValueError(f"{name}: token_axis must be None, 0 (a (vocab, dim) table) or "
+                                 f"1 (a (dim, vocab) head kernel), got {axis!r}")
+            object.__setattr__(self, "token_axis", int(axis))
+
+    def axis_for(self, path: str) -> int:
+        """The token axis of the leaf at ``path``: ``token_axis``, else from the leaf's name."""
+        if self.token_axis is not None:
+            return self.token_axis
+        leaf = path.rpartition("/")[2]
+        if leaf in _AXIS_BY_NAME:
+            return _AXIS_BY_NAME[leaf]
+        raise ValueError(f"{path}: TrainableTokens cannot tell which axis of a leaf named "
+                         f"{leaf!r} indexes tokens (only 'embedding' (vocab, dim) and 'kernel' "
+                         "(dim, vocab) are known): give token_axis=0 for a (vocab, dim) table "
+                         "or token_axis=1 for a (dim, vocab) head kernel")
 
     def build(self, key: Array, base: Array, *, path: str) -> "TrainableTokensNode":
         self.check_leaf(base, path)
         if base.ndim != 2:
             raise ValueError(f"{path}: TrainableTokens needs a 2-D table (vocab, dim) or head "
                              f"kernel (dim, vocab), got shape {tuple(base.shape)}")
-        axis = 0 if path.rpartition("/")[2] == "embedding" else 1
+        axis = self.axis_for(path)
         vocab, dim = base.shape[axis], base.shape[1 - axis]
         bad = [i for i in self.indices if i >= vocab]
         if bad:

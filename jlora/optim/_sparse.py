@@ -32,7 +32,9 @@ sums the minibatch gradients of its burn-in steps at ``θ0``, without updating
 
 As in the released code the top-``k`` is taken **per tensor**: each targeted
 leaf trains ``k = max(1, ⌊p·n⌋)`` of its ``n`` entries (ties go to the lower
-flat index).
+flat index; ``jlora.methods.sparse.entries``). A gradient sum (or, for
+``"fisher"``, a squared-gradient sum) that is not finite is a ``ValueError``
+naming the leaf: ``top_k`` would rank NaN scores first.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def sam_select(params: PyTree, spec: Spec, loss_fn: Callable, batches: Iterable,
         Other rules (e.g. a ``Full()`` head) are kept as they are.
       loss_fn: ``loss_fn(params, batch) -> scalar`` on plain parameters.
       batches: the calibration batches: an iterable of at least one batch (a
-        single dict or array counts as one batch).
+        single dict or array counts as one batch; a tuple is refused, since
+        one ``(x, y)`` batch and a tuple of batches look alike: pass a list).
       density: the fraction of entries to keep per leaf, in ``(0, 1]``;
         default each rule's own ``density``.
       hessian: the curvature ``h`` of the score ``g²/h``: ``None`` (constant,
@@ -170,6 +173,10 @@ def sam_select(params: PyTree, spec: Spec, loss_fn: Callable, batches: Iterable,
     acc, count = (zeros, zeros if fisher else None), 0
     if isinstance(batches, (Mapping, np.ndarray, jax.Array)):
         batches = [batches]
+    elif isinstance(batches, tuple):  # one (x, y) batch, or a tuple of batches?
+        raise ValueError(f"{_OWNER}: batches is a tuple of {len(batches)} items, which could be "
+                         f"one (x, y) batch or {len(batches)} batches; pass a list: [batch] for "
+                         "one batch, list(batches) for several")
     for batch in batches:
         acc = accumulate(acc, tg, batch)
         count += 1
@@ -178,6 +185,11 @@ def sam_select(params: PyTree, spec: Spec, loss_fn: Callable, batches: Iterable,
     if not count:
         raise ValueError(f"{_OWNER}: batches is empty; give at least one calibration batch")
     total, sq = acc
+    for path in targets:  # top_k ranks NaN first: a non-finite score would pick any mask
+        for what, acc_tree in (("gradient", total), ("squared gradient", sq)):
+            if acc_tree is not None and not bool(jnp.isfinite(acc_tree[path]).all()):
+                raise ValueError(f"{_OWNER}: the summed calibration {what} of {path} is not "
+                                 "finite (NaN or inf); check loss_fn and the batches")
 
     rules = []
     for path, (leaf, config) in targets.items():

@@ -253,3 +253,40 @@ def test_bad_inputs_name_the_path(tmp_path):
 def test_sam_scores_refuses_a_hessian_of_another_shape():
     with pytest.raises(ValueError, match=r"sam_scores: hessian has shape \(2,\), grad has \(3,\)"):
         jlora.optim.sam_scores(jnp.ones(3), jnp.ones(2))
+
+
+def test_entry_count_is_the_exact_floor_of_p_times_n():
+    """k = max(1, ⌊p·n⌋) for the decimal p is written as (integer arithmetic reference)."""
+    for num, den in [(29, 100), (1, 3), (2, 3), (7, 10), (57, 100), (1, 1000), (999, 1000)]:
+        for n in (3, 7, 100, 1000, 12345):
+            want = max(1, min(n, num * n // den))
+            assert jlora.methods.sparse.entries(num / den, n) == want, (num, den, n)
+    assert jlora.methods.sparse.entries(np.float32(0.29), 100) == 29
+    assert jlora.methods.sparse.entries(0.2899999, 100) == 28  # truly below 0.29
+    params = {"w": jnp.ones((10, 10))}
+    node = jlora.apply(params, jlora.Spec({"w": jlora.Sparse(0.29)}), key=jax.random.key(0))["w"]
+    assert node.values.shape == (29,)
+
+
+def test_empty_leaf_non_finite_calibration_and_tuple_batches_are_named():
+    with pytest.raises(ValueError, match=r"w: Sparse needs a leaf with at least one entry, got "
+                                         r"shape \(0, 5\)"):
+        jlora.apply({"w": jnp.zeros((0, 5))}, jlora.Spec({"w": jlora.Sparse(0.5)}),
+                    key=jax.random.key(0))
+    params = {"l1": {"kernel": jnp.ones((3, 4))}, "l2": {"kernel": jnp.ones((4, 2))}}
+    spec = jlora.Spec({"*/kernel": jlora.Sparse(0.5, select="sam")})
+    nan_l1 = lambda p, b: jnp.sum(jnp.sqrt(p["l1"]["kernel"] - 2.0)) + jnp.sum(p["l2"]["kernel"])
+    with pytest.raises(ValueError, match=r"sam_select: the summed calibration gradient of "
+                                         r"l1/kernel is not finite"):
+        jlora.optim.sam_select(params, spec, nan_l1, [0])
+    # a finite gradient whose square overflows float32: the Fisher curvature is not finite
+    huge = lambda p, b: 1e30 * jnp.sum(p["l1"]["kernel"]) + jnp.sum(p["l2"]["kernel"])
+    jlora.optim.sam_select(params, spec, huge, [0])
+    with pytest.raises(ValueError, match=r"squared gradient of l1/kernel is not finite"):
+        jlora.optim.sam_select(params, spec, huge, [0], hessian="fisher")
+    xy = (jnp.ones(3), jnp.ones(3))
+    loss = lambda p, b: jnp.sum(b[0] @ p["l1"]["kernel"]) * jnp.sum(b[1])
+    with pytest.raises(ValueError, match=r"sam_select: batches is a tuple of 2 items.*\[batch\]"):
+        jlora.optim.sam_select(params, spec, loss, xy)
+    jlora.optim.sam_select(params, spec, lambda p, b: loss(p, b) + jnp.sum(p["l2"]["kernel"]),
+                           [xy])

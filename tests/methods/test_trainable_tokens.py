@@ -167,3 +167,34 @@ def test_out_of_range_names_the_path():
     with pytest.raises(ValueError, match=r"emb/embedding.*\[16, 20\].*out of range"):
         jlora.apply(params, jlora.Spec({"emb/embedding": jlora.TrainableTokens(indices=[1, 16, 20])}),
                     key=jax.random.key(0))
+
+
+def test_token_axis_option_and_unknown_leaf_names():
+    """A (vocab, dim) table not named 'embedding' needs token_axis; with it, rows are rows."""
+    r = np.random.default_rng(0)
+    table = jnp.asarray(r.normal(size=(50, 8)), jnp.float32)  # vocab 50, dim 8
+    params = {"embedder": {"input_embedding": table}}
+    with pytest.raises(ValueError, match=r"embedder/input_embedding: TrainableTokens cannot tell "
+                                         r"which axis of a leaf named 'input_embedding'.*token_axis"):
+        jlora.apply(params, jlora.Spec({"embedder/input_embedding":
+                                        jlora.TrainableTokens(indices=[3])}), key=jax.random.key(0))
+    spec = jlora.Spec({"embedder/input_embedding": jlora.TrainableTokens(indices=[3, 40],
+                                                                         token_axis=0)})
+    node = jlora.apply(params, spec, key=jax.random.key(0))["embedder"]["input_embedding"]
+    assert node.rows.shape == (2, 8) and node.token_axis == 0
+    np.testing.assert_array_equal(node.rows, np.asarray(table)[[3, 40]])
+    rows = jnp.asarray(r.normal(size=(2, 8)), jnp.float32)
+    ref = f64(table).copy()
+    ref[[3, 40]] = f64(rows)
+    np.testing.assert_array_equal(f64(jlora.merge({"e": node.replace(rows=rows)})["e"]), ref)
+    # a (dim, vocab) torch-style weight read as a head: the columns of the chosen ids
+    head = {"out": {"weight": table.T}}
+    node = jlora.apply(head, jlora.Spec({"out/weight": jlora.TrainableTokens(
+        indices=[3], token_axis=1)}), key=jax.random.key(0))["out"]["weight"]
+    np.testing.assert_array_equal(node.rows, np.asarray(table)[[3]])
+    # the option is checked and survives JSON
+    for bad in (2, -1, True, 0.0, "0"):
+        with pytest.raises(ValueError, match=r"TrainableTokens: token_axis must be None, 0"):
+            jlora.TrainableTokens(indices=[1], token_axis=bad)
+    from jlora.spec import spec_from_json, spec_to_json
+    assert spec_from_json(spec_to_json(spec)) == spec
