@@ -154,6 +154,21 @@ def _(tmp):
     jlora.Spec({3: jlora.LoRA(rank=2)})
 
 
+@case("Spec / apply", "`Spec(\"**/kernel\")`: a pattern with no config",
+      r"Spec: rules must be a mapping \{pattern: config\} or a sequence of \(pattern, config\) pairs")
+def _(tmp):
+    _jl().Spec("**/kernel")
+
+
+@case("Spec / apply", "params where two leaves render to one path (a key holding `/`)",
+      r"jlora.apply: 1 path\(s\) name more than one leaf, e.g. 'a/kernel'")
+def _(tmp):
+    import jax.numpy as jnp
+    jlora = _jl()
+    jlora.apply({"a/kernel": jnp.ones((2, 2)), "a": {"kernel": jnp.ones((2, 2))}},
+                jlora.Spec({"**kernel": jlora.LoRA(rank=1)}), key=jax.random.key(0))
+
+
 @case("Spec / apply", "a rule that matches no leaf", r"'nope/kernel' matches no leaf; paths look like")
 def _(tmp):
     jlora = _jl()
@@ -297,6 +312,16 @@ def _(tmp):
     jlora = _jl()
     trainable, _ = jlora.split(adapted())
     jlora.combine(trainable, params())
+
+
+@case("split / combine / merge", "`merge(onto=)` onto an integer leaf",
+      r"jlora.merge: fc1/kernel: params leaf has dtype int32; a delta would be rounded into it")
+def _(tmp):
+    import jax.numpy as jnp
+    jlora = _jl()
+    p = params()
+    p["fc1"]["kernel"] = jnp.ones((8, 16), jnp.int32)
+    jlora.merge(adapted(), onto=p)
 
 
 @case("split / combine / merge", "`merge(onto=)` params missing an adapted leaf",
@@ -601,6 +626,12 @@ def _(tmp):
 @case("peft.load", "`name_map` that is neither a function nor a dict", r"name_map must be a function or a dict, got int")
 def _(tmp):
     _jl().peft.load(adapter_copy(tmp), fixture_params(), name_map=3)
+
+
+@case("peft.load", "`layers_to_transform` that is not a layer index or a list of them",
+      r"adapter_config.json: key 'layers_to_transform' must be a layer index or a list of them")
+def _(tmp):
+    load_edited(tmp, config={"layers_to_transform": ["0"]})
 
 
 @case("peft.load", "an `adapter_name` that climbs out of the directory", r"adapter_name must be a plain folder name, got '\.\.'")
@@ -1118,6 +1149,16 @@ def _(tmp):
     config["trainable_token_indices"] = {"emb": [1, 99]}
     json.dump(config, open(path, "w"))
     jlora.peft.load(tmp, p)
+
+
+@case("trainable tokens, to_lora, LoftQ", "`TrainableTokens` on a table leaf not named "
+      "`embedding` or `kernel`, without `token_axis`", r"table/input_embedding: .*token_axis")
+def _(tmp):
+    import jax.numpy as jnp
+    jlora = _jl()
+    jlora.apply({"table": {"input_embedding": jnp.zeros((16, 4))}},
+                jlora.Spec({"table/input_embedding": jlora.TrainableTokens(indices=[1])}),
+                key=jax.random.key(0))
 
 
 @case("trainable tokens, to_lora, LoftQ", "`compose.to_lora` at a rank above min(fan_in, fan_out)",
