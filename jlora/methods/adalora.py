@@ -54,6 +54,8 @@ class AdaLoRA(Config):
       init_rank: starting rank ``r_init`` of every matrix.
       target_rank: average rank the allocator prunes down to, in ``[0, init_rank]``.
       alpha: scale numerator (finite, > 0); ``s = alpha / init_rank`` (default ``init_rank``, s = 1).
+        PEFT's ``SVDLinear`` scales by ``lora_alpha / (init_r + 1e-5)`` (default ``lora_alpha=8``):
+        ``alpha = lora_alpha·r/(r + 1e-5)`` gives the same scale.
       init_std: std (finite, >= 0) of the ``p``, ``q`` init (0.02 as the official code).
       dtype, in_axes: as ``LoRA``.
     """

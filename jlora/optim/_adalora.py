@@ -2,25 +2,37 @@
 
 Zhang et al. ICLR 2023 (arXiv 2303.10512): importance scores §3.2, budget
 scheduler §3.3, regulariser §3.1; details as the official code
-(QingruZhang/AdaLoRA). See docs/methods.md. After each step of the wrapped
-optimizer, for every element ``w`` of every AdaLoRA ``p``, ``λ``, ``q``:
+(QingruZhang/AdaLoRA) and PEFT 0.21 (``peft.tuners.adalora``), which agree on
+all of them except where noted. See docs/methods.md.
 
-    I = |w ⊙ ∇w|;   Ī ← β1·Ī + (1−β1)·I;   Ū ← β2·Ū + (1−β2)·|I − Ī|;   s = Ī·Ū
+At step ``t`` (1-based) the wrapped optimizer updates first; then, for every
+element ``w`` of every AdaLoRA ``p``, ``λ``, ``q``, with ``w⁺ = w + Δw`` the
+weight *after* that update and ``∇w`` the gradient of step ``t``:
 
-and triplet ``i`` of a matrix scores ``S_i = s(λ_i) + mean_j s(p[j, i]) + mean_j s(q[i, j])``.
+    I = |w⁺ ⊙ ∇w|;   Ī ← β1·Ī + (1−β1)·I;   Ū ← β2·Ū + (1−β2)·|I − Ī|;   s = Ī·Ū
+
+This is the peers' order (they score after ``optimizer.step()``); the paper's
+Algorithm 1 scores the weights before the step. The scores stop updating from
+``t = T − t_f`` on (both peers update only while ``t < T − t_f``).
+Triplet ``i`` of a matrix scores ``S_i = s(λ_i) + mean_j s(p[j, i]) + mean_j s(q[i, j])``.
 The budget (total non-zero ``λ`` over all matrices), with ``b0`` the sum of
-initial ranks, ``bT`` the sum of target ranks and ``T`` the total steps:
+initial ranks, ``bT`` the sum of target ranks and ``T`` the total steps, in exact
+integer arithmetic:
 
     b(t) = b0                                                  t ≤ t_i
-    b(t) = ⌊bT + (b0 − bT)·(1 − (t − t_i)/(T − t_i − t_f))³⌋     t_i < t ≤ T − t_f  (mask every ΔT)
-    b(t) = bT                                                  t > T − t_f        (mask every step,
-                                                                                     scores frozen)
+    b(t) = ⌊bT + (b0 − bT)·(1 − (t − t_i)/(T − t_i − t_f))³⌋     t_i < t ≤ T − t_f
+    b(t) = bT                                                  t > T − t_f
 
 Masking sets the ``k = b0 − b(t)`` lowest-scoring ``λ`` (jointly over all
-matrices) to zero after the update; ``p`` and ``q`` keep training, so a triplet
-may come back at a later masking. jlora masks exactly ``k`` triplets (ties
-broken by position), so the final count of non-zero ``λ`` is exactly ``bT``
-wherever training moves every kept ``λ`` off zero.
+matrices) to zero after the update, at the steps ``t_i < t < T − t_f`` that are
+multiples of ``ΔT`` (``t % ΔT == 0``, not counted from ``t_i``), and at every
+step ``t ≥ T − t_f``. The mask at ``t = T − t_f`` is forced as in PEFT (the
+official code masks there only if ``ΔT`` divides ``t``); as the scores are
+frozen from then on, every later step masks the same set. ``p`` and ``q`` keep
+training, so a triplet masked in the cubic phase may come back at a later
+masking. jlora masks exactly ``k`` triplets (ties broken by position; the peers
+mask every score at or below the k-th), so the final count of non-zero ``λ`` is
+exactly ``bT`` wherever training moves every kept ``λ`` off zero.
 
 Example::
 
@@ -31,10 +43,12 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jlora._validate import positive_int, real, transformation
@@ -56,18 +70,48 @@ def _nodes(tree) -> list:
 
 
 def budget(t, *, b0: int, b_target: int, total_steps: int, init_warmup: int, final_warmup: int):
-    """``b(t)`` of the cubic schedule; ``t`` is the 1-based step (traceable)."""
+    """``b(t)`` of the cubic schedule; ``t`` is the 1-based step (traceable, any shape).
+
+    Exact: the cubic term is counted in integers (``_cubic_steps``) because floating
+    point rounds a budget whose real value is an integer to just below it, and the
+    floor then loses one (float32 gives 17 for ``b0=1152, bT=0, T=1000, t=750``, not 18).
+    """
     owner = "jlora.optim.budget"
     positive_int(owner, "b0", b0)
     positive_int(owner, "b_target", b_target, minimum=0)
     if b_target > b0:
         raise ValueError(f"{owner}: b_target ({b_target}) must not exceed b0 ({b0})")
     _schedule(owner, total_steps, init_warmup, final_warmup)
-    span = max(total_steps - init_warmup - final_warmup, 1)
-    frac = jnp.clip((t - init_warmup) / span, 0.0, 1.0)
-    cubic = jnp.floor(b_target + (b0 - b_target) * (1.0 - frac) ** 3).astype(jnp.int32)
-    b = jnp.where(t <= init_warmup, b0, jnp.where(t > total_steps - final_warmup, b_target, cubic))
-    return b
+    span = total_steps - init_warmup - final_warmup
+    t = jnp.asarray(t)
+    left = span - jnp.clip(t - init_warmup, 0, span)  # span·(1 − frac), an integer
+    steps = _cubic_steps(b0 - b_target, span)
+    above = (jnp.searchsorted(steps, left.astype(jnp.int32), side="right")
+             if steps.size else jnp.zeros(left.shape, jnp.int32))
+    cubic = b_target + above.astype(jnp.int32)
+    return jnp.where(t <= init_warmup, b0, jnp.where(t > total_steps - final_warmup, b_target, cubic))
+
+
+@functools.lru_cache(maxsize=64)
+def _cubic_steps(d: int, span: int) -> np.ndarray:
+    """``m_j`` for ``j = 1..d``: the least integer ``m`` with ``d·m³ ≥ j·span³``.
+
+    ``⌊d·(left/span)³⌋ = #{j ≥ 1 : j·span³ ≤ d·left³} = #{j : m_j ≤ left}``, so a
+    sorted search of ``left`` in this table is the cubic term exactly, with a
+    table no longer than the number of triplets.
+    """
+    out = []
+    for j in range(1, d + 1):
+        need = -(-j * span ** 3 // d)  # m³ ≥ ⌈j·span³/d⌉
+        m = round(need ** (1 / 3))
+        while m ** 3 < need:
+            m += 1
+        while m > 0 and (m - 1) ** 3 >= need:
+            m -= 1
+        out.append(m)
+    table = np.asarray(out, np.int32).reshape(-1)  # m_j ≤ span < 2³¹ (total_steps is an int32 count)
+    table.flags.writeable = False  # shared through the cache
+    return table
 
 
 def _schedule(owner: str, total_steps: Any, init_warmup: Any, final_warmup: Any) -> None:
@@ -105,13 +149,17 @@ def adalora(inner: optax.GradientTransformation, *, total_steps: int, init_warmu
         if params is None:
             raise ValueError("jlora.optim.adalora needs params in update()")
         t = state.count + 1
-        p_nodes, g_nodes = _nodes(params), _nodes(updates)
-        learning = t <= total_steps - final_warmup  # scores freeze in the final phase
+        inner_updates, inner_state = inner.update(updates, state.inner, params)
+        p_nodes, g_nodes, u_nodes = _nodes(params), _nodes(updates), _nodes(inner_updates)
+        final = total_steps - final_warmup
+        learning = t < final  # scores freeze from T − t_f on, as both peers
         ipt, unc, scores = [], [], []
-        for pn, gn, i_old, u_old in zip(p_nodes, g_nodes, state.ipt, state.unc):
+        for pn, gn, un, i_old, u_old in zip(p_nodes, g_nodes, u_nodes, state.ipt, state.unc):
             i_new, u_new, s = [], [], []
             for f, io, uo in zip(_FIELDS, i_old, u_old):
-                imp = jnp.abs(getattr(pn, f) * getattr(gn, f))
+                w = getattr(pn, f)
+                w_next = (w + getattr(un, f)).astype(w.dtype)  # as optax.apply_updates
+                imp = jnp.abs(w_next * getattr(gn, f)).astype(io.dtype)
                 ib = beta1 * io + (1 - beta1) * imp
                 ub = beta2 * uo + (1 - beta2) * jnp.abs(imp - ib)
                 ib, ub = jnp.where(learning, ib, io), jnp.where(learning, ub, uo)
@@ -124,14 +172,13 @@ def adalora(inner: optax.GradientTransformation, *, total_steps: int, init_warmu
             # a stacked node (expert_axis=0) holds one matrix per slice: its
             # triplets compete in the one global budget like any other matrix's
             scores.append((sl + sp.mean(-2) + sq.mean(-1)).ravel())
-        inner_updates, inner_state = inner.update(updates, state.inner, params)
 
         b0 = sum(n.lam.size for n in p_nodes)
         bt = sum(n.config.target_rank * (n.lam.size // n.config.init_rank) for n in p_nodes)
         b = budget(t, b0=b0, b_target=bt, total_steps=total_steps, init_warmup=init_warmup,
                    final_warmup=final_warmup)
-        in_cubic = (t > init_warmup) & (t <= total_steps - final_warmup)
-        mask_now = (t > total_steps - final_warmup) | (in_cubic & ((t - init_warmup) % delta_t == 0))
+        in_cubic = (t > init_warmup) & (t < final)
+        mask_now = (t >= final) | (in_cubic & (t % delta_t == 0))
         all_scores = jnp.concatenate(scores)
         rank_of = jnp.argsort(jnp.argsort(all_scores, stable=True), stable=True)
         masked = mask_now & (rank_of < (b0 - b))
@@ -151,16 +198,18 @@ def adalora(inner: optax.GradientTransformation, *, total_steps: int, init_warmu
 
 
 def adalora_orthogonality(trainable) -> jax.Array:
-    """``mean over AdaLoRA matrices of ‖pᵀp − I‖_F + ‖q·qᵀ − I‖_F`` (not squared, as the
-    official code); add ``w ×`` it to the loss (``w`` = 0.1 in the README, 0.5 in PEFT)."""
+    """``R = (Σ‖pᵀp − I‖_F + Σ‖q·qᵀ − I‖_F) / (2n)`` over the ``n`` AdaLoRA matrices:
+    the mean over the ``2n`` factor matrices, ``p`` and ``q`` counted separately,
+    with norms not squared (the official ``compute_orth_regu`` and PEFT's
+    ``AdaLoraModel.forward``; a stacked node counts one matrix per slice). Add
+    ``w ×`` it to the loss (``w`` = 0.1 in the official README, 0.5 in PEFT)."""
     nodes = _nodes(trainable)
     if not nodes:
         raise ValueError("jlora.optim.adalora_orthogonality: the tree holds no AdaLoRA adapter")
     terms = []
-    for n in nodes:  # a stacked node: one term per slice
+    for n in nodes:
         eye = jnp.eye(n.p.shape[-1], dtype=n.p.dtype)
         pp = jnp.swapaxes(n.p, -1, -2) @ n.p - eye
         qq = n.q @ jnp.swapaxes(n.q, -1, -2) - eye
-        terms.append((jnp.linalg.norm(pp, axis=(-2, -1))
-                      + jnp.linalg.norm(qq, axis=(-2, -1))).ravel())
+        terms += [jnp.linalg.norm(pp, axis=(-2, -1)).ravel(), jnp.linalg.norm(qq, axis=(-2, -1)).ravel()]
     return jnp.mean(jnp.concatenate(terms))
