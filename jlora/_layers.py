@@ -150,8 +150,12 @@ def contracted_axes(module: nn.Module, method: str, args, kwargs) -> tuple[int, 
 # ---------------------------------------------------------------- resolve
 
 
-def trace_axes(apply_fn, variables) -> dict[str, set]:
-    """Run ``apply_fn(variables)`` abstractly; ``{kernel path: {contracted axes}}``."""
+def trace_axes(apply_fn, variables, *, seen: dict[str, set] | None = None) -> dict[str, set]:
+    """Run ``apply_fn(variables)`` abstractly; ``{kernel path: {contracted axes}}``.
+
+    ``seen``, when given, is filled with ``{kernel path: {shape the layer sees}}``:
+    one slice of the stored kernel inside ``nn.scan`` / ``nn.vmap``.
+    """
     found: dict[str, set] = {}
 
     def interceptor(next_fun, args, kwargs, context):
@@ -160,7 +164,11 @@ def trace_axes(apply_fn, variables) -> dict[str, set]:
         if name is not None and module.has_variable("params", name):
             axes = contracted_axes(module, context.method_name, args, kwargs)
             if axes is not None:
-                found.setdefault("/".join(map(str, module.path + (name,))), set()).add(axes)
+                path = "/".join(map(str, module.path + (name,)))
+                found.setdefault(path, set()).add(axes)
+                if seen is not None:
+                    seen.setdefault(path, set()).add(
+                        tuple(jnp.shape(module.get_variable("params", name))))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
@@ -168,11 +176,43 @@ def trace_axes(apply_fn, variables) -> dict[str, set]:
     return found
 
 
-def orient_spec(spec: Spec, params: Any, found: dict[str, set]) -> Spec:
+def _stacked_axes(path: str, shape: tuple[int, ...], seen: set, config) -> int:
+    """How many leading axes of a stored kernel of ``shape`` the layer never sees
+    (``nn.scan`` / ``nn.vmap`` stacking), from the slice shapes it saw: 0 or 1
+    (0 for an orientation-free config such as ``Full``, which needs no axes).
+
+    A stack needs a config that adapts it slice by slice (``expert_axis=0``):
+    as one matrix its layer axis would be taken for input features.
+    """
+    if not seen or seen == {shape} or config.orientation_free:
+        return 0
+    slices = sorted(seen)
+    k = len(shape) - len(slices[0])
+    if len(slices) > 1 or k < 1 or tuple(shape[k:]) != slices[0]:
+        raise ValueError(f"{path}: the stored kernel has shape {shape} but its layer sees "
+                         f"{' and '.join(map(str, slices))}; jlora adapts a kernel stacked "
+                         "along its leading axis (nn.scan / nn.vmap with variable_axes 0)")
+    name = type(config).__name__
+    if k > 1:
+        raise ValueError(f"{path}: the stored kernel {shape} stacks {k} leading axes over the "
+                         f"{slices[0]} its layer sees; jlora adapts one stacked axis "
+                         "(expert_axis=0): reshape the stack to one leading axis")
+    if getattr(config, "expert_axis", None) is None:
+        raise ValueError(f"{path}: the stored kernel {shape} is stacked along axis 0 "
+                         f"(nn.scan or nn.vmap) and its layer sees slices {slices[0]}; "
+                         f"adapt it per slice with {name}(..., expert_axis=0)")
+    return k
+
+
+def orient_spec(spec: Spec, params: Any, found: dict[str, set],
+                seen: dict[str, set] | None = None) -> Spec:
     """``spec`` with every targeted kernel's ``in_axes`` set from ``found``.
 
     Rules become one regex rule per (original rule, orientation) listing the
     exact paths; configs without ``in_axes`` (``Full``) keep their rule as is.
+    A kernel stacked along axis 0 whose layer sees one slice (``seen``, from
+    :func:`trace_axes`) gets the layer's axes shifted by one, on the whole
+    stack, and needs ``expert_axis=0`` in its config.
     """
     if not isinstance(spec, Spec):
         raise ValueError(f"jlora.linen.resolve: spec must be a jlora.Spec, got "
@@ -190,8 +230,13 @@ def orient_spec(spec: Spec, params: Any, found: dict[str, set]) -> Spec:
             raise ValueError(f"{path}: the model contracts this kernel over different axes "
                              f"{sorted(axes)} in different calls; give in_axes in its config")
         layer_axes = next(iter(axes)) if axes else None
+        stacked = 0
+        if layer_axes is not None:
+            stacked = _stacked_axes(path, shape, (seen or {}).get(path, set()), config)
+            layer_axes = tuple(a + stacked for a in layer_axes)
         if not has_axes:
-            if (layer_axes is not None and layer_axes != tuple(range(len(layer_axes)))
+            if (layer_axes is not None
+                    and layer_axes != tuple(range(stacked, stacked + len(layer_axes)))
                     and not config.orientation_free):
                 raise ValueError(f"{path}: {type(config).__name__} has no in_axes option but "
                                  f"the layer contracts kernel axes {layer_axes} of shape {shape}")

@@ -9,10 +9,15 @@ its output itself, through the node's factorized ``dot``:
 
 so the ``in×out`` weight is never formed and the backward pass computes no
 ``in×out`` weight gradient. Any adapter node the interceptor does not consume
-(a custom layer, a ``nn.scan``-stacked kernel, ``Embed.attend``, axes that do
-not line up with the layer's contraction) is served from ``jlora.merge``'d
-weights instead, so results never silently differ. Under ``jit`` the merged
-copies of consumed nodes are dead code and XLA removes them.
+(a custom layer, ``Embed.attend``, a masked ``Conv``, axes that do not line up
+with the layer's contraction) is served from ``jlora.merge``'d weights instead,
+so results never silently differ. Under ``jit`` the merged copies of consumed
+nodes are dead code and XLA removes them.
+
+A kernel stacked by ``nn.scan`` (``(layers, in, out)``) is adapted per layer with
+``expert_axis=0``: its nodes travel inside the params, ``nn.scan`` hands each
+iteration its slice and the layer's fast path runs on it. A stacked kernel
+adapted as one matrix (no ``expert_axis``) is a ``ValueError`` naming the path.
 
 Dropout on the adapter branch (``LoRA(dropout=...)``) is active only when a
 ``dropout_key`` is passed, i.e. in training.
@@ -92,7 +97,9 @@ def _dense_general(module: nn.DenseGeneral, node, method, args, kwargs, key):
 
 def _conv(module: nn.Conv, node, method, args, kwargs, key):
     (x,) = args
-    if module.feature_group_count != 1 or len(node.in_axes) != len(node.shape) - 1:
+    # A mask multiplies the whole kernel, (K0 + s·a·b) ⊙ M: no factorized form.
+    if (module.feature_group_count != 1 or module.mask is not None
+            or len(node.in_axes) != len(node.shape) - 1):
         return NotImplemented
     op = lambda x, k: _sub_apply(module, k, x, features=k.shape[-1])
     return _bias(module, node.dot(x, op, dropout_key=key))
@@ -284,11 +291,18 @@ def resolve(model, variables: Any, *args, spec: Spec, **kwargs) -> Spec:
     ``model`` may also be a Hugging Face Flax model (called as
     ``model(*args, params=variables["params"], **kwargs)``).
 
+    A kernel stacked by ``nn.scan`` / ``nn.vmap`` along axis 0, whose layer
+    sees one slice, gets the slice's axes shifted by one (``in_axes`` of the
+    whole stack, as ``expert_axis=0`` reads them); its config must adapt it per
+    slice (``expert_axis=0``).
+
     Raises:
       ValueError: a targeted kernel that no known layer uses and whose
         orientation its shape does not settle (square, or more than 2 axes),
         naming the path (a non-square one is assumed ``(in, out)`` with a
-        warning); a config ``in_axes`` that disagrees with the layer.
+        warning); a config ``in_axes`` that disagrees with the layer; a stacked
+        kernel whose config has no ``expert_axis=0``, or that is stacked along
+        more than one leading axis or another axis than the first.
 
     Example::
 
@@ -301,8 +315,10 @@ def resolve(model, variables: Any, *args, spec: Spec, **kwargs) -> Spec:
         >>> spec.match("kernel").in_axes
         (1,)
     """
-    found = _layers.trace_axes(lambda v: _call_model(model, v, args, kwargs), variables)
-    return _layers.orient_spec(spec, variables["params"], found)
+    seen: dict[str, set] = {}
+    found = _layers.trace_axes(lambda v: _call_model(model, v, args, kwargs), variables,
+                               seen=seen)
+    return _layers.orient_spec(spec, variables["params"], found, seen)
 
 
 def apply(model, variables: Any, *args, dropout_key: jax.Array | None = None,
@@ -341,12 +357,14 @@ def apply(model, variables: Any, *args, dropout_key: jax.Array | None = None,
     ``strict=True``); under ``jit`` the check runs once, at trace time.
     """
     return _intercepted(model, variables, args, kwargs, dropout_key=dropout_key,
-                        strict=strict, on_hit=None, adapter_ids=adapter_ids, context=context)
+                        strict=strict, on_hit=None, on_miss=None, adapter_ids=adapter_ids,
+                        context=context)
 
 
 def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
                  dropout_key: jax.Array | None, strict: bool,
-                 on_hit: Callable[[str], None] | None, adapter_ids: Any = None,
+                 on_hit: Callable[[str], None] | None,
+                 on_miss: Callable[[str], None] | None = None, adapter_ids: Any = None,
                  context: dict | None = None):
     variables = dict(variables)
     params = variables.get("params")
@@ -448,12 +466,16 @@ def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
                                 if axes is None else
                                 f"{cls.__name__} contracts kernel axes {axes}, the adapter has "
                                 f"in_axes {node.in_axes}")
+                if on_miss is not None:
+                    on_miss(path)
                 return fallback()
             node = _layers.leading_view(node)
         key = None if dropout_key is None else path_key(dropout_key, path)
         y = _run_busy(handler, module, node, method, call_args, call_kwargs, key)
         if y is NotImplemented:
             misses[path] = f"{cls.__name__} options the fast path does not cover"
+            if on_miss is not None:
+                on_miss(path)
             return fallback()
         hits.add(path)
         if on_hit is not None:
@@ -504,9 +526,12 @@ def consumed(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, lis
 
     Traces the model abstractly (``jax.eval_shape``, no FLOPs) and returns
     ``{"factorized": [...], "merged": [...]}``, so you can check your model's
-    layers hit the fast path.
+    layers hit the fast path. A kernel that one call computes factorized and
+    another serves merged (a tied ``Embed``: its ``__call__`` and its
+    ``attend``) is in both lists.
     """
     hits: list[str] = []
+    misses: list[str] = []
     dropout_key = kwargs.pop("dropout_key", None)
     adapter_ids = kwargs.pop("adapter_ids", None)
     context = kwargs.pop("context", None)
@@ -514,10 +539,11 @@ def consumed(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, lis
         warnings.simplefilter("ignore")
         jax.eval_shape(lambda v: _intercepted(model, v, args, kwargs, dropout_key=dropout_key,
                                               strict=False, on_hit=hits.append,
+                                              on_miss=misses.append,
                                               adapter_ids=adapter_ids, context=context),
                        variables)
     nodes = [p for p, x in leaves_with_paths(variables["params"]) if is_node(x)]
     return {
         "factorized": [p for p in nodes if p in hits],
-        "merged": [p for p in nodes if p not in hits],
+        "merged": [p for p in nodes if p not in hits or p in misses],
     }

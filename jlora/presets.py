@@ -29,6 +29,15 @@ axis), so ``jlora.apply`` with a preset orients adapters right; passing the spec
 through :func:`jlora.linen.resolve` reads the orientation from the model itself
 and checks it.
 
+Gemma's gated MLP kernel ``gating_einsum`` comes in two layouts: ``(2, F, D)``
+(``transpose_gating_einsum=True``: Gemma 2 9B/27B, Gemma 3) and ``(2, D, F)``
+(Gemma 1, Gemma 2 2B, PaliGemma), ``D`` the model width and ``F`` the MLP width.
+``spec(..., params=params)`` reads which from the shapes; without ``params`` the
+preset assumes ``(2, F, D)``, which is wrong for the others (their adapter would
+be a low-rank update of another matrix than the layer's ``D -> 2F`` map). MHA
+Gemma (one fused ``qkv_einsum``, no ``q_einsum``) and GQA Gemma (``q_einsum`` and
+``kv_einsum``) both fit the ``"qv"`` rule.
+
 Example::
 
     >>> import jlora
@@ -44,10 +53,13 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import re
+
+import numpy as np
 
 from jlora.methods.base import Config
 from jlora.methods.lora import LoRA
-from jlora.spec import Spec
+from jlora.spec import Spec, glob_to_regex
 from jlora.tree import leaves_with_paths
 
 TARGETS = ("qv", "attention", "all-linear")
@@ -63,6 +75,11 @@ _LLAMA = {
     "attention": ("**/self_attn/{k_proj,o_proj}/kernel",),
     "mlp": ("**/mlp/{gate_proj,up_proj,down_proj}/kernel",),
 }
+# Gemma: the gated MLP kernel (layout read by spec(params=)) and the attention einsums
+# whose widths tell d_model.
+_GATING = "**/mlp/gating_einsum{,/kernel,/w}"
+_QKV = re.compile(glob_to_regex("**/attn/{q_einsum,kv_einsum,qkv_einsum}{,/kernel,/w}"))
+_ATTN_OUT = re.compile(glob_to_regex("**/attn/attn_vec_einsum{,/kernel,/w}"))
 _GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
     "bert": _BERT,
     "roberta": _BERT,
@@ -74,10 +91,12 @@ _GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "gemma": {  # kernels (N, D, H), (2, K, D, H), (3, N, D, H), (N, H, D), (2, F, D), (F, D)
-        "qv": (("**/attn/q_einsum/{kernel,w}", (1,)),
-               ("**/attn/{kv_einsum,qkv_einsum}/{kernel,w}", (2,))),
+        # q_einsum (N, D, H), kv_einsum (2, K, D, H) and MHA's qkv_einsum (3, N, D, H) all
+        # contract D, their second-to-last axis: one rule matches whichever the model has
+        "qv": (("**/attn/{q_einsum,kv_einsum,qkv_einsum}/{kernel,w}", (-2,)),),
         "attention": (("**/attn/attn_vec_einsum/{kernel,w}", (0, 1)),),
-        "mlp": (("**/mlp/gating_einsum{,/kernel,/w}", (2,)),
+        # (2, F, D) without params; spec(params=) picks (1,) for a (2, D, F) kernel
+        "mlp": ((_GATING, (2,)),
                 ("**/mlp/linear{,/kernel,/w}", (0,))),
     },
     "vit": {
@@ -94,6 +113,13 @@ _HEADS = {
     "mistral": "lm_head/kernel",
     "gemma": "{lm_head,head}/{kernel,w}",
     "vit": "classifier/**",
+}
+# The token embedding a tied read-out reuses (there is then no head leaf).
+_TIED = {
+    "gpt2": "transformer/wte/embedding",
+    "llama": "model/embed_tokens/embedding",
+    "mistral": "model/embed_tokens/embedding",
+    "gemma": "embedder/input_embedding",
 }
 FAMILIES = tuple(_GROUPS)
 
@@ -113,7 +139,9 @@ def patterns(family: str, targets: str = "qv") -> tuple[tuple[str, tuple | None]
 
     ``in_axes`` is the kernel layout the family's layers use where it is not
     Flax's ``(in..., out)`` (GPT-2's ``(out, in)`` ``FlaxConv1D``, Gemma's einsum
-    kernels), else None.
+    kernels; negative axes count from the end), else None. Gemma's
+    ``gating_einsum`` is given as ``(2,)``, its ``(2, F, D)`` layout
+    (:func:`spec` with ``params`` reads the layout from the shapes).
     """
     if family not in _GROUPS:
         raise ValueError(f"jlora.presets: unknown family {family!r}; choose one of {FAMILIES}")
@@ -127,7 +155,7 @@ def patterns(family: str, targets: str = "qv") -> tuple[tuple[str, tuple | None]
 
 
 def spec(family: str, targets: str = "qv", config: Config | None = None, *,
-         head: Config | None = None) -> Spec:
+         head: Config | None = None, params=None) -> Spec:
     """A :class:`jlora.Spec` adapting ``targets`` of a ``family`` model with ``config``.
 
     Args:
@@ -135,15 +163,41 @@ def spec(family: str, targets: str = "qv", config: Config | None = None, *,
       targets: ``"qv"``, ``"attention"`` or ``"all-linear"``.
       config: the method config for every target; default ``jlora.LoRA(rank=8, alpha=16)``.
       head: a config for the output head (e.g. ``jlora.Full()`` for a new
-        classifier); by default the head is left frozen.
+        classifier); by default the head is left frozen. ``jlora.Full()`` (or
+        any config without a rank, or a module-level one) takes the whole
+        BERT/RoBERTa/ViT ``classifier``, biases included; a low-rank config its
+        kernels. A read-out tied to the token embedding (GPT-2 and Gemma by
+        default) has no head leaf: adapt the embedding with a rule of your own.
+      params: the model's parameter tree (shapes suffice, e.g. from
+        ``jax.eval_shape``). Where the family's layout varies (Gemma's
+        ``gating_einsum``: ``(2, F, D)`` or ``(2, D, F)``) it is read from the
+        shapes; a ``head`` that matches no leaf is an error naming the tied
+        embedding. Without it the preset assumes ``(2, F, D)``.
+
+    Raises:
+      ValueError: an unknown family or targets, a config that is not a method
+        config; with ``params``: a ``gating_einsum`` kernel whose layout its
+        shapes do not settle (``D == F``, neither axis is ``D``, or not 3-D),
+        a ``head`` pattern that matches no leaf.
     """
     config = LoRA(rank=8, alpha=16) if config is None else config
     if not isinstance(config, Config):
         raise ValueError(f"jlora.presets.spec: config must be a jlora method config "
                          f"(e.g. jlora.LoRA(rank=8)), got {config!r}")
-    rules = [(p, _oriented(config, axes)) for p, axes in patterns(family, targets)]
+    if head is not None and not isinstance(head, Config):
+        raise ValueError(f"jlora.presets.spec: head must be a jlora method config "
+                         f"(e.g. jlora.Full()), got {head!r}")
+    leaves = None if params is None else {p: tuple(np.shape(x))
+                                          for p, x in leaves_with_paths(params)}
+    rules = []
+    for p, axes in patterns(family, targets):
+        oriented = _oriented(config, axes)
+        if p == _GATING and leaves is not None and oriented is not config:
+            rules.extend(_gating_rules(leaves, config))
+        else:
+            rules.append((p, oriented))
     if head is not None:
-        rules.append((_HEADS[family], head))
+        rules.append((_head_pattern(family, head, leaves), head))
     return Spec(rules)
 
 
@@ -152,6 +206,77 @@ def _oriented(config: Config, in_axes):
     if in_axes is None or getattr(config, "in_axes", True) is not None:
         return config
     return dataclasses.replace(config, in_axes=in_axes)
+
+
+def _gating_rules(leaves: dict, config: Config) -> list:
+    """Rules orienting each Gemma ``gating_einsum`` of ``leaves`` (``{path: shape}``)
+    by which axis has the model width ``D``: ``(1,)`` for ``(2, D, F)``, ``(2,)`` for
+    ``(2, F, D)``. One glob rule when every kernel agrees."""
+    rule = re.compile(glob_to_regex(_GATING))
+    found: dict[tuple, list[str]] = {}
+    for path, shape in leaves.items():
+        if rule.fullmatch(path):
+            found.setdefault(_gating_axes(path, shape, leaves), []).append(path)
+    if len(found) <= 1:
+        axes = next(iter(found), (2,))
+        return [(_GATING, dataclasses.replace(config, in_axes=axes))]
+    return [(re.compile("(?:" + "|".join(map(re.escape, paths)) + ")"),
+             dataclasses.replace(config, in_axes=axes)) for axes, paths in sorted(found.items())]
+
+
+def _gating_axes(path: str, shape: tuple, leaves: dict) -> tuple[int]:
+    how = ("give in_axes in the config: (1,) for (2, d_model, hidden), (2,) for "
+           "(2, hidden, d_model)")
+    if len(shape) != 3 or shape[0] != 2:
+        raise ValueError(f"jlora.presets.spec: {path} has shape {shape}, not Gemma's "
+                         f"(2, d_model, hidden) or (2, hidden, d_model); {how}")
+    d = _d_model(path, leaves)
+    if d is None:
+        raise ValueError(f"jlora.presets.spec: {path}: no mlp/linear kernel beside it and no "
+                         f"one width among the attention einsums, so d_model is unknown; {how}")
+    if shape[1] == d and shape[2] != d:
+        return (1,)
+    if shape[2] == d and shape[1] != d:
+        return (2,)
+    raise ValueError(f"jlora.presets.spec: {path} has shape {shape} and d_model is {d}: its "
+                     f"layout is ambiguous; {how}")
+
+
+def _d_model(path: str, leaves: dict) -> int | None:
+    """The model width beside a Gemma gating kernel: its MLP's ``linear`` ``(F, D)``, else the
+    one width of the attention einsums (``q/kv/qkv_einsum`` ``(..., D, H)``, ``attn_vec_einsum``
+    ``(N, H, D)``)."""
+    mlp = path[: path.rindex("mlp/gating_einsum")] + "mlp/"
+    for tail in ("linear", "linear/kernel", "linear/w"):
+        shape = leaves.get(mlp + tail)
+        if shape is not None and len(shape) == 2:
+            return shape[-1]
+    widths = set()
+    for p, shape in leaves.items():
+        if len(shape) >= 2 and _QKV.fullmatch(p):
+            widths.add(shape[-2])
+        elif len(shape) >= 2 and _ATTN_OUT.fullmatch(p):
+            widths.add(shape[-1])
+    return widths.pop() if len(widths) == 1 else None
+
+
+def _head_pattern(family: str, head: Config, leaves: dict | None) -> str:
+    """The family's head glob; a low-rank config takes the classifier's kernels only."""
+    pattern = _HEADS[family]
+    low_rank = getattr(head, "level", "leaf") == "leaf" and any(
+        f.name in ("in_axes", "rank") for f in dataclasses.fields(head))
+    if low_rank and pattern == "classifier/**":
+        pattern = "classifier/**/kernel"
+    if leaves is not None:
+        rule = re.compile(glob_to_regex(pattern))
+        if not any(rule.fullmatch(p) for p in leaves):
+            tied = _TIED.get(family)
+            hint = ("" if tied is None else
+                    f"; a read-out tied to the token embedding has no head leaf: adapt "
+                    f"{tied!r} with a rule of your own")
+            raise ValueError(f"jlora.presets.spec: head={head!r}, but no {family} leaf matches "
+                             f"{pattern!r} (paths look like {list(leaves)[:3]}){hint}")
+    return pattern
 
 
 def detect(params) -> str:

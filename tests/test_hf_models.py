@@ -215,8 +215,10 @@ def test_gemma_einsum_block_presets_resolve_and_factorize():
     adapted = adapt(params, resolved)
     got = {p: n.in_axes for p, n in jlora.tree.leaves_with_paths(adapted) if jlora.is_node(n)}
     assert got == want
-    # the preset alone (no model) already carries Gemma's layouts
-    assert {p: spec.match(p).in_axes for p in want} == want
+    # the preset alone (no model) already carries Gemma's layouts (negative: from the end)
+    ndim = {p: np.ndim(n.base) for p, n in jlora.tree.leaves_with_paths(adapted)
+            if jlora.is_node(n)}
+    assert {p: tuple(sorted(a % ndim[p] for a in spec.match(p).in_axes)) for p in want} == want
 
     fast = jax.jit(lambda p: jlora.linen.apply(model, {"params": p}, ids, strict=True))(adapted)
     merged = jax.jit(lambda p: model.apply({"params": jlora.merge(p)}, ids))(adapted)
@@ -286,8 +288,18 @@ def test_presets_match_each_hf_family(family):
         counts[targets] = len(paths)
     want = {"gpt2": (1, 2, 4), "llama": (2, 4, 7), "mistral": (2, 4, 7)}.get(family, (2, 4, 6))
     assert (counts["qv"], counts["attention"], counts["all-linear"]) == want
-    if family != "gpt2":  # GPT-2's read-out is tied to the token embedding: no head leaf
-        spec = jlora.presets.spec(family, "qv", CONFIG, head=jlora.Full())
+    if family == "gpt2":  # GPT-2's read-out is tied to the token embedding: no head leaf
+        with pytest.raises(ValueError, match="no gpt2 leaf matches 'lm_head/kernel'.*tied.*"
+                                             "'transformer/wte/embedding'"):
+            jlora.presets.spec(family, "qv", CONFIG, head=jlora.Full(), params=params)
+        return
+    for config in (jlora.Full(), jlora.LoRA(rank=2)):
+        spec = jlora.presets.spec(family, "qv", CONFIG, head=config, params=params)
         head = jax.eval_shape(lambda p: jlora.apply(p, spec, key=jax.random.key(0)), params)
-        assert any(("lm_head" in p or "classifier" in p) and jlora.is_node(n)
-                   for p, n in jlora.tree.leaves_with_paths(head))
+        heads = {p: n for p, n in jlora.tree.leaves_with_paths(head)
+                 if ("lm_head" in p or "classifier" in p) and jlora.is_node(n)}
+        assert heads
+        # a low-rank head adapts the classifier's kernels only, Full its biases too
+        assert any(p.endswith("/bias") for p in heads) == (config == jlora.Full()
+                                                           and family != "llama"
+                                                           and family != "mistral")

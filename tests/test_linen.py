@@ -244,3 +244,78 @@ def test_resolve_keeps_a_full_rule_on_a_kernel_contracted_off_its_first_axis():
     params = model.init(jax.random.key(0), x)["params"]
     spec = jlora.Spec({"kernel": jlora.Full()})
     assert jlora.linen.resolve(model, {"params": params}, x, spec=spec).match("kernel") == jlora.Full()
+
+
+def test_masked_conv_is_served_merged_and_matches_numpy():
+    """``(K0 + s·a·b) ⊙ M`` has no factorized form: the fast path falls back."""
+    mask = jnp.tril(jnp.ones((3, 4, 5)))
+    model = nn.Conv(5, (3,), padding="VALID", mask=mask)
+    x = jax.random.normal(jax.random.key(0), (2, 7, 4))
+    params = model.init(jax.random.key(1), x)["params"]
+    adapted = perturb(jlora.apply(params, jlora.Spec({"kernel": jlora.LoRA(rank=2)}),
+                                  key=jax.random.key(2)), size=0.5)
+    assert jlora.linen.consumed(model, {"params": adapted}, x) == {
+        "factorized": [], "merged": ["kernel"]}
+    with pytest.warns(UserWarning, match="kernel .Conv options the fast path does not cover"):
+        y = jlora.linen.apply(model, {"params": adapted}, x)
+    node = adapted["kernel"]
+    k = (f64(node.base) + node.scale * (f64(node.a) @ f64(node.b)).reshape(3, 4, 5)) * f64(mask)
+    xs = f64(x)
+    ref = np.stack([sum(xs[:, t + i] @ k[i] for i in range(3)) for t in range(5)], 1)
+    np.testing.assert_allclose(f64(y), ref + f64(params["bias"]), rtol=1e-5, atol=1e-5)
+
+
+def test_consumed_lists_a_tied_embedding_under_both():
+    class Tied(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            emb = nn.Embed(12, 4, name="emb")
+            return emb.attend(emb(ids))
+
+    ids = jnp.array([[1, 5, 11]])
+    params = Tied().init(jax.random.key(0), ids)["params"]
+    adapted = jlora.apply(params, jlora.Spec({"emb/embedding": jlora.LoRA(rank=2)}),
+                          key=jax.random.key(1))
+    assert jlora.linen.consumed(Tied(), {"params": adapted}, ids) == {
+        "factorized": ["emb/embedding"], "merged": ["emb/embedding"]}
+
+
+class _ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return jnp.tanh(nn.Dense(4, name="fc")(x)), None
+
+
+class _Scanned(nn.Module):
+    """Three Dense layers stacked by nn.scan: kernel (3, 4, 4), each layer sees (4, 4)."""
+
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=3)
+        return scan(name="layers")(x, None)[0]
+
+
+def test_resolve_orients_a_scanned_kernel_per_slice_and_requires_expert_axis():
+    model = _Scanned()
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    params = model.init(jax.random.key(1), x)["params"]
+    with pytest.raises(ValueError, match=r"layers/fc/kernel: .*stacked along axis 0.*"
+                                         r"LoRA\(\.\.\., expert_axis=0\)"):
+        jlora.linen.resolve(model, {"params": params}, x,
+                            spec=jlora.Spec({"**/kernel": jlora.LoRA(rank=2)}))
+    spec = jlora.linen.resolve(model, {"params": params}, x,
+                               spec=jlora.Spec({"**/kernel": jlora.LoRA(rank=2, expert_axis=0)}))
+    assert spec.match("layers/fc/kernel").in_axes == (1,)  # the slice's input axis, on the stack
+    adapted = perturb(jlora.apply(params, spec, key=jax.random.key(2)), size=0.5)
+    node = adapted["layers"]["fc"]["kernel"]
+    assert node.a.shape == (3, 4, 2) and node.b.shape == (3, 2, 4)
+    y = jlora.linen.apply(model, {"params": adapted}, x, strict=True)
+    h = f64(x)
+    for i in range(3):
+        k = f64(node.base[i]) + node.scale * f64(node.a[i]) @ f64(node.b[i])
+        h = np.tanh(h @ k + f64(params["layers"]["fc"]["bias"][i]))
+    np.testing.assert_allclose(f64(y), h, rtol=1e-5, atol=1e-5)
+    # Full needs no orientation: its rule is kept as is
+    full = jlora.Spec({"**/kernel": jlora.Full()})
+    assert jlora.linen.resolve(model, {"params": params}, x, spec=full) == full
