@@ -430,9 +430,18 @@ def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
             entry = (_layers.registered(cls).kernel, _registered)
         method = context.method_name
         if entry is None:
-            if not getattr(cls, "jlora_nodes", False) and _holds_node(module):
+            if not _holds_node(module):
+                return next_fun(*call_args, **call_kwargs)
+            if not getattr(cls, "jlora_nodes", False):
                 return _run_busy(_merged_call, module, method, call_args, call_kwargs)
-            return next_fun(*call_args, **call_kwargs)
+            y = next_fun(*call_args, **call_kwargs)
+            # a jlora_nodes module reads its nodes itself (jlora.experts.ragged_dot, ...)
+            for name, value in module.variables.get("params", {}).items():
+                if is_node(value):
+                    hits.add("/".join(map(str, module.path + (name,))))
+                    if on_hit is not None:
+                        on_hit("/".join(map(str, module.path + (name,))))
+            return y
         name, handler = entry
         path = "/".join(map(str, module.path + (name,)))
         var = module.get_variable("params", name) if module.has_variable("params", name) else None

@@ -319,3 +319,33 @@ def test_resolve_orients_a_scanned_kernel_per_slice_and_requires_expert_axis():
     # Full needs no orientation: its rule is kept as is
     full = jlora.Spec({"**/kernel": jlora.Full()})
     assert jlora.linen.resolve(model, {"params": params}, x, spec=full) == full
+
+
+def test_a_jlora_nodes_module_counts_as_factorized():
+    """A module that takes its adapter nodes (``jlora_nodes = True``) reads them itself:
+    no 'served from merged weights' warning, and ``consumed`` lists it as factorized."""
+    import warnings
+
+    seen = []
+
+    class MoE(nn.Module):
+        jlora_nodes = True
+
+        @nn.compact
+        def __call__(self, x, group_sizes):
+            w = self.param("experts", nn.initializers.normal(1.0), (3, 8, 4))
+            seen.append(type(w).__name__)
+            return jlora.experts.ragged_dot(x, w, group_sizes)
+
+    x, sizes = jax.random.normal(jax.random.key(0), (6, 8)), jnp.array([2, 1, 3])
+    model = MoE()
+    params = model.init(jax.random.key(1), x, sizes)["params"]
+    adapted = jlora.apply(params, jlora.Spec({"experts": jlora.LoRA(rank=2, expert_axis=0)}),
+                          key=jax.random.key(2))
+    seen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jlora.linen.apply(model, {"params": adapted}, x, sizes, strict=True)
+    assert seen == ["LoRANode"]
+    assert jlora.linen.consumed(model, {"params": adapted}, x, sizes) == {
+        "factorized": ["experts"], "merged": []}
