@@ -22,9 +22,18 @@ LoRA-GA ones from ``jlora.init``, any node holding ``a0``/``b0``) are saved as t
 equivalent plain LoRA on the *original* weights, as PEFT does: ``a' = [a, a0]``,
 ``b' = [b; −b0]``, rank and alpha doubled (alpha ×√2 with rsLoRA).
 
+AdaLoRA adapters go to and from PEFT's ``ADALORA`` adapters (``SVDLinear``,
+``SVDConv2d``): ``<module>.lora_A`` ``(r, in)`` (Conv2d ``(r, in·kh·kw)``) is ``p``
+transposed, ``<module>.lora_E`` ``(r, 1)`` is ``λ``, ``<module>.lora_B`` ``(out, r)`` is
+``q`` transposed, with ``r = init_r``. PEFT scales by ``lora_alpha / (init_r + 1e-5)``,
+so jlora's ``alpha = lora_alpha · init_r / (init_r + 1e-5)`` both ways and the two
+compute the same ``ΔW``. A tree with AdaLoRA holds AdaLoRA (and ``Full()``) adapters
+only: PEFT's file has one ``peft_type``.
+
 Loading is strict and exact: every module ``target_modules`` selects in
 ``params`` must have every tensor it needs (``lora_A``, ``lora_B``, DoRA's
-``lora_magnitude_vector``) and every tensor must belong to a selected module;
+``lora_magnitude_vector``, AdaLoRA's ``lora_E``) and every tensor must belong to a
+selected module;
 a config key jlora does not implement set to a non-default value, a value of
 the wrong type, a rank or shape that disagrees with the tensors or the base,
 an integer, boolean or non-finite tensor, an adapter whose
@@ -71,6 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.methods.adalora import AdaLoRA, AdaLoRANode
 from jlora.methods.dora import DoRA, DoRANode
 from jlora.methods._experts import is_stacked
 from jlora.methods.base import factor_dtype
@@ -370,7 +380,7 @@ def _write_atomically(out: str, files: dict[str, Callable[[str], None]]) -> None
 def save(directory: str, adapted: Any, *, name_map: NameMap = None,
          base_model_name_or_path: str | None = None, task_type: str | None = None,
          adapter_name: str = "default", parameter_order=None) -> None:
-    """Write ``adapted``'s adapters as a PEFT LoRA adapter directory.
+    """Write ``adapted``'s adapters as a PEFT LoRA (or AdaLoRA) adapter directory.
 
     ``Full()`` leaves go to ``modules_to_save``. PEFT wraps every module whose
     name ends with such an entry (a bare suffix: ``classifier`` also wraps
@@ -393,6 +403,18 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
     order, which the Flax tree does not record: ``parameter_order`` lists the
     parameter names in that order (e.g. ``["gate_up_proj", "down_proj"]``);
     names it leaves out follow, sorted.
+
+    A tree of AdaLoRA adapters (``AdaLoRA`` on Linear-style or Conv kernels, with
+    ``Full()`` leaves as ``modules_to_save``) is written as a PEFT ``ADALORA`` adapter;
+    mixing AdaLoRA with another adapter kind in one tree is an error. All its AdaLoRA
+    nodes share one ``init_rank``, ``target_rank`` and ``alpha`` (``init_r``, ``target_r``,
+    ``lora_alpha = alpha · (init_r + 1e-5) / init_r``, see the module docstring). The
+    tensors are written full size with no ``rank_pattern``: a triplet the allocator
+    pruned is one with ``λ = 0``, which PEFT loads to the same outputs, and its ``p``,
+    ``q`` (which keep training, so the triplet can come back) are kept. The file carries
+    the adapters, not the allocator's schedule: ``tinit``, ``tfinal``, ``deltaT``,
+    ``beta1``, ``beta2``, ``orth_reg_weight`` get PEFT's defaults and ``total_step`` 1,
+    values that let PEFT build its config; set them in PEFT before training there.
     """
     from safetensors.numpy import save_file
 
@@ -417,6 +439,10 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
             raise ValueError(f"jlora.peft.save: {path} holds NaN or infinite values (for "
                              f"{name!r}); refusing to write a corrupt adapter")
 
+    if any(isinstance(n, AdaLoRANode) for _, n in leaves_with_paths(adapted)):
+        return _save_adalora(out, adapted, namer, all_modules, put, tensors,
+                             base_model_name_or_path=base_model_name_or_path,
+                             task_type=task_type)
     for path, node in leaves_with_paths(adapted):
         if not is_node(node):
             continue
@@ -669,46 +695,29 @@ def _check_regex(path, key, pattern):
                          f"({e})") from None
 
 
-def _read_config(path: str) -> dict:
-    config = _parse_json(_read_bytes(path), path)
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: adapter config is not a JSON object")
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: key 'peft_type' is {config.get('peft_type')!r}; "
-                         "jlora loads 'LORA' adapters only")
+def _check_known_keys(path: str, config: dict, read: set) -> None:
+    """Informational keys hold their JSON types; a key outside ``read`` sits at its default."""
     for key, value in config.items():
         if key in _INFO:
             if not isinstance(value, _INFO[key]) or isinstance(value, bool) and bool not in _INFO[key]:
                 _bad(path, key, " or ".join(t.__name__ for t in _INFO[key]), value)
-        elif key not in _READ and not _is_default(key, value):
+        elif key not in read and not _is_default(key, value):
             raise ValueError(f"{path}: key {key!r} is set to {value!r}, which jlora does not "
                              "implement; refusing to load rather than ignore it")
+
+
+def _check_no_bias(path: str, config: dict) -> None:
     if type(config.get("fan_in_fan_out", False)) is not bool:
         _bad(path, "fan_in_fan_out", "true or false", config["fan_in_fan_out"])
     for key, ok in {"lora_bias": False, "bias": "none"}.items():
         if config.get(key, ok) != ok or type(config.get(key, ok)) is not type(ok):
             raise ValueError(f"{path}: key {key!r} = {config[key]!r} is not supported "
                              f"(only {ok!r})")
-    config.setdefault("r", 8)  # LoraConfig's default rank
-    if not _is_int(config["r"]) or config["r"] < 1:
-        _bad(path, "r", "an int >= 1", config["r"])
-    if not _is_real(config.get("lora_alpha", 8)) or config.get("lora_alpha", 8) <= 0:
-        _bad(path, "lora_alpha", "a finite number > 0", config.get("lora_alpha"))
-    for key in ("use_rslora", "use_dora"):
-        if not isinstance(config.get(key, False), bool):
-            _bad(path, key, "true or false", config[key])
-    dropout = config.get("lora_dropout", 0.0)
-    if not _is_real(dropout) or not 0 <= dropout < 1:
-        _bad(path, "lora_dropout", "a number in [0, 1)", dropout)
-    for key, ok, what in (("rank_pattern", lambda v: _is_int(v) and v >= 1, "int >= 1"),
-                          ("alpha_pattern", lambda v: _is_real(v) and v > 0, "number > 0")):
-        patterns = config.get(key, {})
-        if not isinstance(patterns, dict):
-            _bad(path, key, "an object of pattern: value", patterns)
-        for k, v in patterns.items():
-            _check_regex(path, f"{key}.{k}", k)
-            if not ok(v):
-                _bad(path, f"{key}.{k}", f"an {what}" if what[0] == "i" else f"a {what}", v)
+
+
+def _check_module_keys(path: str, config: dict) -> None:
+    """``target_modules``, ``exclude_modules``, ``modules_to_save``, ``layers_to_transform``
+    and ``layers_pattern`` hold what PEFT accepts."""
     for key in ("target_modules", "exclude_modules", "modules_to_save"):
         value = config.get(key)
         if isinstance(value, str) and key != "modules_to_save":
@@ -736,6 +745,40 @@ def _read_config(path: str) -> dict:
     if layers is not None and isinstance(config.get("target_modules"), str):
         raise ValueError(f"{path}: key 'layers_to_transform' is set with a regular expression "
                          "for 'target_modules', which PEFT refuses")
+
+
+def _read_config(path: str) -> dict:
+    config = _parse_json(_read_bytes(path), path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: adapter config is not a JSON object")
+    if config.get("peft_type") == "ADALORA":
+        return _read_adalora_config(path, config)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: key 'peft_type' is {config.get('peft_type')!r}; jlora loads "
+                         "'LORA', 'ADALORA' and 'TRAINABLE_TOKENS' adapters")
+    _check_known_keys(path, config, _READ)
+    _check_no_bias(path, config)
+    config.setdefault("r", 8)  # LoraConfig's default rank
+    if not _is_int(config["r"]) or config["r"] < 1:
+        _bad(path, "r", "an int >= 1", config["r"])
+    if not _is_real(config.get("lora_alpha", 8)) or config.get("lora_alpha", 8) <= 0:
+        _bad(path, "lora_alpha", "a finite number > 0", config.get("lora_alpha"))
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(key, False), bool):
+            _bad(path, key, "true or false", config[key])
+    dropout = config.get("lora_dropout", 0.0)
+    if not _is_real(dropout) or not 0 <= dropout < 1:
+        _bad(path, "lora_dropout", "a number in [0, 1)", dropout)
+    for key, ok, what in (("rank_pattern", lambda v: _is_int(v) and v >= 1, "int >= 1"),
+                          ("alpha_pattern", lambda v: _is_real(v) and v > 0, "number > 0")):
+        patterns = config.get(key, {})
+        if not isinstance(patterns, dict):
+            _bad(path, key, "an object of pattern: value", patterns)
+        for k, v in patterns.items():
+            _check_regex(path, f"{key}.{k}", k)
+            if not ok(v):
+                _bad(path, f"{key}.{k}", f"an {what}" if what[0] == "i" else f"a {what}", v)
+    _check_module_keys(path, config)
     init = config.get("init_lora_weights", True)
     if init not in _PLAIN_INITS or type(init) not in (bool, str):
         if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
@@ -806,7 +849,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 def load(directory: str, params: Any, *, name_map: NameMap = None,
          adapter_name: str = "default", in_axes: dict | None = None,
          parameter_order=None) -> Any:
-    """Read a PEFT LoRA adapter directory into an adapted tree over ``params``.
+    """Read a PEFT LoRA (or AdaLoRA) adapter directory into an adapted tree over ``params``.
 
     Honours ``r``/``lora_alpha`` with ``rank_pattern``/``alpha_pattern``,
     ``use_rslora``, ``use_dora``, ``fan_in_fan_out``, ``target_modules`` (with
@@ -841,6 +884,19 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
     given for its path, else ``(1,)``). Wrappers nested on one module are
     matched in ``parameter_order`` (see :func:`save`), or in the one order the
     tensors' shapes fit.
+
+    ``peft_type: "ADALORA"`` adapters become AdaLoRA nodes with ``init_rank = init_r``,
+    ``target_rank = target_r`` and ``alpha = lora_alpha · init_r / (init_r + 1e-5)``:
+    PEFT's ``SVDLinear`` divides by ``ranknum + 1e-5``, so this ``alpha`` gives exactly
+    PEFT's outputs (see the module docstring for the layout). A ``rank_pattern``
+    (``{"<module>.lora_E": [kept, ...]}``) means the file holds only the kept triplets:
+    they go to their positions and the others get ``λ = 0`` and zeros in ``p``, ``q``.
+    ``target_modules``, ``exclude_modules``, ``layers_to_transform``, ``fan_in_fan_out``
+    and ``modules_to_save`` work as for LoRA. The schedule keys (``tinit``, ``tfinal``,
+    ``deltaT``, ``beta1``, ``beta2``, ``orth_reg_weight``, ``total_step``) are checked
+    as PEFT checks them and not used (jlora's allocator takes its schedule from
+    ``jlora.optim.adalora``); a non-zero ``lora_dropout``, ``use_rslora``, an
+    ``alpha_pattern`` and the other keys PEFT's AdaLoRA ignores or jlora lacks are refused.
     """
     given = {} if in_axes is None else in_axes
     if not isinstance(given, dict) or any(
@@ -856,6 +912,8 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
     if _is_tokens_only(cfg_path):
         return _load_tokens_only(cfg_path, weights_path, params, by_module)
     config = _read_config(cfg_path)
+    if config["peft_type"] == "ADALORA":
+        return _load_adalora(config, cfg_path, weights_path, params, by_module, given)
     tensors = _read_safetensors(weights_path)
     tensors, token_rows = _token_tensors(tensors)
 
@@ -877,22 +935,8 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
         if suffix == "lora_B.bias":
             raise ValueError(f"{weights_path}: tensor {key!r} is a lora_bias, which jlora "
                              "does not implement")
-        if module not in by_module:
-            raise ValueError(f"{weights_path}: tensor {key!r} targets module {module!r}, which "
-                             "params do not have (check name_map)")
-        whole = suffix in ("weight", "bias")
-        saved = _saved_whole(config.get("modules_to_save"), module)
-        if whole and not saved:
-            raise ValueError(f"{weights_path}: unexpected tensor {key!r}: module {module!r} is "
-                             f"not in (or inside) a module {CONFIG_FILE}'s modules_to_save "
-                             "selects")
-        if not whole and saved:
-            raise ValueError(f"{weights_path}: tensor {key!r} puts LoRA on module {module!r}, "
-                             f"which {CONFIG_FILE}'s modules_to_save also wraps (PEFT matches "
-                             "its entries by bare name suffix); jlora adapts a module one way")
-        if not whole and config.get("target_modules") is not None and not _targeted(config, module):
-            raise ValueError(f"{weights_path}: unexpected tensor {key!r}: {CONFIG_FILE}'s "
-                             f"target_modules does not select module {module!r}")
+        _check_tensor_module(config, weights_path, key, module, suffix in ("weight", "bias"),
+                             by_module)
         grouped[module][suffix] = value
 
     namer = _module_namer(name_map)
@@ -912,21 +956,32 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
     return map_with_paths(lambda p, x: nodes.get(p, x), params)
 
 
+def _check_tensor_module(config, weights_path, key, module, whole, by_module) -> None:
+    """Tensor ``key`` of ``module`` (a whole-module ``weight``/``bias`` when ``whole``, else
+    an adapter factor) belongs where the config puts it, or a ``ValueError``."""
+    if module not in by_module:
+        raise ValueError(f"{weights_path}: tensor {key!r} targets module {module!r}, which "
+                         "params do not have (check name_map)")
+    saved = _saved_whole(config.get("modules_to_save"), module)
+    if whole and not saved:
+        raise ValueError(f"{weights_path}: unexpected tensor {key!r}: module {module!r} is "
+                         f"not in (or inside) a module {CONFIG_FILE}'s modules_to_save "
+                         "selects")
+    if not whole and saved:
+        raise ValueError(f"{weights_path}: tensor {key!r} puts LoRA on module {module!r}, "
+                         f"which {CONFIG_FILE}'s modules_to_save also wraps (PEFT matches "
+                         "its entries by bare name suffix); jlora adapts a module one way")
+    if not whole and config.get("target_modules") is not None and not _targeted(config, module):
+        raise ValueError(f"{weights_path}: unexpected tensor {key!r}: {CONFIG_FILE}'s "
+                         f"target_modules does not select module {module!r}")
+
+
 def _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped,
                    parameters=()) -> None:
     """Every module the config selects has its tensors; every ``target_modules`` entry
     selects a module. ``modules_to_save`` entries may match nothing, as in PEFT (whose
     sequence-classification adapters always list both ``classifier`` and ``score``)."""
-    rule = config.get("target_modules")
-    if isinstance(rule, list):
-        for entry in rule:
-            if not any(_selects([entry], m) for m in by_module):
-                raise ValueError(f"{cfg_path}: key 'target_modules' entry {entry!r} matches no "
-                                 "module of params (check name_map)")
-    elif isinstance(rule, str) and rule != "all-linear" and not any(
-            _selects(rule, m) for m in by_module):
-        raise ValueError(f"{cfg_path}: key 'target_modules' = {rule!r} matches no module of "
-                         "params")
+    _check_target_entries(config, cfg_path, by_module)
     adapted = [m for m, parts in grouped.items() if any(s.startswith("lora_") for s in parts)]
     adapted += parameters  # target_parameters: their patterns match parameter names
     for key in ("rank_pattern", "alpha_pattern"):
@@ -938,12 +993,7 @@ def _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped,
     for module, mpath in by_module.items():
         join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
         if _saved_whole(config.get("modules_to_save"), module):
-            for p in leaves:
-                if parent(p) == mpath:
-                    suffix = "bias" if p.endswith("bias") else "weight"
-                    if suffix not in grouped.get(module, {}):
-                        raise ValueError(f"{weights_path}: missing tensor {PREFIX}{module}.{suffix} "
-                                         f"of module {module!r} (PEFT's modules_to_save wraps it)")
+            _check_saved_tensors(weights_path, module, mpath, leaves, grouped)
             continue
         if target is None or target == "all-linear" or not _targeted(config, module):
             continue
@@ -958,6 +1008,30 @@ def _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped,
             if suffix not in grouped.get(module, {}):
                 raise ValueError(f"{weights_path}: missing tensor {PREFIX}{module}.{suffix} of "
                                  f"module {module!r} (selected by target_modules)")
+
+
+def _check_target_entries(config, cfg_path, by_module) -> None:
+    """Every ``target_modules`` entry (or its regex) selects a module of ``params``."""
+    rule = config.get("target_modules")
+    if isinstance(rule, list):
+        for entry in rule:
+            if not any(_selects([entry], m) for m in by_module):
+                raise ValueError(f"{cfg_path}: key 'target_modules' entry {entry!r} matches no "
+                                 "module of params (check name_map)")
+    elif isinstance(rule, str) and rule != "all-linear" and not any(
+            _selects(rule, m) for m in by_module):
+        raise ValueError(f"{cfg_path}: key 'target_modules' = {rule!r} matches no module of "
+                         "params")
+
+
+def _check_saved_tensors(weights_path, module, mpath, leaves, grouped) -> None:
+    """A module PEFT's ``modules_to_save`` wraps has a tensor for each of its leaves."""
+    for p in leaves:
+        if parent(p) == mpath:
+            suffix = "bias" if p.endswith("bias") else "weight"
+            if suffix not in grouped.get(module, {}):
+                raise ValueError(f"{weights_path}: missing tensor {PREFIX}{module}.{suffix} "
+                                 f"of module {module!r} (PEFT's modules_to_save wraps it)")
 
 
 def _full_nodes(parts, join, leaves, weights_path, key) -> dict:
@@ -1065,6 +1139,307 @@ def _lora_node(config, module, parts, join, leaves, weights_path, key, given):
     if str(config.get("init_lora_weights")).lower() == "mica":  # B stays frozen (MiCA)
         opts["init"] = "mica"
     return {path: LoRANode(**common, config=LoRA(**opts))}
+
+
+# ---------------------------------------------------------------- AdaLoRA
+# PEFT's ``ADALORA`` layout (``SVDLinear``/``SVDConv2d``): ``<module>.lora_A`` ``(r, in)``
+# (a Conv2d's ``(r, in·kh·kw)``), ``<module>.lora_E`` ``(r, 1)``, ``<module>.lora_B``
+# ``(out, r)``, and ``ΔW = B·(A ⊙ E)·lora_alpha / (ranknum + 1e-5)`` with ``ranknum`` the
+# initial rank ``init_r``, kept after a ``rank_pattern`` resize. So ``p = Aᵀ``, ``λ = E[:, 0]``,
+# ``q = Bᵀ`` and jlora's ``alpha / r`` is PEFT's ``lora_alpha / (r + 1e-5)``. A
+# ``rank_pattern`` (``{"<module>.lora_E": [kept, ...]}``, one bool per initial triplet) means
+# the file's tensors hold only the kept triplets, in order.
+
+_ADALORA_EPS = 1e-5  # PEFT's ``ranknum + 1e-5``
+# Keys of PEFT's AdaLoraConfig schedule (training only) with their defaults and checks.
+_ADALORA_SCHEDULE = {"tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85, "beta2": 0.85,
+                     "orth_reg_weight": 0.5, "total_step": 1}
+_ADALORA_READ = {"peft_type", "init_r", "target_r", "lora_alpha", "r", "rank_pattern",
+                 "target_modules", "exclude_modules", "lora_dropout", "bias", "lora_bias",
+                 "fan_in_fan_out", "modules_to_save", "init_lora_weights",
+                 "layers_to_transform", "layers_pattern", *_ADALORA_SCHEDULE}
+_ADALORA_PARTS = ("lora_A", "lora_E", "lora_B")
+
+
+def _adalora_file_alpha(alpha: float, r: int) -> float:
+    """PEFT's ``lora_alpha`` for jlora's ``alpha``: ``alpha / r = lora_alpha / (r + 1e-5)``."""
+    return alpha * ((r + _ADALORA_EPS) / r)
+
+
+def _adalora_alpha(lora_alpha: float, r: int) -> float:
+    """jlora's ``alpha`` for PEFT's ``lora_alpha``: ``lora_alpha · r/(r + 1e-5)``, to the last
+    bit the float within 4 ulps of it that :func:`_adalora_file_alpha` writes as
+    ``lora_alpha`` where there is one, so a saved adapter loads with its own ``alpha``."""
+    x = lora_alpha * (r / (r + _ADALORA_EPS))
+    near = [x]
+    for direction in (math.inf, -math.inf):
+        y = x
+        for _ in range(4):
+            y = math.nextafter(y, direction)
+            near.append(y)
+    return next((c for c in sorted(near, key=lambda c: abs(c - x))
+                 if _adalora_file_alpha(c, r) == lora_alpha), x)
+
+
+def _read_adalora_config(path: str, config: dict) -> dict:
+    """An ``ADALORA`` config checked as :func:`load` reads it, PEFT's defaults filled in."""
+    _check_known_keys(path, config, _ADALORA_READ)
+    _check_no_bias(path, config)
+    config.setdefault("init_r", 12)  # AdaLoraConfig's defaults
+    config.setdefault("target_r", 8)
+    init_r, target_r = config["init_r"], config["target_r"]
+    if not _is_int(init_r) or init_r < 1:
+        _bad(path, "init_r", "an int >= 1", init_r)
+    if not _is_int(target_r) or not 0 <= target_r <= init_r:
+        _bad(path, "target_r", f"an int in [0, init_r={init_r}] (jlora's AdaLoRA target_rank)",
+             target_r)
+    if not _is_int(config.get("r", 8)) or config.get("r", 8) < 0:  # PEFT's AdaLoRA ignores r
+        _bad(path, "r", "an int >= 0", config["r"])
+    if not _is_real(config.get("lora_alpha", 8)) or config.get("lora_alpha", 8) <= 0:
+        _bad(path, "lora_alpha", "a finite number > 0", config.get("lora_alpha"))
+    dropout = config.get("lora_dropout", 0.0)
+    if not _is_real(dropout) or dropout != 0:
+        raise ValueError(f"{path}: key 'lora_dropout' is {dropout!r}; jlora's AdaLoRA has no "
+                         "adapter dropout, so only 0 loads (the weights do not depend on it: "
+                         "set it to 0 in the file to serve or keep training without dropout)")
+    if type(config.get("init_lora_weights", True)) is not bool:
+        _bad(path, "init_lora_weights", "true or false", config["init_lora_weights"])
+    for key in ("tinit", "tfinal", "deltaT", "total_step"):
+        low = 1 if key in ("deltaT", "total_step") else 0
+        value = config.get(key, _ADALORA_SCHEDULE[key] if key != "total_step" else None)
+        if not _is_int(value) or value < low:
+            _bad(path, key, f"an int >= {low} (PEFT's AdaLoraConfig requires it)", value)
+    if config.get("tinit", 0) >= config["total_step"] - config.get("tfinal", 0):
+        raise ValueError(f"{path}: keys 'tinit', 'tfinal', 'total_step' leave no budgeting "
+                         "phase (PEFT's AdaLoraConfig needs tinit < total_step - tfinal)")
+    for key in ("beta1", "beta2", "orth_reg_weight"):
+        value = config.get(key, _ADALORA_SCHEDULE[key])
+        if not _is_real(value) or key == "orth_reg_weight" and value < 0:
+            _bad(path, key, "a finite number" + (" >= 0" if key == "orth_reg_weight" else ""),
+                 value)
+    pattern = config.get("rank_pattern")
+    if pattern is not None and not isinstance(pattern, dict):
+        _bad(path, "rank_pattern", "an object of '<module>.lora_E': [kept, ...]", pattern)
+    for k, kept in (pattern or {}).items():
+        if not k.endswith(".lora_E") or k == ".lora_E":
+            raise ValueError(f"{path}: key 'rank_pattern.{k}' is not a '<module>.lora_E' name, "
+                             "as PEFT saves its rank pattern")
+        if not (isinstance(kept, list) and len(kept) == init_r
+                and all(type(b) is bool for b in kept)):
+            _bad(path, f"rank_pattern.{k}", f"a list of {init_r} (init_r) booleans", kept)
+    _check_module_keys(path, config)
+    return config
+
+
+def _save_adalora(out, adapted, namer, all_modules, put, tensors, *,
+                  base_model_name_or_path, task_type) -> None:
+    """Write a tree of AdaLoRA adapters (and ``Full()`` leaves) as a PEFT ``ADALORA`` adapter."""
+    from safetensors.numpy import save_file
+
+    modules: dict[str, bool] = {}  # torch module -> stored (out, in) (fan_in_fan_out)
+    to_save: list[str] = []
+    first = None  # (path, (init_rank, target_rank, alpha)) of the first AdaLoRA node
+    for path, node in leaves_with_paths(adapted):
+        if not is_node(node):
+            continue
+        module = namer(parent(path))
+        if isinstance(node, FullNode):
+            if module not in to_save:
+                to_save.append(module)
+            continue
+        if not isinstance(node, AdaLoRANode):
+            ada = next(p for p, n in leaves_with_paths(adapted) if isinstance(n, AdaLoRANode))
+            raise ValueError(f"jlora.peft.save: the tree mixes AdaLoRA ({ada}) with "
+                             f"{node.method} ({path}); a PEFT adapter has one peft_type "
+                             "(ADALORA holds AdaLoRA adapters and Full() modules_to_save "
+                             "only): save them as separate adapters")
+        if is_stacked(node):
+            raise ValueError(f"{path}: PEFT's AdaLoRA has no layout for stacked kernels "
+                             "(expert_axis)")
+        kind = _kind(path, node)
+        if kind == "embedding":
+            raise ValueError(f"{path}: PEFT's AdaLoRA adapts Linear, Conv1D and Conv2d "
+                             "layers, not embeddings")
+        cfg = node.config
+        r = cfg.init_rank
+        settings = (r, cfg.target_rank, r if cfg.alpha is None else cfg.alpha)
+        if first is None:
+            first = (path, settings)
+        elif settings != first[1]:
+            raise ValueError(f"jlora.peft.save: AdaLoRA adapters {first[0]} and {path} differ "
+                             f"in (init_rank, target_rank, alpha): {first[1]} and {settings}; "
+                             "PEFT's ADALORA config holds one init_r, target_r and lora_alpha: "
+                             "save them as separate adapters")
+        p, lam, q = np.asarray(node.p), np.asarray(node.lam), np.asarray(node.q)
+        if kind == "conv":  # (kh·kw·in, r) -> (r, in·kh·kw), PyTorch's weight order
+            kh, kw, cin, _ = node.shape
+            a = p.reshape(kh, kw, cin, r).transpose(3, 2, 0, 1).reshape(r, cin * kh * kw)
+        else:
+            a = p.T
+        key = PREFIX + module
+        put(f"{key}.lora_A", a, path)
+        put(f"{key}.lora_E", lam[:, None], path)
+        put(f"{key}.lora_B", q.T, path)
+        modules[module] = kind == "linear_t"
+    both = sorted(set(modules) & set(to_save))
+    if both:
+        raise ValueError(f"jlora.peft.save: module {both[0]!r} has an AdaLoRA adapter and a "
+                         "Full() leaf; PEFT cannot adapt a module and also save it whole "
+                         "(modules_to_save)")
+    _put_saved_modules(adapted, namer, to_save, put)
+    r, target_r, alpha = first[1]
+    target = sorted(modules)
+    if any(_selects(target, m) for m in all_modules if m not in modules):
+        target = "|".join(re.escape(m) for m in target)  # exact names: PEFT fullmatches a str
+    config = {
+        "peft_type": "ADALORA",
+        "init_r": r,
+        "target_r": target_r,
+        "lora_alpha": _adalora_file_alpha(alpha, r),
+        "r": 8,  # LoraConfig's default; PEFT's AdaLoRA ignores it (and warns at others)
+        "rank_pattern": None,  # tensors full size: pruned triplets are those with λ = 0
+        "alpha_pattern": {},
+        "target_modules": target,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "lora_bias": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": any(modules.values()),
+        "modules_to_save": to_save or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": task_type,
+        "revision": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+        **_ADALORA_SCHEDULE,
+    }
+    for module in all_modules:
+        if _targeted(config, module) != (module in modules):
+            raise ValueError(f"jlora.peft.save: PEFT's name matching cannot give module "
+                             f"{module!r} exactly its adapter; rename modules with name_map")
+    _write_atomically(out, {
+        WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+        CONFIG_FILE: lambda p: _write_json(p, config),
+    })
+
+
+def _load_adalora(config, cfg_path, weights_path, params, by_module, given) -> Any:
+    """A PEFT ``ADALORA`` adapter (``config`` read by :func:`_read_config`) over ``params``."""
+    _only_stacked_axes({}, given)
+    tensors = _read_safetensors(weights_path)
+    leaves = dict(leaves_with_paths(params))
+    for p, x in leaves.items():
+        if is_node(x):
+            raise ValueError(f"jlora.peft.load: {p} is already adapted; pass plain params")
+    grouped: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+    for key, value in tensors.items():
+        m = (re.fullmatch(r"(.+?)\.(lora_A|lora_E|lora_B|weight|bias)", key[len(PREFIX):])
+             if key.startswith(PREFIX) else None)
+        if m is None or re.search(r"(^|\.)lora_", m.group(1)):
+            raise ValueError(f"{weights_path}: tensor {key!r} is not an AdaLoRA tensor name "
+                             f"jlora knows ({PREFIX}<module>.lora_A, .lora_E, .lora_B, or a "
+                             "modules_to_save module's .weight/.bias)")
+        module, suffix = m.groups()
+        _check_tensor_module(config, weights_path, key, module, suffix in ("weight", "bias"),
+                             by_module)
+        grouped[module][suffix] = value
+    _check_target_entries(config, cfg_path, by_module)
+    kept = {}
+    for k, mask in (config.get("rank_pattern") or {}).items():
+        module = k[:-len(".lora_E")]
+        if not any(s.startswith("lora_") for s in grouped.get(module, {})):
+            raise ValueError(f"{cfg_path}: key 'rank_pattern.{k}' names module {module!r}, "
+                             f"for which {WEIGHTS_FILE} holds no AdaLoRA tensors")
+        kept[module] = mask
+    target = config.get("target_modules")
+    for module, mpath in by_module.items():
+        join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
+        if _saved_whole(config.get("modules_to_save"), module):
+            _check_saved_tensors(weights_path, module, mpath, leaves, grouped)
+            continue
+        if (target is None or target == "all-linear" or not _targeted(config, module)
+                or join("kernel") not in leaves):
+            continue
+        for suffix in _ADALORA_PARTS:
+            if suffix not in grouped.get(module, {}):
+                raise ValueError(f"{weights_path}: missing tensor {PREFIX}{module}.{suffix} of "
+                                 f"module {module!r} (selected by target_modules)")
+    nodes = {}
+    for module, parts in grouped.items():
+        mpath = by_module[module]
+        join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
+        key = PREFIX + module
+        if any(s.startswith("lora_") for s in parts):
+            nodes.update(_adalora_node(config, parts, join, leaves, weights_path, key, given,
+                                       kept.get(module)))
+        else:
+            nodes.update(_full_nodes(parts, join, leaves, weights_path, key))
+    return map_with_paths(lambda p, x: nodes.get(p, x), params)
+
+
+def _adalora_node(config, parts, join, leaves, weights_path, key, given, kept) -> dict:
+    """The AdaLoRANode of one module: ``init_r`` triplets, the file's at the positions
+    ``kept`` (its rank_pattern entry) marks, zeros (``λ = 0``) at the others."""
+    path = join("kernel")
+    if path not in leaves:
+        why = (" (PEFT's AdaLoRA adapts Linear, Conv1D and Conv2d layers, not embeddings)"
+               if join("embedding") in leaves else "")
+        raise ValueError(f"{weights_path}: {key} has AdaLoRA tensors but params have no "
+                         f"{path}{why}")
+    for suffix in parts:
+        if suffix not in _ADALORA_PARTS:
+            raise ValueError(f"{weights_path}: unexpected tensor {key}.{suffix} beside "
+                             f"{key}.lora_A")
+    for suffix in _ADALORA_PARTS:
+        if suffix not in parts:
+            raise ValueError(f"{weights_path}: missing tensor {key}.{suffix}")
+    base = jnp.asarray(leaves[path])
+    if not jnp.issubdtype(base.dtype, jnp.floating):
+        raise ValueError(f"{weights_path}: {key} adapts {path}, which has dtype {base.dtype}")
+    a_t, e_t, b_t = (parts[s] for s in _ADALORA_PARTS)
+    r_init = config["init_r"]
+    r = r_init if kept is None else sum(kept)
+    said = f"init_r={r_init}" if kept is None else f"rank_pattern keeps {r} of init_r={r_init}"
+    if a_t.ndim != 2 or a_t.shape[0] != r or tuple(e_t.shape) != (r, 1):
+        raise ValueError(f"{weights_path}: {key}.lora_A/lora_E have shapes "
+                         f"{tuple(a_t.shape)}/{tuple(e_t.shape)}, but {CONFIG_FILE} says "
+                         f"rank {r} ({said}) for it")
+    if base.ndim == 4:  # conv (kh, kw, in, out)
+        kh, kw, cin, cout = base.shape
+        want, in_axes = ((r, cin * kh * kw), (cout, r)), (0, 1, 2)
+    elif base.ndim == 2:
+        rows, cols = base.shape
+        in_axes = _linear_in_axes(path, (rows, cols), r, a_t, b_t, config, given)
+        if in_axes == (1,):
+            rows, cols = cols, rows
+        want = ((r, rows), (cols, r))
+    else:
+        raise ValueError(f"{weights_path}: {key} adapts {path} of shape {base.shape}, which "
+                         "has no PEFT AdaLoRA layout")
+    if (tuple(a_t.shape), tuple(b_t.shape)) != want:
+        raise ValueError(f"{weights_path}: {key}.lora_A/lora_B have shapes "
+                         f"{tuple(a_t.shape)}/{tuple(b_t.shape)}, {path} of shape {base.shape} "
+                         f"needs {want[0]}/{want[1]}")
+    if base.ndim == 4:  # PyTorch's (in, kh, kw) columns -> jlora's (kh·kw·in) rows
+        p_file = a_t.reshape(r, cin, kh, kw).transpose(2, 3, 1, 0).reshape(kh * kw * cin, r)
+    else:
+        p_file = a_t.T
+    dt, cfg_dtype = _loaded_dtype(base.dtype, a_t.dtype, e_t.dtype, b_t.dtype)
+    at = np.arange(r_init) if kept is None else np.flatnonzero(kept)
+    p = np.zeros((p_file.shape[0], r_init), dt)
+    lam = np.zeros((r_init,), dt)
+    q = np.zeros((r_init, b_t.shape[0]), dt)
+    p[:, at], lam[at], q[at, :] = p_file, e_t[:, 0], b_t.T
+    cfg = AdaLoRA(init_rank=r_init, target_rank=config["target_r"],
+                  alpha=_adalora_alpha(config.get("lora_alpha", 8), r_init), dtype=cfg_dtype,
+                  in_axes=None if in_axes == tuple(range(base.ndim - 1)) else in_axes)
+    return {path: AdaLoRANode(base=base, p=jnp.asarray(p), lam=jnp.asarray(lam),
+                              q=jnp.asarray(q), config=cfg, shape=tuple(base.shape),
+                              in_axes=in_axes)}
 
 
 # ---------------------------------------------------------------- expert parameters
