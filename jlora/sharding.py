@@ -4,9 +4,15 @@
 from its base weight's: for LoRA, ``a (fan_in, r)`` takes the spec of the base's
 input axes, ``b (r, fan_out)`` that of its output axes, and the rank axis is
 replicated. A flattened axis that several sharded axes fold into is sharded over
-all of their mesh axes (major to minor), which is exactly the layout of the
-reshape. Method vectors follow the axis they scale (``"out"``/``"in"`` in a node
-class's ``field_axes``). A module-level node (``jlora.AdaptFormer``) has no base
+all of their mesh axes (major to minor) in contiguous blocks; that equals the
+layout of the reshape of the base's sharding when only the most major of the
+folded axes is sharded, and otherwise differs from it by a reshard of the
+(small) factor, never in value. Method vectors follow the axis they scale
+(``"out"``/``"in"`` in a node class's ``field_axes``). QLoRA's packed codes and
+block scales shard with the base axes they store; given a ``mesh``
+(:func:`place` and :func:`apply` pass theirs), a stored axis whose length the
+mesh axes do not divide (``in/2`` codes or ``in/block_size`` scales over many
+devices) keeps only the major mesh axes that divide it, or is replicated. A module-level node (``jlora.AdaptFormer``) has no base
 leaf: its ``base_spec`` hook derives the spec of its ``(d_in, d_out)`` view from
 the specs of its module's leaves (``None``: every field replicated).
 
@@ -29,13 +35,15 @@ call ``jax.distributed.initialize()`` first and build the mesh from
 
 from __future__ import annotations
 
-from dataclasses import fields
+import math
+from dataclasses import fields, replace as dataclass_replace
 from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jlora.core import apply as _apply
+from jlora.quant import QuantizedArray
 from jlora.spec import Spec
 from jlora.tree import (PyTree, Role, is_module_node, is_node, leaves_with_paths, map_with_paths,
                         require_whole)
@@ -91,18 +99,73 @@ def node_specs(node, base_spec: P | None):
     return node.replace(**changes)
 
 
-def specs(adapted: PyTree, base_specs: PyTree) -> PyTree:
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """``spec`` with each axis's mesh axes cut to the longest major prefix whose
+    total size divides the axis's length (none: replicated)."""
+    out = []
+    for i, n in enumerate(shape):
+        e = spec[i] if i < len(spec) else None
+        axes = () if e is None else e if isinstance(e, tuple) else (e,)
+        while axes and n % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def _fit_quantized(node, node_spec, mesh: Mesh):
+    """``node_spec`` with its quantized codes' and scales' specs fitted to ``mesh``."""
+    q, qs = getattr(node, "quantized", None), getattr(node_spec, "quantized", None)
+    if not isinstance(q, QuantizedArray) or not isinstance(qs, QuantizedArray):
+        return node_spec
+    fitted = {f: _fit(getattr(qs, f), tuple(getattr(q, f).shape), mesh)
+              for f in ("codes", "absmax", "absmax2", "offset") if isinstance(getattr(qs, f), P)}
+    return node_spec.replace(quantized=dataclass_replace(qs, **fitted))
+
+
+def _held_base_spec(path: str, s) -> P | None:
+    """The base's spec that a node of a spec tree holds: its base-role field, or
+    for a quantized node (whose ``base`` is a dequantizing property) the spec
+    recovered from its codes' (stored axes, permuted back) or its factors' (one
+    input and one output axis)."""
+    for name, role in type(s).field_axes.items():
+        if role is Role.BASE:
+            return getattr(s, name)
+    q = getattr(s, "quantized", None)
+    ndim = len(s.shape)
+    if isinstance(q, QuantizedArray) and isinstance(q.codes, P) and len(q.codes) == ndim:
+        entries = [None] * ndim
+        for stored, axis in enumerate(q.perm):
+            entries[axis] = q.codes[stored]
+        return P(*entries)
+    a, b = getattr(s, "a", None), getattr(s, "b", None)
+    lead = 1 if getattr(s.config, "expert_axis", None) is not None else 0
+    if isinstance(a, P) and isinstance(b, P) and ndim - lead == 2 and len(s.in_axes) == 1:
+        entries = [None] * ndim
+        if lead:
+            entries[0] = a[0] if len(a) else None
+        out_axis = next(i for i in range(lead, ndim) if i not in s.in_axes)
+        entries[s.in_axes[0]] = a[lead] if len(a) > lead else None
+        entries[out_axis] = b[lead + 1] if len(b) > lead + 1 else None
+        return P(*entries)
+    raise ValueError(f"jlora.sharding.specs: the {s.method} node at {path} in base_specs holds "
+                     "no base spec to recover; pass the specs of the original params")
+
+
+def specs(adapted: PyTree, base_specs: PyTree, *, mesh: Mesh | None = None) -> PyTree:
     """``PartitionSpec`` tree for ``adapted``, given the specs of the original params.
 
     ``base_specs`` has the structure of the original params (one ``PartitionSpec``
     or ``None`` per leaf); a tree with the adapted tree's structure whose nodes
-    hold the bases' specs is accepted too. Leaves that are not adapted keep
-    their own spec.
+    hold the bases' specs is accepted too (what ``specs`` returns; a QLoRA
+    node's base spec is read back from its codes' or factors' specs). Leaves
+    that are not adapted keep their own spec. With ``mesh``, quantized codes
+    and scales keep only the mesh axes that divide their stored lengths.
     """
     require_whole(adapted, "jlora.sharding.specs")
     by_path = {}
     for path, s in leaves_with_paths(base_specs, is_leaf=_is_spec):
-        by_path[path] = s if is_module_node(s) else s.base if is_node(s) else s
+        by_path[path] = (s if is_module_node(s) else _held_base_spec(path, s) if is_node(s)
+                         else s)
 
     def one(path, leaf):
         if is_module_node(leaf):
@@ -114,7 +177,10 @@ def specs(adapted: PyTree, base_specs: PyTree) -> PyTree:
         if path not in by_path:
             raise ValueError(f"jlora.sharding.specs: base_specs has no entry for {path}")
         s = P() if by_path[path] is None else by_path[path]
-        return node_specs(leaf, s) if is_node(leaf) else s
+        if not is_node(leaf):
+            return s
+        out = node_specs(leaf, s)
+        return out if mesh is None else _fit_quantized(leaf, out, mesh)
 
     return map_with_paths(one, adapted)
 
@@ -130,7 +196,7 @@ def named(tree_of_specs: PyTree, mesh: Mesh) -> PyTree:
 
 def place(adapted: PyTree, mesh: Mesh, base_specs: PyTree) -> PyTree:
     """Put an adapted tree on ``mesh``, every factor sharded like its base."""
-    return jax.device_put(adapted, named(specs(adapted, base_specs), mesh))
+    return jax.device_put(adapted, named(specs(adapted, base_specs, mesh=mesh), mesh))
 
 
 def apply(params: PyTree, spec: Spec, *, key: jax.Array, mesh: Mesh, base_specs: PyTree) -> PyTree:
@@ -146,5 +212,5 @@ def apply(params: PyTree, spec: Spec, *, key: jax.Array, mesh: Mesh, base_specs:
     sharded and whose decompositions are only ``(fan, rank+8)``-sized.
     """
     shapes = jax.eval_shape(lambda p: _apply(p, spec, key=key), params)
-    out = named(specs(shapes, base_specs), mesh)
+    out = named(specs(shapes, base_specs, mesh=mesh), mesh)
     return jax.jit(lambda p, k: _apply(p, spec, key=k), out_shardings=out)(params, key)

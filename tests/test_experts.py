@@ -1,6 +1,7 @@
 """Stacked kernels (expert_axis=0): MoE experts and nn.scan blocks, against
 per-slice float64 numpy loops; QLoRA's residuals and memory under nn.scan."""
 
+import functools
 import math
 import re
 
@@ -314,3 +315,193 @@ def test_ragged_dot_checks_group_sizes():
     for bad in (jnp.array([1, 1, 1]), jnp.array([1.0, 2.0])):
         with pytest.raises(ValueError, match="group_sizes must be 2 integers"):
             jlora.experts.ragged_dot(jnp.ones((3, 4)), node, bad)
+
+
+# ------------------------------------------------ whole-stack fast path, layouts, dropout
+
+def _stack(cfg, shape, seed=0):
+    """A stacked node on a random kernel of ``shape`` with random ``b`` (delta visible)."""
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    node = jlora.apply({"w": w}, jlora.Spec({"w": cfg}), key=jax.random.key(seed))["w"]
+    return node.replace(b=jnp.asarray(0.3 * rng.standard_normal(node.b.shape), jnp.float32))
+
+
+def _slice_matrix(k, in_axes):
+    """numpy ``(fan_in, fan_out)`` view of one slice (input axes first, row-major)."""
+    perm = tuple(in_axes) + tuple(i for i in range(k.ndim) if i not in in_axes)
+    fan_in = int(np.prod([k.shape[i] for i in in_axes]))
+    return np.transpose(k, perm).reshape(fan_in, -1), perm
+
+
+def _formula_kernels(node):
+    """``K[e] = K0[e] + s·a[e]·b[e]`` in float64, in the base's layout (K0: the
+    float base, or QLoRA's dequantized one)."""
+    in_axes = tuple(i - 1 for i in node.in_axes)
+    out = []
+    for e in range(node.shape[0]):
+        k0 = f64(node.base[e])
+        m, perm = _slice_matrix(k0, in_axes)
+        m = m + node.scale * f64(node.a[e]) @ f64(node.b[e])
+        out.append(np.transpose(m.reshape([k0.shape[i] for i in perm]), np.argsort(perm)))
+    return np.stack(out)
+
+
+def _stack_sized(fn, *args, size):
+    """Float arrays of at least ``size`` elements that the top level of ``fn``'s jaxpr makes."""
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    return [str(v.aval) for eq in jaxpr.eqns for v in eq.outvars
+            if jnp.issubdtype(v.aval.dtype, jnp.floating) and v.aval.size >= size]
+
+
+LAYOUTS = {"(E, in, out)": (1,), "(E, out, in)": (2,)}
+STACKED = {"LoRA": lambda ax: jlora.LoRA(rank=2, alpha=3, in_axes=ax, expert_axis=0),
+           "QLoRA": lambda ax: jlora.QLoRA(rank=2, alpha=3, in_axes=ax, expert_axis=0,
+                                           block_size=4)}
+
+
+@pytest.mark.parametrize("method", STACKED)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("d_in,d_out", [(8, 8), (8, 6)])
+def test_ragged_dot_contracts_the_input_axis_of_either_layout(method, layout, d_in, d_out):
+    """Square experts would silently use the transposed weight, non-square ones fail, if
+    the (E, out, in) layout were contracted on axis 1; values and gradients against a
+    float64 per-token loop of x·K[e] with K[e] = K0[e] + s·a[e]·b[e] (one tail row)."""
+    in_axes = LAYOUTS[layout]
+    shape = (E, d_in, d_out) if in_axes == (1,) else (E, d_out, d_in)
+    node = _stack(STACKED[method](in_axes), shape)
+    gs = jnp.array([2, 0, 3])
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((6, d_in)), jnp.float32)
+    k = _formula_kernels(node)
+    if in_axes == (2,):
+        k = np.swapaxes(k, 1, 2)  # (E, in, out)
+    rows = np.repeat(np.arange(E), np.asarray(gs))
+    ref = np.zeros((6, d_out))
+    ref[:5] = np.stack([f64(x[t]) @ k[rows[t]] for t in range(5)])
+    np.testing.assert_allclose(f64(jlora.experts.ragged_dot(x, node, gs)), ref,
+                               rtol=1e-5, atol=1e-5)
+    t, f = jlora.split({"w": node})
+    g = jax.grad(lambda t: jnp.sum(jnp.sin(jlora.experts.ragged_dot(
+        x, jlora.combine(t, f)["w"], gs))))(t)["w"]
+    dy = np.cos(ref)
+    for e in range(E):  # dL/dK[e] = X_eᵀ·G_e; dL/da = s·dK·bᵀ, dL/db = s·aᵀ·dK
+        sel = rows == e
+        dk = f64(x[:5][sel]).T @ dy[:5][sel]
+        np.testing.assert_allclose(f64(g.a[e]), node.scale * dk @ f64(node.b[e]).T,
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(f64(g.b[e]), node.scale * f64(node.a[e]).T @ dk,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_ragged_dot_refuses_a_stack_with_several_input_axes():
+    node = _stack(jlora.LoRA(rank=2, in_axes=(1, 2), expert_axis=0), (E, 2, 4, 5))
+    with pytest.raises(ValueError, match=r"one input and one output axis.*jlora.experts.einsum"):
+        jlora.experts.ragged_dot(jnp.ones((3, 8)), node, jnp.array([1, 1, 1]))
+
+
+# (equation, kernel shape, in_axes, x shape): each a layout the fast path takes
+EINSUMS = {
+    "ecd,edf->ecf": ((E, D, F), (1,), (E, 5, D)),
+    "ecd,efd->ecf": ((E, F, D), (2,), (E, 5, D)),
+    "echk,ehkf->ecf": ((E, 2, 8, F), (1, 2), (E, 5, 2, 8)),
+    "ecd,edfg->ecfg": ((E, D, 3, 4), (1,), (E, 5, D)),
+}
+
+
+@pytest.mark.parametrize("method", STACKED)
+@pytest.mark.parametrize("eq", EINSUMS)
+def test_whole_stack_fast_path_never_forms_the_expert_delta(method, eq):
+    """The forward and backward make no array the size of the stack (the merged path
+    makes five, the delta, the sum and their cotangents); values and kernel
+    gradients against float64 formulas."""
+    shape, in_axes, x_shape = EINSUMS[eq]
+    node = _stack(STACKED[method](in_axes), shape)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal(x_shape), jnp.float32)
+    t, f = jlora.split({"w": node})
+
+    def loss(t):
+        return jnp.sum(jnp.sin(jlora.experts.einsum(eq, x, jlora.combine(t, f)["w"])))
+
+    assert _stack_sized(jax.value_and_grad(loss), t, size=int(np.prod(shape))) == []
+    k = _formula_kernels(node)
+    ref = np.einsum(eq, f64(x), k)
+    np.testing.assert_allclose(f64(jlora.experts.einsum(eq, x, node)), ref, rtol=1e-5, atol=1e-5)
+    lhs, rhs = eq.split("->")[0].split(",")
+    dk = np.einsum(f"{lhs},{eq.split('->')[1]}->{rhs}", f64(x), np.cos(ref))
+    g = jax.grad(loss)(t)["w"]
+    for e in range(E):
+        m, _ = _slice_matrix(dk[e], tuple(i - 1 for i in in_axes))
+        np.testing.assert_allclose(f64(g.a[e]), node.scale * m @ f64(node.b[e]).T,
+                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(f64(g.b[e]), node.scale * f64(node.a[e]).T @ m,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_whole_stack_lora_step_memory_is_the_factorized_formula():
+    """Compiled temp memory of a LoRA step on (4, 256, 256) experts stays below one
+    float32 stack (the merged path needs several)."""
+    e, d = 4, 256
+    node = _stack(jlora.LoRA(rank=4, expert_axis=0), (e, d, d))
+    x, gs = jax.random.normal(jax.random.key(0), (32, d)), jnp.full((e,), 8, jnp.int32)
+    t, f = jlora.split({"w": node})
+
+    def loss(t):
+        return jnp.sum(jlora.experts.ragged_dot(x, jlora.combine(t, f)["w"], gs) ** 2)
+
+    temp = jax.jit(jax.grad(loss)).lower(t).compile().memory_analysis().temp_size_in_bytes
+    assert temp < e * d * d * 4
+
+
+def _dropped(x, key, rate):
+    """Inverted dropout with jax's Bernoulli mask for ``key`` (the mask the node draws)."""
+    keep = np.asarray(jax.random.bernoulli(key, 1.0 - rate, x.shape))
+    return np.where(keep, f64(x) / (1.0 - rate), 0.0)
+
+
+@pytest.mark.parametrize("method", ["LoRA", "QLoRA"])
+def test_expert_dropout_reaches_the_adapter_branch(method):
+    """y = x·K0[e] + s·(drop(x)·a[e])·b[e] with dropout_key, for ragged_dot, einsum on
+    (E, out, in) experts, and an op the batched branch cannot take (output axes first)."""
+    rate, key = 0.5, jax.random.key(7)
+    cfg = {"LoRA": jlora.LoRA, "QLoRA": functools.partial(jlora.QLoRA, block_size=4)}[method]
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((6, D)), jnp.float32)
+    xd = _dropped(x, key, rate)
+
+    def branch(node, e, xd_rows):  # s·(drop(x)·a[e])·b[e] in float64
+        return node.scale * (xd_rows @ f64(node.a[e])) @ f64(node.b[e])
+
+    node = _stack(cfg(rank=2, alpha=4, dropout=rate, expert_axis=0), (E, D, F))
+    gs = jnp.array([2, 1, 3])
+    rows = np.repeat(np.arange(E), np.asarray(gs))
+    ref = np.stack([f64(x[t]) @ f64(node.base[rows[t]]) + branch(node, rows[t], xd[t])
+                    for t in range(6)])
+    train = jlora.experts.ragged_dot(x, node, gs, dropout_key=key)
+    np.testing.assert_allclose(f64(train), ref, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(train - jlora.experts.ragged_dot(x, node, gs)).max()) > 0.1
+
+    out_in = _stack(cfg(rank=2, alpha=4, dropout=rate, in_axes=(2,), expert_axis=0), (E, F, D))
+    xe = x[None].repeat(E, 0)  # (E, c, d): every token to every expert
+    xde = _dropped(xe, key, rate)
+    want = np.stack([f64(xe[e]) @ f64(out_in.base[e]).T + branch(out_in, e, xde[e])
+                     for e in range(E)])
+    np.testing.assert_allclose(f64(jlora.experts.einsum("ecd,efd->ecf", xe, out_in,
+                                                        dropout_key=key)),
+                               want, rtol=1e-5, atol=1e-5)
+    # output axes before the token axis: no batched branch, the delta on the dropped input
+    np.testing.assert_allclose(f64(jlora.experts.einsum("ecd,efd->efc", xe, out_in,
+                                                        dropout_key=key)),
+                               np.swapaxes(want, 1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_whole_stack_dropout_without_a_batched_branch_is_refused():
+    """DoRA on a whole stack runs merged: a dropout_key with dropout > 0 is an error,
+    not a training run without dropout; without a key it runs."""
+    node = _stack(jlora.DoRA(rank=2, dropout=0.1, expert_axis=0), (E, D, F))
+    x, gs = jnp.ones((4, D)), jnp.array([1, 1, 2])
+    with pytest.raises(ValueError, match=r"DoRA\(expert_axis=0, dropout=0.1\).*dropout=0"):
+        jlora.experts.ragged_dot(x, node, gs, dropout_key=jax.random.key(0))
+    merged = f64(jlora.merge({"w": node})["w"])
+    rows = np.repeat(np.arange(E), np.asarray(gs))
+    np.testing.assert_allclose(f64(jlora.experts.ragged_dot(x, node, gs)),
+                               np.stack([f64(x[t]) @ merged[rows[t]] for t in range(4)]),
+                               rtol=1e-5, atol=1e-5)

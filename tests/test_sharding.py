@@ -201,3 +201,47 @@ def lm_loss_of(model, p, tokens):
     from experiments.models.decoder import lm_loss
 
     return lm_loss(jlora.linen.apply(model, {"params": p}, tokens), tokens)
+
+
+def test_specs_read_back_from_their_own_output():
+    """A spec tree shaped like the adapted tree (what specs returns) is accepted: a QLoRA
+    node's base spec comes back from its codes' (structured) or factors' (flat codes)
+    specs, never from its dequantizing base property."""
+    params = {"l": jnp.ones((64, 32)), "q": jnp.ones((64, 32)), "f": jnp.ones((8, 12)),
+              "e": jnp.ones((2, 64, 32)), "o": jnp.ones((2, 32, 64))}
+    spec = jlora.Spec({"l": jlora.LoRA(rank=2), "q": jlora.QLoRA(rank=2),
+                       "f": jlora.QLoRA(rank=2),  # 8 inputs < block 64: flat codes
+                       "e": jlora.QLoRA(rank=2, expert_axis=0),
+                       "o": jlora.QLoRA(rank=2, expert_axis=0, in_axes=(2,))})
+    adapted = jlora.apply(params, spec, key=jax.random.key(0))
+    base = {"l": P("fsdp", "tensor"), "q": P("fsdp", "tensor"), "f": P(None, "tensor"),
+            "e": P("expert", None, "tensor"), "o": P("expert", "tensor", "fsdp")}
+    first = jlora.sharding.specs(adapted, base)
+    assert first["f"].quantized.codes == P(None)  # flat: nothing to read the base from
+    assert jlora.sharding.specs(adapted, first) == first
+
+
+def test_quantized_codes_and_scales_fit_the_mesh():
+    """A row-parallel base (input axis over 4 devices) with 64-value blocks stores 2 block
+    scales a row: place and sharding.apply replicate that axis (codes stay sharded), and
+    the placed node merges to what the unplaced one does."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("fsdp", "tensor"))
+    params = {"w": jax.random.normal(jax.random.key(0), (128, 64)),
+              "e": jax.random.normal(jax.random.key(1), (4, 128, 64))}
+    spec = jlora.Spec({"w": jlora.QLoRA(rank=2), "e": jlora.QLoRA(rank=2, expert_axis=0)})
+    base = {"w": P("tensor", None), "e": P(None, "tensor", None)}
+    adapted = jlora.apply(params, spec, key=jax.random.key(2))
+    fitted = jlora.sharding.specs(adapted, base, mesh=mesh)
+    assert (fitted["w"].quantized.codes, fitted["w"].quantized.absmax) == (P(None, "tensor"),
+                                                                           P(None, None))
+    assert fitted["e"].quantized.absmax == P(None, None, None)
+    assert fitted["e"].quantized.codes == P(None, None, "tensor")
+    placed = jlora.sharding.place(adapted, mesh, base)
+    assert placed["w"].quantized.codes.sharding.spec == P(None, "tensor")
+    made = jlora.sharding.apply(params, spec, key=jax.random.key(2), mesh=mesh, base_specs=base)
+    want = jlora.merge(adapted)
+    for tree in (placed, made):
+        merged = jax.jit(jlora.merge)(tree)
+        for k in ("w", "e"):
+            np.testing.assert_allclose(np.asarray(merged[k]), np.asarray(want[k]),
+                                       rtol=1e-6, atol=1e-6)

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from jlora.methods.base import Array, branch_dropout, from_matrix, resolve_in_axes
 
@@ -40,6 +41,9 @@ def check_expert_axis(owner: str, expert_axis, rank_per_expert: str) -> None:
     if rank_per_expert not in RANK_MODES:
         raise ValueError(f"{owner}: rank_per_expert must be one of {RANK_MODES}, "
                          f"got {rank_per_expert!r}")
+    if expert_axis is None and rank_per_expert != "full":
+        raise ValueError(f"{owner}: rank_per_expert={rank_per_expert!r} divides the rank "
+                         "across the slices of a stacked kernel: it needs expert_axis=0")
 
 
 def check_stacking(config, *supported: str) -> None:
@@ -60,10 +64,11 @@ def own_config(node):
 
 def slice_config(config, n_slices: int):
     """The per-slice config: no expert axis, in_axes relative to a slice, and
-    rank ``max(1, rank // E)`` under ``rank_per_expert="divide"``."""
+    rank ``max(1, rank // E)`` under ``rank_per_expert="divide"`` (the slice's
+    own rank, so its ``rank_per_expert`` is ``"full"``)."""
     changes = {"expert_axis": None}
     if getattr(config, "rank_per_expert", "full") == "divide":
-        changes["rank"] = max(1, config.rank // n_slices)
+        changes.update(rank=max(1, config.rank // n_slices), rank_per_expert="full")
     if getattr(config, "in_axes", None) is not None:  # negative axes count from the end
         changes["in_axes"] = tuple(a - 1 if a >= 0 else a for a in config.in_axes)
     return dataclasses.replace(config, **changes)
@@ -118,7 +123,9 @@ def per_slice(cls):
     the stacked fields), so ``merge`` gives ``K[e] = K0[e] + ΔK(slice e)``
     exactly; a node that ``nn.scan`` has cut to one slice computes as an
     ordinary adapter (its ``dot`` is the method's fast path); ``dot`` on the
-    whole stack is the layer on the merged stack. ``partition_specs`` shards
+    whole stack is the layer on the merged stack, which has no adapter branch
+    to drop out: with a ``dropout_key`` and ``dropout > 0`` it raises a
+    ``ValueError`` rather than train without dropout. ``partition_specs`` shards
     every field's expert axis like the base's and its other axes by the
     field's role within the slice.
     """
@@ -144,6 +151,12 @@ def per_slice(cls):
         if is_slice(self):
             return dot(self.replace(**slice_static(self)), x, op, dropout_key=dropout_key,
                        **context)
+        if dropout_key is not None and getattr(self.config, "dropout", 0.0) > 0:
+            raise ValueError(
+                f"{self.method}(expert_axis=0, dropout={self.config.dropout}): a whole expert "
+                f"stack of {self.method} runs on its merged weights, which have no adapter "
+                "branch to drop out; set dropout=0, or use LoRA/QLoRA, whose expert fast "
+                "path applies it (inside nn.scan every method applies it per slice)")
         return op(x, self.materialize())
 
     def partition_specs(self, entries, fold):
@@ -197,18 +210,65 @@ def stacked_product(node, a: Array, b: Array, scale: float) -> Array:
     return jax.vmap(lambda a, b: from_matrix(scale * (a @ b), shape, in_axes))(a, b)
 
 
-def stacked_lowrank(x: Array, op, node, a: Array, b: Array, scale: float, *,
-                    dropout_key: Array | None, dropout: float) -> Array:
-    """``s·op(op(drop(x), a), b)``: the expert-batched low-rank branch. ``a`` is
-    ``(E, in..., r)`` and ``b`` ``(E, r, out...)`` as kernels of the layer's op."""
-    e, r = node.shape[0], a.shape[-1]
+def lowrank_kernels(node, a: Array, b: Array) -> tuple[Array, Array]:
+    """``a (E, fan_in, r)`` and ``b (E, r, fan_out)`` as kernels in the base's layout.
+
+    ``A[e]`` has the slice's input axes and ``(r, 1, …)`` in place of its output
+    axes; ``B[e]`` has ``(r, 1, …)`` in place of the input axes and the output
+    axes. A layer's ``op`` therefore reads them as it reads the base.
+    """
+    shape, in_axes = tuple(node.shape[1:]), tuple(i - 1 for i in node.in_axes)
+    outs = [i for i in range(len(shape)) if i not in in_axes]
+    r = a.shape[-1]
+
+    def rank_in(axes):  # the slice's shape with ``axes`` replaced by (r, 1, …)
+        sub = dict(zip(axes, (r,) + (1,) * (len(axes) - 1)))
+        return tuple(sub.get(i, d) for i, d in enumerate(shape))
+
+    ka = jax.vmap(lambda m: from_matrix(m, rank_in(outs), in_axes))(a)
+    kb = jax.vmap(lambda m: from_matrix(m, rank_in(in_axes), in_axes))(b)
+    return ka, kb
+
+
+def fits_lowrank(x: Array, op, node, base, ka: Array, kb: Array) -> bool:
+    """True when ``op`` follows the layout the stacked fast path needs: it
+    contracts ``x``'s trailing axes with the kernel's input axes and puts the
+    kernel's output axes last, so ``op(op(x, A), B)`` has the shape of
+    ``op(x, base)`` (``base``: an array or its ``ShapeDtypeStruct``)."""
+    n_in, n_out = len(node.in_axes), len(node.shape) - 1 - len(node.in_axes)
     in_shape = tuple(node.shape[i] for i in node.in_axes)
-    if len(in_shape) != 1:
-        raise ValueError("stacked fast path needs one input axis per slice")
     out_shape = tuple(d for i, d in enumerate(node.shape) if i and i not in node.in_axes)
-    h = op(branch_dropout(x, dropout_key, dropout), a.reshape((e,) + in_shape + (r,)))
-    b = b.reshape((e, r) + out_shape)
-    return op(h * scale, b.astype(h.dtype))
+    if tuple(jnp.shape(x)[jnp.ndim(x) - n_in:]) != in_shape:
+        return False
+    sds = jax.ShapeDtypeStruct
+    aval = lambda v: sds(jnp.shape(v), jnp.result_type(v))
+    r = kb.shape[node.in_axes[0]]  # B holds the rank at the first input axis
+    try:
+        y = jax.eval_shape(op, aval(x), aval(base))
+        h = jax.eval_shape(op, aval(x), aval(ka))
+        lead = h.shape[:h.ndim - n_out]
+        if (y.shape[y.ndim - n_out:] != out_shape or lead != y.shape[:y.ndim - n_out]
+                or h.shape[h.ndim - n_out:] != (r,) + (1,) * (n_out - 1)):
+            return False
+        h2 = sds(lead + (r,) + (1,) * (n_in - 1), h.dtype)
+        return jax.eval_shape(op, h2, aval(kb)).shape == y.shape
+    except Exception:  # an op that cannot take rank-sized kernels: the merged stack
+        return False
+
+
+def stacked_lowrank(x: Array, op, node, a: Array, b: Array, scale: float, *,
+                    dropout_key: Array | None, dropout: float, base) -> Array | None:
+    """``s·op(op(drop(x), A), B)``: the expert-batched low-rank branch, with ``A``,
+    ``B`` from :func:`lowrank_kernels`; ``None`` when ``op`` does not fit
+    (:func:`fits_lowrank`; ``base`` is the base kernel or its ``ShapeDtypeStruct``),
+    and the caller runs the merged stack instead."""
+    ka, kb = lowrank_kernels(node, a, b)
+    if not fits_lowrank(x, op, node, base, ka, kb):
+        return None
+    r, n_out = a.shape[-1], len(node.shape) - 1 - len(node.in_axes)
+    h = op(branch_dropout(x, dropout_key, dropout), ka)
+    h = h.reshape(h.shape[:h.ndim - n_out] + (r,) + (1,) * (len(node.in_axes) - 1))
+    return op(h * scale, kb.astype(h.dtype))
 
 
 def factor_specs(node, entries, fold) -> dict:

@@ -87,9 +87,9 @@ from jlora.methods.base import (
     LinearOp,
     Role,
     base_plus_lowrank,
+    branch_dropout,
     freeze_in_axes,
     from_matrix,
-    leading_in_axes,
     strict_options,
     to_matrix,
     view_leaf,
@@ -321,11 +321,17 @@ class LoRANode(AdapterNode):
         if is_slice(self):
             return self.slice_view().dot(x, op, dropout_key=dropout_key, **context)
         if is_stacked(self):
-            if not leading_in_axes(self):  # the batched branch needs (E, in, out) kernels
-                return op(x, self.materialize())
-            y = op(x, self.base)
-            lo = stacked_lowrank(x, op, self, self.a, self.b, self.scale,
+            lo = stacked_lowrank(x, op, self, self.a, self.b, self.scale, base=self.base,
                                  dropout_key=dropout_key, dropout=self.config.dropout)
-            return y + lo.astype(y.dtype)
+            if lo is not None:
+                y = op(x, self.base)
+                return y + lo.astype(y.dtype)
+            if dropout_key is None or self.config.dropout == 0:
+                return op(x, self.materialize())
+            # an op the batched branch cannot take: the branch's product on the dropped input
+            acc = jnp.promote_types(jnp.promote_types(self.base.dtype, self.a.dtype), jnp.float32)
+            ab = self._product(self.a.astype(acc), self.b.astype(acc)).astype(self.base.dtype)
+            y = op(x, self.base)
+            return y + op(branch_dropout(x, dropout_key, self.config.dropout), ab).astype(y.dtype)
         return base_plus_lowrank(x, op, self, self.a, self.b, scale=self.scale,
                                  dropout_key=dropout_key, dropout=self.config.dropout)

@@ -61,6 +61,7 @@ from jlora.methods.base import (
     Array,
     Config,
     LinearOp,
+    branch_dropout,
     freeze_in_axes,
     from_matrix,
     leading_in_axes,
@@ -199,7 +200,8 @@ class QLoRANode(AdapterNode):
     def partition_specs(self, entries, fold):
         """Codes and block scales shard with the base axes they store (the packed
         input axis included), per-slice double-quantization state with the
-        expert axis; factors as LoRA's."""
+        expert axis; factors as LoRA's. ``jlora.sharding.specs(..., mesh=)``
+        then keeps only the mesh axes that divide each stored length."""
         from jax.sharding import PartitionSpec as P
 
         q = self.quantized
@@ -247,16 +249,22 @@ class QLoRANode(AdapterNode):
             **context: Any) -> Array:
         if is_slice(self):
             return self.slice_view().dot(x, op, dropout_key=dropout_key, **context)
-        if not leading_in_axes(self):  # stacked too: the batched branch needs (E, in, out)
+        drop = self.config.dropout
+        if is_stacked(self):
+            base = jax.ShapeDtypeStruct(tuple(self.shape), self.compute_dtype)
+            lo = stacked_lowrank(x, op, self, self.a, self.b, self.scale, base=base,
+                                 dropout_key=dropout_key, dropout=drop)
+        elif leading_in_axes(self):
+            lo = lowrank_dot(x, op, self, self.a, self.b, scale=self.scale,
+                             dropout_key=dropout_key, dropout=drop)
+        else:
+            lo = None
+        if lo is None and (dropout_key is None or drop == 0):
             return op(x, self.materialize())
         xc = x.astype(self.compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
         y = quantized_dot(xc, self.quantized, op, self.compute_dtype)
-        if is_stacked(self):
-            lo = stacked_lowrank(x, op, self, self.a, self.b, self.scale,
-                                 dropout_key=dropout_key, dropout=self.config.dropout)
-        else:
-            lo = lowrank_dot(x, op, self, self.a, self.b, scale=self.scale,
-                             dropout_key=dropout_key, dropout=self.config.dropout)
+        if lo is None:  # an op the low-rank branch cannot take: the delta on the dropped input
+            lo = op(branch_dropout(xc, dropout_key, drop), self.delta().astype(self.compute_dtype))
         return y + lo.astype(y.dtype)
 
 

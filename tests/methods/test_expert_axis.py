@@ -153,9 +153,10 @@ def test_stacked_adalora_allocator_and_orthogonality_per_slice():
     w = jax.random.normal(jax.random.key(0), (E, DIN, DOUT))
     node = randomize(build(CASES["AdaLoRA"][0], w, jax.random.key(1)), 4)
     t, f = jlora.split({"w": node})
+    # the mean over the 2E factor matrices (p and q of every slice counted separately)
     want = np.mean([np.linalg.norm(f64(node.p[e]).T @ f64(node.p[e]) - np.eye(3))
-                    + np.linalg.norm(f64(node.q[e]) @ f64(node.q[e]).T - np.eye(3))
-                    for e in range(E)])
+                    for e in range(E)] + [np.linalg.norm(f64(node.q[e]) @ f64(node.q[e]).T
+                                                         - np.eye(3)) for e in range(E)])
     np.testing.assert_allclose(float(jlora.optim.adalora_orthogonality(t)), want, rtol=1e-5)
     # the allocator on the stack equals the allocator on E separate matrices
     flat = {f"w{e}": jax.tree.map(lambda v: v[e], t["w"]).replace(
@@ -227,3 +228,10 @@ def test_stacked_factors_shard_on_the_expert_axis_and_equal_single_device():
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [jlora.LoRA, jlora.DoRA, jlora.QLoRA])
+def test_divided_rank_needs_an_expert_axis(config):
+    with pytest.raises(ValueError, match=r"rank_per_expert='divide'.*expert_axis=0"):
+        config(rank=8, rank_per_expert="divide")
+    assert config(rank=8, rank_per_expert="divide", expert_axis=0).rank_per_expert == "divide"

@@ -215,3 +215,23 @@ def test_checkpoint_frozen_half_holding_quantized_base_round_trips(tmp_path):
     meta.write_text(bad)
     with pytest.raises(ValueError, match="malformed quantized array layout"):
         jlora.checkpoint.restore(str(tmp_path))
+
+
+def test_dropout_on_a_kernel_whose_inputs_do_not_lead():
+    """A (out, in) kernel (in_axes=(1,)) has no low-rank fast path; with a dropout key
+    the branch still sees the dropped input: y = x·deq(K0)ᵀ + s·(drop(x)·a)·b."""
+    k = jnp.asarray(np.random.default_rng(0).standard_normal((24, 64)), jnp.float32)
+    node = jlora.apply({"w": k}, jlora.Spec({"w": jlora.QLoRA(rank=2, alpha=4, dropout=0.5,
+                                                              in_axes=(1,))}),
+                       key=jax.random.key(0))["w"]
+    node = node.replace(b=jnp.asarray(np.random.default_rng(1).standard_normal((2, 24)),
+                                      jnp.float32))
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((5, 64)), jnp.float32)
+    key = jax.random.key(3)
+    keep = np.asarray(jax.random.bernoulli(key, 0.5, x.shape))
+    xd = np.where(keep, f64(x) / 0.5, 0.0)
+    op = lambda x, w: x @ w.T
+    want = f64(x) @ f64(node.base).T + 2.0 * (xd @ f64(node.a)) @ f64(node.b)
+    np.testing.assert_allclose(f64(node.dot(x, op, dropout_key=key)), want, rtol=1e-5, atol=1e-5)
+    eval_want = f64(x) @ (f64(node.base).T + 2.0 * f64(node.a) @ f64(node.b))
+    np.testing.assert_allclose(f64(node.dot(x, op)), eval_want, rtol=1e-5, atol=1e-5)
