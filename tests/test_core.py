@@ -279,3 +279,16 @@ def test_merge_onto_an_integer_leaf_is_refused():
                           key=jax.random.key(0))
     with pytest.raises(ValueError, match="jlora.merge: w: params leaf has dtype int32"):
         jlora.merge(adapted, onto={"w": jnp.ones((4, 4), jnp.int32)})
+
+
+@pytest.mark.parametrize("config,trainable", [
+    (jlora.LoRA(rank=4), 384), (jlora.LoRA(rank=4, train_a=False), 128),
+    (jlora.LoRA(rank=4, init="mica"), 256), (jlora.LoRA(rank=4, init="pissa"), 384),
+], ids=["lora", "lora-fa", "mica", "pissa"])
+def test_summary_counts_frozen_factors_the_model_holds(config, trainable):
+    """64x32 kernel, rank 4: the model holds 2048 + 64·4 + 4·32 = 2432 parameters whatever
+    trains (PEFT counts a frozen lora_A); PiSSA's a0, b0 are copies, not parameters."""
+    adapted = jlora.apply({"w": jnp.ones((64, 32))}, jlora.Spec({"w": config}),
+                          key=jax.random.key(0))
+    assert jlora.summary(adapted).splitlines()[-1].startswith(
+        f"trainable {trainable:,} of 2,432 parameters")

@@ -270,6 +270,13 @@ class LoRANode(AdapterNode):
             return ("a",)
         return ("a", "b") if self.config.train_a else ("b",)
 
+    def added_size(self) -> int:
+        """``a`` and ``b`` whether they train or not (LoRA-FA's frozen ``a``, MiCA's frozen
+        ``b`` are held by the model, as PEFT counts them); PiSSA/OLoRA's ``a0``, ``b0`` are
+        copies of the base's principal part, not new parameters."""
+        frozen = [f for f in ("a", "b") if f not in self.trainable and getattr(self, f) is not None]
+        return self.trainable_size() + sum(math.prod(jnp.shape(getattr(self, f))) for f in frozen)
+
     @property
     def scale(self) -> float:
         return own_config(self).scale

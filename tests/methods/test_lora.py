@@ -202,3 +202,24 @@ def test_bf16_delta_of_a_moved_initial_adapter_keeps_its_digits(init):
     assert got.dtype == jnp.bfloat16
     # one bf16 rounding of the result (2^-8 relative), not of the products (0.15 before)
     np.testing.assert_allclose(f64(got), want, rtol=2 ** -8, atol=2 ** -8 * np.abs(want).max())
+
+
+def test_dropout_on_a_kernel_whose_inputs_do_not_lead():
+    """A ``(out, in)`` kernel (in_axes=(1,)) takes the merged path; dropout still reaches the
+    adapter branch: ``y = x·K0 + s·drop(x)·(a·b)`` with K0 read as ``(in, out)``."""
+    from jlora.methods.base import branch_dropout
+
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(rng.normal(size=(6, 8)), jnp.float32)  # (out, in)
+    node = jlora.apply({"w": w}, jlora.Spec({"w": jlora.LoRA(rank=2, alpha=4, dropout=0.5,
+                                                               in_axes=(1,))}),
+                       key=jax.random.key(0))["w"]
+    node = node.replace(b=jnp.asarray(rng.normal(size=node.b.shape), jnp.float32))
+    x = jnp.asarray(rng.normal(size=(5, 8)), jnp.float32)
+    op = lambda x, k: jnp.einsum("ti,oi->to", x, k)
+    key = jax.random.key(7)
+    got = node.dot(x, op, dropout_key=key)
+    dropped = f64(branch_dropout(x, key, 0.5))
+    want = f64(x) @ f64(w).T + node.scale * dropped @ (f64(node.a) @ f64(node.b))
+    np.testing.assert_allclose(f64(got), want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(f64(got), f64(node.dot(x, op)), atol=1e-3)  # the mask did act
