@@ -1074,6 +1074,38 @@ def _loaded_dtype(base_dtype, *file_dtypes):
     return dt, None if dt == factor_dtype(base_dtype, None) else dt
 
 
+def _file_factors(path, base, r, a_t, b_t, config, given, where, names, what, *,
+                  embedding=False, flat_conv=False):
+    """``(a (fan_in, r), b (r, fan_out), in_axes)`` from PEFT's ``lora_A (r, in)`` and
+    ``lora_B (out, r)`` for the leaf ``base``: a Linear (either orientation, see
+    :func:`_linear_in_axes`), an Embedding, or a Conv2d, whose ``(r, in, kh, kw)`` /
+    ``(out, r, 1, 1)`` tensors (``(r, in·kh·kw)`` / ``(out, r)`` with ``flat_conv``)
+    become factors of the ``(kh, kw, in, out)`` kernel. Shapes are checked first."""
+    if base.ndim == 4:  # conv (kh, kw, in, out)
+        kh, kw, cin, cout = base.shape
+        want = (((r, cin * kh * kw), (cout, r)) if flat_conv
+                else ((r, cin, kh, kw), (cout, r, 1, 1)))
+        in_axes = (0, 1, 2)
+    elif base.ndim == 2:
+        rows, cols = base.shape
+        in_axes = (0,) if embedding else _linear_in_axes(path, (rows, cols), r, a_t, b_t,
+                                                         config, given)
+        if in_axes == (1,):
+            rows, cols = cols, rows
+        want = ((r, rows), (cols, r))
+    else:
+        raise ValueError(f"{where} adapts {path} of shape {base.shape}, which has no PEFT "
+                         f"{what} layout")
+    if (tuple(a_t.shape), tuple(b_t.shape)) != want:
+        raise ValueError(f"{where}.{names[0]}/{names[1]} have shapes {tuple(a_t.shape)}/"
+                         f"{tuple(b_t.shape)}, {path} of shape {base.shape} needs "
+                         f"{want[0]}/{want[1]}")
+    if base.ndim == 4:  # PyTorch's (in, kh, kw) columns -> jlora's (kh·kw·in) rows
+        a = a_t.reshape(r, cin, kh, kw).transpose(2, 3, 1, 0).reshape(kh * kw * cin, r)
+        return a, b_t.reshape(cout, r).T, in_axes
+    return a_t.T, b_t.T, in_axes
+
+
 def _lora_node(config, module, parts, join, leaves, weights_path, key, given):
     embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
     names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
@@ -1096,28 +1128,8 @@ def _lora_node(config, module, parts, join, leaves, weights_path, key, given):
     if r_file != r_cfg:
         raise ValueError(f"{weights_path}: {key} has rank {r_file} but "
                          f"{CONFIG_FILE} says r={r_cfg} for it")
-    if base.ndim == 4:  # conv (kh, kw, in, out)
-        kh, kw, cin, cout = base.shape
-        want, in_axes = ((r_file, cin, kh, kw), (cout, r_file, 1, 1)), (0, 1, 2)
-    elif base.ndim == 2:
-        rows, cols = (base.shape[0], base.shape[1])
-        in_axes = (0,) if embedding else _linear_in_axes(path, (rows, cols), r_file, a_t,
-                                                          b_t, config, given)
-        if in_axes == (1,):
-            rows, cols = cols, rows
-        want = ((r_file, rows), (cols, r_file))
-    else:
-        raise ValueError(f"{weights_path}: {key} adapts {path} of shape {base.shape}, which "
-                         "has no PEFT LoRA layout")
-    if (tuple(a_t.shape), tuple(b_t.shape)) != want:
-        raise ValueError(f"{weights_path}: {key}.{names[0]}/{names[1]} have shapes "
-                         f"{tuple(a_t.shape)}/{tuple(b_t.shape)}, {path} of shape {base.shape} "
-                         f"needs {want[0]}/{want[1]}")
-    if base.ndim == 4:
-        a = a_t.transpose(2, 3, 1, 0).reshape(kh * kw * cin, r_file)
-        b = b_t.reshape(cout, r_file).T
-    else:
-        a, b = a_t.T, b_t.T
+    a, b, in_axes = _file_factors(path, base, r_file, a_t, b_t, config, given,
+                                  f"{weights_path}: {key}", names, "LoRA", embedding=embedding)
     fan_out = b.shape[1]
     dt, cfg_dtype = _loaded_dtype(base.dtype, a_t.dtype, b_t.dtype)
     opts = dict(rank=r_file, alpha=alpha, rslora=config.get("use_rslora", False),
@@ -1408,32 +1420,16 @@ def _adalora_node(config, parts, join, leaves, weights_path, key, given, kept) -
         raise ValueError(f"{weights_path}: {key}.lora_A/lora_E have shapes "
                          f"{tuple(a_t.shape)}/{tuple(e_t.shape)}, but {CONFIG_FILE} says "
                          f"rank {r} ({said}) for it")
-    if base.ndim == 4:  # conv (kh, kw, in, out)
-        kh, kw, cin, cout = base.shape
-        want, in_axes = ((r, cin * kh * kw), (cout, r)), (0, 1, 2)
-    elif base.ndim == 2:
-        rows, cols = base.shape
-        in_axes = _linear_in_axes(path, (rows, cols), r, a_t, b_t, config, given)
-        if in_axes == (1,):
-            rows, cols = cols, rows
-        want = ((r, rows), (cols, r))
-    else:
-        raise ValueError(f"{weights_path}: {key} adapts {path} of shape {base.shape}, which "
-                         "has no PEFT AdaLoRA layout")
-    if (tuple(a_t.shape), tuple(b_t.shape)) != want:
-        raise ValueError(f"{weights_path}: {key}.lora_A/lora_B have shapes "
-                         f"{tuple(a_t.shape)}/{tuple(b_t.shape)}, {path} of shape {base.shape} "
-                         f"needs {want[0]}/{want[1]}")
-    if base.ndim == 4:  # PyTorch's (in, kh, kw) columns -> jlora's (kh·kw·in) rows
-        p_file = a_t.reshape(r, cin, kh, kw).transpose(2, 3, 1, 0).reshape(kh * kw * cin, r)
-    else:
-        p_file = a_t.T
+    # PEFT's SVDConv2d keeps lora_A flat, (r, in·kh·kw), and lora_B as (out, r)
+    p_file, q_file, in_axes = _file_factors(path, base, r, a_t, b_t, config, given,
+                                            f"{weights_path}: {key}", ("lora_A", "lora_B"),
+                                            "AdaLoRA", flat_conv=True)
     dt, cfg_dtype = _loaded_dtype(base.dtype, a_t.dtype, e_t.dtype, b_t.dtype)
     at = np.arange(r_init) if kept is None else np.flatnonzero(kept)
     p = np.zeros((p_file.shape[0], r_init), dt)
     lam = np.zeros((r_init,), dt)
-    q = np.zeros((r_init, b_t.shape[0]), dt)
-    p[:, at], lam[at], q[at, :] = p_file, e_t[:, 0], b_t.T
+    q = np.zeros((r_init, q_file.shape[1]), dt)
+    p[:, at], lam[at], q[at, :] = p_file, e_t[:, 0], q_file
     cfg = AdaLoRA(init_rank=r_init, target_rank=config["target_r"],
                   alpha=_adalora_alpha(config.get("lora_alpha", 8), r_init), dtype=cfg_dtype,
                   in_axes=None if in_axes == tuple(range(base.ndim - 1)) else in_axes)
