@@ -377,6 +377,26 @@ def _write_atomically(out: str, files: dict[str, Callable[[str], None]]) -> None
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _config_tail(fan_in_fan_out: bool, to_save: list, base_model_name_or_path, task_type) -> dict:
+    """The ``adapter_config.json`` entries a LoRA and an AdaLoRA file share."""
+    return {
+        "bias": "none",
+        "lora_bias": False,
+        # PEFT applies fan_in_fan_out to its Conv1D-style layers (GPT-2) and turns it
+        # off for nn.Linear ones, so one flag describes a mixed model.
+        "fan_in_fan_out": fan_in_fan_out,
+        "modules_to_save": to_save or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": task_type,
+        "revision": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+    }
+
+
 def save(directory: str, adapted: Any, *, name_map: NameMap = None,
          base_model_name_or_path: str | None = None, task_type: str | None = None,
          adapter_name: str = "default", parameter_order=None) -> None:
@@ -524,20 +544,8 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         "alpha_pattern": {re.escape(k): m["alpha"] for k, m in every.items()
                           if m["alpha"] != alpha},
         "lora_dropout": first["dropout"],
-        "bias": "none",
-        "lora_bias": False,
-        # PEFT applies fan_in_fan_out to its Conv1D-style layers (GPT-2) and turns it
-        # off for nn.Linear ones, so one flag describes a mixed model.
-        "fan_in_fan_out": any(m["transposed"] for m in modules.values()),
-        "modules_to_save": to_save or None,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "base_model_name_or_path": base_model_name_or_path,
-        "task_type": task_type,
-        "revision": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "exclude_modules": None,
+        **_config_tail(any(m["transposed"] for m in modules.values()), to_save,
+                       base_model_name_or_path, task_type),
     }
     if experts:
         config["target_parameters"] = sorted(experts)
@@ -1313,20 +1321,9 @@ def _save_adalora(out, adapted, namer, all_modules, put, tensors, *,
         "alpha_pattern": {},
         "target_modules": target,
         "lora_dropout": 0.0,
-        "bias": "none",
-        "lora_bias": False,
         "use_rslora": False,
         "use_dora": False,
-        "fan_in_fan_out": any(modules.values()),
-        "modules_to_save": to_save or None,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "base_model_name_or_path": base_model_name_or_path,
-        "task_type": task_type,
-        "revision": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "exclude_modules": None,
+        **_config_tail(any(modules.values()), to_save, base_model_name_or_path, task_type),
         **_ADALORA_SCHEDULE,
     }
     for module in all_modules:
