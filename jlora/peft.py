@@ -1114,22 +1114,30 @@ def _file_factors(path, base, r, a_t, b_t, config, given, where, names, what, *,
     return a_t.T, b_t.T, in_axes
 
 
+def _module_base(parts, required, allowed, leaf, path, weights_path, key):
+    """One module's tensors checked (every ``required`` one there, none outside
+    ``allowed``); returns the floating base leaf they adapt."""
+    for suffix in parts:
+        if suffix not in allowed:
+            raise ValueError(f"{weights_path}: unexpected tensor {key}.{suffix} beside "
+                             f"{key}.{required[0]}")
+    for suffix in required:
+        if suffix not in parts:
+            raise ValueError(f"{weights_path}: missing tensor {key}.{suffix}")
+    base = jnp.asarray(leaf)
+    if not jnp.issubdtype(base.dtype, jnp.floating):
+        raise ValueError(f"{weights_path}: {key} adapts {path}, which has dtype {base.dtype}")
+    return base
+
+
 def _lora_node(config, module, parts, join, leaves, weights_path, key, given):
     embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
     names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
     path = join("embedding" if embedding else "kernel")
     if path not in leaves:
         raise ValueError(f"{weights_path}: {key} has LoRA tensors but params have no {path}")
-    for suffix in parts:
-        if suffix not in (*names, "lora_magnitude_vector"):
-            raise ValueError(f"{weights_path}: unexpected tensor {key}.{suffix} beside "
-                             f"{key}.{names[0]}")
-    for suffix in names:
-        if suffix not in parts:
-            raise ValueError(f"{weights_path}: missing tensor {key}.{suffix}")
-    base = jnp.asarray(leaves[path])
-    if not jnp.issubdtype(base.dtype, jnp.floating):
-        raise ValueError(f"{weights_path}: {key} adapts {path}, which has dtype {base.dtype}")
+    base = _module_base(parts, names, (*names, "lora_magnitude_vector"), leaves[path], path,
+                        weights_path, key)
     a_t, b_t = parts[names[0]], parts[names[1]]
     r_file = a_t.shape[0] if a_t.ndim else 0
     r_cfg, alpha = _rank_alpha(config, module)
@@ -1399,16 +1407,8 @@ def _adalora_node(config, parts, join, leaves, weights_path, key, given, kept) -
                if join("embedding") in leaves else "")
         raise ValueError(f"{weights_path}: {key} has AdaLoRA tensors but params have no "
                          f"{path}{why}")
-    for suffix in parts:
-        if suffix not in _ADALORA_PARTS:
-            raise ValueError(f"{weights_path}: unexpected tensor {key}.{suffix} beside "
-                             f"{key}.lora_A")
-    for suffix in _ADALORA_PARTS:
-        if suffix not in parts:
-            raise ValueError(f"{weights_path}: missing tensor {key}.{suffix}")
-    base = jnp.asarray(leaves[path])
-    if not jnp.issubdtype(base.dtype, jnp.floating):
-        raise ValueError(f"{weights_path}: {key} adapts {path}, which has dtype {base.dtype}")
+    base = _module_base(parts, _ADALORA_PARTS, _ADALORA_PARTS, leaves[path], path,
+                        weights_path, key)
     a_t, e_t, b_t = (parts[s] for s in _ADALORA_PARTS)
     r_init = config["init_r"]
     r = r_init if kept is None else sum(kept)
