@@ -377,6 +377,16 @@ def _write_atomically(out: str, files: dict[str, Callable[[str], None]]) -> None
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _target_names(modules, all_modules):
+    """``target_modules`` naming exactly ``modules``: their names, or, when a name would
+    also suffix-match another module of the model, a regex of the exact names (PEFT
+    fullmatches a string)."""
+    target = sorted(modules)
+    if any(_selects(target, m) for m in all_modules if m not in modules):
+        return "|".join(re.escape(m) for m in target)
+    return target
+
+
 def _config_tail(fan_in_fan_out: bool, to_save: list, base_model_name_or_path, task_type) -> dict:
     """The ``adapter_config.json`` entries a LoRA and an AdaLoRA file share."""
     return {
@@ -530,9 +540,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
     r = _most_common(m["r"] for m in every.values())
     alpha = _most_common(m["alpha"] for m in every.values())
     first = next(iter(every.values()))
-    target = sorted(modules)
-    if any(_selects(target, m) for m in all_modules if m not in modules):
-        target = "|".join(re.escape(m) for m in target)  # exact names: PEFT fullmatches a str
+    target = _target_names(modules, all_modules)
     config = {
         "peft_type": "LORA",
         "r": r,
@@ -1316,9 +1324,7 @@ def _save_adalora(out, adapted, namer, all_modules, put, tensors, *,
                          "(modules_to_save)")
     _put_saved_modules(adapted, namer, to_save, put)
     r, target_r, alpha = first[1]
-    target = sorted(modules)
-    if any(_selects(target, m) for m in all_modules if m not in modules):
-        target = "|".join(re.escape(m) for m in target)  # exact names: PEFT fullmatches a str
+    target = _target_names(modules, all_modules)
     config = {
         "peft_type": "ADALORA",
         "init_r": r,
