@@ -377,6 +377,16 @@ def _write_atomically(out: str, files: dict[str, Callable[[str], None]]) -> None
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _put_whole_modules(adapted, namer, modules, to_save, put, adapter: str) -> None:
+    """Write the ``modules_to_save`` modules whole; none of them may also be adapted."""
+    both = sorted(set(modules) & set(to_save))
+    if both:
+        raise ValueError(f"jlora.peft.save: module {both[0]!r} has {adapter} adapter and a "
+                         "Full() leaf; PEFT cannot adapt a module and also save it whole "
+                         "(modules_to_save)")
+    _put_saved_modules(adapted, namer, to_save, put)
+
+
 def _target_names(modules, all_modules):
     """``target_modules`` naming exactly ``modules``: their names, or, when a name would
     also suffix-match another module of the model, a regex of the exact names (PEFT
@@ -521,12 +531,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
                          "with Full() need at least one LoRA leaf (a LoRA adapter carries both)")
     if not modules and not experts:
         raise ValueError("jlora.peft.save: the tree holds no LoRA/DoRA adapter")
-    both = sorted(set(modules) & set(to_save))
-    if both:
-        raise ValueError(f"jlora.peft.save: module {both[0]!r} has a LoRA adapter and a Full() "
-                         "leaf; PEFT cannot adapt a module and also save it whole "
-                         "(modules_to_save)")
-    _put_saved_modules(adapted, namer, to_save, put)
+    _put_whole_modules(adapted, namer, modules, to_save, put, "a LoRA")
     every = {**modules, **experts}
     for flag in ("rslora", "dora", "dropout"):
         if len({m[flag] for m in every.values()}) > 1:
@@ -1317,12 +1322,7 @@ def _save_adalora(out, adapted, namer, all_modules, put, tensors, *,
         put(f"{key}.lora_E", lam[:, None], path)
         put(f"{key}.lora_B", q.T, path)
         modules[module] = kind == "linear_t"
-    both = sorted(set(modules) & set(to_save))
-    if both:
-        raise ValueError(f"jlora.peft.save: module {both[0]!r} has an AdaLoRA adapter and a "
-                         "Full() leaf; PEFT cannot adapt a module and also save it whole "
-                         "(modules_to_save)")
-    _put_saved_modules(adapted, namer, to_save, put)
+    _put_whole_modules(adapted, namer, modules, to_save, put, "an AdaLoRA")
     r, target_r, alpha = first[1]
     target = _target_names(modules, all_modules)
     config = {
