@@ -391,9 +391,10 @@ def _zip_nodes(fn, adapted, params, what):
             raise ValueError(f"jlora.{what}: {path}: params leaf has shape "
                              f"{tuple(getattr(leaf, 'shape', ()))}, the adapter was built for "
                              f"{tuple(node.shape)}")
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            raise ValueError(f"jlora.{what}: {path}: params leaf has dtype "
-                             f"{jnp.result_type(leaf)}; a delta would be rounded into it")
+        dtype = getattr(leaf, "dtype", None)  # (a frozen half's node has none of its own)
+        if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+            raise ValueError(f"jlora.{what}: {path}: params leaf has dtype {dtype}; a delta "
+                             "would be rounded into it")
         try:
             return fn(node, leaf)
         except (AttributeError, TypeError):
