@@ -389,25 +389,20 @@ def lowrank_dot(x: Array, op: LinearOp, node: AdapterNode, a: Array, b: Array, *
 
 
 
+def accumulation_dtype(*dtypes) -> jnp.dtype:
+    """The precision merges and deltas are computed in: the widest of ``dtypes`` and
+    float32 (bfloat16 factors must not round a float32 base, nor cancel in a difference)."""
+    return functools.reduce(jnp.promote_types, dtypes, jnp.dtype(jnp.float32))
+
+
 def base_plus_lowrank(x: Array, op: LinearOp, node: AdapterNode, a: Array, b: Array,
                       **kwargs: Any) -> Array:
     """``op(x, base) + lowrank_dot(x, op, node, a, b, **kwargs)`` in the output's dtype.
 
-    Falls back to ``op(x, materialize())`` when the input axes do not lead, or,
-    with adapter dropout, to ``op(x, base) + op(drop(x), ΔK)`` with the same ``ΔK``
-    the fast path adds.
+    Falls back to ``op(x, materialize())`` when the input axes do not lead.
     """
     if not leading_in_axes(node):
-        if kwargs.get("dropout_key") is None or not kwargs.get("dropout"):
-            return op(x, node.materialize())
-        mid, out = kwargs.get("mid"), kwargs.get("out")
-        acc = jnp.promote_types(a.dtype, jnp.float32)
-        a_ = a.astype(acc) * (1.0 if mid is None else mid.astype(acc))
-        d = kwargs.get("scale", 1.0) * (a_ @ b.astype(acc))
-        d = d if out is None else d * out.astype(acc)
-        y = op(x, node.base)
-        x_ = branch_dropout(x, kwargs["dropout_key"], kwargs["dropout"])
-        return y + op(x_, from_matrix(d, node.shape, node.in_axes).astype(y.dtype)).astype(y.dtype)
+        return op(x, node.materialize())
     y = op(x, node.base)
     return y + lowrank_dot(x, op, node, a, b, **kwargs).astype(y.dtype)
 

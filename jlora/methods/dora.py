@@ -59,6 +59,7 @@ from jlora.methods.base import (
     Array,
     LinearOp,
     Role,
+    accumulation_dtype,
     from_matrix,
     leading_in_axes,
     lowrank_in,
@@ -110,20 +111,23 @@ class DoRANode(LoRANode):
         return ("a", "b", "m") if self.config.train_a else ("b", "m")
 
     def _acc(self) -> jnp.dtype:
-        """The precision of norms and merges: float32 at least, so bfloat16 factors on a
-        float32 base neither round the base nor sum squares in bfloat16."""
-        return jnp.promote_types(jnp.promote_types(self.base.dtype, self.a.dtype), jnp.float32)
+        """The precision of norms and merges: bfloat16 factors on a float32 base neither
+        round the base nor sum squares in bfloat16."""
+        return accumulation_dtype(self.base.dtype, self.a.dtype)
 
     def column_norms(self) -> Array:
         """``sqrt(‖(K0 + s·a·b)[:, j]‖² + NORM_EPS)`` per output feature, without forming ``a·b``."""
         acc = self._acc()
-        k0 = to_matrix(self.base, self.in_axes).astype(acc)
-        a, b, s = self.a.astype(acc), self.b.astype(acc), self.scale
-        # aᵀ·K0, not K0ᵀ·a: XLA:CPU contracts K0 over its rows as a fast GEMM
-        # (the layout of x·K0) but sends K0ᵀ·a to a slow generic dot
-        sq = (jnp.sum(k0 * k0, axis=0)
-              + 2 * s * jnp.sum((a.T @ k0) * b, axis=0)
-              + s * s * jnp.sum(((a.T @ a) @ b) * b, axis=0))
+        k0 = to_matrix(self.base, self.in_axes)
+        a, b, s = self.a, self.b.astype(acc), self.scale
+        # aᵀ·K0, not K0ᵀ·a: XLA:CPU contracts K0 over its rows as a fast GEMM (the layout
+        # of x·K0) but sends K0ᵀ·a to a slow generic dot. Factors as narrow as K0 leave it
+        # as it is: the product accumulates in float32 without a float32 copy of K0
+        ak0 = jnp.matmul(a.T, k0, preferred_element_type=acc)
+        af = a.astype(acc)
+        sq = (jnp.sum(jnp.square(k0.astype(acc)), axis=0)
+              + 2 * s * jnp.sum(ak0 * b, axis=0)
+              + s * s * jnp.sum(((af.T @ af) @ b) * b, axis=0))
         return jnp.sqrt(jnp.maximum(sq, 0.0) + NORM_EPS)
 
     def _ratio(self) -> Array:

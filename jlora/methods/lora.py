@@ -86,10 +86,12 @@ from jlora.methods.base import (
     Config,
     LinearOp,
     Role,
+    accumulation_dtype,
     base_plus_lowrank,
     branch_dropout,
     freeze_in_axes,
     from_matrix,
+    leading_in_axes,
     strict_options,
     to_matrix,
     view_leaf,
@@ -309,36 +311,36 @@ class LoRANode(AdapterNode):
             return stacked_product(self, a, b, self.scale)
         return from_matrix(self.scale * (a @ b), self.shape, self.in_axes)
 
+    def _ab(self) -> Array:
+        """``s·a·b`` as a kernel, in :func:`accumulation_dtype` precision."""
+        acc = accumulation_dtype(self.a.dtype)
+        return self._product(self.a.astype(acc), self.b.astype(acc))
+
     def materialize(self) -> Array:
-        # in float32 at least: bfloat16 factors on a float32 base must not round the base
-        acc = jnp.promote_types(jnp.promote_types(self.base.dtype, self.a.dtype), jnp.float32)
-        ab = self._product(self.a.astype(acc), self.b.astype(acc))
-        return (self.base.astype(acc) + ab).astype(self.base.dtype)
+        acc = accumulation_dtype(self.base.dtype, self.a.dtype)
+        return (self.base.astype(acc) + self._ab().astype(acc)).astype(self.base.dtype)
 
     def delta(self) -> Array:
-        # in float32 at least, so PiSSA/OLoRA's difference of two products keeps its digits
-        acc = jnp.promote_types(self.a.dtype, jnp.float32)
-        d = self._product(self.a.astype(acc), self.b.astype(acc))
+        # PiSSA/OLoRA's difference of two products keeps its digits
+        d = self._ab()
         if self.a0 is not None:
-            d = d - self._product(self.a0.astype(acc), self.b0.astype(acc))
+            d = d - self._product(self.a0.astype(d.dtype), self.b0.astype(d.dtype))
         return d.astype(self.a.dtype)
 
     def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
             **context: Any) -> Array:
         if is_slice(self):
             return self.slice_view().dot(x, op, dropout_key=dropout_key, **context)
-        if is_stacked(self):
-            lo = stacked_lowrank(x, op, self, self.a, self.b, self.scale, base=self.base,
-                                 dropout_key=dropout_key, dropout=self.config.dropout)
-            if lo is not None:
-                y = op(x, self.base)
-                return y + lo.astype(y.dtype)
-            if dropout_key is None or self.config.dropout == 0:
-                return op(x, self.materialize())
-            # an op the batched branch cannot take: the branch's product on the dropped input
-            acc = jnp.promote_types(jnp.promote_types(self.base.dtype, self.a.dtype), jnp.float32)
-            ab = self._product(self.a.astype(acc), self.b.astype(acc)).astype(self.base.dtype)
-            y = op(x, self.base)
-            return y + op(branch_dropout(x, dropout_key, self.config.dropout), ab).astype(y.dtype)
-        return base_plus_lowrank(x, op, self, self.a, self.b, scale=self.scale,
-                                 dropout_key=dropout_key, dropout=self.config.dropout)
+        drop = self.config.dropout
+        if not is_stacked(self) and leading_in_axes(self):
+            return base_plus_lowrank(x, op, self, self.a, self.b, scale=self.scale,
+                                     dropout_key=dropout_key, dropout=drop)
+        lo = (stacked_lowrank(x, op, self, self.a, self.b, self.scale, base=self.base,
+                              dropout_key=dropout_key, dropout=drop)
+              if is_stacked(self) else None)
+        if lo is None and (dropout_key is None or drop == 0):
+            return op(x, self.materialize())
+        y = op(x, self.base)
+        if lo is None:  # an op the low-rank branch cannot take: ΔK on the dropped input
+            lo = op(branch_dropout(x, dropout_key, drop), self._ab().astype(self.base.dtype))
+        return y + lo.astype(y.dtype)

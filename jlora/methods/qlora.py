@@ -61,6 +61,7 @@ from jlora.methods.base import (
     Array,
     Config,
     LinearOp,
+    accumulation_dtype,
     branch_dropout,
     freeze_in_axes,
     from_matrix,
@@ -234,16 +235,25 @@ class QLoRANode(AdapterNode):
         """Bytes the quantized base holds (codes, scales, double-quantization state)."""
         return self.quantized.nbytes
 
+    def _ab(self) -> Array:
+        """``s·a·b`` as a kernel, in :func:`accumulation_dtype` precision."""
+        acc = accumulation_dtype(self.a.dtype)
+        a, b = self.a.astype(acc), self.b.astype(acc)
+        if is_stacked(self):
+            return stacked_product(self, a, b, self.scale)
+        return from_matrix(self.scale * (a @ b), self.shape, self.in_axes)
+
     def delta(self) -> Array:
         if is_slice(self):
             return self.slice_view().delta()
-        if is_stacked(self):
-            return stacked_product(self, self.a, self.b, self.scale)
-        return from_matrix(self.scale * (self.a @ self.b), self.shape, self.in_axes)
+        return self._ab().astype(self.a.dtype)
 
     def materialize(self) -> Array:
-        d = self.delta()
-        return (self.base.astype(d.dtype) + d).astype(self.compute_dtype)
+        if is_slice(self):
+            return self.slice_view().materialize()
+        # bfloat16 factors must not round a float32 compute dtype's base
+        acc = accumulation_dtype(self.compute_dtype, self.a.dtype)
+        return (self.base.astype(acc) + self._ab().astype(acc)).astype(self.compute_dtype)
 
     def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
             **context: Any) -> Array:
@@ -264,7 +274,7 @@ class QLoRANode(AdapterNode):
         xc = x.astype(self.compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
         y = quantized_dot(xc, self.quantized, op, self.compute_dtype)
         if lo is None:  # an op the low-rank branch cannot take: the delta on the dropped input
-            lo = op(branch_dropout(xc, dropout_key, drop), self.delta().astype(self.compute_dtype))
+            lo = op(branch_dropout(xc, dropout_key, drop), self._ab().astype(self.compute_dtype))
         return y + lo.astype(y.dtype)
 
 
