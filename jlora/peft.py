@@ -286,6 +286,13 @@ def _export_factors(path, node):
     return a, b, rank, alpha
 
 
+def _conv_lora_a(a: np.ndarray, shape: tuple[int, ...], rank: int) -> np.ndarray:
+    """PEFT's Conv2d ``lora_A`` ``(r, in, kh, kw)`` (PyTorch's weight order) from jlora's
+    ``a`` ``(kh·kw·in, r)`` of a ``(kh, kw, in, out)`` kernel."""
+    kh, kw, cin, _ = shape
+    return a.reshape(kh, kw, cin, rank).transpose(3, 2, 0, 1)
+
+
 def _torch_full(path: str, value: np.ndarray) -> tuple[str, np.ndarray]:
     leaf = path.rsplit("/", 1)[-1]
     if leaf == "kernel" and value.ndim == 2:
@@ -297,6 +304,13 @@ def _torch_full(path: str, value: np.ndarray) -> tuple[str, np.ndarray]:
     if leaf == "bias":
         return "bias", value
     raise ValueError(f"{path}: no PyTorch name for a Full() leaf called {leaf!r}")
+
+
+def _one_setting(name: str, values: list) -> None:
+    """The adapters share one value of the config key ``name``, or a ``ValueError``."""
+    if len(set(values)) > 1:
+        raise ValueError(f"jlora.peft.save: adapters mix {name} values; PEFT stores one "
+                         "setting per adapter: save them as separate adapters")
 
 
 def _most_common(values):
@@ -377,6 +391,15 @@ def _write_atomically(out: str, files: dict[str, Callable[[str], None]]) -> None
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _full_modules(adapted: Any, namer) -> list[str]:
+    """The PyTorch modules holding ``Full()`` leaves, in tree order: ``modules_to_save``."""
+    out: list[str] = []
+    for path, node in leaves_with_paths(adapted):
+        if isinstance(node, FullNode) and namer(parent(path)) not in out:
+            out.append(namer(parent(path)))
+    return out
+
+
 def _put_whole_modules(adapted, namer, modules, to_save, put, adapter: str) -> None:
     """Write the ``modules_to_save`` modules whole; none of them may also be adapted."""
     both = sorted(set(modules) & set(to_save))
@@ -447,24 +470,22 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
     A tree of AdaLoRA adapters (``AdaLoRA`` on Linear-style or Conv kernels, with
     ``Full()`` leaves as ``modules_to_save``) is written as a PEFT ``ADALORA`` adapter;
     mixing AdaLoRA with another adapter kind in one tree is an error. All its AdaLoRA
-    nodes share one ``init_rank``, ``target_rank`` and ``alpha`` (``init_r``, ``target_r``,
-    ``lora_alpha = alpha · (init_r + 1e-5) / init_r``, see the module docstring). The
-    tensors are written full size with no ``rank_pattern``: a triplet the allocator
-    pruned is one with ``λ = 0``, which PEFT loads to the same outputs, and its ``p``,
-    ``q`` (which keep training, so the triplet can come back) are kept. The file carries
+    nodes share one ``init_rank``, ``target_rank``, ``alpha`` and ``dropout``
+    (``init_r``, ``target_r``, ``lora_alpha = alpha · (init_r + 1e-5) / init_r``, see the
+    module docstring, and ``lora_dropout``). The tensors are written full size with no
+    ``rank_pattern``: a triplet the allocator pruned is one with ``λ = 0``, which PEFT
+    loads to the same outputs, and its ``p``, ``q`` (which keep training, so the triplet
+    can come back) are kept. The file carries
     the adapters, not the allocator's schedule: ``tinit``, ``tfinal``, ``deltaT``,
     ``beta1``, ``beta2``, ``orth_reg_weight`` get PEFT's defaults and ``total_step`` 1,
     values that let PEFT build its config; set them in PEFT before training there.
     """
-    from safetensors.numpy import save_file
-
     require_whole(adapted, "jlora.peft.save")
     out = _adapter_folder(directory, adapter_name)
     namer = _module_namer(name_map)
     tensors: dict[str, np.ndarray] = {}
     owner: dict[str, str] = {}  # torch tensor name -> Flax path
     modules: dict[str, dict] = {}
-    to_save: list[str] = []
     tokens: dict[str, tuple[str, Any]] = {}  # module -> (path, TrainableTokensNode)
     all_modules = _torch_modules(adapted, name_map, "jlora.peft.save")
     stacked: dict[str, Any] = {}  # Flax path -> stacked node (target_parameters)
@@ -479,19 +500,16 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
             raise ValueError(f"jlora.peft.save: {path} holds NaN or infinite values (for "
                              f"{name!r}); refusing to write a corrupt adapter")
 
+    to_save = _full_modules(adapted, namer)  # written whole, with the rest of each module
     if any(isinstance(n, AdaLoRANode) for _, n in leaves_with_paths(adapted)):
-        return _save_adalora(out, adapted, namer, all_modules, put, tensors,
+        return _save_adalora(out, adapted, namer, all_modules, to_save, put, tensors,
                              base_model_name_or_path=base_model_name_or_path,
                              task_type=task_type)
     for path, node in leaves_with_paths(adapted):
-        if not is_node(node):
+        if not is_node(node) or isinstance(node, FullNode):
             continue
         module = namer(parent(path))
         key = PREFIX + module
-        if isinstance(node, FullNode):  # written with the rest of its module, below
-            if module not in to_save:
-                to_save.append(module)
-            continue
         if isinstance(node, TrainableTokensNode):
             _check_token_export(path, node, adapted)
             tokens[module] = (path, node)
@@ -510,8 +528,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
             put(f"{key}.lora_A.weight", a.T, path)
             put(f"{key}.lora_B.weight", b.T, path)
         else:
-            kh, kw, cin, _ = node.shape
-            put(f"{key}.lora_A.weight", a.reshape(kh, kw, cin, rank).transpose(3, 2, 0, 1), path)
+            put(f"{key}.lora_A.weight", _conv_lora_a(a, node.shape, rank), path)
             put(f"{key}.lora_B.weight", b.T.reshape(-1, rank, 1, 1), path)
         if isinstance(node, DoRANode):
             if kind not in ("linear", "linear_t"):
@@ -533,11 +550,9 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
         raise ValueError("jlora.peft.save: the tree holds no LoRA/DoRA adapter")
     _put_whole_modules(adapted, namer, modules, to_save, put, "a LoRA")
     every = {**modules, **experts}
-    for flag in ("rslora", "dora", "dropout"):
-        if len({m[flag] for m in every.values()}) > 1:
-            name = {"rslora": "use_rslora", "dora": "use_dora", "dropout": "lora_dropout"}[flag]
-            raise ValueError(f"jlora.peft.save: adapters mix {name} values; PEFT stores one "
-                             "setting per adapter: save them as separate adapters")
+    for flag, name in (("rslora", "use_rslora"), ("dora", "use_dora"),
+                       ("dropout", "lora_dropout")):
+        _one_setting(name, [m[flag] for m in every.values()])
     if experts and any(m["transposed"] or m["dora"] for m in modules.values()):
         raise ValueError("jlora.peft.save: PEFT's target_parameters adapters (stacked kernels) "
                          "cannot share an adapter with fan_in_fan_out or DoRA modules: save "
@@ -573,10 +588,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
             raise ValueError(f"jlora.peft.save: PEFT's name matching cannot give module "
                              f"{module!r} exactly its adapter (rank_pattern/alpha_pattern keys "
                              "match by suffix); rename modules with name_map")
-    _write_atomically(out, {
-        WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
-        CONFIG_FILE: lambda p: _write_json(p, config),
-    })
+    _write_adapter(out, tensors, config)
 
 
 def _file_tensor(value) -> np.ndarray:
@@ -628,6 +640,16 @@ def _saved_init(adapted: Any, default):
     keeps ``lora_B`` frozen when it loads the file for training (``MiCALinearVariant``)."""
     inits = {n.config.init for _, n in leaves_with_paths(adapted) if type(n) is LoRANode}
     return "mica" if inits == {"mica"} else default
+
+
+def _write_adapter(out: str, tensors: dict[str, np.ndarray], config: dict) -> None:
+    """Write ``tensors`` and ``config`` as the adapter directory ``out``, both files at once."""
+    from safetensors.numpy import save_file
+
+    _write_atomically(out, {
+        WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+        CONFIG_FILE: lambda p: _write_json(p, config),
+    })
 
 
 def _write_json(path: str, config: dict) -> None:
@@ -736,6 +758,12 @@ def _check_no_bias(path: str, config: dict) -> None:
                              f"(only {ok!r})")
 
 
+def _check_dropout(path: str, config: dict) -> None:
+    dropout = config.get("lora_dropout", 0.0)
+    if not _is_real(dropout) or not 0 <= dropout < 1:
+        _bad(path, "lora_dropout", "a number in [0, 1)", dropout)
+
+
 def _check_module_keys(path: str, config: dict) -> None:
     """``target_modules``, ``exclude_modules``, ``modules_to_save``, ``layers_to_transform``
     and ``layers_pattern`` hold what PEFT accepts."""
@@ -787,9 +815,7 @@ def _read_config(path: str) -> dict:
     for key in ("use_rslora", "use_dora"):
         if not isinstance(config.get(key, False), bool):
             _bad(path, key, "true or false", config[key])
-    dropout = config.get("lora_dropout", 0.0)
-    if not _is_real(dropout) or not 0 <= dropout < 1:
-        _bad(path, "lora_dropout", "a number in [0, 1)", dropout)
+    _check_dropout(path, config)
     for key, ok, what in (("rank_pattern", lambda v: _is_int(v) and v >= 1, "int >= 1"),
                           ("alpha_pattern", lambda v: _is_real(v) and v > 0, "number > 0")):
         patterns = config.get(key, {})
@@ -907,17 +933,18 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
     tensors' shapes fit.
 
     ``peft_type: "ADALORA"`` adapters become AdaLoRA nodes with ``init_rank = init_r``,
-    ``target_rank = target_r`` and ``alpha = lora_alpha · init_r / (init_r + 1e-5)``:
-    PEFT's ``SVDLinear`` divides by ``ranknum + 1e-5``, so this ``alpha`` gives exactly
-    PEFT's outputs (see the module docstring for the layout). A ``rank_pattern``
-    (``{"<module>.lora_E": [kept, ...]}``) means the file holds only the kept triplets:
-    they go to their positions and the others get ``λ = 0`` and zeros in ``p``, ``q``.
+    ``target_rank = target_r``, ``dropout = lora_dropout`` and
+    ``alpha = lora_alpha · init_r / (init_r + 1e-5)``: PEFT's ``SVDLinear`` divides by
+    ``ranknum + 1e-5``, so this ``alpha`` gives exactly PEFT's outputs (see the module
+    docstring for the layout). A ``rank_pattern`` (``{"<module>.lora_E": [kept, ...]}``)
+    means the file holds only the kept triplets: they go to their positions and the
+    others get ``λ = 0`` and zeros in ``p``, ``q``.
     ``target_modules``, ``exclude_modules``, ``layers_to_transform``, ``fan_in_fan_out``
     and ``modules_to_save`` work as for LoRA. The schedule keys (``tinit``, ``tfinal``,
     ``deltaT``, ``beta1``, ``beta2``, ``orth_reg_weight``, ``total_step``) are checked
     as PEFT checks them and not used (jlora's allocator takes its schedule from
-    ``jlora.optim.adalora``); a non-zero ``lora_dropout``, ``use_rslora``, an
-    ``alpha_pattern`` and the other keys PEFT's AdaLoRA ignores or jlora lacks are refused.
+    ``jlora.optim.adalora``); ``use_rslora``, an ``alpha_pattern`` and the other keys
+    PEFT's AdaLoRA ignores or jlora lacks are refused.
     """
     given = {} if in_axes is None else in_axes
     if not isinstance(given, dict) or any(
@@ -938,43 +965,72 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
     tensors = _read_safetensors(weights_path)
     tensors, token_rows = _token_tensors(tensors)
 
+    leaves = _plain_leaves(params)
+    nodes: dict[str, Any] = _load_experts(config, cfg_path, weights_path, tensors, leaves,
+                                          name_map, given, parameter_order)
+    grouped = _group_tensors(config, weights_path, tensors, by_module, _SUFFIXES,
+                             f"a LoRA tensor name jlora knows ({PREFIX}<module>.lora_A.weight, "
+                             "...)")
+    namer = _module_namer(name_map)
+    _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped,
+                   [f"{namer(parent(p))}.{p.rsplit('/', 1)[-1]}" for p in nodes])
+    nodes.update(_module_nodes(
+        grouped, by_module, leaves, weights_path,
+        lambda module, parts, join, key: _lora_node(config, module, parts, join, leaves,
+                                                    weights_path, key, given)))
+    nodes.update(_token_nodes(config.get("trainable_token_indices"), token_rows, by_module,
+                              leaves, cfg_path, weights_path, nodes))
+    return map_with_paths(lambda p, x: nodes.get(p, x), params)
+
+
+def _joiner(mpath: str) -> Callable[[str], str]:
+    """The path of a leaf of the Flax module ``mpath`` (``""``: the root of the tree)."""
+    return lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
+
+
+def _plain_leaves(params: Any) -> dict[str, Any]:
+    """``params``' leaves by path, none of them adapted, or a ``ValueError``."""
     leaves = dict(leaves_with_paths(params))
     for p, x in leaves.items():
         if is_node(x):
             raise ValueError(f"jlora.peft.load: {p} is already adapted; pass plain params")
-    nodes: dict[str, Any] = _load_experts(config, cfg_path, weights_path, tensors, leaves,
-                                          name_map, given, parameter_order)
+    return leaves
 
+
+def _group_tensors(config, weights_path, tensors, by_module, suffixes,
+                   known: str) -> dict[str, dict[str, np.ndarray]]:
+    """The file's tensors as ``{module: {suffix: tensor}}``, each named
+    ``<PREFIX><module>.<suffix>`` with a suffix of ``suffixes`` (else a ``ValueError``
+    saying it is not ``known``) and placed as the config says
+    (:func:`_check_tensor_module`)."""
+    name = re.compile(r"(.+?)\.(" + "|".join(map(re.escape, suffixes)) + ")")
     grouped: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     for key, value in tensors.items():
-        m = re.fullmatch(r"(.+?)\.(" + "|".join(map(re.escape, _SUFFIXES)) + ")",
-                         key[len(PREFIX):]) if key.startswith(PREFIX) else None
+        m = name.fullmatch(key[len(PREFIX):]) if key.startswith(PREFIX) else None
         if m is None or re.search(r"(^|\.)lora_", m.group(1)):
-            raise ValueError(f"{weights_path}: tensor {key!r} is not a LoRA tensor name jlora "
-                             f"knows ({PREFIX}<module>.lora_A.weight, ...)")
+            raise ValueError(f"{weights_path}: tensor {key!r} is not {known}")
         module, suffix = m.groups()
-        if suffix == "lora_B.bias":
+        if suffix == "lora_B.bias":  # a LoRA file's lora_bias: named, but not implemented
             raise ValueError(f"{weights_path}: tensor {key!r} is a lora_bias, which jlora "
                              "does not implement")
         _check_tensor_module(config, weights_path, key, module, suffix in ("weight", "bias"),
                              by_module)
         grouped[module][suffix] = value
+    return grouped
 
-    namer = _module_namer(name_map)
-    _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped,
-                   [f"{namer(parent(p))}.{p.rsplit('/', 1)[-1]}" for p in nodes])
+
+def _module_nodes(grouped, by_module, leaves, weights_path, adapter_node) -> dict[str, Any]:
+    """The nodes of the file's modules by path: ``adapter_node(module, parts, join, key)``
+    for a module with adapter (``lora_*``) tensors, ``Full()`` leaves for a module
+    ``modules_to_save`` saved whole."""
+    nodes = {}
     for module, parts in grouped.items():
-        key = PREFIX + module
-        mpath = by_module[module]
-        join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
+        join, key = _joiner(by_module[module]), PREFIX + module
         if any(s.startswith("lora_") for s in parts):
-            nodes.update(_lora_node(config, module, parts, join, leaves, weights_path, key,
-                                    given))
+            nodes.update(adapter_node(module, parts, join, key))
         else:
             nodes.update(_full_nodes(parts, join, leaves, weights_path, key))
-    nodes.update(_token_nodes(config.get("trainable_token_indices"), token_rows, by_module,
-                              leaves, cfg_path, weights_path, nodes))
-    return map_with_paths(lambda p, x: nodes.get(p, x), params)
+    return nodes
 
 
 def _check_tensor_module(config, weights_path, key, module, whole, by_module) -> None:
@@ -1010,22 +1066,36 @@ def _check_targets(config, cfg_path, weights_path, by_module, leaves, grouped,
             if not any(_pattern_hit(k, m) for m in adapted):
                 raise ValueError(f"{cfg_path}: key '{key}.{k}' matches no adapted module "
                                  f"(adapted: {sorted(adapted)[:5]})")
+    _check_selected(config, weights_path, by_module, leaves, grouped,
+                    lambda join: _lora_needs(config, leaves, join))
+
+
+def _lora_needs(config, leaves, join) -> list[str] | None:
+    """The LoRA tensors of the module whose leaves ``join`` names (``None``: it has no
+    ``kernel`` or ``embedding`` for LoRA to adapt)."""
+    embedding = join("embedding") in leaves
+    if not embedding and join("kernel") not in leaves:
+        return None
+    needed = (["lora_embedding_A", "lora_embedding_B"] if embedding
+              else ["lora_A.weight", "lora_B.weight"])
+    if config.get("use_dora") and not embedding:
+        needed.append("lora_magnitude_vector")
+    return needed
+
+
+def _check_selected(config, weights_path, by_module, leaves, grouped, needed_for) -> None:
+    """Every module of ``params`` that ``target_modules`` selects has each tensor
+    ``needed_for(join)`` names (``join``: the module's leaf paths; ``None``: none needed),
+    and every module ``modules_to_save`` wraps a tensor for each of its leaves. With no
+    ``target_modules`` or ``"all-linear"`` the tensors say which modules are adapted."""
     target = config.get("target_modules")
     for module, mpath in by_module.items():
-        join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
         if _saved_whole(config.get("modules_to_save"), module):
             _check_saved_tensors(weights_path, module, mpath, leaves, grouped)
             continue
         if target is None or target == "all-linear" or not _targeted(config, module):
             continue
-        embedding = join("embedding") in leaves
-        if not embedding and join("kernel") not in leaves:
-            continue
-        needed = (["lora_embedding_A", "lora_embedding_B"] if embedding
-                  else ["lora_A.weight", "lora_B.weight"])
-        if config.get("use_dora") and not embedding:
-            needed.append("lora_magnitude_vector")
-        for suffix in needed:
+        for suffix in needed_for(_joiner(mpath)) or ():
             if suffix not in grouped.get(module, {}):
                 raise ValueError(f"{weights_path}: missing tensor {PREFIX}{module}.{suffix} of "
                                  f"module {module!r} (selected by target_modules)")
@@ -1238,11 +1308,7 @@ def _read_adalora_config(path: str, config: dict) -> dict:
         _bad(path, "r", "an int >= 0", config["r"])
     if not _is_real(config.get("lora_alpha", 8)) or config.get("lora_alpha", 8) <= 0:
         _bad(path, "lora_alpha", "a finite number > 0", config.get("lora_alpha"))
-    dropout = config.get("lora_dropout", 0.0)
-    if not _is_real(dropout) or dropout != 0:
-        raise ValueError(f"{path}: key 'lora_dropout' is {dropout!r}; jlora's AdaLoRA has no "
-                         "adapter dropout, so only 0 loads (the weights do not depend on it: "
-                         "set it to 0 in the file to serve or keep training without dropout)")
+    _check_dropout(path, config)
     if type(config.get("init_lora_weights", True)) is not bool:
         _bad(path, "init_lora_weights", "true or false", config["init_lora_weights"])
     for key in ("tinit", "tfinal", "deltaT", "total_step"):
@@ -1272,22 +1338,17 @@ def _read_adalora_config(path: str, config: dict) -> dict:
     return config
 
 
-def _save_adalora(out, adapted, namer, all_modules, put, tensors, *,
+def _save_adalora(out, adapted, namer, all_modules, to_save, put, tensors, *,
                   base_model_name_or_path, task_type) -> None:
-    """Write a tree of AdaLoRA adapters (and ``Full()`` leaves) as a PEFT ``ADALORA`` adapter."""
-    from safetensors.numpy import save_file
-
+    """Write a tree of AdaLoRA adapters (and ``Full()`` leaves, whose modules are
+    ``to_save``) as a PEFT ``ADALORA`` adapter."""
     modules: dict[str, bool] = {}  # torch module -> stored (out, in) (fan_in_fan_out)
-    to_save: list[str] = []
     first = None  # (path, (init_rank, target_rank, alpha)) of the first AdaLoRA node
+    dropouts: list[float] = []
     for path, node in leaves_with_paths(adapted):
-        if not is_node(node):
+        if not is_node(node) or isinstance(node, FullNode):
             continue
         module = namer(parent(path))
-        if isinstance(node, FullNode):
-            if module not in to_save:
-                to_save.append(module)
-            continue
         if not isinstance(node, AdaLoRANode):
             ada = next(p for p, n in leaves_with_paths(adapted) if isinstance(n, AdaLoRANode))
             raise ValueError(f"jlora.peft.save: the tree mixes AdaLoRA ({ada}) with "
@@ -1312,16 +1373,15 @@ def _save_adalora(out, adapted, namer, all_modules, put, tensors, *,
                              "PEFT's ADALORA config holds one init_r, target_r and lora_alpha: "
                              "save them as separate adapters")
         p, lam, q = np.asarray(node.p), np.asarray(node.lam), np.asarray(node.q)
-        if kind == "conv":  # (kh·kw·in, r) -> (r, in·kh·kw), PyTorch's weight order
-            kh, kw, cin, _ = node.shape
-            a = p.reshape(kh, kw, cin, r).transpose(3, 2, 0, 1).reshape(r, cin * kh * kw)
-        else:
-            a = p.T
+        # PEFT's SVDConv2d keeps lora_A flat: (r, in·kh·kw)
+        a = _conv_lora_a(p, node.shape, r).reshape(r, -1) if kind == "conv" else p.T
         key = PREFIX + module
         put(f"{key}.lora_A", a, path)
         put(f"{key}.lora_E", lam[:, None], path)
         put(f"{key}.lora_B", q.T, path)
         modules[module] = kind == "linear_t"
+        dropouts.append(cfg.dropout)
+    _one_setting("lora_dropout", dropouts)
     _put_whole_modules(adapted, namer, modules, to_save, put, "an AdaLoRA")
     r, target_r, alpha = first[1]
     target = _target_names(modules, all_modules)
@@ -1334,7 +1394,7 @@ def _save_adalora(out, adapted, namer, all_modules, put, tensors, *,
         "rank_pattern": None,  # tensors full size: pruned triplets are those with λ = 0
         "alpha_pattern": {},
         "target_modules": target,
-        "lora_dropout": 0.0,
+        "lora_dropout": dropouts[0],
         "use_rslora": False,
         "use_dora": False,
         **_config_tail(any(modules.values()), to_save, base_model_name_or_path, task_type),
@@ -1344,32 +1404,18 @@ def _save_adalora(out, adapted, namer, all_modules, put, tensors, *,
         if _targeted(config, module) != (module in modules):
             raise ValueError(f"jlora.peft.save: PEFT's name matching cannot give module "
                              f"{module!r} exactly its adapter; rename modules with name_map")
-    _write_atomically(out, {
-        WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
-        CONFIG_FILE: lambda p: _write_json(p, config),
-    })
+    _write_adapter(out, tensors, config)
 
 
 def _load_adalora(config, cfg_path, weights_path, params, by_module, given) -> Any:
     """A PEFT ``ADALORA`` adapter (``config`` read by :func:`_read_config`) over ``params``."""
     _only_stacked_axes({}, given)
     tensors = _read_safetensors(weights_path)
-    leaves = dict(leaves_with_paths(params))
-    for p, x in leaves.items():
-        if is_node(x):
-            raise ValueError(f"jlora.peft.load: {p} is already adapted; pass plain params")
-    grouped: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-    for key, value in tensors.items():
-        m = (re.fullmatch(r"(.+?)\.(lora_A|lora_E|lora_B|weight|bias)", key[len(PREFIX):])
-             if key.startswith(PREFIX) else None)
-        if m is None or re.search(r"(^|\.)lora_", m.group(1)):
-            raise ValueError(f"{weights_path}: tensor {key!r} is not an AdaLoRA tensor name "
-                             f"jlora knows ({PREFIX}<module>.lora_A, .lora_E, .lora_B, or a "
-                             "modules_to_save module's .weight/.bias)")
-        module, suffix = m.groups()
-        _check_tensor_module(config, weights_path, key, module, suffix in ("weight", "bias"),
-                             by_module)
-        grouped[module][suffix] = value
+    leaves = _plain_leaves(params)
+    grouped = _group_tensors(config, weights_path, tensors, by_module,
+                             (*_ADALORA_PARTS, "weight", "bias"),
+                             f"an AdaLoRA tensor name jlora knows ({PREFIX}<module>.lora_A, "
+                             ".lora_E, .lora_B, or a modules_to_save module's .weight/.bias)")
     _check_target_entries(config, cfg_path, by_module)
     kept = {}
     for k, mask in (config.get("rank_pattern") or {}).items():
@@ -1378,29 +1424,12 @@ def _load_adalora(config, cfg_path, weights_path, params, by_module, given) -> A
             raise ValueError(f"{cfg_path}: key 'rank_pattern.{k}' names module {module!r}, "
                              f"for which {WEIGHTS_FILE} holds no AdaLoRA tensors")
         kept[module] = mask
-    target = config.get("target_modules")
-    for module, mpath in by_module.items():
-        join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
-        if _saved_whole(config.get("modules_to_save"), module):
-            _check_saved_tensors(weights_path, module, mpath, leaves, grouped)
-            continue
-        if (target is None or target == "all-linear" or not _targeted(config, module)
-                or join("kernel") not in leaves):
-            continue
-        for suffix in _ADALORA_PARTS:
-            if suffix not in grouped.get(module, {}):
-                raise ValueError(f"{weights_path}: missing tensor {PREFIX}{module}.{suffix} of "
-                                 f"module {module!r} (selected by target_modules)")
-    nodes = {}
-    for module, parts in grouped.items():
-        mpath = by_module[module]
-        join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
-        key = PREFIX + module
-        if any(s.startswith("lora_") for s in parts):
-            nodes.update(_adalora_node(config, parts, join, leaves, weights_path, key, given,
-                                       kept.get(module)))
-        else:
-            nodes.update(_full_nodes(parts, join, leaves, weights_path, key))
+    _check_selected(config, weights_path, by_module, leaves, grouped,
+                    lambda join: _ADALORA_PARTS if join("kernel") in leaves else None)
+    nodes = _module_nodes(
+        grouped, by_module, leaves, weights_path,
+        lambda module, parts, join, key: _adalora_node(config, parts, join, leaves, weights_path,
+                                                       key, given, kept.get(module)))
     return map_with_paths(lambda p, x: nodes.get(p, x), params)
 
 
@@ -1435,7 +1464,8 @@ def _adalora_node(config, parts, join, leaves, weights_path, key, given, kept) -
     p[:, at], lam[at], q[at, :] = p_file, e_t[:, 0], q_file
     cfg = AdaLoRA(init_rank=r_init, target_rank=config["target_r"],
                   alpha=_adalora_alpha(config.get("lora_alpha", 8), r_init), dtype=cfg_dtype,
-                  in_axes=None if in_axes == tuple(range(base.ndim - 1)) else in_axes)
+                  in_axes=None if in_axes == tuple(range(base.ndim - 1)) else in_axes,
+                  dropout=float(config.get("lora_dropout", 0.0)))
     return {path: AdaLoRANode(base=base, p=jnp.asarray(p), lam=jnp.asarray(lam),
                               q=jnp.asarray(q), config=cfg, shape=tuple(base.shape),
                               in_axes=in_axes)}
@@ -1677,8 +1707,6 @@ def _put_token_rows(config: dict, tokens: dict, put, suffix: str = _TOKEN_SUFFIX
 
 
 def _save_tokens_only(out, tokens, put, tensors, base_model_name_or_path, task_type) -> None:
-    from safetensors.numpy import save_file
-
     indices = {n.indices for _, n in tokens.values()}
     if len(indices) > 1:
         raise ValueError("jlora.peft.save: TrainableTokens nodes with different indices "
@@ -1691,10 +1719,7 @@ def _save_tokens_only(out, tokens, put, tensors, base_model_name_or_path, task_t
     _put_token_rows(config, tokens, put, suffix=_TOKEN_SUFFIXES[1])
     config["token_indices"] = list(indices.pop())
     del config["trainable_token_indices"]
-    _write_atomically(out, {
-        WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
-        CONFIG_FILE: lambda p: _write_json(p, config),
-    })
+    _write_adapter(out, tensors, config)
 
 
 def _token_tensors(tensors: dict) -> tuple[dict, dict]:
@@ -1753,8 +1778,7 @@ def _token_leaf(module, by_module, leaves) -> str | None:
     """The path of ``module``'s ``embedding`` or ``kernel`` leaf, or None."""
     if module not in by_module:
         return None
-    mpath = by_module[module]
-    join = lambda leaf: f"{mpath}/{leaf}" if mpath else leaf
+    join = _joiner(by_module[module])
     return next((join(x) for x in ("embedding", "kernel") if join(x) in leaves), None)
 
 
@@ -1866,13 +1890,7 @@ def _is_tokens_only(cfg_path: str) -> bool:
 def _load_tokens_only(cfg_path, weights_path, params, by_module) -> Any:
     """A standalone PEFT ``TRAINABLE_TOKENS`` adapter over ``params``."""
     config = _parse_json(_read_bytes(cfg_path), cfg_path)
-    for key, value in config.items():
-        if key in _INFO:
-            if not isinstance(value, _INFO[key]) or isinstance(value, bool) and bool not in _INFO[key]:
-                _bad(cfg_path, key, " or ".join(t.__name__ for t in _INFO[key]), value)
-        elif key not in _TOKENS_KEYS and not _is_default(key, value):
-            raise ValueError(f"{cfg_path}: key {key!r} is set to {value!r}, which jlora does not "
-                             "implement; refusing to load rather than ignore it")
+    _check_known_keys(cfg_path, config, _TOKENS_KEYS)
     if config.get("init_weights", True) not in (True, False):
         _bad(cfg_path, "init_weights", "true or false", config["init_weights"])
     target = config.get("target_modules")
@@ -1881,10 +1899,7 @@ def _load_tokens_only(cfg_path, weights_path, params, by_module) -> Any:
     elif not (isinstance(target, list) and target and all(isinstance(t, str) for t in target)):
         _bad(cfg_path, "target_modules", "a list of module names or a regular expression "
              "(jlora needs the embedding named)", target)
-    leaves = dict(leaves_with_paths(params))
-    for p, x in leaves.items():
-        if is_node(x):
-            raise ValueError(f"jlora.peft.load: {p} is already adapted; pass plain params")
+    leaves = _plain_leaves(params)
     tensors = _read_safetensors(weights_path)
     rows = {}
     for key, value in tensors.items():

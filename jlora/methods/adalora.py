@@ -5,6 +5,9 @@ In jlora's orientation, with the kernel viewed as ``(fan_in, fan_out)``:
     ΔK = p · diag(λ) · q · alpha / r_init,   p (fan_in, r), λ (r,), q (r, fan_out)
 
 The divisor stays the *initial* rank after pruning (as the official code).
+The factorized forward is ``y = x·K0 + s·((drop(x)·p)·diag(λ))·q``: dropout (PEFT's
+``lora_dropout``, ``dropout=`` here, default 0) acts on the adapter branch's input only,
+and only when the fast path is given a dropout key (training), as LoRA's.
 Init: ``λ = 0`` (the model is unchanged), ``p, q ~ N(0, 0.02²)``. Ranks are
 pruned during training by ``jlora.optim.adalora`` (an Optax wrapper that scores
 singular-value triplets and masks the lowest ``λ`` under a cubic budget) and
@@ -38,8 +41,10 @@ from jlora.methods.base import (
     LinearOp,
     Role,
     base_plus_lowrank,
+    branch_dropout,
     freeze_in_axes,
     from_matrix,
+    leading_in_axes,
     strict_options,
     view_leaf,
 )
@@ -58,6 +63,8 @@ class AdaLoRA(Config):
         ``alpha = lora_alpha·r/(r + 1e-5)`` gives the same scale.
       init_std: std (finite, >= 0) of the ``p``, ``q`` init (0.02 as the official code).
       dtype, in_axes: as ``LoRA``.
+      dropout: dropout rate in ``[0, 1)`` on the adapter branch input (fast path, training
+        only), as ``LoRA``'s and PEFT's AdaLoRA ``lora_dropout``.
     """
 
     init_rank: int = 12
@@ -67,6 +74,7 @@ class AdaLoRA(Config):
     dtype: Any = None
     in_axes: tuple[int, ...] | None = None
     expert_axis: int | None = None
+    dropout: float = 0.0
 
     def __post_init__(self):
         check_stacking(self, "AdaLoRA")
@@ -77,6 +85,7 @@ class AdaLoRA(Config):
                              f"got {self.target_rank!r} with init_rank={self.init_rank}")
         v.real("AdaLoRA", "alpha", self.alpha, gt=0.0, allow_none=True)
         v.real("AdaLoRA", "init_std", self.init_std, ge=0.0)
+        v.real("AdaLoRA", "dropout", self.dropout, ge=0.0, lt=1.0)
         freeze_in_axes(self)
 
     @property
@@ -120,5 +129,15 @@ class AdaLoRANode(AdapterNode):
     def delta(self) -> Array:
         return from_matrix(self.scale * ((self.p * self.lam) @ self.q), self.shape, self.in_axes)
 
-    def dot(self, x: Array, op: LinearOp, **context: Any) -> Array:
-        return base_plus_lowrank(x, op, self, self.p, self.q, mid=self.lam, scale=self.scale)
+    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
+            **context: Any) -> Array:
+        drop = self.config.dropout
+        if leading_in_axes(self):
+            return base_plus_lowrank(x, op, self, self.p, self.q, mid=self.lam, scale=self.scale,
+                                     dropout_key=dropout_key, dropout=drop)
+        if dropout_key is None or drop == 0:
+            return op(x, self.materialize())
+        # inputs that do not lead (an (out, in) kernel): ΔK on the dropped input, as LoRA
+        y = op(x, self.base)
+        d = op(branch_dropout(x, dropout_key, drop), self.delta().astype(self.base.dtype))
+        return y + d.astype(y.dtype)
