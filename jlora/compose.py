@@ -69,6 +69,7 @@ from jlora.core import merge, path_key, unmerge
 from jlora.methods.adalora import AdaLoRANode
 from jlora.methods.base import lowrank_svd, to_matrix
 from jlora.methods.dora import DoRANode
+from jlora.methods.full import FullNode
 from jlora.methods.lora import LoRA, LoRANode
 from jlora.methods.stacked import original, stack_nodes
 from jlora.methods.vera import VeRANode
@@ -777,8 +778,9 @@ def to_lora(tree_or_delta: PyTree, rank, *, base: PyTree | None = None) -> LoRAC
 
     Args:
       tree_or_delta: an adapted tree (every adapter node of a kernel is converted;
-        plain leaves and adapters of vectors, such as GLoRA's bias term, are kept
-        as they are) or, when it holds no node, a tree of dense deltas (every
+        plain leaves, adapters of vectors such as GLoRA's bias term, and
+        ``Full()`` leaves are kept as they are) or, when it holds no node, a tree
+        of dense deltas (every
         leaf is converted, viewed as ``(fan_in, fan_out)`` with all but the last
         axis as inputs, as Flax kernels are).
       rank: an int ``k >= 1`` (at most ``min(fan_in, fan_out)``), or a float
@@ -794,6 +796,14 @@ def to_lora(tree_or_delta: PyTree, rank, *, base: PyTree | None = None) -> LoRAC
       ``LoRAConversion(tree, errors)``; ``errors`` maps each converted path to its
       relative Frobenius error. ``jlora.peft.save(dir, tree)`` writes the PEFT
       LoRA that ``peft``'s ``save_as_lora`` would (``r = lora_alpha = k``).
+
+    ``Full()`` leaves (a classifier head trained whole) stay ``Full()`` nodes,
+    bit for bit, and are not in ``errors``: PEFT's ``convert_to_lora`` copies
+    ``modules_to_save`` whole into the LoRA it writes, and ``jlora.peft.save``
+    writes ``Full()`` leaves as ``modules_to_save``. A head is often new (its
+    "base" a random initialisation), so a truncated SVD of ``K_ft − K0`` would
+    not be the head a user trained; for a low-rank head, pass
+    ``merge(tree)[head] − K0`` as a dense delta.
 
     PEFT 0.21.2 reads ``get_delta_weight``, which for a DoRA layer is ``s·B·A``
     without the magnitude rescaling, so PEFT's conversion of a DoRA adapter
@@ -825,6 +835,8 @@ def to_lora(tree_or_delta: PyTree, rank, *, base: PyTree | None = None) -> LoRAC
                                  "(expert_axis) adapters")
             if len(node.shape) < 2:
                 continue  # a vector's adapter (GLoRA's bias term) has no low-rank form: kept
+            if isinstance(node, FullNode):
+                continue  # a whole trained leaf (a head): kept as PEFT keeps modules_to_save
             _delta_check(path, node, "converting them to LoRA (to_lora keeps weight "
                          "deltas only; merge or save such a node on its own)")
             out[path], errors[path] = _lora_from_delta(path, node.delta(), node, original(node),

@@ -766,9 +766,12 @@ def _round_program(local_update, aggregate, server_opt, restart, broadcast, prep
             results = sharding(results)
         uploads = results
         if pers is not None:
-            mine = _take(results, template, keep=True)
+            sent = results.tree if isinstance(results, FSLoRAUpload) else results
+            mine = _take(sent, template, keep=True)
             pers = jax.tree.map(lambda x, y: x.at[ids].set(y), pers, mine)
-            uploads = _take(results, template, keep=False)
+            sent = _take(sent, template, keep=False)
+            uploads = (results._replace(tree=sent) if isinstance(results, FSLoRAUpload)
+                       else sent)
         agg = aggregate(unstack(uploads, m), p)
         if restart is not None:
             tr, fr = restart(agg, fr, k_server)
@@ -847,7 +850,8 @@ def simulate(local_update: Callable, trainable: PyTree, frozen: PyTree, data: Py
     4. the results' personal parts (positions set in ``personal``) go back to
        ``personal[i]``; the rest is aggregated with
        ``aggregate(list_of_M_trees, weights[sampled])`` (any rule of this
-       module, or your own);
+       module, or your own; FSLoRA: clients return :func:`fslora_upload`
+       and ``aggregate=fslora_rule(normalize=...)``);
     5. the server's tree becomes the aggregate, or ``trainable −
        server_opt(trainable − aggregate)`` (FedOpt on the pseudo-gradient;
        with ``context``, ``server_opt.update(g, opt_state, trainable,
@@ -1011,9 +1015,10 @@ def simulate(local_update: Callable, trainable: PyTree, frozen: PyTree, data: Py
             ids = np.sort(sampled_from[np.asarray(
                 jax.random.choice(k_sample, len(sampled_from), (m,), replace=False))])
         p = w[ids] / w[ids].sum()
+        # float64 under jax_enable_x64 (float64 factors aggregate in float64), else float32
         tr, fr, pers, opt_state = step(state.trainable, state.frozen, state.personal,
                                        state.opt_state, data, jnp.asarray(ids),
-                                       jnp.asarray(p, jnp.float32), k_clients, k_server)
+                                       jnp.asarray(p), k_clients, k_server)
         state = SimState(t + 1, tr, fr, pers, opt_state, ids)
         if callback is not None:
             callback(state)
@@ -1164,7 +1169,9 @@ def fslora_aggregate(global_tree: PyTree, clients: Sequence[PyTree], sketches: S
     averaged as in :func:`fedavg`. With a server optimizer, feed ``global −
     fslora_aggregate(...)`` to it as the pseudo-gradient
     (``simulate(..., server_opt=optax.adamw(3e-4))`` does so; the paper's code
-    uses AdamW, ``optax.sgd(1.0)`` is this averaging).
+    uses AdamW, ``optax.sgd(1.0)`` is this averaging). In :func:`simulate`
+    this is ``aggregate=fslora_rule(normalize=...)`` with clients returning
+    :func:`fslora_upload`.
     """
     n = len(clients)
     p = _weights(weights, n, "fslora_aggregate")
@@ -1192,6 +1199,97 @@ def fslora_aggregate(global_tree: PyTree, clients: Sequence[PyTree], sketches: S
         return r.replace(**changes)  # fields outside the sketch (DoRA's m): FedAvg's
 
     return _fslora_map(one, global_tree, rest, *clients, *sketches, other=lambda g, r, *_: r)
+
+
+class FSLoRAUpload(NamedTuple):
+    """One client's FSLoRA upload for :func:`simulate`: :func:`fslora_upload`'s result."""
+
+    tree: PyTree  #: :func:`fslora_mask`'s masked tree (the global values off the sketch)
+    sketch: PyTree  #: the sketch the client trained under (:func:`fslora_sketch`)
+
+
+def fslora_upload(global_tree: PyTree, client_tree: PyTree, sketch: PyTree) -> FSLoRAUpload:
+    """What an FSLoRA client returns from ``simulate``'s ``local_update``.
+
+    ``FSLoRAUpload(fslora_mask(global_tree, client_tree, sketch), sketch)``:
+    the masked tree and the sketch, so that :func:`fslora_rule` can average
+    each rank component over the clients that trained it.
+    """
+    return FSLoRAUpload(fslora_mask(global_tree, client_tree, sketch), sketch)
+
+
+def _fslora_rule(normalize: bool) -> Callable:
+    who = "fslora_rule"
+
+    def aggregate(uploads: Sequence[FSLoRAUpload], weights) -> PyTree:
+        if (isinstance(uploads, dict) or not isinstance(uploads, Sequence) or not uploads
+                or not all(isinstance(u, FSLoRAUpload) for u in uploads)):
+            kinds = sorted({type(u).__name__ for u in uploads}) if isinstance(
+                uploads, Sequence) else [type(uploads).__name__]
+            raise ValueError(f"jlora.federated.{who}: each client's upload must be an "
+                             f"FSLoRAUpload (return fslora_upload(start, trained, sketch) from "
+                             f"local_update), got {kinds}")
+        trees, sketches = [u.tree for u in uploads], [u.sketch for u in uploads]
+        # off its sketch an upload holds the global value, so the plain weighted mean is
+        # x_j + Σ_i p_i m_ij (x_ij − x_j): fslora_aggregate without normalize
+        mean = fedavg(trees, weights)
+        if not normalize:
+            return mean
+        n = len(trees)
+        p = _weights(weights, n, who)
+
+        def one(r, *cs_and_ss):
+            cs, ss = cs_and_ss[:n], cs_and_ss[n:]
+            masks = [_component_mask(c, s) for c, s in zip(cs, ss)]
+            changes = {}
+            for f in ("a", "b"):
+                if getattr(r, f) is None:
+                    continue
+                acc = _acc(getattr(r, f))
+                den = sum(p[i].astype(acc) * masks[i][f] for i in range(n))
+                num = sum(p[i].astype(acc) * masks[i][f] * getattr(c, f).astype(acc)
+                          for i, c in enumerate(cs))
+                # Σ_i p_i m_ij x_ij / Σ_i p_i m_ij; a component no client trained keeps
+                # the global value, which every upload holds there
+                val = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), getattr(r, f))
+                changes[f] = val.astype(getattr(r, f).dtype)
+            return r.replace(**changes)
+
+        return _fslora_map(one, mean, *trees, *sketches, other=lambda r, *_: r)
+
+    aggregate.__name__ = aggregate.__qualname__ = f"fslora_rule(normalize={normalize})"
+    return aggregate
+
+
+_FSLORA_RULES = {flag: _fslora_rule(flag) for flag in (False, True)}
+
+
+def fslora_rule(*, normalize: bool = False) -> Callable:
+    """FSLoRA's server averaging as a :func:`simulate` ``aggregate``.
+
+    Clients return :func:`fslora_upload` (their masked tree and their sketch);
+    the aggregate is :func:`fslora_aggregate` of the round's start, the
+    clients and their sketches: component ``j`` (column ``j`` of ``a``, row
+    ``j`` of ``b``) becomes ``x_j + Σ_i p_i m_ij (x_ij − x_j)``, or with
+    ``normalize=True`` ``x_j + Σ_i p_i m_ij (x_ij − x_j) / Σ_i p_i m_ij`` (the
+    weighted mean over the clients that trained ``j``; ``x_j`` where none
+    did). Heads and DoRA's magnitude are averaged as in :func:`fedavg`. With
+    ``server_opt`` the server steps on ``trainable − aggregate``.
+
+    The same ``normalize`` gives the same function, so repeated ``simulate``
+    calls reuse one compiled round::
+
+        def local_update(start, frozen, data, key):
+            sketch = fl.fslora_sketch(key, start, ratio)
+            trained = train(start, frozen, data, view=lambda t: fl.fslora_apply(t, sketch))
+            return fl.fslora_upload(start, trained, sketch)
+
+        fl.simulate(local_update, t0, frozen, data, rounds=..., key=key,
+                    aggregate=fl.fslora_rule(normalize=True))
+    """
+    from jlora._validate import boolean
+
+    return _FSLORA_RULES[boolean("jlora.federated.fslora_rule", "normalize", normalize)]
 
 
 # ---------------------------------------------------------------- FeDLRT

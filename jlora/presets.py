@@ -32,9 +32,11 @@ and checks it.
 Gemma's gated MLP kernel ``gating_einsum`` comes in two layouts: ``(2, F, D)``
 (``transpose_gating_einsum=True``: Gemma 2 9B/27B, Gemma 3) and ``(2, D, F)``
 (Gemma 1, Gemma 2 2B, PaliGemma), ``D`` the model width and ``F`` the MLP width.
-``spec(..., params=params)`` reads which from the shapes; without ``params`` the
-preset assumes ``(2, F, D)``, which is wrong for the others (their adapter would
-be a low-rank update of another matrix than the layer's ``D -> 2F`` map). MHA
+``spec(..., params=params)`` reads which from the shapes, and
+``spec(..., transpose_gating_einsum=...)`` takes it from Gemma's config flag of
+that name. A config that needs the layout gets neither guessed: without one of
+the two, ``"all-linear"`` on Gemma is a ``ValueError`` (a wrong guess would
+train a low-rank update of another matrix than the layer's ``D -> 2F`` map). MHA
 Gemma (one fused ``qkv_einsum``, no ``q_einsum``) and GQA Gemma (``q_einsum`` and
 ``kv_einsum``) both fit the ``"qv"`` rule.
 
@@ -57,6 +59,7 @@ import re
 
 import numpy as np
 
+from jlora._validate import boolean
 from jlora.methods.base import Config
 from jlora.methods.lora import LoRA
 from jlora.spec import Spec, glob_to_regex
@@ -140,8 +143,9 @@ def patterns(family: str, targets: str = "qv") -> tuple[tuple[str, tuple | None]
     ``in_axes`` is the kernel layout the family's layers use where it is not
     Flax's ``(in..., out)`` (GPT-2's ``(out, in)`` ``FlaxConv1D``, Gemma's einsum
     kernels; negative axes count from the end), else None. Gemma's
-    ``gating_einsum`` is given as ``(2,)``, its ``(2, F, D)`` layout
-    (:func:`spec` with ``params`` reads the layout from the shapes).
+    ``gating_einsum`` is given as ``(2,)``, its ``(2, F, D)`` layout; the
+    ``(2, D, F)`` layout needs ``(1,)``, which :func:`spec` picks from ``params``
+    or ``transpose_gating_einsum``.
     """
     if family not in _GROUPS:
         raise ValueError(f"jlora.presets: unknown family {family!r}; choose one of {FAMILIES}")
@@ -155,7 +159,8 @@ def patterns(family: str, targets: str = "qv") -> tuple[tuple[str, tuple | None]
 
 
 def spec(family: str, targets: str = "qv", config: Config | None = None, *,
-         head: Config | None = None, params=None) -> Spec:
+         head: Config | None = None, params=None,
+         transpose_gating_einsum: bool | None = None) -> Spec:
     """A :class:`jlora.Spec` adapting ``targets`` of a ``family`` model with ``config``.
 
     Args:
@@ -172,13 +177,23 @@ def spec(family: str, targets: str = "qv", config: Config | None = None, *,
         ``jax.eval_shape``). Where the family's layout varies (Gemma's
         ``gating_einsum``: ``(2, F, D)`` or ``(2, D, F)``) it is read from the
         shapes; a ``head`` that matches no leaf is an error naming the tied
-        embedding. Without it the preset assumes ``(2, F, D)``.
+        embedding.
+      transpose_gating_einsum: Gemma's ``gating_einsum`` layout, as the Gemma
+        config flag of that name: ``True`` for ``(2, F, D)`` (Gemma 2 9B/27B,
+        Gemma 3), ``False`` for ``(2, D, F)`` (Gemma 1, Gemma 2 2B, PaliGemma).
+        With ``params`` too, every kernel's shapes must agree with it where
+        they settle the layout. ``"all-linear"`` on Gemma with a config that
+        takes ``in_axes`` needs ``params`` or this option.
 
     Raises:
       ValueError: an unknown family or targets, a config that is not a method
-        config; with ``params``: a ``gating_einsum`` kernel whose layout its
-        shapes do not settle (``D == F``, neither axis is ``D``, or not 3-D),
-        a ``head`` pattern that matches no leaf.
+        config; Gemma ``"all-linear"`` with neither ``params`` nor
+        ``transpose_gating_einsum``; ``transpose_gating_einsum`` that is not a
+        bool or is given for another family; with ``params``: a
+        ``gating_einsum`` kernel whose layout its shapes do not settle
+        (``D == F``, neither axis is ``D``, or not 3-D) and no
+        ``transpose_gating_einsum``, or whose shapes contradict it, a ``head``
+        pattern that matches no leaf.
     """
     config = LoRA(rank=8, alpha=16) if config is None else config
     if not isinstance(config, Config):
@@ -187,13 +202,18 @@ def spec(family: str, targets: str = "qv", config: Config | None = None, *,
     if head is not None and not isinstance(head, Config):
         raise ValueError(f"jlora.presets.spec: head must be a jlora method config "
                          f"(e.g. jlora.Full()), got {head!r}")
+    if transpose_gating_einsum is not None:
+        boolean("jlora.presets.spec", "transpose_gating_einsum", transpose_gating_einsum)
+        if family != "gemma":
+            raise ValueError(f"jlora.presets.spec: transpose_gating_einsum is Gemma's MLP "
+                             f"layout; family {family!r} has no gating_einsum")
     leaves = None if params is None else {p: tuple(np.shape(x))
                                           for p, x in leaves_with_paths(params)}
     rules = []
     for p, axes in patterns(family, targets):
         oriented = _oriented(config, axes)
-        if p == _GATING and leaves is not None and oriented is not config:
-            rules.extend(_gating_rules(leaves, config))
+        if p == _GATING and oriented is not config:
+            rules.extend(_gating_rules(leaves, config, transpose_gating_einsum))
         else:
             rules.append((p, oriented))
     if head is not None:
@@ -208,38 +228,63 @@ def _oriented(config: Config, in_axes):
     return dataclasses.replace(config, in_axes=in_axes)
 
 
-def _gating_rules(leaves: dict, config: Config) -> list:
-    """Rules orienting each Gemma ``gating_einsum`` of ``leaves`` (``{path: shape}``)
-    by which axis has the model width ``D``: ``(1,)`` for ``(2, D, F)``, ``(2,)`` for
-    ``(2, F, D)``. One glob rule when every kernel agrees."""
+_GATING_LAYOUT = ("pass transpose_gating_einsum=True for (2, hidden, d_model) (Gemma 2 "
+                  "9B/27B, Gemma 3) or False for (2, d_model, hidden) (Gemma 1, Gemma 2 2B, "
+                  "PaliGemma), as the model's Gemma config says")
+
+
+def _gating_rules(leaves: dict | None, config: Config, transpose: bool | None) -> list:
+    """Rules orienting each Gemma ``gating_einsum`` by which axis has the model width
+    ``D``: ``(1,)`` for ``(2, D, F)``, ``(2,)`` for ``(2, F, D)``, read from ``leaves``
+    (``{path: shape}``) or given by ``transpose``; never assumed. One glob rule when
+    every kernel agrees."""
+    given = None if transpose is None else ((2,) if transpose else (1,))
+    if leaves is None:
+        if given is None:
+            raise ValueError(
+                "jlora.presets.spec: Gemma's MLP kernel gating_einsum is stored (2, hidden, "
+                "d_model) or (2, d_model, hidden) depending on the model, and an adapter in "
+                "the wrong layout trains a low-rank update of another matrix; pass params= "
+                "(the parameter tree; shapes suffice, e.g. from jax.eval_shape) to read it, "
+                f"or {_GATING_LAYOUT}")
+        return [(_GATING, dataclasses.replace(config, in_axes=given))]
     rule = re.compile(glob_to_regex(_GATING))
     found: dict[tuple, list[str]] = {}
     for path, shape in leaves.items():
         if rule.fullmatch(path):
-            found.setdefault(_gating_axes(path, shape, leaves), []).append(path)
+            found.setdefault(_gating_axes(path, shape, leaves, given), []).append(path)
     if len(found) <= 1:
-        axes = next(iter(found), (2,))
+        axes = next(iter(found), given or (2,))  # no gating kernel in params: matches none
         return [(_GATING, dataclasses.replace(config, in_axes=axes))]
     return [(re.compile("(?:" + "|".join(map(re.escape, paths)) + ")"),
              dataclasses.replace(config, in_axes=axes)) for axes, paths in sorted(found.items())]
 
 
-def _gating_axes(path: str, shape: tuple, leaves: dict) -> tuple[int]:
-    how = ("give in_axes in the config: (1,) for (2, d_model, hidden), (2,) for "
-           "(2, hidden, d_model)")
+def _gating_axes(path: str, shape: tuple, leaves: dict, given: tuple | None) -> tuple[int]:
+    """``(1,)`` or ``(2,)`` for one gating kernel: from its shapes, else ``given``."""
     if len(shape) != 3 or shape[0] != 2:
         raise ValueError(f"jlora.presets.spec: {path} has shape {shape}, not Gemma's "
-                         f"(2, d_model, hidden) or (2, hidden, d_model); {how}")
+                         f"(2, d_model, hidden) or (2, hidden, d_model)")
     d = _d_model(path, leaves)
+    read = None
+    if d is not None and shape[1] == d and shape[2] != d:
+        read = (1,)
+    elif d is not None and shape[2] == d and shape[1] != d:
+        read = (2,)
+    if given is not None:
+        if read is not None and read != given:
+            said = "(2, hidden, d_model)" if given == (2,) else "(2, d_model, hidden)"
+            raise ValueError(f"jlora.presets.spec: transpose_gating_einsum={given == (2,)} "
+                             f"says {said}, but {path} has shape {shape} with d_model {d}")
+        return given
+    if read is not None:
+        return read
     if d is None:
         raise ValueError(f"jlora.presets.spec: {path}: no mlp/linear kernel beside it and no "
-                         f"one width among the attention einsums, so d_model is unknown; {how}")
-    if shape[1] == d and shape[2] != d:
-        return (1,)
-    if shape[2] == d and shape[1] != d:
-        return (2,)
+                         f"one width among the attention einsums, so d_model is unknown; "
+                         f"{_GATING_LAYOUT}")
     raise ValueError(f"jlora.presets.spec: {path} has shape {shape} and d_model is {d}: its "
-                     f"layout is ambiguous; {how}")
+                     f"layout is ambiguous; {_GATING_LAYOUT}")
 
 
 def _d_model(path: str, leaves: dict) -> int | None:

@@ -891,3 +891,107 @@ def test_federated_study_fedlrt_start_lets_the_first_augmentation_follow_the_dat
         np.testing.assert_allclose(new @ new.T, q @ q.T, atol=1e-4)
         news.append(new @ new.T)
     assert np.abs(news[0] - news[1]).max() > 0.1
+
+
+# ---------------------------------------------------------------- FSLoRA in simulate
+
+
+def fslora_problem():
+    """Three clients on one rank-8 LoRA, sketch ratios 1/4, 1/2, 1/4 (some components
+    trained by one client, some by none), a trained Full head."""
+    rng = np.random.default_rng(7)
+    base = {"w": {"kernel": jnp.asarray(rng.normal(size=(10, 9)), jnp.float32)},
+            "head": {"bias": jnp.zeros(9, jnp.float32)}}
+    spec = jlora.Spec({"w/kernel": jlora.LoRA(rank=8, alpha=8), "head/bias": jlora.Full()})
+    adapted = jlora.apply(base, spec, key=jax.random.key(0))
+    node = adapted["w"]["kernel"]  # b != 0, so every sketched a and b moves
+    adapted["w"]["kernel"] = node.replace(b=jnp.asarray(rng.normal(size=node.b.shape) * 0.3,
+                                                        jnp.float32))
+    sets = []
+    for k in range(3):
+        x = rng.normal(size=(7, 10)).astype(np.float32)
+        sets.append({"x": x, "y": (x @ rng.normal(size=(10, 9))).astype(np.float32)})
+    data, mask = fl.pad_clients(sets)
+    data["mask"], data["ratio"] = mask, np.array([0.25, 0.5, 0.25], np.float32)
+    return adapted, data, [10, 30, 60]
+
+
+def fslora_local(t, frozen, d, key):
+    sketch = fl.fslora_sketch(key, t, d["ratio"])
+
+    def loss(q):
+        full = jlora.merge(jlora.combine(fl.fslora_apply(q, sketch), frozen))
+        y = d["x"] @ full["w"]["kernel"] + full["head"]["bias"]
+        return jnp.sum(((y - d["y"]) ** 2).sum(-1) * d["mask"]) / jnp.sum(d["mask"])
+
+    q = t
+    for _ in range(3):
+        q = jax.tree.map(lambda p, g: p - 0.002 * g, q, jax.grad(loss)(q))
+    return fl.fslora_upload(t, q, sketch)
+
+
+def test_simulate_fslora_rule_equals_fslora_aggregate_rounds():
+    adapted, data, w = fslora_problem()
+    t0, frozen = jlora.split(adapted)
+    key = jax.random.key(5)
+    runs = {flag: fl.simulate(fslora_local, t0, frozen, data, rounds=2, key=key, weights=w,
+                              aggregate=fl.fslora_rule(normalize=flag))
+            for flag in (False, True)}
+    client = jax.jit(fslora_local)
+    for flag, out in runs.items():
+        t = t0  # the same rounds by hand: fslora_aggregate of the clients and their sketches
+        for r in range(2):
+            k_clients = jax.random.split(jax.random.fold_in(key, r), 3)[1]
+            ups = [client(t, frozen, jax.tree.map(lambda x: jnp.asarray(x[i]), data),
+                          jax.random.fold_in(k_clients, i)) for i in range(3)]
+            t = fl.fslora_aggregate(t, [u.tree for u in ups], [u.sketch for u in ups], w,
+                                    normalize=flag)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                     out.trainable, t)
+    a0 = np.asarray(t0["w"]["kernel"].a)
+    off, on = (np.asarray(runs[f].trainable["w"]["kernel"].a) for f in (False, True))
+    # normalizing moves the components some clients skipped further than averaging does
+    assert np.abs(on - off).max() > 1e-3
+    assert np.abs(on - a0).sum() > np.abs(off - a0).sum()
+    assert fl.fslora_rule(normalize=True) is fl.fslora_rule(normalize=True)  # one compiled round
+
+    # a personal head stays on each client; the rest is the FSLoRA aggregate
+    pers = fl.stack([fl.personal(t0, paths="head/*")] * 3)
+    out = fl.simulate(fslora_local, fl.shared(t0, paths="head/*"), frozen, data, rounds=1,
+                      key=key, weights=w, personal=pers, aggregate=fl.fslora_rule(normalize=True))
+    k_clients = jax.random.split(jax.random.fold_in(key, 0), 3)[1]
+    ups = [client(t0, frozen, jax.tree.map(lambda x: jnp.asarray(x[i]), data),
+                  jax.random.fold_in(k_clients, i)) for i in range(3)]
+    want = fl.fslora_aggregate(t0, [u.tree for u in ups], [u.sketch for u in ups], w,
+                               normalize=True)["w"]["kernel"]
+    for f in ("a", "b"):
+        np.testing.assert_allclose(getattr(out.trainable["w"]["kernel"], f), getattr(want, f),
+                                   rtol=1e-5, atol=1e-6)
+    assert out.trainable["head"]["bias"].value is None  # not uploaded
+    for i, u in enumerate(ups):
+        np.testing.assert_allclose(out.personal["head"]["bias"].value[i],
+                                   u.tree["head"]["bias"].value, rtol=1e-5, atol=1e-7)
+
+
+def test_fslora_rule_refuses_bad_options_and_uploads():
+    with pytest.raises(ValueError, match="fslora_rule: normalize must be a bool"):
+        fl.fslora_rule(normalize="yes")
+    adapted, data, w = fslora_problem()
+    t0, frozen = jlora.split(adapted)
+    with pytest.raises(ValueError, match="fslora_rule: each client's upload must be an "
+                                         "FSLoRAUpload.*fslora_upload"):
+        fl.fslora_rule(normalize=True)([t0, t0], [1, 1])
+
+
+def test_simulate_aggregates_float64_trees_in_float64():
+    """The round's weights p_i reach the aggregate in float64 under x64 (they were rounded
+    to float32: a 3e-8 relative error in a float64 FedAvg)."""
+    with jax.enable_x64(True):
+        t = {"w": jnp.asarray(np.random.default_rng(0).normal(size=5))}
+        data = {"x": jnp.asarray([0.0, 1.0, 2.0])[:, None]}
+        out = fl.simulate(lambda t, fr, d, k: {"w": t["w"] * (1.0 + d["x"][0])}, t, None, data,
+                          rounds=1, key=jax.random.key(0), weights=[1, 1, 5])
+        p = np.array([1.0, 1.0, 5.0]) / 7.0
+        want = np.asarray(t["w"]) * float(np.sum(p * np.array([1.0, 2.0, 3.0])))
+        assert out.trainable["w"].dtype == jnp.float64
+        np.testing.assert_allclose(out.trainable["w"], want, rtol=1e-14, atol=0)

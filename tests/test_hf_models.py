@@ -202,7 +202,7 @@ def gemma_setup():
     model = GemmaLM()
     ids = tokens()
     params = jax.jit(model.init)(jax.random.key(0), ids)["params"]
-    spec = jlora.presets.spec("gemma", "all-linear", CONFIG)
+    spec = jlora.presets.spec("gemma", "all-linear", CONFIG, params=params)
     return model, params, ids, spec
 
 

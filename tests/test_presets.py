@@ -122,9 +122,9 @@ def test_gemma_gating_orientation_is_read_from_params(transpose, axes):
     kernel = "layer_0/mlp/gating_einsum/kernel"
     spec = jlora.presets.spec("gemma", "all-linear", jlora.LoRA(rank=R), params=params)
     assert spec.match(kernel).in_axes == axes
-    # without params the preset assumes (2, F, D)
-    assert jlora.presets.spec("gemma", "all-linear", jlora.LoRA(rank=R)).match(
-        kernel).in_axes == (2,)
+    # or given as Gemma's config flag; never assumed
+    assert jlora.presets.spec("gemma", "all-linear", jlora.LoRA(rank=R),
+                              transpose_gating_einsum=transpose).match(kernel).in_axes == axes
     # the einsum layers agree (resolve checks every kernel against its layer)
     ours = jlora.Spec([(r.pattern, r.config) for r in spec.rules if "attn" not in str(r.pattern)])
     resolved = jlora.linen.resolve(model, {"params": params}, x, spec=ours)
@@ -151,7 +151,8 @@ def test_gemma_gating_layout_errors_and_mixed_layouts():
     with pytest.raises(ValueError, match="layer_0/mlp/gating_einsum has shape .*ambiguous"):
         jlora.presets.spec("gemma", "all-linear", cfg, params={"layer_0": {"mlp": {
             "gating_einsum": z(2, D, D), "linear": z(D, D)}}})
-    with pytest.raises(ValueError, match="mlp/gating_einsum: .*d_model is unknown.*in_axes"):
+    with pytest.raises(ValueError, match="mlp/gating_einsum: .*d_model is unknown.*"
+                                         "transpose_gating_einsum=True"):
         jlora.presets.spec("gemma", "all-linear", cfg, params={"mlp": {
             "gating_einsum": z(2, D, F)}})
     with pytest.raises(ValueError, match=r"shape \(3, 2, 6, 10\), not Gemma's"):
@@ -161,6 +162,14 @@ def test_gemma_gating_layout_errors_and_mixed_layouts():
     spec = jlora.presets.spec("gemma", "all-linear", cfg, params={
         "attn": {"q_einsum": {"w": z(N, D, H)}}, "mlp": {"gating_einsum": z(2, F, D)}})
     assert spec.match("mlp/gating_einsum").in_axes == (2,)
+    # the flag settles what the shapes cannot (D == F, no d_model)
+    for flag, axes in ((True, (2,)), (False, (1,))):
+        for tree in ({"layer_0": {"mlp": {"gating_einsum": z(2, D, D), "linear": z(D, D)}}},
+                     {"mlp": {"gating_einsum": z(2, D, F)}}):
+            got = jlora.presets.spec("gemma", "all-linear", cfg, params=tree,
+                                     transpose_gating_einsum=flag)
+            assert got.match(next(p for p, _ in jlora.tree.leaves_with_paths(tree)
+                                  if "gating" in p)).in_axes == axes
     # a config's own in_axes wins; Full needs none
     own = jlora.LoRA(rank=R, in_axes=(1,))
     assert jlora.presets.spec("gemma", "all-linear", own, params={"mlp": {
@@ -171,6 +180,41 @@ def test_gemma_gating_layout_errors_and_mixed_layouts():
     spec = jlora.presets.spec("gemma", "all-linear", cfg, params=mixed)
     assert spec.match("a/mlp/gating_einsum").in_axes == (1,)
     assert spec.match("b/mlp/gating_einsum").in_axes == (2,)
+
+
+def test_gemma_gating_layout_is_never_assumed():
+    """Without params the (2, D, F) layout of Gemma 1 / Gemma 2 2B / PaliGemma used to get
+    the (2, F, D) in_axes silently: a rank-R update of another matrix than D -> 2F."""
+    model, x, params, _ = _gemma(transpose=False)  # (2, D, F)
+    cfg = jlora.LoRA(rank=R)
+    with pytest.raises(ValueError, match="gating_einsum is stored .*pass params=.*"
+                                         "transpose_gating_einsum=True for .*False for"):
+        jlora.presets.spec("gemma", "all-linear", cfg)
+    # the flag gives the layer's D -> 2F map a rank-R update (float64 reference)
+    spec = jlora.presets.spec("gemma", "all-linear", cfg, transpose_gating_einsum=False)
+    ours = jlora.Spec([(r.pattern, r.config) for r in spec.rules if "attn" not in str(r.pattern)])
+    adapted = perturb(jlora.apply(params, ours, key=jax.random.key(2)), size=0.5)
+    node = adapted["layer_0"]["mlp"]["gating_einsum"]["kernel"]
+    assert node.in_axes == (1,) and node.a.shape == (D, R) and node.b.shape == (R, 2 * F)
+    k = f64(node.base) + np.moveaxis(
+        (node.scale * f64(node.a) @ f64(node.b)).reshape(D, 2, F), 0, 1)
+    merged = f64(jlora.merge(adapted)["layer_0"]["mlp"]["gating_einsum"]["kernel"])
+    np.testing.assert_allclose(merged, k, rtol=1e-6, atol=1e-6)
+    assert np.linalg.matrix_rank(_gating_map(merged - f64(node.base), (1,)), tol=1e-6) == R
+    # params and a contradicting flag: an error naming the kernel
+    with pytest.raises(ValueError, match=r"transpose_gating_einsum=True says \(2, hidden, "
+                                         r"d_model\), but layer_0/mlp/gating_einsum/kernel"):
+        jlora.presets.spec("gemma", "all-linear", cfg, params=params, transpose_gating_einsum=True)
+    # nothing to orient, or no gating kernel targeted: no layout needed
+    assert jlora.presets.spec("gemma", "all-linear", jlora.Full()).match(
+        "layer_0/mlp/gating_einsum") == jlora.Full()
+    assert jlora.presets.spec("gemma", "all-linear", jlora.LoRA(rank=R, in_axes=(1,))).match(
+        "layer_0/mlp/gating_einsum").in_axes == (1,)
+    assert jlora.presets.spec("gemma", "attention", cfg).match("mlp/gating_einsum") is None
+    with pytest.raises(ValueError, match="transpose_gating_einsum must be a bool"):
+        jlora.presets.spec("gemma", "all-linear", cfg, transpose_gating_einsum=1)
+    with pytest.raises(ValueError, match="transpose_gating_einsum is Gemma's .*'llama'"):
+        jlora.presets.spec("llama", "all-linear", cfg, transpose_gating_einsum=True)
 
 
 @pytest.mark.parametrize("targets", ["qv", "attention"])

@@ -93,9 +93,10 @@ def test_bad_ranks(rank, match):
 def test_bad_trees():
     with pytest.raises(ValueError, match="q/bias.*shape"):
         jlora.compose.to_lora({"q": {"bias": jnp.ones(4)}}, 1)
-    full = jlora.apply(PARAMS, jlora.Spec({"q/kernel": jlora.Full()}), key=jax.random.key(0))
-    with pytest.raises(ValueError, match="q/kernel.*no delta"):
-        jlora.compose.to_lora(full, 2)
+    bottleneck = jlora.apply(PARAMS, jlora.Spec({"q": jlora.AdaptFormer(bottleneck=2)}),
+                             key=jax.random.key(0))
+    with pytest.raises(ValueError, match="q.*no delta"):
+        jlora.compose.to_lora(bottleneck, 2)
     adapted = jlora.apply(PARAMS, jlora.Spec({"q/kernel": jlora.LoRA(rank=2)}),
                           key=jax.random.key(0))
     with pytest.raises(ValueError, match="combine"):
@@ -137,3 +138,59 @@ def test_matches_peft_convert_to_lora():
                                    rtol=1e-5, atol=1e-5 * np.abs(dw).max())
         np.testing.assert_allclose(np.linalg.norm(f64(node.b), axis=1),
                                    np.linalg.norm(f64(b_t), axis=0), rtol=1e-5)
+
+
+def test_full_heads_are_kept_whole_as_peft_modules_to_save(tmp_path):
+    """A Full() head (PEFT's modules_to_save) stays whole, bit for bit, beside converted
+    layers; PEFT's convert_to_lora copies modules_to_save whole the same way."""
+    params = {"fc1": {"kernel": PARAMS["q"]["kernel"][:10, :], "bias": jnp.zeros(10)},
+              "head": {"kernel": jnp.zeros((10, 3)), "bias": jnp.zeros(3)}}
+    spec = jlora.Spec({"fc1/kernel": jlora.DoRA(rank=4, alpha=8), "head/*": jlora.Full()})
+    adapted = randomized(jlora.apply(params, spec, key=jax.random.key(5)))
+    lora, errors = jlora.compose.to_lora(adapted, 2)
+    for leaf in ("kernel", "bias"):
+        kept = lora["head"][leaf]
+        assert type(kept) is jlora.methods.FullNode
+        np.testing.assert_array_equal(np.asarray(kept.value),
+                                      np.asarray(adapted["head"][leaf].value))
+        np.testing.assert_array_equal(np.asarray(jlora.merge(lora)["head"][leaf]),
+                                      np.asarray(adapted["head"][leaf].value))
+    assert sorted(errors) == ["fc1/kernel"]  # only converted layers are reported
+    approx, s, err = np_truncated(adapted["fc1"]["kernel"].delta(), 2)
+    np.testing.assert_allclose(f64(lora["fc1"]["kernel"].delta()), approx, rtol=1e-4,
+                               atol=1e-4 * s[0])
+    # the truncation error is the discarded singular values'
+    assert errors["fc1/kernel"] == pytest.approx(np.sqrt(np.sum(s[2:] ** 2) / np.sum(s ** 2)),
+                                                 rel=1e-4)
+    assert errors["fc1/kernel"] == pytest.approx(err, rel=1e-4)
+
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora.conversion import convert_to_lora
+    from safetensors.numpy import load_file
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.head = torch.nn.Linear(10, 10), torch.nn.Linear(10, 3)
+
+        def forward(self, x):
+            return self.head(self.fc1(x))
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Tiny(), peft.LoHaConfig(r=4, alpha=4, target_modules=["fc1"],
+                                                         modules_to_save=["head"]))
+    with torch.no_grad():  # the trained head: jlora's values
+        wrapped = model.base_model.model.head.modules_to_save["default"]
+        wrapped.weight.copy_(torch.from_numpy(np.array(adapted["head"]["kernel"].value).T))
+        wrapped.bias.copy_(torch.from_numpy(np.array(adapted["head"]["bias"].value)))
+    cfg, sd = convert_to_lora(model, 2)
+    assert list(cfg.modules_to_save) == ["head"]
+    jlora.peft.save(str(tmp_path), lora)
+    ours = load_file(str(tmp_path / "adapter_model.safetensors"))
+    for name, value in (("weight", lora["head"]["kernel"].value.T),
+                        ("bias", lora["head"]["bias"].value)):
+        theirs = next(v for k, v in sd.items() if k.endswith(f"head.{name}")).numpy()
+        mine = next(v for k, v in ours.items() if k.endswith(f"head.{name}"))
+        np.testing.assert_array_equal(theirs, np.asarray(value))
+        np.testing.assert_array_equal(mine, theirs)
