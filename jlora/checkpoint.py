@@ -3,7 +3,9 @@
 Only ``trainable`` (the factors, from ``jlora.split``) is written, never the
 frozen base weights unless you pass ``frozen=``. Each save is one Orbax step
 directory, written under a temporary name and renamed when complete, so a
-crash mid-save leaves the previous checkpoint intact and loadable.
+crash mid-save leaves the previous checkpoint intact and loadable; a save that
+fails removes what it had written, and ``save(..., overwrite=True)`` writes the
+new step completely before swapping it for the old one.
 
 Everything but the arrays travels as plain JSON data: the spec's rules, and
 each tree's structure (containers and their keys, ``None`` holes, each adapter
@@ -11,9 +13,13 @@ node's class, method config and static fields, optax state types, each
 array's shape and dtype). A restore rebuilds the trees from that description
 through the method registry (``jlora.methods``) and the optax/jlora state
 types already loaded; nothing read from a checkpoint is unpickled, evaluated
-or imported, so a crafted checkpoint directory cannot run code. Checkpoints
-written by jlora 0.1.0 (whose structure was a pickle) are refused with a
-``ValueError`` saying how to re-save them (:func:`upgrade`).
+or imported, so a crafted checkpoint directory cannot run code. Every field of
+that description is checked on restore (its type, each node's static fields
+against their declared types, each array's shape and dtype against the array
+Orbax stored, the step against the step directory), and a damaged or edited
+one is a ``ValueError`` naming the step directory, the tree path and the
+field. Checkpoints written by jlora 0.1.0 (whose structure was a pickle) are
+refused with a ``ValueError`` saying how to re-save them (:func:`upgrade`).
 
 Example::
 
@@ -32,7 +38,12 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import os
+import shutil
+import types
+import typing
 from typing import Any
 
 import jax
@@ -96,15 +107,19 @@ def _static_to_json(value):
 
 
 def _static_from_json(value):
+    """A static field's value from its JSON form; a ``ValueError`` for anything else."""
     if isinstance(value, dict):
         if set(value) == {"config"}:
-            return config_from_dict(value["config"])
-        if set(value) == {"tuple"}:
+            try:
+                return config_from_dict(value["config"])
+            except (TypeError, ValueError) as e:  # an unknown option is a TypeError
+                raise ValueError(f"bad method config {_short(value['config'])} ({e})") from None
+        if set(value) == {"tuple"} and isinstance(value["tuple"], list):
             return tuple(_static_from_json(v) for v in value["tuple"])
-        raise ValueError(f"unknown static value {value!r}")
+        raise ValueError(f"unknown static value {_short(value)}")
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise ValueError(f"unknown static value {value!r}")
+    raise ValueError(f"unknown static value {_short(value)}")
 
 
 def _storable(dtype) -> bool:
@@ -154,6 +169,9 @@ def _encode(tree: PyTree, path: str, leaves: list) -> Any:
         for k in tree:
             if not isinstance(k, (str, int)) or isinstance(k, bool):
                 raise ValueError(f"{join(k)}: checkpoint dict keys must be str or int, got {k!r}")
+        if len({type(k) for k in tree}) > 1:  # jax cannot sort them, so could not restore
+            raise ValueError(f"{path or '(root)'}: checkpoint dict keys must be all str or all "
+                             f"int, got {list(tree)}")
         return {"dict": [[k, _encode(v, join(k), leaves)] for k, v in tree.items()]}
     if isinstance(tree, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)):
         dtype = getattr(tree, "dtype", None)
@@ -162,6 +180,9 @@ def _encode(tree: PyTree, path: str, leaves: list) -> Any:
             raise ValueError(f"{path or '(root)'}: cannot store an array of dtype "
                              f"{dtype if x is None else x.dtype} in a checkpoint (only "
                              f"{_STORABLE} arrays)")
+        if isinstance(x, jax.Array) and x.is_deleted():
+            raise ValueError(f"{path or '(root)'}: the array has been deleted (donated to a "
+                             "jitted call?); save the arrays that call returned")
         leaves.append(x)
         return {"leaf": len(leaves) - 1, "shape": list(x.shape), "dtype": x.dtype.name}
     raise ValueError(f"{path or '(root)'}: cannot store a {type(tree).__name__} in a checkpoint "
@@ -169,100 +190,205 @@ def _encode(tree: PyTree, path: str, leaves: list) -> Any:
                      "None and arrays)")
 
 
-def _leaf_specs(desc: Any) -> list[dict]:
-    """The ``{"leaf", "shape", "dtype", "path"}`` entries of a description, in order."""
-    out = []
-
-    def walk(d):
-        if d is None:
-            return
-        if not isinstance(d, dict) or len(d) == 0:
-            raise ValueError(f"malformed structure entry {d!r}")
-        if "leaf" in d:
-            if (not isinstance(d["leaf"], int) or d["leaf"] != len(out)
-                    or not isinstance(d.get("shape"), list)
-                    or not all(isinstance(n, int) and n >= 0 for n in d["shape"])):
-                raise ValueError(f"malformed array entry {d!r}")
-            if not isinstance(d.get("dtype"), str):
-                raise ValueError(f"malformed array entry {d!r}")
-            if not _storable(d["dtype"]):
-                raise ValueError(f"unsupported dtype {d.get('dtype')!r}")
-            out.append(d)
-            return
-        for key in ("dict", "namedtuple", "node", "quantized"):
-            if key in d:
-                for pair in d["fields" if key != "dict" else "dict"]:
-                    walk(pair[1])
-                return
-        for key in ("list", "tuple"):
-            if key in d:
-                for v in d[key]:
-                    walk(v)
-                return
-        raise ValueError(f"unknown structure entry {sorted(d)}")
-
-    walk(desc)
-    return out
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _decode(desc: Any, nodes: dict, states: dict) -> PyTree:
-    """Rebuild a tree from its description with each array's index as its leaf.
+def _bad(path: str, key: str | None, problem: str) -> ValueError:
+    """A defect of the metadata: ``problem``, located by tree path and entry key."""
+    if key is None:
+        return ValueError(f"{problem} at {path}")
+    return ValueError(f"{problem} in field {key!r} of {path}")
 
-    Only adapter node classes and optax/jlora state types already defined are
-    built; anything else in the description is an error.
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}/{key}"
+
+
+def _pairs(desc: dict, key: str, path: str, names: type | tuple) -> list:
+    """``desc[key]`` checked as a list of ``[name, entry]`` pairs with unique names."""
+    pairs = desc.get(key)
+    ok = isinstance(pairs, list) and all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], names)
+        and not isinstance(p[0], bool) for p in pairs)
+    if not ok:
+        raise _bad(path, key, f"not a list of [name, entry] pairs: {_short(pairs)}")
+    seen = [k for k, _ in pairs]
+    if len(set(seen)) != len(seen):
+        raise _bad(path, key, f"repeated names {sorted({k for k in seen if seen.count(k) > 1})}")
+    return pairs
+
+
+def _text(desc: dict, key: str, path: str) -> str:
+    if not isinstance(desc.get(key), str):
+        raise _bad(path, key, f"not a string: {_short(desc.get(key))}")
+    return desc[key]
+
+
+@functools.lru_cache(maxsize=None)
+def _static_types(cls: type) -> dict[str, Any]:
+    """The declared type of each static field of a node class (``Any`` where unknown)."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # a class annotated with names its module cannot resolve
+        hints = {}
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)
+            if not f.metadata.get("pytree_node", True)}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a static value read from JSON has the declared type ``hint``: tuples,
+    unions and the JSON scalars are checked; other declared types are not."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(args) == len(value) and all(map(_fits, value, args))
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint in (int, str, bool):
+        return type(value) is hint
+    if hint is float:
+        return type(value) in (int, float)
+    return True
+
+
+def _decode(desc: Any, path: str, nodes: dict, states: dict, specs: list) -> PyTree:
+    """Check a tree's description and rebuild the tree with each array's index as its leaf.
+
+    ``path`` names the entry in errors (``trainable/q/kernel/a``); each array's
+    ``{"shape", "dtype", "path"}`` is appended to ``specs`` in leaf order. Only
+    adapter node classes and optax/jlora state types already defined are built;
+    anything else in the description is a ``ValueError`` naming the path and field.
     """
     if desc is None:
         return None
-    if "leaf" in desc:
-        return desc["leaf"]
-    if "node" in desc:
-        found = nodes.get((desc["node"], desc["class"]), [])
-        if not found:
-            raise ValueError(f"unknown adapter node type {desc['node']!r} ({desc['class']!r}); "
-                             f"known: {sorted(m for m, _ in nodes)}")
-        if len(found) > 1:
-            raise ValueError(f"{len(found)} adapter node classes are called {desc['class']!r} "
-                             f"for method {desc['node']!r}")
-        cls = found[0]
-        kwargs = {k: _static_from_json(v) for k, v in desc["static"].items()}
-        kwargs.update({k: _decode(v, nodes, states) for k, v in desc["fields"]})
-        names = {f.name for f in dataclasses.fields(cls)}
-        # a static field added to a node class after the checkpoint was written keeps its
-        # default; an array field must be present
-        names -= {f.name for f in dataclasses.fields(cls) if f.name not in kwargs
-                  and not f.metadata.get("pytree_node", True)
-                  and f.default is not dataclasses.MISSING}
-        if set(kwargs) != names:
-            raise ValueError(f"{desc['node']} fields {sorted(kwargs)} are not {sorted(names)}")
-        return cls(**kwargs)
-    if "quantized" in desc:
-        return _decode_quantized(desc, nodes, states)
-    if "namedtuple" in desc:
-        cls = states.get(desc["namedtuple"])
-        keys = [k for k, _ in desc["fields"]]
+    kinds = [k for k in _KINDS if isinstance(desc, dict) and k in desc]
+    if len(kinds) != 1:
+        raise _bad(path, None, f"unknown structure entry {_short(desc)}")
+    kind = kinds[0]
+    if kind == "leaf":
+        return _decode_leaf(desc, path, specs)
+    if kind == "node":
+        return _decode_node(desc, path, nodes, states, specs)
+    if kind == "quantized":
+        return _decode_quantized(desc, path, nodes, states, specs)
+    if kind == "namedtuple":
+        name = _text(desc, "namedtuple", path)
+        pairs = _pairs(desc, "fields", path, str)
+        cls, keys = states.get(name), [k for k, _ in pairs]
         if cls is None or list(cls._fields) != keys:
-            raise ValueError(f"unknown state type {desc['namedtuple']!r} with fields {keys}")
-        return cls(*(_decode(v, nodes, states) for _, v in desc["fields"]))
-    if "dict" in desc:
-        return {k: _decode(v, nodes, states) for k, v in desc["dict"]}
-    if "list" in desc:
-        return [_decode(v, nodes, states) for v in desc["list"]]
-    if "tuple" in desc:
-        return tuple(_decode(v, nodes, states) for v in desc["tuple"])
-    raise ValueError(f"unknown structure entry {sorted(desc)}")
+            raise _bad(path, "namedtuple", f"unknown state type {name!r} with fields {keys}")
+        return cls(*(_decode(v, _join(path, k), nodes, states, specs) for k, v in pairs))
+    if kind == "dict":
+        pairs = _pairs(desc, "dict", path, (str, int))
+        if len({type(k) for k, _ in pairs}) > 1:  # jax sorts a dict's keys
+            raise _bad(path, "dict", "keys mix str and int")
+        return {k: _decode(v, _join(path, k), nodes, states, specs) for k, v in pairs}
+    items = desc[kind]
+    if not isinstance(items, list):
+        raise _bad(path, kind, f"not a list: {_short(items)}")
+    out = [_decode(v, _join(path, i), nodes, states, specs) for i, v in enumerate(items)]
+    return out if kind == "list" else tuple(out)
+
+
+_KINDS = ("leaf", "node", "quantized", "namedtuple", "dict", "list", "tuple")
+
+
+def _decode_leaf(desc: dict, path: str, specs: list) -> int:
+    index, shape, dtype = desc.get("leaf"), desc.get("shape"), desc.get("dtype")
+    if type(index) is not int or index != len(specs):
+        raise _bad(path, "leaf", f"array number {_short(index)} where {len(specs)} comes next")
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise _bad(path, "shape", f"not a list of sizes >= 0: {_short(shape)}")
+    if not isinstance(dtype, str):
+        raise _bad(path, "dtype", f"not a dtype name: {_short(dtype)}")
+    try:
+        storable = _storable(dtype)
+    except TypeError:
+        raise _bad(path, "dtype", f"unknown dtype {_short(dtype)}") from None
+    if not storable:
+        raise _bad(path, "dtype", f"unsupported dtype {dtype!r} (only {_STORABLE})")
+    specs.append({"shape": tuple(shape), "dtype": jnp.dtype(dtype), "path": path})
+    return index
+
+
+def _decode_node(desc: dict, path: str, nodes: dict, states: dict, specs: list):
+    method, name = _text(desc, "node", path), _text(desc, "class", path)
+    found = nodes.get((method, name), [])
+    if not found:
+        raise _bad(path, "node", f"unknown adapter node type {method!r} (class {name!r}; "
+                                 f"known types: {sorted(m for m, _ in nodes)})")
+    if len(found) > 1:
+        raise _bad(path, "class", f"{len(found)} adapter node classes are called {name!r} "
+                                  f"for method {method!r}")
+    cls = found[0]
+    types_ = _static_types(cls)
+    arrays = [f.name for f in dataclasses.fields(cls) if f.name not in types_]
+    static = desc.get("static")
+    if not isinstance(static, dict):
+        raise _bad(path, "static", f"not an object: {_short(static)}")
+    unknown = sorted(set(static) - set(types_))
+    if unknown:
+        raise _bad(path, "static", f"{name} has no static field(s) {unknown} (it has "
+                                   f"{sorted(types_)})")
+    # a static field added to a node class after the checkpoint was written keeps its
+    # default; an array field must be present
+    missing = sorted(f.name for f in dataclasses.fields(cls) if f.name in types_
+                     and f.name not in static and f.default is dataclasses.MISSING)
+    if missing:
+        raise _bad(path, "static", f"{name} needs static field(s) {missing}")
+    kwargs = {}
+    for key, value in static.items():
+        try:
+            kwargs[key] = _static_from_json(value)
+        except ValueError as e:
+            raise _bad(path, f"static.{key}", str(e)) from None
+        if not _fits(kwargs[key], types_[key]) or (
+                key == "shape" and not all(n >= 0 for n in kwargs[key])):
+            raise _bad(path, f"static.{key}", f"{_short(kwargs[key])} is not a "
+                                              f"{_type_name(types_[key])}")
+    if not isinstance(kwargs.get("config"), Config):
+        raise _bad(path, "static.config", f"not a method config: {_short(kwargs.get('config'))}")
+    pairs = _pairs(desc, "fields", path, str)
+    if sorted(k for k, _ in pairs) != sorted(arrays):
+        raise _bad(path, "fields", f"{name} array fields {sorted(k for k, _ in pairs)} are "
+                                   f"not {sorted(arrays)}")
+    kwargs.update({k: _decode(v, _join(path, k), nodes, states, specs) for k, v in pairs})
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise _bad(path, "node", f"cannot build a {name} ({e})") from None
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 _QUANT_ARRAYS = ("codes", "absmax", "absmax2", "offset")
 _QUANT_STATIC = ("quant", "block_size", "shape", "perm", "dtype", "n_stack")
 
 
-def _decode_quantized(desc: dict, nodes: dict, states: dict) -> QuantizedArray:
+def _decode_quantized(desc: dict, path: str, nodes: dict, states: dict,
+                      specs: list) -> QuantizedArray:
     """A ``QuantizedArray`` from its description; its layout is checked, never evaluated."""
-    static, fields = desc["quantized"], desc["fields"]
-    if not isinstance(static, dict) or set(static) != set(_QUANT_STATIC) or [
-            k for k, _ in fields] != list(_QUANT_ARRAYS):
-        raise ValueError(f"malformed quantized array entry {sorted(desc)}")
-    meta = {k: _static_from_json(v) for k, v in static.items()}
+    static = desc["quantized"]
+    if not isinstance(static, dict) or set(static) != set(_QUANT_STATIC):
+        raise _bad(path, "quantized", f"not an object with keys {list(_QUANT_STATIC)}: "
+                                      f"{_short(static)}")
+    pairs = _pairs(desc, "fields", path, str)
+    if [k for k, _ in pairs] != list(_QUANT_ARRAYS):
+        raise _bad(path, "fields", f"quantized array fields {[k for k, _ in pairs]} are not "
+                                   f"{list(_QUANT_ARRAYS)}")
+    try:
+        meta = {k: _static_from_json(v) for k, v in static.items()}
+    except ValueError as e:
+        raise _bad(path, "quantized", str(e)) from None
     shape, perm = meta["shape"], meta["perm"]
     ints = lambda t: isinstance(t, tuple) and all(type(n) is int and n >= 0 for n in t)
     if (meta["quant"] not in QUANTS or type(meta["block_size"]) is not int
@@ -270,8 +396,9 @@ def _decode_quantized(desc: dict, nodes: dict, states: dict) -> QuantizedArray:
             or sorted(perm) != list(range(len(shape))) or type(meta["n_stack"]) is not int
             or not 0 <= meta["n_stack"] < max(len(shape), 1)
             or meta["dtype"] not in ("float32", "float16", "bfloat16", "float64")):
-        raise ValueError(f"malformed quantized array layout {static!r}")
-    return QuantizedArray(**meta, **{k: _decode(v, nodes, states) for k, v in fields})
+        raise _bad(path, "quantized", f"malformed quantized array layout {static!r}")
+    return QuantizedArray(**meta, **{k: _decode(v, _join(path, k), nodes, states, specs)
+                                     for k, v in pairs})
 
 
 def _sharding_leaves(shardings: Any, skeleton: PyTree, n: int, name: str, where: str) -> list:
@@ -312,10 +439,9 @@ def save(directory: str, trainable: PyTree, *, step: int, opt_state: PyTree | No
       frozen: also write the frozen half (base weights); off by default.
       keep: keep only the newest ``keep`` checkpoints in ``directory``.
       overwrite: replace an existing checkpoint of the same step (otherwise a
-        ``ValueError``). The new trees are checked and encoded first, so input
-        that is refused leaves the old step in place; Orbax cannot rename over
-        an existing step, so the old step is then deleted just before the new
-        one is written.
+        ``ValueError``). The new step is written completely beside the old one
+        and only then swapped in by renames, so a failed write (input that is
+        refused, a full disk, an I/O error) leaves the old step as it was.
     """
     mgr = Manager(directory, keep=keep)
     exists = step in mgr.all_steps()
@@ -324,9 +450,68 @@ def save(directory: str, trainable: PyTree, *, step: int, opt_state: PyTree | No
                          "(pass overwrite=True to replace it)")
     arrays, meta = mgr._encode(step, trainable, opt_state=opt_state, spec=spec, frozen=frozen)
     if exists:
-        mgr.delete(step)
-    mgr._write(step, arrays, meta)
+        _replace(mgr, step, arrays, meta)
+        if keep is not None:  # as Orbax does for a save: the rewritten step counts as newest
+            others = [s for s in mgr.all_steps() if s != step]
+            for old in others[:max(len(others) - (keep - 1), 0)]:
+                mgr.delete(old)
+    else:
+        mgr._write(step, arrays, meta)
     return os.path.join(mgr.directory, str(step))
+
+
+_OVERWRITES = itertools.count()
+
+
+def _recover_replaced(directory: str) -> None:
+    """Put back an old step that a process killed between ``_replace``'s two renames
+    left aside (its step directory missing, the step whole under ``.jlora-replaced-<step>``)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        step = name[len(".jlora-replaced-"):]
+        final = os.path.join(directory, step)
+        if name.startswith(".jlora-replaced-") and step.isdigit() and not os.path.exists(final):
+            os.rename(os.path.join(directory, name), final)
+
+
+def _replace(mgr: "Manager", step: int, arrays: dict, meta: dict) -> None:
+    """Replace the existing ``step`` of ``mgr`` without a moment where a failure loses it.
+
+    Every process writes the new step through Orbax into a hidden staging
+    directory beside the old one (same file system, so renames are atomic);
+    then the primary process renames the old step aside, the new one into its
+    place, and deletes the old one. A failure before the second rename leaves
+    the old step in place and no staging directory behind.
+    """
+    multihost = _ocp().multihost
+    primary = multihost.is_primary_host(0)
+    final = os.path.join(mgr.directory, str(step))
+    staging = os.path.join(mgr.directory, f".jlora-overwrite-{step}")
+    aside = os.path.join(mgr.directory, f".jlora-replaced-{step}")
+    if primary:  # left by a process killed mid-overwrite
+        _recover_replaced(mgr.directory)
+        for stale in (staging, aside):
+            shutil.rmtree(stale, ignore_errors=True)
+    # barrier names must be unique; every process overwrites in the same order
+    call = next(_OVERWRITES)
+    multihost.sync_global_processes(f"jlora_overwrite_start_{step}_{call}")
+    try:
+        Manager(staging, keep=None)._write(step, arrays, meta)
+        if primary:
+            os.rename(final, aside)
+            try:
+                os.rename(os.path.join(staging, str(step)), final)
+            except BaseException:
+                os.rename(aside, final)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        if primary:
+            shutil.rmtree(staging, ignore_errors=True)
+    multihost.sync_global_processes(f"jlora_overwrite_done_{step}_{call}")
 
 
 def restore(directory: str, step: int | None = None, *, spec: Spec | None = None,
@@ -389,6 +574,8 @@ class Manager:
         if not create and not os.path.isdir(self.directory):
             raise ValueError(f"no checkpoint directory at {self.directory}")
         ocp = _ocp()
+        if ocp.multihost.is_primary_host(0):
+            _recover_replaced(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                enable_async_checkpointing=False)
         self._orbax = ocp.CheckpointManager(self.directory, options=options)
@@ -451,10 +638,20 @@ class Manager:
                              f"({type(e).__name__}: {e})") from None
 
     def _write(self, step: int, arrays: dict, meta: dict) -> None:
+        """Write one step; if that fails, remove what Orbax had written of it and re-raise."""
         ocp = _ocp()
-        self._orbax.save(int(step), args=ocp.args.Composite(
-            arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
-        self._orbax.wait_until_finished()
+        try:
+            self._orbax.save(int(step), args=ocp.args.Composite(
+                arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
+            self._orbax.wait_until_finished()
+        except BaseException:
+            # Orbax writes under "<step>.orbax-checkpoint-tmp..." and renames when complete
+            partial = f"{int(step)}.orbax-checkpoint-tmp"
+            names = os.listdir(self.directory) if ocp.multihost.is_primary_host(0) else []
+            for name in names:
+                if name.startswith(partial):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            raise
 
     def _not_a_checkpoint(self) -> ValueError:
         entries = sorted(os.listdir(self.directory))
@@ -492,13 +689,11 @@ class Manager:
         if fmt != FORMAT:
             raise ValueError(f"{where}: not a jlora checkpoint (format {fmt!r})")
         try:
-            saved_spec = None if meta.get("spec") is None else spec_from_json(meta["spec"])
-            parts = [n for n in _PARTS if n in meta]
-            specs = {n: _leaf_specs(meta[n]) for n in parts}
-            skeletons = {n: _decode(meta[n], _node_classes(), _state_types()) for n in parts}
-            saved_step = positive_int("checkpoint", "step", meta["step"], minimum=0)
+            saved_spec, specs, skeletons = _read_meta(meta, step)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
             raise ValueError(f"{where}: malformed checkpoint metadata ({e})") from None
+        _check_stored(self._stored(where), specs, where)
+        parts = list(specs)
         if spec is not None:
             _check_spec(skeletons.get("trainable"), saved_spec, spec, where)
         if onto is not None:
@@ -507,22 +702,81 @@ class Manager:
         targets = {}
         for name in parts:
             flat = _sharding_leaves(given[name], skeletons[name], len(specs[name]), name, where)
-            targets[name] = {str(i): jax.ShapeDtypeStruct(tuple(s["shape"]), jnp.dtype(s["dtype"]),
-                                                          sharding=sh)
+            targets[name] = {str(i): jax.ShapeDtypeStruct(s["shape"], s["dtype"], sharding=sh)
                              for i, (s, sh) in enumerate(zip(specs[name], flat))}
         try:
             arrays = self._orbax.restore(step, args=ocp.args.Composite(
                 arrays=ocp.args.StandardRestore(targets)))["arrays"]
         except Exception as e:
             raise ValueError(f"{where}: unreadable checkpoint arrays ({type(e).__name__}: {e})") from None
-        out = {"step": saved_step, "spec": saved_spec, "trainable": None, "opt_state": None}
+        out = {"step": step, "spec": saved_spec, "trainable": None, "opt_state": None}
         for name in parts:
             out[name] = jax.tree.map(lambda i, name=name: arrays[name][str(i)], skeletons[name])
         if onto is not None:
             from jlora.core import combine
 
-            out["adapted"] = combine(out["trainable"], onto)
+            try:
+                out["adapted"] = combine(out["trainable"], onto)
+            except ValueError as e:
+                raise ValueError(f"{where}: cannot restore onto the tree given ({e})") from None
         return out
+
+    def _stored(self, where: str) -> dict:
+        """``{part: {index: (shape, dtype)}}`` of the arrays Orbax wrote in step ``where``."""
+        ocp = _ocp()
+        from etils import epath
+
+        try:
+            tree = ocp.StandardCheckpointHandler().metadata(epath.Path(where) / "arrays")
+            tree = getattr(tree, "tree", tree)
+            return {name: {str(i): (getattr(x, "shape", None), getattr(x, "dtype", None))
+                           for i, x in dict(part).items()}
+                    for name, part in dict(tree).items()}
+        except Exception as e:  # orbax raises many types for a damaged directory
+            raise ValueError(f"{where}: unreadable checkpoint arrays ({type(e).__name__}: "
+                             f"{e})") from None
+
+
+def _read_meta(meta: dict, step: int) -> tuple[Spec | None, dict, dict]:
+    """Check jlora's metadata of ``step``: ``(spec, {part: leaf specs}, {part: skeleton})``.
+
+    Every field read is checked; a ``ValueError`` names the field (and, inside a
+    tree, its path). Nothing is evaluated or unpickled.
+    """
+    if type(meta.get("step")) is not int or meta["step"] != step:
+        raise ValueError(f"step {_short(meta.get('step'))} in field 'step', but the checkpoint "
+                         f"is step {step}")
+    try:
+        spec = None if meta.get("spec") is None else spec_from_json(meta["spec"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{e} in field 'spec'") from None
+    nodes, states = _node_classes(), _state_types()
+    specs, skeletons = {}, {}
+    for name in _PARTS:
+        if name in meta:
+            specs[name] = []
+            skeletons[name] = _decode(meta[name], name, nodes, states, specs[name])
+    return spec, specs, skeletons
+
+
+def _check_stored(stored: dict, specs: dict, where: str) -> None:
+    """The arrays jlora's metadata describes must be the arrays Orbax stored: same count,
+    shapes and dtypes (Orbax would otherwise cast a dtype edited in the metadata)."""
+    for name in _PARTS:
+        have, want = stored.get(name, {}), specs.get(name, [])
+        if set(have) != {str(i) for i in range(len(want))}:
+            raise ValueError(f"{where}: malformed checkpoint metadata (field {name!r} "
+                             f"describes {len(want)} arrays, the step holds {len(have)})")
+        for i, s in enumerate(want):
+            shape, dtype = have[str(i)]  # None where Orbax does not say
+            if shape is not None and s["shape"] != tuple(shape):
+                raise ValueError(f"{where}: malformed checkpoint metadata (shape "
+                                 f"{list(s['shape'])} in field 'shape' of {s['path']}, but the "
+                                 f"stored array has shape {list(shape)})")
+            if dtype is not None and s["dtype"] != jnp.dtype(dtype):
+                raise ValueError(f"{where}: malformed checkpoint metadata (dtype "
+                                 f"{s['dtype'].name!r} in field 'dtype' of {s['path']}, but the "
+                                 f"stored array has dtype {jnp.dtype(dtype).name!r})")
 
 
 def _nodes(tree: PyTree) -> dict:
@@ -629,6 +883,9 @@ def upgrade(old_directory: str, new_directory: str, *, trainable: PyTree,
         spec = None if meta.get("spec") is None else spec_from_json(meta["spec"])
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
         raise ValueError(f"{meta_file}: malformed jlora 0.1.0 metadata (spec: {e})") from None
+    _check_stored(old._stored(where), {
+        n: [{"shape": t.shape, "dtype": t.dtype, "path": f"{n} array #{i}"}
+            for i, t in enumerate(targets[n].values())] for n in targets}, where)
     try:
         arrays = old._orbax.restore(step, args=ocp.args.Composite(
             arrays=ocp.args.StandardRestore(targets)))["arrays"]

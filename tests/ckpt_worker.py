@@ -4,6 +4,12 @@
 
 Prints ``saved <step>`` after each completed checkpoint. ``--ballast-mb`` adds a
 large frozen tree to every save so a save takes long enough to be interrupted.
+
+    (launched by tests/_multiprocess.py) ckpt_worker.py DIR --overwrite-on-processes
+
+Every process saves one array sharded over all processes' devices as step 1,
+overwrites step 1 with twice the values, restores it and prints
+``restored <sum> <listing of DIR>``.
 """
 
 import argparse
@@ -56,10 +62,34 @@ def run(directory, steps, ballast_mb=0, out=print):
     return trainable, loss
 
 
+def overwrite_on_processes(directory):
+    """``save(..., overwrite=True)`` from every JAX process of a multi-process run."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from tests import _multiprocess
+
+    _multiprocess.initialize()
+    sharding = NamedSharding(jax.make_mesh((jax.device_count(),), ("x",)), P("x"))
+    values = np.arange(64, dtype=np.float32).reshape(16, 4)
+    tree = lambda scale: {"w": jax.make_array_from_callback(
+        values.shape, sharding, lambda index: values[index] * scale)}
+    jlora.checkpoint.save(directory, tree(1.0), step=1)
+    jlora.checkpoint.save(directory, tree(2.0), step=1, overwrite=True)
+    w = jlora.checkpoint.restore(directory, shardings=sharding)["trainable"]["w"]
+    total = float(np.asarray(multihost_utils.process_allgather(w, tiled=True)).sum())
+    print("restored", total, sorted(os.listdir(directory)), flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("directory")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--ballast-mb", type=int, default=0)
+    ap.add_argument("--overwrite-on-processes", action="store_true")
     a = ap.parse_args()
-    run(a.directory, a.steps, a.ballast_mb, out=lambda s: print(s, flush=True))
+    if a.overwrite_on_processes:
+        overwrite_on_processes(a.directory)
+    else:
+        run(a.directory, a.steps, a.ballast_mb, out=lambda s: print(s, flush=True))

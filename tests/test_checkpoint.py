@@ -1,10 +1,12 @@
 """Orbax checkpoints: round trip, keep-N, atomic saves, exact resume, meshes, bad input."""
 
 import base64
+import contextlib
 import json
 import os
 import pickle
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -416,3 +418,341 @@ def test_a_static_field_newer_than_the_checkpoint_keeps_its_default(tmp_path):
     path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"malformed checkpoint metadata"):
         jlora.checkpoint.restore(tmp_path)
+
+
+# ---------------------------------------------------------------- failed writes keep the old step
+
+
+def _listing(directory):
+    return sorted(os.listdir(directory))
+
+
+def _assert_state_is(directory, step, spec, trainable, opt):
+    state = jlora.checkpoint.restore(directory, step=step)
+    assert state["step"] == step and state["spec"] == spec
+    assert_trees_equal(state["trainable"], trainable)
+    assert_trees_equal(state["opt_state"], opt)
+
+
+def _noise(n, seed=0):
+    """``n`` float32 numbers that zstd cannot shrink, so their file really is ``4 n`` bytes."""
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(n,)).astype(np.float32))
+
+
+def _files(directory):
+    """Every file under ``directory`` with its bytes' digest."""
+    import hashlib
+
+    return {os.path.relpath(os.path.join(root, f), directory):
+            hashlib.sha256(open(os.path.join(root, f), "rb").read()).hexdigest()
+            for root, _, files in os.walk(directory) for f in files}
+
+
+@contextlib.contextmanager
+def _file_size_limit(nbytes):
+    """While active, a write past ``nbytes`` in one file fails with EFBIG ("File too
+    large"), as a full disk would; it binds root too."""
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def _fail_file_too_large(tmp_path, monkeypatch):
+    return _file_size_limit(1 << 20)
+
+
+@contextlib.contextmanager
+def _fail_read_only_directory(tmp_path, monkeypatch):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores directory permissions")
+    os.chmod(tmp_path, 0o555)
+    try:
+        yield
+    finally:
+        os.chmod(tmp_path, 0o755)
+
+
+@contextlib.contextmanager
+def _fail_immutable_directory(tmp_path, monkeypatch):
+    """A directory no one, root included, may add entries to (``chattr +i``)."""
+    if subprocess.run(["chattr", "+i", str(tmp_path)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available or not permitted here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(tmp_path)], check=True)
+
+
+@contextlib.contextmanager
+def _fail_after_the_new_step_is_written(tmp_path, monkeypatch):
+    """jlora's own write returns an error once Orbax has written the new step (as a
+    failing final sync would)."""
+    write = jlora.checkpoint.Manager._write
+
+    def write_then_fail(self, *args, **kwargs):
+        write(self, *args, **kwargs)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(jlora.checkpoint.Manager, "_write", write_then_fail)
+    yield
+
+
+@contextlib.contextmanager
+def _fail_moving_the_new_step_in(tmp_path, monkeypatch):
+    """The rename of the new step into place fails after the old one was moved aside."""
+    rename = os.rename
+
+    def rename_or_fail(src, dst, *args, **kwargs):
+        if ".jlora-overwrite" in os.fspath(src):
+            raise OSError(28, "No space left on device")
+        return rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename_or_fail)
+    yield
+
+
+@pytest.mark.parametrize("failure", [_fail_file_too_large, _fail_read_only_directory,
+                                     _fail_immutable_directory,
+                                     _fail_after_the_new_step_is_written,
+                                     _fail_moving_the_new_step_in],
+                         ids=lambda f: f.__name__.removeprefix("_fail_"))
+def test_a_failed_overwrite_keeps_the_old_step(tmp_path, monkeypatch, failure):
+    spec, trainable, _, opt = small()
+    jlora.checkpoint.save(tmp_path, trainable, step=1, opt_state=opt, spec=spec)
+    jlora.checkpoint.save(tmp_path, trainable, step=2, opt_state=opt, spec=spec)
+    before, old_files = _listing(tmp_path), _files(tmp_path / "1")
+    bigger = {"q": trainable["q"], "ln": trainable["ln"], "big": _noise(1 << 20)}  # 4 MiB
+    with failure(tmp_path, monkeypatch), pytest.raises((OSError, ValueError)):
+        jlora.checkpoint.save(tmp_path, bigger, step=1, opt_state=opt, spec=spec, overwrite=True)
+    monkeypatch.undo()
+    assert _listing(tmp_path) == before == ["1", "2"]  # nothing half-written left behind
+    assert _files(tmp_path / "1") == old_files  # the old step's files, byte for byte
+    _assert_state_is(tmp_path, 1, spec, trainable, opt)
+    # and the overwrite goes through once the failure is gone
+    jlora.checkpoint.save(tmp_path, bigger, step=1, opt_state=opt, spec=spec, overwrite=True)
+    assert _listing(tmp_path) == ["1", "2"]
+    assert_trees_equal(jlora.checkpoint.restore(tmp_path, step=1)["trainable"], bigger)
+
+
+def test_a_failed_save_leaves_no_partial_step(tmp_path):
+    spec, trainable, _, opt = small()
+    mgr = jlora.checkpoint.Manager(tmp_path, keep=None)
+    mgr.save(1, trainable, opt_state=opt, spec=spec)
+    with _file_size_limit(1 << 20), pytest.raises(ValueError, match="File too large"):
+        mgr.save(2, {"big": _noise(1 << 20)})
+    assert _listing(tmp_path) == ["1"]
+    assert mgr.all_steps() == jlora.checkpoint.Manager(tmp_path).all_steps() == [1]
+    _assert_state_is(tmp_path, 1, spec, trainable, opt)
+    mgr.save(2, trainable)
+    assert mgr.all_steps() == [1, 2]
+
+
+def test_overwrite_keeps_keep_and_clears_a_stale_staging_directory(tmp_path):
+    _, trainable, _, _ = small()
+    for s in (1, 5, 7):
+        jlora.checkpoint.save(tmp_path, {"w": jnp.full(2, float(s))}, step=s)
+    # what a process killed in the middle of an overwrite of step 1 leaves
+    os.makedirs(tmp_path / ".jlora-overwrite-1" / "1")
+    jlora.checkpoint.save(tmp_path, {"w": jnp.zeros(2)}, step=1, keep=2, overwrite=True)
+    # as for any save, the step just written counts as the newest
+    assert _listing(tmp_path) == ["1", "7"]
+    np.testing.assert_array_equal(jlora.checkpoint.restore(tmp_path, step=1)["trainable"]["w"],
+                                  np.zeros(2, np.float32))
+    np.testing.assert_array_equal(jlora.checkpoint.restore(tmp_path, step=7)["trainable"]["w"],
+                                  np.full(2, 7, np.float32))
+
+
+def test_a_donated_array_is_refused_and_keeps_the_old_step(tmp_path):
+    spec, trainable, _, opt = small()
+    jlora.checkpoint.save(tmp_path, trainable, step=1, opt_state=opt, spec=spec)
+    step = jax.jit(lambda t: jax.tree.map(lambda x: x * 2, t), donate_argnums=0)
+    donated = jax.tree.map(jnp.copy, trainable)
+    step(donated)
+    with pytest.raises(ValueError, match=r"ln/scale/value: the array has been deleted \(donated"):
+        jlora.checkpoint.save(tmp_path, donated, step=1, opt_state=opt, spec=spec,
+                              overwrite=True)
+    with pytest.raises(ValueError, match=r"ln/scale/value: the array has been deleted"):
+        jlora.checkpoint.Manager(tmp_path).save(2, donated)
+    assert _listing(tmp_path) == ["1"]
+    _assert_state_is(tmp_path, 1, spec, trainable, opt)
+
+
+def test_dict_keys_of_mixed_types_are_refused_at_save(tmp_path):
+    # jax sorts a dict's keys to flatten it, so such a tree could never be restored
+    with pytest.raises(ValueError, match=r"layer: checkpoint dict keys must be all str or all "
+                                         r"int, got \[1, 'a'\]"):
+        jlora.checkpoint.save(tmp_path, {"layer": {1: jnp.ones(2), "a": jnp.ones(2)}}, step=1)
+    assert jlora.checkpoint.Manager(tmp_path).all_steps() == []
+
+
+# ---------------------------------------------------------------- hand-edited metadata
+
+
+def _entry(desc, path):
+    """The description of the subtree at ``path`` ("q/kernel/a") in a tree's metadata."""
+    for key in path.split("/") if path else []:
+        if "dict" in desc:
+            desc = dict(desc["dict"])[key]
+        else:
+            desc = dict(desc["fields"])[key]
+    return desc
+
+
+def _set(path, key, value):
+    def edit(meta):
+        part, _, rest = path.partition("/")
+        _entry(meta[part], rest)[key] = value
+    return edit
+
+
+def _drop(path, key):
+    return lambda meta: _entry(meta[path.partition("/")[0]], path.partition("/")[2]).pop(key)
+
+
+def _static(path, key, value):
+    return lambda meta: _entry(meta["trainable"], path)["static"].__setitem__(key, value)
+
+
+def _config_option(key, value):
+    return lambda meta: _entry(meta["trainable"], "q/kernel")["static"]["config"][
+        "config"].__setitem__(key, value)
+
+
+A = "of trainable/q/kernel/a"
+
+
+@pytest.mark.parametrize("edit,message", [
+    # an array's description against the array Orbax stored (a dtype was cast silently)
+    (_set("trainable/q/kernel/a", "dtype", "float16"),
+     rf"dtype 'float16' in field 'dtype' {A}, but the stored array has dtype 'float32'"),
+    (_set("trainable/q/kernel/a", "dtype", "int32"), r"dtype 'int32' in field 'dtype'"),
+    (_set("trainable/q/kernel/a", "dtype", "evil"), rf"unknown dtype 'evil' in field 'dtype' {A}"),
+    (_set("trainable/q/kernel/a", "dtype", 5), rf"not a dtype name: 5 in field 'dtype' {A}"),
+    (_set("trainable/q/kernel/a", "shape", [8, 3]),
+     rf"shape \[8, 3\] in field 'shape' {A}, but the stored array has shape \[8, 2\]"),
+    (_set("trainable/q/kernel/a", "shape", [8, -2]),
+     rf"sizes >= 0: \[8, -2\] in field 'shape' {A}"),
+    (_set("trainable/q/kernel/a", "leaf", True),
+     rf"array number True where 1 comes next in field 'leaf' {A}"),
+    # an adapter node's type and static fields
+    (_set("trainable/q/kernel", "node", ["LoRA"]),
+     r"not a string: \['LoRA'\] in field 'node' of trainable/q/kernel"),
+    (_set("trainable/q/kernel", "class", "Evil"),
+     r"unknown adapter node type 'LoRA' \(class 'Evil'.* in field 'node' of trainable/q/kernel"),
+    (_static("q/kernel", "shape", "8x8"),
+     r"'8x8' is not a tuple\[int, ...\] in field 'static.shape' of trainable/q/kernel"),
+    (_static("q/kernel", "shape", {"tuple": [8, -8]}),
+     r"\(8, -8\) is not a tuple\[int, ...\] in field 'static.shape'"),
+    (_static("q/kernel", "in_axes", {"tuple": ["0"]}),
+     r"\('0',\) is not a tuple\[int, ...\] in field 'static.in_axes'"),
+    (_static("q/kernel", "in_axes", {"eval": "0"}),
+     r"unknown static value \{'eval': '0'\} in field 'static.in_axes'"),
+    (_static("q/kernel", "config", 3),
+     r"not a method config: 3 in field 'static.config' of trainable/q/kernel"),
+    (_static("q/kernel", "cache", 1),
+     r"LoRANode has no static field\(s\) \['cache'\] .* in field 'static' of trainable/q/kernel"),
+    (_static("ln/scale", "path", "x"),
+     r"FullNode has no static field\(s\) \['path'\] .* of trainable/ln/scale"),
+    (_config_option("rank", 0),
+     r"LoRA: rank must be an int >= 1, got 0\) in field 'static.config' of trainable/q/kernel"),
+    (_config_option("evil", 1),
+     r"bad method config .*LoRA: unknown option\(s\) \['evil'\].* in field 'static.config'"),
+    (lambda m: _entry(m["trainable"], "q/kernel").__setitem__("static", []),
+     r"not an object: \[\] in field 'static' of trainable/q/kernel"),
+    (_drop("trainable/q/kernel", "fields"),
+     r"not a list of \[name, entry\] pairs: None in field 'fields' of trainable/q/kernel"),
+    (lambda m: _entry(m["trainable"], "q/kernel")["fields"].append(["extra", None]),
+     r"LoRANode array fields .* in field 'fields' of trainable/q/kernel"),
+    # containers
+    (lambda m: m["trainable"]["dict"][0].__setitem__(0, ["ln"]),
+     r"not a list of \[name, entry\] pairs: .* in field 'dict' of trainable\)"),
+    (lambda m: m["trainable"]["dict"].append(m["trainable"]["dict"][0]),
+     r"repeated names \['ln'\] in field 'dict' of trainable\)"),
+    (lambda m: m["opt_state"]["tuple"][0].__setitem__("fields", 3),
+     r"not a list of \[name, entry\] pairs: 3 in field 'fields' of opt_state/0"),
+    (lambda m: m.__setitem__("trainable", {"set": []}),
+     r"unknown structure entry \{'set': \[\]\} at trainable\)"),
+    (lambda m: m.__setitem__("opt_state", None),
+     r"field 'opt_state' describes 0 arrays, the step holds 7"),
+    (lambda m: m.__setitem__("frozen", {"leaf": 0, "shape": [], "dtype": "float32"}),
+     r"field 'frozen' describes 1 arrays, the step holds 0"),
+    # the top level
+    (lambda m: m.__setitem__("step", 5), r"step 5 in field 'step', but the checkpoint is step 1"),
+    (lambda m: m.__setitem__("step", "1"),
+     r"step '1' in field 'step', but the checkpoint is step 1"),
+    (lambda m: m.__setitem__("spec", {"q": "LoRA"}),
+     r"a spec's JSON must be a list of rules, got dict in field 'spec'"),
+    (lambda m: m["spec"][0]["config"].__setitem__("rank", "2"),
+     r"LoRA: rank must be an int >= 1, got '2' in field 'spec'"),
+])
+def test_edited_metadata_is_a_clear_error(tmp_path, edit, message):
+    spec, trainable, _, opt = small()
+    jlora.checkpoint.save(tmp_path, trainable, step=1, opt_state=opt, spec=spec)
+    path = tmp_path / "1" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "1")) +
+                       r": malformed checkpoint metadata \(.*" + message):
+        jlora.checkpoint.restore(tmp_path)
+
+
+def test_an_edited_quantized_layout_names_its_path(tmp_path):
+    params = {"q": {"kernel": jnp.arange(64.0).reshape(8, 8) / 64}}
+    spec = jlora.Spec({"q/kernel": jlora.QLoRA(rank=2)})
+    trainable, frozen = jlora.split(jlora.apply(params, spec, key=jax.random.key(0)))
+    jlora.checkpoint.save(tmp_path, trainable, step=1, frozen=frozen)
+    assert_trees_equal(jlora.checkpoint.restore(tmp_path)["frozen"], frozen)
+    path = tmp_path / "1" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    _entry(meta["frozen"], "q/kernel/quantized")["quantized"]["quant"] = "int3"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "1")) + r": malformed "
+                       r"checkpoint metadata \(malformed quantized array layout .*'int3'.* in "
+                       r"field 'quantized' of frozen/q/kernel/quantized\)"):
+        jlora.checkpoint.restore(tmp_path)
+
+
+def test_restoring_onto_a_tree_without_a_stored_path_names_the_checkpoint(tmp_path):
+    spec, trainable, frozen, _ = small()
+    jlora.checkpoint.save(tmp_path, {**trainable, "head": jnp.ones(3)}, step=1, spec=spec)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "1")) + r": cannot restore onto "
+                       r"the tree given \(jlora.combine: .*head is in the trainable half only"):
+        jlora.checkpoint.restore(tmp_path, onto=frozen)
+
+
+def test_overwrite_from_several_processes(tmp_path):
+    """Every process of a multi-process run calls save(overwrite=True) on one directory:
+    they write the new step together and the primary process swaps it in."""
+    from tests import _multiprocess
+
+    logs = _multiprocess.launch(os.path.join("tests", "ckpt_worker.py"),
+                                [tmp_path, "--overwrite-on-processes"], processes=2, devices=2)
+    expected = 2 * sum(range(64))
+    for log in logs:
+        assert f"restored {float(expected)} ['1']" in log
+    assert _listing(tmp_path) == ["1"]
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    w = jlora.checkpoint.restore(tmp_path, shardings=one_device)["trainable"]["w"]
+    np.testing.assert_array_equal(np.asarray(w), 2 * np.arange(64, dtype=np.float32).reshape(16, 4))
+
+
+def test_a_step_left_aside_by_a_killed_overwrite_comes_back(tmp_path):
+    """A process killed between the overwrite's two renames leaves the old step whole under
+    ``.jlora-replaced-<step>`` and no ``<step>``: opening the directory puts it back."""
+    for s in (1, 2):
+        jlora.checkpoint.save(tmp_path, {"w": jnp.full(2, float(s))}, step=s)
+    os.rename(tmp_path / "1", tmp_path / ".jlora-replaced-1")
+    os.makedirs(tmp_path / ".jlora-overwrite-1" / "1")
+    assert jlora.checkpoint.Manager(tmp_path).all_steps() == [1, 2]
+    np.testing.assert_array_equal(jlora.checkpoint.restore(tmp_path, step=1)["trainable"]["w"],
+                                  np.ones(2, np.float32))
+    jlora.checkpoint.save(tmp_path, {"w": jnp.zeros(2)}, step=1, overwrite=True)
+    assert _listing(tmp_path) == ["1", "2"]
+    np.testing.assert_array_equal(jlora.checkpoint.restore(tmp_path, step=1)["trainable"]["w"],
+                                  np.zeros(2, np.float32))
