@@ -65,12 +65,19 @@ def _fold(entries) -> Any:
     return axes[0] if len(axes) == 1 else tuple(axes)
 
 
-def node_specs(node, base_spec: P | None):
-    """The node with each array field replaced by its ``PartitionSpec``."""
+def _check_rank(spec: P | None, ndim: int, path: str | None) -> None:
+    if len(tuple(spec or ())) > ndim:
+        where = f"{path or '<root>'}: " if path is not None else ""
+        raise ValueError(f"jlora.sharding.specs: {where}PartitionSpec {spec} has more entries "
+                         f"than the base's {ndim} axes")
+
+
+def node_specs(node, base_spec: P | None, *, path: str | None = None):
+    """The node with each array field replaced by its ``PartitionSpec``; ``path``
+    (where the node sits) is named by the error for a spec longer than the base."""
     ndim = len(node.shape)
+    _check_rank(base_spec, ndim, path)
     entries = tuple(base_spec or ()) + (None,) * (ndim - len(tuple(base_spec or ())))
-    if len(entries) > ndim:
-        raise ValueError(f"PartitionSpec {base_spec} has more entries than the base's {ndim} axes")
     own = getattr(node, "partition_specs", None)
     own = own(entries, _fold) if own is not None else None
     if own is not None:  # stacked and quantized nodes lay their fields out themselves
@@ -122,33 +129,75 @@ def _fit_quantized(node, node_spec, mesh: Mesh):
     return node_spec.replace(quantized=dataclass_replace(qs, **fitted))
 
 
+def _mesh_axes(entry) -> tuple:
+    """The mesh axes of one ``PartitionSpec`` entry, major to minor."""
+    return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
+def _entry(spec: P, i: int):
+    return spec[i] if len(spec) > i else None
+
+
 def _held_base_spec(path: str, s) -> P | None:
-    """The base's spec that a node of a spec tree holds: its base-role field, or
-    for a quantized node (whose ``base`` is a dequantizing property) the spec
-    recovered from its codes' (stored axes, permuted back) or its factors' (one
-    input and one output axis)."""
-    for name, role in type(s).field_axes.items():
+    """The base's spec that a node of a spec tree holds.
+
+    Its base-role field; for a 1-D node without input axes (a bias node) its
+    output-role field. A quantized node's ``base`` is a dequantizing property:
+    its spec is read back from the factors, whose sharded axes name the base's
+    input and output mesh axes whole (``a`` its input axes' fold, ``b`` its
+    output axes'); mesh-fitted codes may have dropped some (``_fit``). Where
+    several input (output) axes fold into one factor axis, the codes' specs
+    (stored axes, permuted back) tell which axis holds which mesh axes; of
+    those, only the packed input axis (stored last) can have been cut by a
+    mesh, and it gets back what the factor's fold holds beyond the others'.
+    """
+    roles = type(s).field_axes
+    for name, role in roles.items():
         if role is Role.BASE:
             return getattr(s, name)
-    q = getattr(s, "quantized", None)
     ndim = len(s.shape)
-    if isinstance(q, QuantizedArray) and isinstance(q.codes, P) and len(q.codes) == ndim:
-        entries = [None] * ndim
+    if ndim == 1 and not s.in_axes:  # P(outs) of a 1-D node is its base's spec
+        for name, role in roles.items():
+            if role is Role.OUT and isinstance(getattr(s, name), P):
+                return getattr(s, name)
+    q = getattr(s, "quantized", None)
+    structured = (isinstance(q, QuantizedArray) and isinstance(q.codes, P)
+                  and len(q.codes) == ndim)
+    entries = [None] * ndim
+    if structured:
         for stored, axis in enumerate(q.perm):
             entries[axis] = q.codes[stored]
-        return P(*entries)
     a, b = getattr(s, "a", None), getattr(s, "b", None)
+    if not (isinstance(a, P) and isinstance(b, P)):
+        if structured:
+            return P(*entries)
+        raise ValueError(f"jlora.sharding.specs: the {s.method} node at {path} in base_specs "
+                         "holds no base spec to recover; pass the specs of the original params")
     lead = 1 if getattr(s.config, "expert_axis", None) is not None else 0
-    if isinstance(a, P) and isinstance(b, P) and ndim - lead == 2 and len(s.in_axes) == 1:
-        entries = [None] * ndim
-        if lead:
-            entries[0] = a[0] if len(a) else None
-        out_axis = next(i for i in range(lead, ndim) if i not in s.in_axes)
-        entries[s.in_axes[0]] = a[lead] if len(a) > lead else None
-        entries[out_axis] = b[lead + 1] if len(b) > lead + 1 else None
-        return P(*entries)
-    raise ValueError(f"jlora.sharding.specs: the {s.method} node at {path} in base_specs holds "
-                     "no base spec to recover; pass the specs of the original params")
+    if lead:
+        entries[0] = _entry(a, 0)
+    outs = [i for i in range(lead, ndim) if i not in s.in_axes]
+    for group, folded in ((list(s.in_axes), _entry(a, lead)), (outs, _entry(b, lead + 1))):
+        if len(group) == 1:
+            entries[group[0]] = folded
+            continue
+        if not structured:
+            raise ValueError(
+                f"jlora.sharding.specs: the {s.method} node at {path} in base_specs folds "
+                f"axes {tuple(group)} into one factor axis and its codes are flat, so their "
+                "specs cannot be told apart; pass the specs of the original params")
+        packed = q.perm[-1]
+        if packed not in group:
+            continue
+        k = group.index(packed)
+        full = _mesh_axes(folded)
+        before = [m for i in group[:k] for m in _mesh_axes(entries[i])]
+        after = [m for i in group[k + 1:] for m in _mesh_axes(entries[i])]
+        middle = full[len(before):len(full) - len(after)]
+        if (list(full[:len(before)]) == before and list(full[len(full) - len(after):]) == after
+                and middle[:len(_mesh_axes(entries[packed]))] == _mesh_axes(entries[packed])):
+            entries[packed] = _fold([middle])
+    return P(*entries)
 
 
 def specs(adapted: PyTree, base_specs: PyTree, *, mesh: Mesh | None = None) -> PyTree:
@@ -156,10 +205,14 @@ def specs(adapted: PyTree, base_specs: PyTree, *, mesh: Mesh | None = None) -> P
 
     ``base_specs`` has the structure of the original params (one ``PartitionSpec``
     or ``None`` per leaf); a tree with the adapted tree's structure whose nodes
-    hold the bases' specs is accepted too (what ``specs`` returns; a QLoRA
-    node's base spec is read back from its codes' or factors' specs). Leaves
-    that are not adapted keep their own spec. With ``mesh``, quantized codes
-    and scales keep only the mesh axes that divide their stored lengths.
+    hold the bases' specs is accepted too (what ``specs`` returns, with or
+    without ``mesh``: ``specs(adapted, specs(adapted, b, mesh=m), mesh=m)`` is
+    ``specs(adapted, b, mesh=m)``; a QLoRA node's base spec is read back from
+    its factors' specs, and from its codes' where several axes fold into one
+    factor axis). Leaves that are not adapted keep their own spec. With
+    ``mesh``, quantized codes and scales keep only the mesh axes that divide
+    their stored lengths. A spec with more entries than its leaf has axes is a
+    ``ValueError`` naming the path.
     """
     require_whole(adapted, "jlora.sharding.specs")
     by_path = {}
@@ -173,13 +226,16 @@ def specs(adapted: PyTree, base_specs: PyTree, *, mesh: Mesh | None = None) -> P
             pre = f"{leaf.path}/" if leaf.path else ""
             inside = {p[len(pre):]: (P() if s is None else s) for p, s in by_path.items()
                       if p.startswith(pre) and not is_node(s)}
-            return node_specs(leaf, leaf.base_spec(inside))
+            return node_specs(leaf, leaf.base_spec(inside), path=path)
         if path not in by_path:
             raise ValueError(f"jlora.sharding.specs: base_specs has no entry for {path}")
         s = P() if by_path[path] is None else by_path[path]
         if not is_node(leaf):
+            shape = getattr(leaf, "shape", None)
+            if shape is not None:
+                _check_rank(s, len(shape), path)
             return s
-        out = node_specs(leaf, s)
+        out = node_specs(leaf, s, path=path)
         return out if mesh is None else _fit_quantized(leaf, out, mesh)
 
     return map_with_paths(one, adapted)

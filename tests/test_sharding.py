@@ -245,3 +245,52 @@ def test_quantized_codes_and_scales_fit_the_mesh():
         for k in ("w", "e"):
             np.testing.assert_allclose(np.asarray(merged[k]), np.asarray(want[k]),
                                        rtol=1e-6, atol=1e-6)
+
+
+def test_specs_read_back_from_mesh_fitted_specs():
+    """Mesh-fitted codes drop the mesh axes that do not divide the packed input axis (4
+    inputs, 4-value blocks: 2 code bytes a row over tensor=4); reading the base spec back
+    from such a tree takes it from the factors (whose folds name the base's axes whole),
+    so a fitted spec tree given back to specs with the same mesh gives itself."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("fsdp", "tensor"))
+    params = {"w": jax.random.normal(jax.random.key(0), (4, 8)),
+              "e": jax.random.normal(jax.random.key(1), (2, 4, 8)),
+              "c": jax.random.normal(jax.random.key(2), (2, 4, 8))}
+    spec = jlora.Spec({"w": jlora.QLoRA(rank=2, block_size=4),
+                       "e": jlora.QLoRA(rank=2, block_size=4, expert_axis=0),
+                       # two input axes fold into a's rows: the codes tell them apart
+                       "c": jlora.QLoRA(rank=2, block_size=4, in_axes=(0, 1))})
+    base = {"w": P("tensor", "fsdp"), "e": P(None, "tensor", "fsdp"), "c": P("fsdp", "tensor", None)}
+    adapted = jlora.apply(params, spec, key=jax.random.key(3))
+    once = jlora.sharding.specs(adapted, base, mesh=mesh)
+    # the fitted codes lost the input axis's tensor sharding; the factors kept it
+    assert once["w"].quantized.codes == P("fsdp", None) and once["w"].a == P("tensor", None)
+    assert once["e"].quantized.codes == P(None, "fsdp", None)
+    assert once["c"].quantized.codes == P(None, "fsdp", None)
+    assert once["c"].a == P(("fsdp", "tensor"), None)
+    twice = jlora.sharding.specs(adapted, once, mesh=mesh)
+    assert (twice["w"].a, twice["e"].a, twice["c"].a) == (
+        P("tensor", None), P(None, "tensor", None), P(("fsdp", "tensor"), None))
+    assert twice == once
+    assert jlora.sharding.specs(adapted, jlora.sharding.specs(adapted, base)) == (
+        jlora.sharding.specs(adapted, base))
+
+
+def test_specs_read_back_a_bias_node():
+    """GLoRA's bias node has no base-role field: its base spec is its output-role one."""
+    params = {"d": {"kernel": jnp.ones((16, 8)), "bias": jnp.ones(8)}}
+    adapted = jlora.apply(params, jlora.Spec({"d/kernel": jlora.GLoRA()}), key=jax.random.key(0))
+    first = jlora.sharding.specs(adapted, {"d": {"kernel": P("fsdp", "tensor"), "bias": P("tensor")}})
+    assert first["d"]["bias"].base == P("tensor") and first["d"]["bias"].kernel == P(None, "tensor")
+    assert jlora.sharding.specs(adapted, first) == first
+
+
+def test_a_spec_longer_than_its_leaf_names_the_path():
+    params = {"q": {"kernel": jnp.ones((8, 8))}, "n": {"scale": jnp.ones(8)}}
+    adapted = jlora.apply(params, jlora.Spec({"q/kernel": jlora.LoRA(rank=2)}), key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"specs: q/kernel: PartitionSpec P\('x', 'y', 'z'\) has "
+                                         "more entries than the base's 2 axes"):
+        jlora.sharding.specs(adapted, {"q": {"kernel": P("x", "y", "z")}, "n": {"scale": None}})
+    with pytest.raises(ValueError, match=r"specs: n/scale: PartitionSpec P\('x', 'y'\) has more "
+                                         "entries than the base's 1 axes"):
+        jlora.sharding.specs(adapted, {"q": {"kernel": P("x", "y")}, "n": {"scale": P("x", "y")}})

@@ -49,6 +49,7 @@ from jlora.methods.base import (
     strict_options,
     view_leaf,
 )
+from jlora.methods.stacked import rows_per_example
 
 
 def _scale(alpha, rank, rslora):
@@ -193,17 +194,15 @@ def _rows(w, y, examples=None):
 
     ``examples`` is the batch size when the layer has flattened the example
     axis with others into ``y``'s leading axis (``jlora.linen``'s ``Dense``);
-    ``None``: that axis is the example axis. ``N`` must equal the batch size.
+    ``None``: that axis is the example axis. ``N`` must equal the batch size
+    (:func:`jlora.methods.stacked.rows_per_example`).
     """
     w = jnp.asarray(w)
     if w.ndim == 0:
         return w
-    n = y.shape[0]
-    n_ex = n if examples is None else examples
-    if w.ndim != 1 or w.shape[0] != n_ex or n % max(n_ex, 1):
-        raise ValueError(f"per-example weights of shape {w.shape} for a batch of {n_ex} "
-                         f"examples ({n} rows reaching the layer): pass one weight per example "
-                         "of the leading batch axis; under jax.vmap over examples, vmap the "
-                         "node's weight too (in_axes on it), so each example sees a scalar")
-    w = jnp.repeat(w, n // max(n_ex, 1))
-    return w.reshape((n,) + (1,) * (y.ndim - 1))
+    t = rows_per_example(
+        f"per-example weights of shape {w.shape}", w.shape[0] if w.ndim == 1 else None,
+        y.shape[0], examples,
+        "pass one weight per example of the leading batch axis; under jax.vmap over examples, "
+        "vmap the node's weight too (in_axes on it), so each example sees a scalar")
+    return jnp.repeat(w, t).reshape((y.shape[0],) + (1,) * (y.ndim - 1))

@@ -74,23 +74,34 @@ class Stacked:
     path: str = ""
 
 
-def _rows(x: Array, ids: Array, path: str = "", examples: int | None = None) -> int:
-    """Rows of ``x`` per example: ``x.shape[0] // len(ids)``.
+def rows_per_example(what: str, count: int | None, rows: int, examples: int | None,
+                     fix: str) -> int:
+    """Rows of a layer's input per example, ``rows // N``, for ``count`` per-example entries.
 
-    ``examples`` is the batch size when the layer has flattened the example axis
-    together with others into ``x``'s leading axis; ``None``: that axis is the
-    example axis itself. ``len(ids)`` must equal the number of examples.
+    ``N``, the number of examples, is ``examples`` when the layer has flattened
+    the example axis together with others into its input's leading axis of
+    ``rows`` rows (``jlora.linen``'s ``Dense``: ``(examples, seq, d)`` to
+    ``(examples·seq, d)``), else ``rows`` itself. ``count`` must equal ``N``
+    (``None``: the entries are not one vector, always refused) and ``rows`` be
+    a multiple of it; otherwise a ``ValueError`` reads
+    "``what`` for a batch of N examples (R rows reaching the layer, ...): ``fix``".
     """
+    n_ex = rows if examples is None else examples
+    if count != n_ex or rows % max(n_ex, 1):
+        raise ValueError(f"{what} for a batch of {n_ex} examples ({rows} rows reaching the "
+                         f"layer, the leading axis of its input): {fix}")
+    return rows // max(n_ex, 1)
+
+
+def _rows(x: Array, ids: Array, path: str = "", examples: int | None = None) -> int:
+    """Rows of ``x`` per example: ``x.shape[0] // len(ids)`` (see :func:`rows_per_example`)."""
     if ids.ndim != 1:
         raise ValueError(f"{path}: adapter_ids must be a 1-D int array (one id per example), "
                          f"got shape {ids.shape}")
-    n_ex = x.shape[0] if examples is None else examples
-    if n_ex != ids.shape[0] or x.shape[0] % max(n_ex, 1):
-        raise ValueError(f"{path}: {ids.shape[0]} adapter_ids for a batch of {n_ex} examples "
-                         f"(the leading axis of the layer's input): pass one id per example "
-                         "(a model that folds its examples' tokens into that axis itself "
-                         "passes the ids repeated to match, e.g. jnp.repeat(ids, tokens))")
-    return x.shape[0] // max(ids.shape[0], 1)
+    return rows_per_example(
+        f"{path}: {ids.shape[0]} adapter_ids", ids.shape[0], x.shape[0], examples,
+        "pass one id per example (a model that folds its examples' tokens into that axis "
+        "itself passes the ids repeated to match, e.g. jnp.repeat(ids, tokens))")
 
 
 def _per_example(v: Array, y: Array) -> Array:

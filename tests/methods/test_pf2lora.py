@@ -176,3 +176,19 @@ def test_branches_draw_independent_dropout_masks():
     values, counts = np.unique(np.round(code, 5), return_counts=True)
     np.testing.assert_array_equal(values, [0, 1, 2, 3])
     np.testing.assert_allclose(counts / code.size, 0.25, atol=0.02)  # independent, p = 0.5
+
+
+def test_per_example_weights_are_one_vector_over_the_examples():
+    """A branch weight is a scalar or one weight per example, repeated over each
+    example's rows; a weight matrix or a wrong count is refused naming its shape."""
+    from jlora.methods.pf2lora import _rows
+
+    y = jnp.zeros((6, 3))  # 2 examples of 3 rows each, flattened
+    got = _rows(jnp.asarray([0.25, 0.75]), y, examples=2)
+    np.testing.assert_array_equal(np.asarray(got)[:, 0], [0.25] * 3 + [0.75] * 3)
+    assert got.shape == (6, 1)
+    assert float(_rows(0.5, y)) == 0.5
+    with pytest.raises(ValueError, match=r"per-example weights of shape \(2, 1\) for a batch of 2"):
+        _rows(jnp.ones((2, 1)), y, examples=2)
+    with pytest.raises(ValueError, match=r"per-example weights of shape \(3,\) for a batch of 6"):
+        _rows(jnp.ones(3), y)

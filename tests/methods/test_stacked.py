@@ -304,3 +304,18 @@ def test_adapter_ids_must_hold_one_id_per_example():
              for i in range(2)]
     with pytest.raises(ValueError, match="kernel: 2 adapter_ids for a batch of 4 examples"):
         jlora.nnx.apply(graphdef, jlora.compose.stack(trees), x, adapter_ids=jnp.array([0, 1]))
+
+
+def test_rows_per_example_lays_per_example_entries_over_the_rows():
+    """The one check behind stacked adapters' ids and PF2LoRA/FedDPA's per-example weights:
+    N entries for N examples, whose rows are the input's leading axis or, flattened, a
+    multiple of N; anything else names what was given and both sizes."""
+    from jlora.methods.stacked import rows_per_example
+
+    assert rows_per_example("ids", 4, 4, None, "fix") == 1
+    assert rows_per_example("ids", 4, 24, 4, "fix") == 6  # (4, 6, d) flattened to (24, d)
+    for count, rows, examples in ((3, 4, None), (4, 24, 3), (None, 4, None), (4, 10, 4)):
+        n_ex = rows if examples is None else examples
+        with pytest.raises(ValueError, match=rf"^ids for a batch of {n_ex} examples \({rows} rows "
+                                             r"reaching the layer, .*\): fix$"):
+            rows_per_example("ids", count, rows, examples, "fix")
