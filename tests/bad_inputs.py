@@ -404,7 +404,7 @@ def _(tmp):
 
 
 @case("sharding", "a `PartitionSpec` longer than the leaf's rank",
-      r"PartitionSpec P\('a', 'b', 'c'\) has more entries than the base's 2 axes")
+      r"jlora.sharding.specs: fc1/kernel: PartitionSpec P\('a', 'b', 'c'\) has more entries than the base's 2 axes")
 def _(tmp):
     from jax.sharding import PartitionSpec as P
 
