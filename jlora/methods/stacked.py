@@ -237,14 +237,19 @@ class StackedLoRANode(_StackedBase):
         s = jnp.where(valid, jnp.take(self.scale, idx), 0.0)
         return s[:, None] * sign[None, :].astype(s.dtype)
 
-    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
-            adapter_ids=None, examples: int | None = None, **_) -> Array:
+    def _base_plus_lowrank(self, x, op, dropout_key, adapter_ids, examples):
+        """``(y, idx, valid, ids)``: ``x·K0 + s_g·drop(x)·a_g·b_g`` per example's adapter."""
         idx, valid, ids = self._ids(adapter_ids)
         y = op(x, self.base)
         xd = branch_dropout(x, dropout_key, self.config.dropout)
         a, b, sign = self.factors()
         lo = self._lowrank(xd, op, a, b, self._coef(idx, valid, sign), ids, idx, valid, examples)
-        return _nan_invalid(y + lo.astype(y.dtype), ids, self.n)
+        return y + lo.astype(y.dtype), idx, valid, ids
+
+    def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
+            adapter_ids=None, examples: int | None = None, **_) -> Array:
+        y, _, _, ids = self._base_plus_lowrank(x, op, dropout_key, adapter_ids, examples)
+        return _nan_invalid(y, ids, self.n)
 
 
 class StackedDoRANode(StackedLoRANode):
@@ -274,12 +279,7 @@ class StackedDoRANode(StackedLoRANode):
 
     def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
             adapter_ids=None, examples: int | None = None, **_) -> Array:
-        idx, valid, ids = self._ids(adapter_ids)
-        y = op(x, self.base)
-        xd = branch_dropout(x, dropout_key, self.config.dropout)
-        a, b, sign = self.factors()
-        y = y + self._lowrank(xd, op, a, b, self._coef(idx, valid, sign), ids, idx, valid,
-                              examples).astype(y.dtype)
+        y, idx, valid, ids = self._base_plus_lowrank(x, op, dropout_key, adapter_ids, examples)
         ratio = jnp.where(valid[:, None], jnp.take(self.ratios(), idx, axis=0), 1.0)
         y = _per_example(ratio, y)
         return _nan_invalid(y, ids, self.n)
