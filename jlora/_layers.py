@@ -191,7 +191,7 @@ def _stacked_axes(path: str, shape: tuple[int, ...], seen: set, config) -> int:
     if len(slices) > 1 or k < 1 or tuple(shape[k:]) != slices[0]:
         raise ValueError(f"{path}: the stored kernel has shape {shape} but its layer sees "
                          f"{' and '.join(map(str, slices))}; jlora adapts a kernel stacked "
-                         "along its leading axis (nn.scan / nn.vmap with variable_axes 0)")
+                         "along its leading axis (scan / vmap over layers, axis 0)")
     name = type(config).__name__
     if k > 1:
         raise ValueError(f"{path}: the stored kernel {shape} stacks {k} leading axes over the "
@@ -199,23 +199,24 @@ def _stacked_axes(path: str, shape: tuple[int, ...], seen: set, config) -> int:
                          "(expert_axis=0): reshape the stack to one leading axis")
     if getattr(config, "expert_axis", None) is None:
         raise ValueError(f"{path}: the stored kernel {shape} is stacked along axis 0 "
-                         f"(nn.scan or nn.vmap) and its layer sees slices {slices[0]}; "
+                         f"(scan or vmap over layers) and its layer sees slices {slices[0]}; "
                          f"adapt it per slice with {name}(..., expert_axis=0)")
     return k
 
 
 def orient_spec(spec: Spec, params: Any, found: dict[str, set],
-                seen: dict[str, set] | None = None) -> Spec:
+                seen: dict[str, set] | None = None, *, api: str = "jlora.linen") -> Spec:
     """``spec`` with every targeted kernel's ``in_axes`` set from ``found``.
 
     Rules become one regex rule per (original rule, orientation) listing the
     exact paths; configs without ``in_axes`` (``Full``) keep their rule as is.
     A kernel stacked along axis 0 whose layer sees one slice (``seen``, from
     :func:`trace_axes`) gets the layer's axes shifted by one, on the whole
-    stack, and needs ``expert_axis=0`` in its config.
+    stack, and needs ``expert_axis=0`` in its config. ``api``: the module whose
+    ``resolve`` is asking (``jlora.linen`` or ``jlora.nnx``), named in errors.
     """
     if not isinstance(spec, Spec):
-        raise ValueError(f"jlora.linen.resolve: spec must be a jlora.Spec, got "
+        raise ValueError(f"{api}.resolve: spec must be a jlora.Spec, got "
                          f"{type(spec).__name__}")
     groups: dict[tuple[int, Any], list[str]] = {}
     for path, leaf in leaves_with_paths(params):
@@ -247,8 +248,9 @@ def orient_spec(spec: Spec, params: Any, found: dict[str, set],
             if given is None and len(shape) >= 2:
                 ambiguous = len(shape) > 2 or shape[0] == shape[1]
                 msg = (f"{path}: no layer jlora knows uses this kernel in the traced forward, "
-                       f"so its orientation is unknown (shape {shape}); register its layer "
-                       "with jlora.linen.register or give in_axes in its config")
+                       f"so its orientation is unknown (shape {shape}); "
+                       + ("register its layer with jlora.linen.register or "
+                          if api == "jlora.linen" else "") + "give in_axes in its config")
                 if ambiguous:
                     raise ValueError(msg)
                 warnings.warn(msg + "; assuming (in, out)", stacklevel=3)

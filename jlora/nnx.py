@@ -136,7 +136,7 @@ def resolve(graphdef: Any, state: Any, *args, spec: Spec, **kwargs) -> Spec:
         module(*args, **kwargs)
 
     jax.eval_shape(run, state)
-    return _layers.orient_spec(spec, state, found, seen)
+    return _layers.orient_spec(spec, state, found, seen, api="jlora.nnx")
 
 
 def _kernel_path(module_path: tuple, kind: type) -> str:
