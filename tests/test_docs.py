@@ -42,14 +42,6 @@ CASES = [(rel, i) for rel in FILES for i in range(1, len(BLOCKS[rel]) + 1)]
 
 # Blocks in files other engineers own that do not run yet: strict, so a fix shows as XPASS.
 XFAIL: dict[str, str] = {
-    "docs/models.md#1": "a fragment: no `import jlora`, and `params` is never defined",
-    "docs/models.md#2": "builds on docs/models.md#1; also `config` is never defined",
-    "docs/models.md#3": "builds on docs/models.md#1; also `model`, `variables`, `example_inputs` "
-                        "and `key` are never defined",
-    "docs/models.md#4": "builds on docs/models.md#1; also the layer `MyDense` is never defined",
-    "docs/compose.md#1": "a fragment: no `import jlora`; `adapter_0`, `adapter_7`, `model`, `x` and "
-                         "`ids` are never defined, and `[adapter_0, ..., adapter_7]` passes an "
-                         "Ellipsis to stack",
 }
 
 needs_minilm = pytest.mark.skipif(
