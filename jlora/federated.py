@@ -982,6 +982,9 @@ def simulate(local_update: Callable, trainable: PyTree, frozen: PyTree, data: Py
             personal = jax.device_put(personal, lead)
 
         def sharding(tree):
+            if isinstance(tree, FSLoRAUpload):  # the sketch has no specs: split over clients
+                return tree._replace(tree=sharding(tree.tree), sketch=jax.tree.map(
+                    lambda x: jax.lax.with_sharding_constraint(x, lead), tree.sketch))
             if specs is None:
                 return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, lead), tree)
             sh = jax.tree.map(lambda s: None if s is None else NamedSharding(mesh, s),

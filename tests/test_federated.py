@@ -973,6 +973,25 @@ def test_simulate_fslora_rule_equals_fslora_aggregate_rounds():
                                    u.tree["head"]["bias"].value, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.skipif(jax.device_count() < 3, reason="needs 3 (simulated) devices")
+def test_simulate_fslora_rule_over_a_mesh_with_specs():
+    """FSLoRA uploads (tree + sketch) shard over the clients' mesh axis under ``specs``."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    adapted, data, w = fslora_problem()
+    t0, frozen = jlora.split(adapted)
+    rule = fl.fslora_rule(normalize=True)
+    single = fl.simulate(fslora_local, t0, frozen, data, rounds=2, key=jax.random.key(5),
+                         weights=w, aggregate=rule)
+    mesh = Mesh(np.array(jax.devices()[:3]), ("clients",))
+    specs, _ = jlora.split(jlora.sharding.specs(
+        adapted, {"w": {"kernel": P(None, None)}, "head": {"bias": P(None)}}))
+    sharded = fl.simulate(fslora_local, t0, frozen, data, rounds=2, key=jax.random.key(5),
+                          weights=w, aggregate=rule, mesh=mesh, specs=specs)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 sharded.trainable, single.trainable)
+
+
 def test_fslora_rule_refuses_bad_options_and_uploads():
     with pytest.raises(ValueError, match="fslora_rule: normalize must be a bool"):
         fl.fslora_rule(normalize="yes")
