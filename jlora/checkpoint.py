@@ -340,7 +340,8 @@ def _decode_node(desc: dict, path: str, nodes: dict, states: dict, specs: list):
     # a static field added to a node class after the checkpoint was written keeps its
     # default; an array field must be present
     missing = sorted(f.name for f in dataclasses.fields(cls) if f.name in types_
-                     and f.name not in static and f.default is dataclasses.MISSING)
+                     and f.name not in static and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
     if missing:
         raise _bad(path, "static", f"{name} needs static field(s) {missing}")
     kwargs = {}
@@ -464,17 +465,24 @@ _OVERWRITES = itertools.count()
 
 
 def _recover_replaced(directory: str) -> None:
-    """Put back an old step that a process killed between ``_replace``'s two renames
-    left aside (its step directory missing, the step whole under ``.jlora-replaced-<step>``)."""
+    """Tidy what a process killed mid-overwrite left: an old step it had renamed aside
+    (``.jlora-replaced-<step>``) goes back when ``<step>`` is missing (killed between
+    ``_replace``'s two renames) and is deleted when the new step is in place; a staging
+    directory (``.jlora-overwrite-<step>``, killed while writing) is deleted."""
     try:
         names = os.listdir(directory)
     except OSError:
         return
     for name in names:
-        step = name[len(".jlora-replaced-"):]
-        final = os.path.join(directory, step)
-        if name.startswith(".jlora-replaced-") and step.isdigit() and not os.path.exists(final):
-            os.rename(os.path.join(directory, name), final)
+        path = os.path.join(directory, name)
+        if name.startswith(".jlora-overwrite-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith(".jlora-replaced-") and name[len(".jlora-replaced-"):].isdigit():
+            final = os.path.join(directory, name[len(".jlora-replaced-"):])
+            if os.path.exists(final):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rename(path, final)
 
 
 def _replace(mgr: "Manager", step: int, arrays: dict, meta: dict) -> None:
@@ -491,10 +499,7 @@ def _replace(mgr: "Manager", step: int, arrays: dict, meta: dict) -> None:
     final = os.path.join(mgr.directory, str(step))
     staging = os.path.join(mgr.directory, f".jlora-overwrite-{step}")
     aside = os.path.join(mgr.directory, f".jlora-replaced-{step}")
-    if primary:  # left by a process killed mid-overwrite
-        _recover_replaced(mgr.directory)
-        for stale in (staging, aside):
-            shutil.rmtree(stale, ignore_errors=True)
+    # (what a killed overwrite left was tidied when the Manager opened for writing)
     # barrier names must be unique; every process overwrites in the same order
     call = next(_OVERWRITES)
     multihost.sync_global_processes(f"jlora_overwrite_start_{step}_{call}")
@@ -505,7 +510,10 @@ def _replace(mgr: "Manager", step: int, arrays: dict, meta: dict) -> None:
             try:
                 os.rename(os.path.join(staging, str(step)), final)
             except BaseException:
-                os.rename(aside, final)
+                try:
+                    os.rename(aside, final)
+                except OSError:  # put back by the next Manager opened for writing
+                    pass
                 raise
             shutil.rmtree(aside, ignore_errors=True)
     finally:
@@ -574,7 +582,8 @@ class Manager:
         if not create and not os.path.isdir(self.directory):
             raise ValueError(f"no checkpoint directory at {self.directory}")
         ocp = _ocp()
-        if ocp.multihost.is_primary_host(0):
+        if create and ocp.multihost.is_primary_host(0):
+            # a writer tidies a killed overwrite; Orbax's own barrier (create=True) follows
             _recover_replaced(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                enable_async_checkpointing=False)
@@ -647,7 +656,10 @@ class Manager:
         except BaseException:
             # Orbax writes under "<step>.orbax-checkpoint-tmp..." and renames when complete
             partial = f"{int(step)}.orbax-checkpoint-tmp"
-            names = os.listdir(self.directory) if ocp.multihost.is_primary_host(0) else []
+            try:  # tidying must not hide the error being raised
+                names = os.listdir(self.directory) if ocp.multihost.is_primary_host(0) else []
+            except OSError:
+                names = []
             for name in names:
                 if name.startswith(partial):
                     shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)

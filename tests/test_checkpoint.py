@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -749,7 +750,11 @@ def test_a_step_left_aside_by_a_killed_overwrite_comes_back(tmp_path):
         jlora.checkpoint.save(tmp_path, {"w": jnp.full(2, float(s))}, step=s)
     os.rename(tmp_path / "1", tmp_path / ".jlora-replaced-1")
     os.makedirs(tmp_path / ".jlora-overwrite-1" / "1")
+    shutil.copytree(tmp_path / "2", tmp_path / ".jlora-replaced-2")  # killed after the swap
+    jlora.checkpoint.restore(tmp_path, step=2)  # a reader changes nothing
+    assert ".jlora-replaced-1" in _listing(tmp_path)
     assert jlora.checkpoint.Manager(tmp_path).all_steps() == [1, 2]
+    assert _listing(tmp_path) == ["1", "2"]  # what was left aside is back or gone
     np.testing.assert_array_equal(jlora.checkpoint.restore(tmp_path, step=1)["trainable"]["w"],
                                   np.ones(2, np.float32))
     jlora.checkpoint.save(tmp_path, {"w": jnp.zeros(2)}, step=1, overwrite=True)
