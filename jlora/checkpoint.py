@@ -442,7 +442,10 @@ def save(directory: str, trainable: PyTree, *, step: int, opt_state: PyTree | No
       overwrite: replace an existing checkpoint of the same step (otherwise a
         ``ValueError``). The new step is written completely beside the old one
         and only then swapped in by renames, so a failed write (input that is
-        refused, a full disk, an I/O error) leaves the old step as it was.
+        refused, a full disk, an I/O error) leaves the old step as it was. A
+        process killed between the two renames leaves the old step under
+        ``.jlora-replaced-<step>``; the next ``Manager`` opened for writing
+        (every ``save``) puts it back.
     """
     mgr = Manager(directory, keep=keep)
     exists = step in mgr.all_steps()
