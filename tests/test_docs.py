@@ -9,7 +9,7 @@ block ``i-1`` in its process (``-k``, or pytest-xdist sending a file's blocks to
 workers) first reruns blocks ``1 … i-1``, with their checks, in a fresh one. Code is
 compiled under the markdown file's name and line numbers, so a traceback points at the line
 of the document. ``CHECKS`` asserts what a block prints or what the prose right after it
-states. Blocks of documents owned elsewhere that do not run yet are strict ``XFAIL``s.
+states.
 """
 
 from __future__ import annotations
@@ -39,10 +39,6 @@ def _read(rel: str) -> str:
 
 BLOCKS = {rel: python_blocks(_read(rel)) for rel in FILES}
 CASES = [(rel, i) for rel in FILES for i in range(1, len(BLOCKS[rel]) + 1)]
-
-# Blocks in files other engineers own that do not run yet: strict, so a fix shows as XPASS.
-XFAIL: dict[str, str] = {
-}
 
 needs_minilm = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None
@@ -291,9 +287,7 @@ _STATE: dict[str, tuple[int, dict, str]] = {}  # file -> (last block run, namesp
 
 def _params():
     for rel, i in CASES:
-        marks = [pytest.mark.xfail(strict=True, reason=XFAIL[f"{rel}#{i}"])] \
-            if f"{rel}#{i}" in XFAIL else []
-        yield pytest.param(rel, i, id=f"{rel}#{i}", marks=marks)
+        yield pytest.param(rel, i, id=f"{rel}#{i}")
 
 
 def _run(rel: str, i: int, ns: dict, capsys) -> None:
@@ -309,8 +303,8 @@ def test_every_document_is_covered():
     """The parametrization sees every python block (a renamed or new doc included)."""
     text = "".join(_read(rel) for rel in FILES)
     assert len(CASES) == text.count("```python")
-    stale = (set(XFAIL) | set(CHECKS)) - {f"{rel}#{i}" for rel, i in CASES}
-    assert not stale, f"XFAIL / CHECKS name blocks that no longer exist: {sorted(stale)}"
+    stale = set(CHECKS) - {f"{rel}#{i}" for rel, i in CASES}
+    assert not stale, f"CHECKS name blocks that no longer exist: {sorted(stale)}"
 
 
 @needs_minilm

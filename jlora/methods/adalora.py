@@ -41,7 +41,7 @@ from jlora.methods.base import (
     LinearOp,
     Role,
     base_plus_lowrank,
-    branch_dropout,
+    dropped_delta_dot,
     freeze_in_axes,
     from_matrix,
     leading_in_axes,
@@ -135,9 +135,5 @@ class AdaLoRANode(AdapterNode):
         if leading_in_axes(self):
             return base_plus_lowrank(x, op, self, self.p, self.q, mid=self.lam, scale=self.scale,
                                      dropout_key=dropout_key, dropout=drop)
-        if dropout_key is None or drop == 0:
-            return op(x, self.materialize())
         # inputs that do not lead (an (out, in) kernel): ΔK on the dropped input, as LoRA
-        y = op(x, self.base)
-        d = op(branch_dropout(x, dropout_key, drop), self.delta().astype(self.base.dtype))
-        return y + d.astype(y.dtype)
+        return dropped_delta_dot(x, op, self, self.delta, dropout_key, drop)

@@ -299,6 +299,17 @@ def branch_dropout(x: Array, key: Array | None, rate: float) -> Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def dropped_delta_dot(x: Array, op: LinearOp, node: AdapterNode, delta: Callable[[], Array],
+                      dropout_key: Array | None, rate: float) -> Array:
+    """``op(x, K0) + op(drop(x), ΔK)`` for an op the low-rank branch cannot take (``delta()``:
+    ``ΔK`` laid out like the base); without a key or at rate 0, ``op(x, K0 + ΔK)`` merged."""
+    if dropout_key is None or rate == 0:
+        return op(x, node.materialize())
+    y = op(x, node.base)
+    d = op(branch_dropout(x, dropout_key, rate), delta().astype(node.base.dtype))
+    return y + d.astype(y.dtype)
+
+
 def lowrank_in(x: Array, op: LinearOp, node: AdapterNode, a: Array, *, mid: Array | None = None,
                scale: float = 1.0, dropout_key: Array | None = None, dropout: float = 0.0) -> Array:
     """The rank-``r`` activations ``op(drop(x), a) · mid · scale``, shape ``(..., r)``."""

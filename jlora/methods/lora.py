@@ -88,7 +88,7 @@ from jlora.methods.base import (
     Role,
     accumulation_dtype,
     base_plus_lowrank,
-    branch_dropout,
+    dropped_delta_dot,
     freeze_in_axes,
     from_matrix,
     leading_in_axes,
@@ -338,9 +338,7 @@ class LoRANode(AdapterNode):
         lo = (stacked_lowrank(x, op, self, self.a, self.b, self.scale, base=self.base,
                               dropout_key=dropout_key, dropout=drop)
               if is_stacked(self) else None)
-        if lo is None and (dropout_key is None or drop == 0):
-            return op(x, self.materialize())
-        y = op(x, self.base)
         if lo is None:  # an op the low-rank branch cannot take: ΔK on the dropped input
-            lo = op(branch_dropout(x, dropout_key, drop), self._ab().astype(self.base.dtype))
+            return dropped_delta_dot(x, op, self, self._ab, dropout_key, drop)
+        y = op(x, self.base)
         return y + lo.astype(y.dtype)
