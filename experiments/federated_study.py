@@ -281,9 +281,11 @@ def run(study, name, split, train_lists, test_lists, key, bar):
             sk = fl.fslora_sketch(jax.random.fold_in(kk, 7), t, d["ratio"])
             view = lambda p: fl.fslora_apply(p, sk)
             trained = study.train(t, fr["params"], fr, d, kk, view=view)
-            return fl.fslora_mask(t, trained, sk)
+            return fl.fslora_upload(t, trained, sk)
 
-        state = fl.simulate(memo("update", fs_upd), t0, frozen, data, aggregate=fl.fedavg, **kw)
+        # the released code's averaging over the sampled clients (normalize=False)
+        state = fl.simulate(memo("update", fs_upd), t0, frozen, data, aggregate=fl.fslora_rule(),
+                            **kw)
         comm = [sum(2 * (fac(R * ratios[i]) + head_bytes) for i in sampled(kw["key"], r_, k, m))
                 for r_ in range(args.rounds)]
     elif name in ("PF2LoRA", "FedDPA", "pFedLoRA"):

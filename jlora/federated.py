@@ -1177,31 +1177,17 @@ def fslora_aggregate(global_tree: PyTree, clients: Sequence[PyTree], sketches: S
     :func:`fslora_upload`.
     """
     n = len(clients)
-    p = _weights(weights, n, "fslora_aggregate")
+    _weights(weights, n, "fslora_aggregate")
     if len(sketches) != n:
         raise ValueError(f"jlora.federated.fslora_aggregate: {len(sketches)} sketches for {n} "
                          "clients (one sketch per client, in the same order)")
     from jlora._validate import boolean
 
     boolean("jlora.federated.fslora_aggregate", "normalize", normalize)
-    rest = fedavg(list(clients), weights)
-
-    def one(g, r, *cs_and_ss):
-        cs, ss = cs_and_ss[:n], cs_and_ss[n:]
-        changes = {}
-        component_masks = [_component_mask(c, s) for c, s in zip(cs, ss)]
-        for f in ("a", "b"):
-            if getattr(g, f) is None:
-                continue
-            masks = [m[f] for m in component_masks]
-            num = sum(p[i] * masks[i] * (getattr(c, f) - getattr(g, f)) for i, c in enumerate(cs))
-            if normalize:
-                den = sum(p[i] * masks[i] for i in range(n))
-                num = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
-            changes[f] = (getattr(g, f) + num).astype(getattr(g, f).dtype)
-        return r.replace(**changes)  # fields outside the sketch (DoRA's m): FedAvg's
-
-    return _fslora_map(one, global_tree, rest, *clients, *sketches, other=lambda g, r, *_: r)
+    # each client's values on its sketch and the global ones elsewhere: then the weighted
+    # mean is x_j + Σ_i p_i m_ij (x_ij − x_j), fslora_rule's average of the uploads
+    uploads = [fslora_upload(global_tree, c, s) for c, s in zip(clients, sketches)]
+    return _FSLORA_RULES[normalize](uploads, weights)
 
 
 class FSLoRAUpload(NamedTuple):
