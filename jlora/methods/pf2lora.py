@@ -42,6 +42,7 @@ from jlora.methods.base import (
     Array,
     Config,
     LinearOp,
+    branch_dropout,
     freeze_in_axes,
     from_matrix,
     leading_in_axes,
@@ -157,15 +158,21 @@ class PF2LoRANode(AdapterNode):
         """Multipliers of the shared and personal branches (1 and 1 here)."""
         return 1.0, 1.0
 
-    def delta(self) -> Array:
+    def _branch_deltas(self) -> tuple[Array, Array]:
+        """The shared and personal updates ``w·s·a·b`` and ``w̃·s̃·c·d``, laid out like the base."""
         w_shared, w_personal = self.branch_weights()
         if getattr(w_shared, "ndim", 0):
             # Per-example weights have no single merged weight: a layer served
             # from merged weights gets NaN (loud), the fast path never reads it.
-            return jnp.full(self.shape, jnp.nan, jnp.result_type(self.a))
-        m = (w_shared * self.scale) * (self.a @ self.b) + (
-            w_personal * self.personal_scale) * (self.c @ self.d)
-        return from_matrix(m, self.shape, self.in_axes)
+            nan = jnp.full(self.shape, jnp.nan, jnp.result_type(self.a))
+            return nan, nan
+        return (from_matrix((w_shared * self.scale) * (self.a @ self.b), self.shape, self.in_axes),
+                from_matrix((w_personal * self.personal_scale) * (self.c @ self.d), self.shape,
+                            self.in_axes))
+
+    def delta(self) -> Array:
+        shared, personal = self._branch_deltas()
+        return shared + personal
 
     def materialize(self) -> Array:
         d = self.delta()
@@ -173,12 +180,18 @@ class PF2LoRANode(AdapterNode):
 
     def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
             **context: Any) -> Array:
-        if not leading_in_axes(self):
-            return op(x, self.materialize())
-        y = op(x, self.base)
         drop = self.config.dropout
         # one dropout per branch, as PEFT's per-adapter lora_dropout: independent masks
         k_shared, k_own = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        if not leading_in_axes(self):  # an op the low-rank branches cannot take: dense deltas
+            if dropout_key is None or drop == 0:
+                return op(x, self.materialize())
+            y = op(x, self.base)
+            for key, delta in zip((k_shared, k_own), self._branch_deltas()):
+                y = y + op(branch_dropout(x, key, drop), delta.astype(self.base.dtype)).astype(
+                    y.dtype)
+            return y
+        y = op(x, self.base)
         shared = lowrank_dot(x, op, self, self.a, self.b, scale=self.scale,
                              dropout_key=k_shared, dropout=drop)
         own = lowrank_dot(x, op, self, self.c, self.d, scale=self.personal_scale,

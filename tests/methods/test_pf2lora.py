@@ -192,3 +192,23 @@ def test_per_example_weights_are_one_vector_over_the_examples():
         _rows(jnp.ones((2, 1)), y, examples=2)
     with pytest.raises(ValueError, match=r"per-example weights of shape \(3,\) for a batch of 6"):
         _rows(jnp.ones(3), y)
+
+
+def test_branches_keep_their_dropout_on_kernels_whose_input_axes_are_not_first():
+    """An op the low-rank branches cannot take (``in_axes=(1,)``) still drops each
+    branch's input with its own mask, as the leading-axes path does."""
+    n_feat, rate = 4, 0.5
+    params = {"dense": {"kernel": jnp.zeros((n_feat, n_feat))}}  # (out, in)
+    spec = jlora.Spec({"dense/kernel": jlora.PF2LoRA(n_feat, n_feat, dropout=rate,
+                                                     in_axes=(1,))})
+    node = jlora.apply(params, spec, key=jax.random.key(0))["dense"]["kernel"]
+    eye = jnp.eye(n_feat)
+    node = node.replace(a=eye, b=eye, c=eye, d=2 * eye)  # ΔK = I + 2·I, scales 1
+    x = jnp.ones((2000, n_feat))
+    op = lambda x, k: jnp.einsum("ti,oi->to", x, k)
+    y = node.dot(x, op, dropout_key=jax.random.key(3))
+    code = np.asarray(y, np.float64) * (1 - rate)  # m₁ + 2·m₂ per element
+    values, counts = np.unique(np.round(code, 5), return_counts=True)
+    np.testing.assert_array_equal(values, [0, 1, 2, 3])
+    np.testing.assert_allclose(counts / code.size, 0.25, atol=0.02)  # independent, p = 0.5
+    np.testing.assert_allclose(node.dot(x, op), 3.0)  # no key: the merged kernel, no dropout
