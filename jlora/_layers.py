@@ -296,3 +296,31 @@ def leading_view(node):
                if role == "base" and getattr(node, name, None) is not None}
     return node.replace(**changes, shape=tuple(node.shape[i] for i in perm),
                         in_axes=tuple(range(len(node.in_axes))))
+
+
+def report_merged(api: str, nodes: dict, hits, misses: dict, *, strict: bool,
+                  dropout_key: Any, advice: str, stacklevel: int = 3) -> None:
+    """Warn (``strict``: raise a ``ValueError``) naming every low-rank adapter of ``nodes``
+    that the fast path served from merged weights, with the reason: ``misses[path]``, or no
+    factorized call at all (no known layer uses it). Such an adapter is exact but computed
+    from the dense ``K0 + ΔK``, and with a ``dropout_key`` its adapter dropout does not run."""
+    from jlora.methods.full import FullNode
+
+    merged = [p for p, n in nodes.items()
+              if not isinstance(n, FullNode) and len(n.shape) >= 2
+              and (p in misses or p not in hits)]
+    if not merged:
+        return
+
+    def why(p):
+        reason = misses.get(p, "no known layer uses it")
+        if dropout_key is not None and getattr(nodes[p].config, "dropout", 0):
+            reason += "; its adapter dropout does not run"
+        return f"{p} ({reason})"
+
+    msg = (f"{api}: served from merged weights, not factorized: "
+           + "; ".join(why(p) for p in merged) + f". {advice}")
+    if strict:
+        raise ValueError(msg)
+    warnings.warn(msg, stacklevel=stacklevel + 1)  # the caller's caller: the user's call
+

@@ -497,7 +497,10 @@ def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
     if missed:
         raise ValueError(f"{missed[0]}: a stacked adapter runs only on the fast path, and this "
                          "layer is not on it (jlora.linen.consumed lists what is)")
-    _report(nodes, hits, misses, strict)
+    _layers.report_merged("jlora.linen.apply", nodes, hits, misses, strict=strict,
+                          dropout_key=dropout_key,
+                          advice="Build the spec with jlora.linen.resolve, or register custom "
+                                 "layers with jlora.linen.register.", stacklevel=3)
     _report_modules(around, hits, strict)
     return out
 
@@ -510,21 +513,6 @@ def _report_modules(around, hits, strict):
     if not idle:
         return
     msg = "jlora.linen.apply: module-level adapters that did not run: " + "; ".join(idle)
-    if strict:
-        raise ValueError(msg)
-    warnings.warn(msg, stacklevel=3)
-
-
-def _report(nodes, hits, misses, strict):
-    merged = [p for p, n in nodes.items()
-              if not isinstance(n, FullNode) and len(n.shape) >= 2
-              and (p in misses or p not in hits)]
-    if not merged:
-        return
-    lines = [f"{p} ({misses.get(p, 'no known layer uses it')})" for p in merged]
-    msg = ("jlora.linen.apply: served from merged weights, not factorized: " + "; ".join(lines)
-           + ". Build the spec with jlora.linen.resolve, or register custom layers with "
-           "jlora.linen.register.")
     if strict:
         raise ValueError(msg)
     warnings.warn(msg, stacklevel=3)

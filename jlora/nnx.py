@@ -182,7 +182,8 @@ def _contracted(kind, module, einsum_str: str | None = None) -> tuple[int, ...] 
 
 
 def apply(graphdef: Any, adapted: Any, *args, adapter_ids: Any = None,
-          context: dict | None = None, dropout_key: Any = None, **kwargs) -> Any:
+          context: dict | None = None, dropout_key: Any = None, strict: bool = False,
+          **kwargs) -> Any:
     """Run an NNX model on adapted state, each layer's adapter computed factorized.
 
     ``nnx.merge(graphdef, adapted)(*args, **kwargs)`` where each ``nnx.Linear``,
@@ -199,6 +200,10 @@ def apply(graphdef: Any, adapted: Any, *args, adapter_ids: Any = None,
     neither in the input nor in the output, a per-expert (``expert_axis``)
     adapter, or an adapter whose ``in_axes`` are not the axes the layer
     contracts (:func:`resolve` sets them). Other layers use merged weights.
+    Every low-rank adapter served merged is named in a warning with the
+    reason (a ``ValueError`` with ``strict=True``), as in ``jlora.linen.apply``;
+    with a ``dropout_key`` its adapter dropout does not run. Under ``jit`` the
+    check runs once, at trace time; :func:`consumed` lists the two kinds.
 
     With a tree from ``jlora.compose.stack``, ``adapter_ids`` gives each
     example its adapter (``-1``: the base alone), as in ``jlora.linen.apply``;
@@ -234,6 +239,59 @@ def apply(graphdef: Any, adapted: Any, *args, adapter_ids: Any = None,
         >>> bool(jnp.allclose(y, jlora.nnx.merge(graphdef, adapted)(x), atol=1e-5))
         True
     """
+    from jlora._validate import boolean
+
+    boolean("jlora.nnx.apply", "strict", strict)
+    hits: set = set()
+    misses: dict[str, str] = {}
+    out, nodes = _run(graphdef, adapted, args, kwargs, adapter_ids=adapter_ids, context=context,
+                      dropout_key=dropout_key, hits=hits, misses=misses)
+    _layers.report_merged("jlora.nnx.apply", nodes, hits, misses, strict=strict,
+                          dropout_key=dropout_key,
+                          advice="Build the spec with jlora.nnx.resolve.", stacklevel=2)
+    return out
+
+
+def consumed(graphdef: Any, adapted: Any, *args, **kwargs) -> dict[str, list[str]]:
+    """Which adapter paths :func:`apply` computes factorized, and which it serves merged.
+
+    Runs the model abstractly (``jax.eval_shape``, no FLOPs) with the same
+    arguments as :func:`apply` (``adapter_ids=``, ``context=``,
+    ``dropout_key=`` included) and returns ``{"factorized": [...], "merged":
+    [...]}``. A kernel that one call computes factorized and another serves
+    merged (an ``nnx.Embed`` called and also used through ``attend``) is in
+    both lists.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp, jlora
+        >>> from flax import nnx
+        >>> graphdef, state = nnx.split(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+        >>> adapted = jlora.apply(state, jlora.Spec({"kernel": jlora.LoRA(rank=2)}),
+        ...                       key=jax.random.key(1))
+        >>> jlora.nnx.consumed(graphdef, adapted, jnp.ones((2, 4)))
+        {'factorized': ['kernel'], 'merged': []}
+    """
+    hits: set = set()
+    misses: dict[str, str] = {}
+    options = {k: kwargs.pop(k, None) for k in ("adapter_ids", "context", "dropout_key")}
+    nodes = {}
+
+    def run(adapted):
+        nodes.update(_run(graphdef, adapted, args, kwargs, hits=hits, misses=misses,
+                          **options)[1])
+
+    jax.eval_shape(run, adapted)
+    paths = [p for p, _ in leaves_with_paths(adapted) if p in nodes]
+    return {"factorized": [p for p in paths if p in hits],
+            "merged": [p for p in paths if p not in hits or p in misses]}
+
+
+def _run(graphdef, adapted, args, kwargs, *, adapter_ids, context, dropout_key, hits: set,
+         misses: dict):
+    """The model's output with every known layer's adapter on the fast path, and the
+    adapter nodes by path; ``hits`` gets each path computed factorized, ``misses``
+    each path a call served merged, with the reason."""
     around: dict[str, list] = {}  # module path -> [(node path, node)], applied in that order
     for npath, node in sorted(module_nodes(adapted).items()):
         around.setdefault(node.path, []).append((npath, node))
@@ -243,7 +301,7 @@ def apply(graphdef: Any, adapted: Any, *args, adapter_ids: Any = None,
     plain = _merge_tree(map_with_paths(lambda p, x: x.base if p in stacked else x, adapted))
     module = nnx.merge(graphdef,
                        module_params_applied(plain, [e for v in around.values() for e in v]))
-    hits = set()
+    present = set()
     for path, sub in nnx.iter_modules(module):
         kind = type(sub)
         full = _kernel_path(path, kind) if kind in _KERNELS else None
@@ -251,17 +309,17 @@ def apply(graphdef: Any, adapted: Any, *args, adapter_ids: Any = None,
         if node is not None:
             key = (None if dropout_key is None or kind is nnx.Embed
                    else path_key(dropout_key, full))
-            sub.__class__ = _fast(kind, node, full, key, full in stacked)
-            hits.add(full)
+            sub.__class__ = _fast(kind, node, full, key, full in stacked, hits, misses)
+            present.add(full)
         mpath = "/".join(map(str, path))
         for npath, mnode in around.get(mpath, ()):  # several on one module: nested
             key = None if dropout_key is None else path_key(dropout_key, npath)
             sub.__class__ = _around(type(sub), mnode, key, dict(context or {}))
-    missed = sorted(p for p in stacked if p not in hits)
+    missed = sorted(p for p in stacked if p not in present)
     if missed:
         raise ValueError(f"{missed[0]}: a stacked adapter runs only on the fast path "
                          "(nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv and nnx.Embed)")
-    return module(*args, **kwargs)
+    return module(*args, **kwargs), nodes
 
 
 def _around(kind, node, key, context):
@@ -276,23 +334,38 @@ class _Merged(Exception):
     """This call has no factorized form (the reason); the layer runs on the merged kernel."""
 
 
-def _fast(kind, node, path, key, mixed):
+def _fast(kind, node, path, key, mixed, hits: set, misses: dict):
     """A subclass of ``kind`` whose call runs ``node.dot`` (made per layer, at trace time).
 
     ``key`` is the layer's adapter-dropout key (``None`` at eval, and for
     ``nnx.Embed``). A call without a factorized form runs the layer's own
-    ``__call__`` on the merged kernel the module holds; a mixed-batch adapter
-    (``mixed``, whose module holds the base only) has no such form and raises.
+    ``__call__`` on the merged kernel the module holds, and records why in
+    ``misses``; a mixed-batch adapter (``mixed``, whose module holds the base
+    only) has no such form and raises. ``nnx.Embed.attend`` (a tied output
+    head) always reads the merged table.
     """
     def call(self, *args, **kwargs):
         try:
-            return _factorized(kind, self, node, _bound(kind, self, args, kwargs), key, mixed)
+            y = _factorized(kind, self, node, _bound(kind, self, args, kwargs), key, mixed)
         except _Merged as why:
             if mixed:
                 raise ValueError(f"{path}: a stacked adapter runs only on the fast path, "
                                  f"which this {kind.__name__} call is not on: {why}") from None
+            misses[path] = str(why)
             return kind.__call__(self, *args, **kwargs)
-    return type(f"Factorized{kind.__name__}", (kind,), {"__call__": call})
+        hits.add(path)
+        return y
+
+    methods = {"__call__": call}
+    if kind is nnx.Embed:
+        def attend(self, query):
+            if mixed:
+                raise ValueError(f"{path}: a stacked adapter runs only on the fast path, "
+                                 "which nnx.Embed.attend is not on")
+            misses[path] = "nnx.Embed.attend has no factorized form"
+            return kind.attend(self, query)
+        methods["attend"] = attend
+    return type(f"Factorized{kind.__name__}", (kind,), methods)
 
 
 def _factorized(kind, module, node, call: dict, key, mixed: bool):

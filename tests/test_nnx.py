@@ -538,7 +538,12 @@ def test_nnx_masked_or_grouped_conv_is_served_merged_and_exact(conv):
     adapted = perturb(jlora.apply(state, jlora.Spec({"kernel": jlora.LoRA(rank=2)}),
                                   key=jax.random.key(1)), size=0.5)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 7, 4)), jnp.float32)
-    y = jlora.nnx.apply(graphdef, adapted, x)
+    with pytest.warns(UserWarning, match=r"jlora.nnx.apply: served from merged weights, not "
+                                         r"factorized: kernel \(a Conv with feature_group_count"):
+        y = jlora.nnx.apply(graphdef, adapted, x)
+    with pytest.raises(ValueError, match=r"served from merged weights.*kernel \(a Conv"):
+        jlora.nnx.apply(graphdef, adapted, x, strict=True)
+    assert jlora.nnx.consumed(graphdef, adapted, x) == {"factorized": [], "merged": ["kernel"]}
     node = adapted["kernel"].get_value()
     w = f64(node.base) + node.scale * (f64(node.a) @ f64(node.b)).reshape(node.shape)
     p = _patches(x, (3,), (1,), "VALID")  # (B, out, 3, 4)
@@ -584,3 +589,44 @@ def test_nnx_resolve_shifts_a_scanned_stack_and_asks_for_expert_axis():
     spec = jlora.nnx.resolve(graphdef, state, x, spec=jlora.Spec(
         {"blocks/fc/kernel": jlora.LoRA(rank=2, expert_axis=0)}))
     assert spec.match("blocks/fc/kernel").in_axes == (1,)
+
+
+class _TiedHead(nnx.Module):
+    """An embedding called on ids and read again, tied, by ``attend``."""
+
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(10, 4, rngs=rngs)
+        self.fc = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.emb.attend(self.fc(self.emb(ids)))
+
+
+def test_nnx_apply_names_what_it_serves_merged_and_whose_dropout_does_not_run():
+    """As ``jlora.linen.apply``: an adapter a call serves from merged weights (a tied
+    ``attend``, a layer no known class holds) is named with the reason, with a note when
+    a dropout key was given and its dropout does not run; ``strict`` raises; the merged
+    output is still exact against float64 numpy."""
+    graphdef, state = nnx.split(_TiedHead(nnx.Rngs(0)))
+    spec = jlora.Spec({"emb/embedding": jlora.LoRA(rank=2, dropout=0.3),
+                       "fc/kernel": jlora.LoRA(rank=2)})
+    adapted = perturb(jlora.apply(state, spec, key=jax.random.key(1)), size=0.5)
+    ids = jnp.array([[1, 2, 3]])
+    assert jlora.nnx.consumed(graphdef, adapted, ids) == {
+        "factorized": ["emb/embedding", "fc/kernel"], "merged": ["emb/embedding"]}
+    with pytest.warns(UserWarning, match=r"emb/embedding \(nnx.Embed.attend has no factorized "
+                                         r"form; its adapter dropout does not run\)") as got:
+        jlora.nnx.apply(graphdef, adapted, ids, dropout_key=jax.random.key(2))
+    assert "fc/kernel" not in str(got[0].message) and got[0].filename == __file__
+    with pytest.raises(ValueError, match=r"emb/embedding \(nnx.Embed.attend"):
+        jlora.nnx.apply(graphdef, adapted, ids, strict=True)
+    with pytest.warns(UserWarning) as got:
+        y = jlora.nnx.apply(graphdef, adapted, ids)
+    assert "dropout" not in str(got[0].message)  # no key: nothing is dropped anywhere
+    table = f64(jlora.merge(adapted)["emb"]["embedding"].get_value())
+    fc = jlora.merge(adapted)["fc"]
+    h = table[np.asarray(ids)] @ f64(fc["kernel"].get_value()) + f64(fc["bias"].get_value())
+    np.testing.assert_allclose(f64(y), h @ table.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="jlora.nnx.apply: strict must be a bool"):
+        jlora.nnx.apply(graphdef, adapted, ids, strict="yes")
+
