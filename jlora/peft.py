@@ -518,7 +518,10 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
             stacked[path] = node
             continue
         if not isinstance(node, (LoRANode, DoRANode, QLoRANode)):  # QLoRA: its delta alone
-            raise ValueError(f"{path}: {node.method} adapters have no PEFT LoRA layout")
+            raise ValueError(f"{path}: {node.method} adapters have no PEFT LoRA layout; "
+                             "jlora.compose.to_lora(tree, rank=k) converts them to a LoRA "
+                             "(truncated SVD of each delta, exact when k reaches the "
+                             "delta's rank) that jlora.peft.save writes")
         kind = _kind(path, node)
         a, b, rank, alpha = _export_factors(path, node)
         if kind == "embedding":

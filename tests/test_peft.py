@@ -342,7 +342,8 @@ def test_save_refuses_what_peft_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match=r"Flax modules 'fc1' and 'fc2' both map to the PyTorch module 'fc'"):
         jlora.peft.save(tmp_path, adapted, name_map=lambda p: "fc" if p.startswith("fc") else p)
     vera = jlora.apply(params, jlora.Spec({"fc1/kernel": jlora.VeRA(rank=2)}), key=jax.random.key(0))
-    with pytest.raises(ValueError, match="fc1/kernel: VeRA adapters have no PEFT LoRA layout"):
+    with pytest.raises(ValueError, match="fc1/kernel: VeRA adapters have no PEFT LoRA layout; "
+                                         r"jlora.compose.to_lora\(tree, rank=k\) converts"):
         jlora.peft.save(tmp_path, vera)
     both = jlora.apply(params, jlora.Spec({"fc1/kernel": jlora.LoRA(rank=2), "fc1/bias": jlora.Full()}),
                        key=jax.random.key(0))
@@ -353,6 +354,29 @@ def test_save_refuses_what_peft_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="mix lora_dropout"):
         jlora.peft.save(tmp_path, drop)
     assert not os.listdir(tmp_path)
+
+
+def test_a_pf2lora_tree_reaches_peft_through_the_route_save_names(tmp_path):
+    """PF2LoRA has no PEFT layout; the error's route, ``to_lora`` at rank r + r̃, writes a
+    PEFT LoRA whose loaded kernel is ``K0 + s·a·b + s̃·c·d`` (float64 numpy)."""
+    params = base_params()
+    tree = jlora.apply(params, jlora.Spec({"fc1/kernel": jlora.PF2LoRA(2, 1, alpha=4)}),
+                       key=jax.random.key(0))
+    rng = np.random.default_rng(0)
+    node = tree["fc1"]["kernel"]
+    tree["fc1"]["kernel"] = node = node.replace(
+        **{f: jnp.asarray(rng.normal(size=getattr(node, f).shape), jnp.float32)
+           for f in ("a", "b", "c", "d")})
+    with pytest.raises(ValueError, match="PF2LoRA adapters have no PEFT LoRA layout; "
+                                         r"jlora.compose.to_lora"):
+        jlora.peft.save(str(tmp_path / "x"), tree)
+    f64 = lambda x: np.asarray(x, np.float64)
+    want = (f64(node.base) + 2.0 * f64(node.a) @ f64(node.b)
+            + 1.0 * f64(node.c) @ f64(node.d))  # s = 4/2, s̃ = 1/1
+    jlora.peft.save(str(tmp_path / "lora"), jlora.compose.to_lora(tree, rank=3).tree)
+    loaded = jlora.peft.load(str(tmp_path / "lora"), params)
+    np.testing.assert_allclose(f64(jlora.merge(loaded)["fc1"]["kernel"]), want,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_suffix_ambiguous_names_are_written_exactly(tmp_path):
