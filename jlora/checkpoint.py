@@ -356,6 +356,13 @@ def _decode_node(desc: dict, path: str, nodes: dict, states: dict, specs: list):
                                               f"{_type_name(types_[key])}")
     if not isinstance(kwargs.get("config"), Config):
         raise _bad(path, "static.config", f"not a method config: {_short(kwargs.get('config'))}")
+    owner = _config_owner(type(kwargs["config"]), nodes)
+    if getattr(cls, "config_class", None) is not None and owner is not cls:
+        # e.g. a DoRA config on a LoRANode: it would run as LoRA and look like DoRA
+        raise _bad(path, "static.config",
+                   f"a {type(kwargs['config']).__name__} config builds "
+                   f"{'no adapter node' if owner is None else 'a ' + owner.__name__}, not a "
+                   f"{name}")
     pairs = _pairs(desc, "fields", path, str)
     if sorted(k for k, _ in pairs) != sorted(arrays):
         raise _bad(path, "fields", f"{name} array fields {sorted(k for k, _ in pairs)} are "
@@ -365,6 +372,15 @@ def _decode_node(desc: dict, path: str, nodes: dict, states: dict, specs: list):
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise _bad(path, "node", f"cannot build a {name} ({e})") from None
+
+
+def _config_owner(config_type: type, nodes: dict) -> type | None:
+    """The node class a config of ``config_type`` builds: the one whose ``config_class`` is
+    the nearest class in ``config_type``'s MRO (a ``DoRA`` config: ``DoRANode``, though
+    ``DoRA`` is a ``LoRA``); ``None`` when no node class claims any of them."""
+    owners = {c.config_class: c for found in nodes.values() for c in found
+              if getattr(c, "config_class", None) is not None}
+    return next((owners[k] for k in config_type.__mro__ if k in owners), None)
 
 
 def _type_name(hint: Any) -> str:

@@ -22,6 +22,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jlora
+from jlora.spec import config_to_dict
 
 from tests import ckpt_worker
 
@@ -659,6 +660,11 @@ A = "of trainable/q/kernel/a"
      r"LoRANode has no static field\(s\) \['cache'\] .* in field 'static' of trainable/q/kernel"),
     (_static("ln/scale", "path", "x"),
      r"FullNode has no static field\(s\) \['path'\] .* of trainable/ln/scale"),
+    (_static("q/kernel", "config", {"config": config_to_dict(jlora.DoRA(rank=2, alpha=4))}),
+     r"a DoRA config builds a DoRANode, not a LoRANode in field 'static.config' of "
+     r"trainable/q/kernel"),
+    (_static("q/kernel", "config", {"config": config_to_dict(jlora.VeRA(rank=2))}),
+     r"a VeRA config builds a VeRANode, not a LoRANode in field 'static.config'"),
     (_config_option("rank", 0),
      r"LoRA: rank must be an int >= 1, got 0\) in field 'static.config' of trainable/q/kernel"),
     (_config_option("evil", 1),
