@@ -461,7 +461,8 @@ def save(directory: str, trainable: PyTree, *, step: int, opt_state: PyTree | No
         refused, a full disk, an I/O error) leaves the old step as it was. A
         process killed between the two renames leaves the old step under
         ``.jlora-replaced-<step>``; the next ``Manager`` opened for writing
-        (every ``save``) puts it back.
+        (every ``save``) puts it back, and until then ``restore`` of that step
+        (or of the latest, when it is the newest) is a ``ValueError`` saying so.
     """
     mgr = Manager(directory, keep=keep)
     exists = step in mgr.all_steps()
@@ -481,6 +482,17 @@ def save(directory: str, trainable: PyTree, *, step: int, opt_state: PyTree | No
 
 
 _OVERWRITES = itertools.count()
+
+
+def _left_aside(directory: str) -> list[int]:
+    """The steps an overwrite renamed to ``.jlora-replaced-<step>`` (sorted)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    cut = len(".jlora-replaced-")
+    return sorted(int(n[cut:]) for n in names
+                  if n.startswith(".jlora-replaced-") and n[cut:].isdigit())
 
 
 def _recover_replaced(directory: str) -> None:
@@ -701,10 +713,22 @@ class Manager:
         """Read one step (default the latest); see :func:`restore`."""
         ocp = _ocp()
         steps = self.all_steps()
+        if step is not None:
+            positive_int("jlora.checkpoint", "step", step, minimum=0)
+        # a reader never renames (a writer may be between its two renames): it says so
+        aside = [s for s in _left_aside(self.directory) if s not in steps]
+        missing = step if step in aside else (
+            aside[-1] if step is None and aside and (not steps or aside[-1] > steps[-1])
+            else None)
+        if missing is not None:
+            raise ValueError(
+                f"{self.directory}: step {missing} is under .jlora-replaced-{missing}, where an "
+                "overwrite killed between its two renames left it; opening the directory for "
+                f"writing (jlora.checkpoint.Manager({self.directory!r}), as every save does) "
+                "puts it back")
         if not steps:
             raise self._not_a_checkpoint()
-        step = steps[-1] if step is None else positive_int("jlora.checkpoint", "step", step,
-                                                           minimum=0)
+        step = steps[-1] if step is None else step
         if step not in steps:
             raise ValueError(f"no checkpoint for step {step} in {self.directory}; have {steps}")
         where = os.path.join(self.directory, str(step))

@@ -733,6 +733,23 @@ def test_restoring_onto_a_tree_without_a_stored_path_names_the_checkpoint(tmp_pa
         jlora.checkpoint.restore(tmp_path, onto=frozen)
 
 
+def test_restoring_the_latest_step_refuses_one_left_aside_that_is_newer(tmp_path):
+    """A reader must not hand back step 1 as the latest while a killed overwrite left step 2
+    aside: it names the step and how to put it back, and restores it once that is done."""
+    for s in (1, 2):
+        jlora.checkpoint.save(tmp_path, {"w": jnp.full(2, float(s))}, step=s)
+    os.rename(tmp_path / "2", tmp_path / ".jlora-replaced-2")
+    for step in (None, 2):
+        with pytest.raises(ValueError, match=r"step 2 is under \.jlora-replaced-2"):
+            jlora.checkpoint.restore(tmp_path, step=step)
+    np.testing.assert_array_equal(jlora.checkpoint.restore(tmp_path, step=1)["trainable"]["w"],
+                                  np.ones(2, np.float32))  # an older step is still readable
+    jlora.checkpoint.Manager(tmp_path)
+    got = jlora.checkpoint.restore(tmp_path)
+    assert got["step"] == 2
+    np.testing.assert_array_equal(got["trainable"]["w"], np.full(2, 2.0, np.float32))
+
+
 def test_overwrite_from_several_processes(tmp_path):
     """Every process of a multi-process run calls save(overwrite=True) on one directory:
     they write the new step together and the primary process swaps it in."""
@@ -758,6 +775,9 @@ def test_a_step_left_aside_by_a_killed_overwrite_comes_back(tmp_path):
     os.makedirs(tmp_path / ".jlora-overwrite-1" / "1")
     shutil.copytree(tmp_path / "2", tmp_path / ".jlora-replaced-2")  # killed after the swap
     jlora.checkpoint.restore(tmp_path, step=2)  # a reader changes nothing
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + r": step 1 is under "
+                       r"\.jlora-replaced-1, where an overwrite killed .* puts it back"):
+        jlora.checkpoint.restore(tmp_path, step=1)  # says where the step is, not "no step 1"
     assert ".jlora-replaced-1" in _listing(tmp_path)
     assert jlora.checkpoint.Manager(tmp_path).all_steps() == [1, 2]
     assert _listing(tmp_path) == ["1", "2"]  # what was left aside is back or gone
