@@ -534,23 +534,43 @@ def _replace(mgr: "Manager", step: int, arrays: dict, meta: dict) -> None:
     # barrier names must be unique; every process overwrites in the same order
     call = next(_OVERWRITES)
     multihost.sync_global_processes(f"jlora_overwrite_start_{step}_{call}")
+    swap_error = None
     try:
         Manager(staging, keep=None)._write(step, arrays, meta)
         if primary:
-            os.rename(final, aside)
             try:
-                os.rename(os.path.join(staging, str(step)), final)
-            except BaseException:
-                try:
-                    os.rename(aside, final)
-                except OSError:  # put back by the next Manager opened for writing
-                    pass
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
+                _swap(final, os.path.join(staging, str(step)), aside)
+            except BaseException as e:  # raised below, once every process knows
+                swap_error = e
     finally:
         if primary:
             shutil.rmtree(staging, ignore_errors=True)
+    # the other processes learn whether the primary swapped the new step in, rather than
+    # waiting at the barrier below for a process that has already raised
+    failed = swap_error is not None
+    if multihost.process_count() > 1:
+        failed = bool(multihost.broadcast_one_to_all(np.int32(failed)))
     multihost.sync_global_processes(f"jlora_overwrite_done_{step}_{call}")
+    if swap_error is not None:
+        raise swap_error
+    if failed:
+        raise OSError(f"{final}: the primary process could not swap the rewritten step in "
+                      "(its own error says why); the old step is in place")
+
+
+def _swap(final: str, new: str, aside: str) -> None:
+    """Rename ``final`` aside, ``new`` into its place, then delete the old step; if the second
+    rename fails, put the old step back (or leave it aside for the next writer to restore)."""
+    os.rename(final, aside)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        try:
+            os.rename(aside, final)
+        except OSError:  # put back by the next Manager opened for writing
+            pass
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def restore(directory: str, step: int | None = None, *, spec: Spec | None = None,

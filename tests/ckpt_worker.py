@@ -10,6 +10,12 @@ large frozen tree to every save so a save takes long enough to be interrupted.
 Every process saves one array sharded over all processes' devices as step 1,
 overwrites step 1 with twice the values, restores it and prints
 ``restored <sum> <listing of DIR>``.
+
+    (launched by tests/_multiprocess.py) ckpt_worker.py DIR --overwrite-fails-on-primary
+
+As above, but process 0 first makes step 1 immutable (``chattr +i``), so its rename
+of the old step fails: every process prints ``overwrite failed <error type>``, then
+``restored <sum> <listing>`` of the old step once the flag is cleared.
 """
 
 import argparse
@@ -62,7 +68,7 @@ def run(directory, steps, ballast_mb=0, out=print):
     return trainable, loss
 
 
-def overwrite_on_processes(directory):
+def overwrite_on_processes(directory, fail_on_primary=False):
     """``save(..., overwrite=True)`` from every JAX process of a multi-process run."""
     import numpy as np
     from jax.experimental import multihost_utils
@@ -76,7 +82,22 @@ def overwrite_on_processes(directory):
     tree = lambda scale: {"w": jax.make_array_from_callback(
         values.shape, sharding, lambda index: values[index] * scale)}
     jlora.checkpoint.save(directory, tree(1.0), step=1)
-    jlora.checkpoint.save(directory, tree(2.0), step=1, overwrite=True)
+    if fail_on_primary:
+        import subprocess
+
+        if jax.process_index() == 0:
+            subprocess.run(["chattr", "+i", os.path.join(directory, "1")], check=True)
+        multihost_utils.sync_global_devices("step 1 immutable")
+        try:
+            jlora.checkpoint.save(directory, tree(2.0), step=1, overwrite=True)
+        except Exception as e:
+            print("overwrite failed", type(e).__name__, flush=True)
+        multihost_utils.sync_global_devices("overwrite tried")
+        if jax.process_index() == 0:
+            subprocess.run(["chattr", "-i", os.path.join(directory, "1")], check=True)
+        multihost_utils.sync_global_devices("step 1 mutable")
+    else:
+        jlora.checkpoint.save(directory, tree(2.0), step=1, overwrite=True)
     w = jlora.checkpoint.restore(directory, shardings=sharding)["trainable"]["w"]
     total = float(np.asarray(multihost_utils.process_allgather(w, tiled=True)).sum())
     print("restored", total, sorted(os.listdir(directory)), flush=True)
@@ -88,8 +109,9 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--ballast-mb", type=int, default=0)
     ap.add_argument("--overwrite-on-processes", action="store_true")
+    ap.add_argument("--overwrite-fails-on-primary", action="store_true")
     a = ap.parse_args()
-    if a.overwrite_on_processes:
-        overwrite_on_processes(a.directory)
+    if a.overwrite_on_processes or a.overwrite_fails_on_primary:
+        overwrite_on_processes(a.directory, fail_on_primary=a.overwrite_fails_on_primary)
     else:
         run(a.directory, a.steps, a.ballast_mb, out=lambda s: print(s, flush=True))

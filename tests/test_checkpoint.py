@@ -766,6 +766,27 @@ def test_overwrite_from_several_processes(tmp_path):
     np.testing.assert_array_equal(np.asarray(w), 2 * np.arange(64, dtype=np.float32).reshape(16, 4))
 
 
+def test_a_failed_swap_on_the_primary_process_is_an_error_on_every_process(tmp_path):
+    """Process 0 cannot rename the old step aside (``chattr +i``): it raises its own error
+    and the other process an OSError, both promptly (not a barrier timeout), and step 1
+    keeps its old values."""
+    from tests import _multiprocess
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available or not permitted here")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    directory = tmp_path / "ckpt"
+    logs = _multiprocess.launch(os.path.join("tests", "ckpt_worker.py"),
+                                [directory, "--overwrite-fails-on-primary"], processes=2,
+                                devices=2, timeout=120)
+    assert "overwrite failed PermissionError" in logs[0]
+    assert "overwrite failed OSError" in logs[1]
+    for log in logs:
+        assert f"restored {float(sum(range(64)))} ['1']" in log
+
+
 def test_a_step_left_aside_by_a_killed_overwrite_comes_back(tmp_path):
     """A process killed between the overwrite's two renames leaves the old step whole under
     ``.jlora-replaced-<step>`` and no ``<step>``: opening the directory puts it back."""
