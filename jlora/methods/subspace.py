@@ -11,7 +11,17 @@ and only ``θ^(d)`` is trained. ``d90`` is the smallest ``d`` whose accuracy
 reaches 90% of full training's (MNIST FC 784-200-200-10: ``d90 = 750``).
 Aghajanyan, Zettlemoyer & Gupta (ACL 2021, §3) apply the same Fastfood
 reparameterisation to fine-tuning (RoBERTa on MRPC reaches 90% of full
-fine-tuning with about 200 parameters).
+fine-tuning with about 200 parameters). Their structure-aware variant (SAID,
+``said=True``) gives each of the ``m`` reparameterised tensors its own
+trained scale inside the same budget of ``d`` numbers:
+
+    θ^(D)_i = θ0^(D)_i + λ_i · (P · θ^(d−m))_i,    λ ∈ R^m,   θ^(d−m) = 0 at init,
+
+``i`` ranging over the entries of tensor ``i`` (here one "layer" is one
+targeted leaf: a kernel, a bias). The paper does not state ``λ``'s start
+(**unconfirmed**); it starts at 1, so SAID begins exactly where the plain
+method does and ``λ`` gets a gradient from the first step on (at ``λ = 0``
+both ``λ`` and ``θ^(d−m)`` would have zero gradient).
 
 Projections (``P``'s columns have unit norm, as the paper asks, so a step on
 ``θ^(d)`` moves ``θ^(D)`` by the same length):
@@ -296,6 +306,9 @@ class Subspace(ModuleConfig):
       include: globs, relative to the module, of the leaves to reparameterise
         (default: every floating leaf under it).
       dtype: dtype of ``θ_d``; default float32.
+      said: SAID (Aghajanyan et al., §3): ``m`` of the ``d`` trained numbers are
+        one scale ``λ_i`` per targeted leaf (starting at 1) and ``P`` maps the
+        other ``d − m``: ``θ_i = θ0_i + λ_i·(P·θ_{d−m})_i``. Needs ``d > m``.
       cache: ``False`` (default): the node stores only the key and every use
         draws the projection again (no memory beyond ``θ_d``; the draw costs a
         sort of ``L`` keys for Fastfood). ``True``: ``jlora.apply`` draws it once
@@ -310,10 +323,12 @@ class Subspace(ModuleConfig):
     include: tuple[str, ...] | None = None
     dtype: Any = None
     cache: bool = False
+    said: bool = False
 
     def __post_init__(self):
         v.positive_int("Subspace", "dim", self.dim)
         v.boolean("Subspace", "cache", self.cache)
+        v.boolean("Subspace", "said", self.said)
         v.choice("Subspace", "projection", self.projection, PROJECTIONS)
         object.__setattr__(self, "key", key_tuple("Subspace", self.key))
         inc = self.include
@@ -339,27 +354,39 @@ class Subspace(ModuleConfig):
         if self.dim > size:
             raise ValueError(f"{where}: Subspace dim={self.dim} exceeds D={size}, the number of "
                              "parameters it reparameterises (d <= D)")
+        # SAID spends m of the d numbers on one scale per targeted leaf
+        m = len(targets) if self.said else 0
+        if self.dim <= m:
+            raise ValueError(f"{where}: Subspace(said=True) needs dim > {m}, the number of "
+                             f"leaves it scales (one λ each, inside dim), got dim={self.dim}")
         k = key if self.key is None else key_array(self.key)
         dt = factor_dtype(jnp.float32, self.dtype)
-        parts = (draw(k, size, self.dim, self.projection, jnp.promote_types(dt, jnp.float32))
-                 if self.cache else None)
-        return SubspaceNode(theta=jnp.zeros((self.dim,), dt), key=jax.random.key_data(k),
-                            parts=parts, config=self, path=path, targets=tuple(targets),
+        parts = (draw(k, size, self.dim - m, self.projection,
+                      jnp.promote_types(dt, jnp.float32)) if self.cache else None)
+        return SubspaceNode(theta=jnp.zeros((self.dim - m,), dt), key=jax.random.key_data(k),
+                            parts=parts, scales=jnp.ones((m,), dt) if self.said else None,
+                            config=self, path=path, targets=tuple(targets),
                             target_shapes=shapes)
 
 
 class SubspaceNode(ModuleNode):
-    """``θ_d`` and the projection key of a :class:`Subspace` module: ``θ = θ0 + P·θ_d``."""
+    """``θ_d`` and the projection key of a :class:`Subspace` module: ``θ = θ0 + P·θ_d``
+    (SAID: ``θ_i = θ0_i + λ_i·(P·θ_{d−m})_i``, ``λ`` the ``scales``)."""
 
     theta: Array
     key: Array
     parts: Any = None  # the drawn projection when ``cache=True`` (see :func:`draw`)
+    scales: Array | None = None  # SAID's λ, one per target (``said=True``)
     targets: tuple[str, ...] = struct.field(pytree_node=False, default=())
     target_shapes: tuple[tuple[int, ...], ...] = struct.field(pytree_node=False, default=())
 
     config_class = Subspace
-    trainable = ("theta",)
-    field_axes = {"theta": Role.REPLICATED, "key": Role.REPLICATED, "parts": Role.REPLICATED}
+    field_axes = {"theta": Role.REPLICATED, "key": Role.REPLICATED, "parts": Role.REPLICATED,
+                  "scales": Role.REPLICATED}
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        return ("theta",) if self.scales is None else ("theta", "scales")
     mergeable = True
 
     @property
@@ -378,7 +405,7 @@ class SubspaceNode(ModuleNode):
         flat = {p: x for p, x in leaves_with_paths(params) if not is_node(x)}
         delta = self.offset()
         new, start = {}, 0
-        for p, shape in zip(self.targets, self.target_shapes):
+        for i, (p, shape) in enumerate(zip(self.targets, self.target_shapes)):
             leaf = flat.get(p)
             if leaf is None or tuple(leaf.shape) != shape:
                 got = "no such leaf" if leaf is None else f"shape {tuple(leaf.shape)}"
@@ -387,6 +414,8 @@ class SubspaceNode(ModuleNode):
             n = math.prod(shape)
             dt = jnp.promote_types(leaf.dtype, delta.dtype)
             step = delta[start:start + n].reshape(shape)
+            if self.scales is not None:
+                step = step * self.scales[i].astype(step.dtype)
             new[p] = (leaf.astype(dt) + sign * step).astype(leaf.dtype)
             start += n
         return map_with_paths(lambda p, x: new.get(p, x), params)

@@ -257,3 +257,69 @@ def test_shards_replicated_and_checkpoints(tmp_path):
     jlora.checkpoint.save(str(tmp_path), trainable, step=1, spec=SPEC)
     state = jlora.checkpoint.restore(str(tmp_path), spec=SPEC, onto=frozen)
     chex.assert_trees_all_equal(state["trainable"], trainable)
+
+
+def test_said_scales_each_leaf_inside_the_budget_against_numpy(tmp_path):
+    """SAID (Aghajanyan et al. §3): ``θ_i = θ0_i + λ_i·(P·θ_{d−m})_i``, one ``λ`` per leaf
+    (m = 4 here) inside ``d = 7``; forward, merge and the gradients of ``λ`` and
+    ``θ_{d−m}`` against float64 numpy (central differences of the reference)."""
+    params = Net().init(jax.random.key(0), X)["params"]
+    spec = jlora.Spec({"body": jlora.Subspace(7, key=5, said=True)})
+    adapted = jlora.apply(params, spec, key=jax.random.key(1))
+    node = adapted["body@subspace"]
+    names = [("hidden", "bias"), ("hidden", "kernel"), ("out", "bias"), ("out", "kernel")]
+    assert node.theta.shape == (3,) and node.scales.shape == (4,)
+    np.testing.assert_array_equal(np.asarray(node.scales), 1.0)  # starts as the plain method
+    trainable, frozen = jlora.split(adapted)
+    assert jlora.count_trainable(trainable) == 7  # d numbers in all, λ included
+    body = params["body"]
+    sizes = [body[a][b].size for a, b in names]
+    p = fastfood_matrix(ss.fastfood_factors(jax.random.key(5), node.size, jnp.float32),
+                        node.size, 3)  # P maps the d − m = 3 projected numbers
+    theta0 = flat_targets(body, names)
+
+    def ref_flat(theta, lam):
+        return theta0 + np.repeat(lam, sizes) * (p @ theta)
+
+    def ref_loss(theta, lam):
+        flat, parts, i = ref_flat(theta, lam), {}, 0
+        for n in names:
+            parts[n] = flat[i:i + body[n[0]][n[1]].size].reshape(body[n[0]][n[1]].shape)
+            i += body[n[0]][n[1]].size
+        h = np.maximum(f64(X) @ parts["hidden", "kernel"] + parts["hidden", "bias"], 0)
+        o = (h @ parts["out", "kernel"] + parts["out", "bias"]) @ f64(
+            params["head"]["kernel"]) + f64(params["head"]["bias"])
+        return np.mean(o ** 2)
+
+    theta, lam = np.array([0.4, -0.3, 0.2]), np.array([1.5, 0.5, -1.0, 2.0])
+    tuned = {**trainable, "body@subspace": trainable["body@subspace"].replace(
+        theta=jnp.asarray(theta, jnp.float32), scales=jnp.asarray(lam, jnp.float32))}
+    merged = jlora.merge(jlora.combine(tuned, frozen))
+    np.testing.assert_allclose(flat_targets(merged["body"], names), ref_flat(theta, lam),
+                               rtol=1e-5, atol=1e-6)
+    loss = lambda t: jnp.mean(jlora.linen.apply(Net(), {"params": jlora.combine(t, frozen)},
+                                                X) ** 2)
+    np.testing.assert_allclose(float(loss(tuned)), ref_loss(theta, lam), rtol=1e-5)
+    g = jax.grad(loss)(tuned)["body@subspace"]
+
+    def num_grad(f, x, eps=1e-6):
+        return np.array([(f(x + eps * e) - f(x - eps * e)) / (2 * eps) for e in np.eye(len(x))])
+
+    np.testing.assert_allclose(f64(g.theta), num_grad(lambda t: ref_loss(t, lam), theta),
+                               rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(f64(g.scales), num_grad(lambda l: ref_loss(theta, l), lam),
+                               rtol=1e-3, atol=1e-5)
+    # cache=True and the dense projection draw P for d − m columns too
+    cached = jlora.Subspace(7, key=5, said=True, cache=True).build_module(
+        None, body, path="body")
+    np.testing.assert_allclose(f64(cached.replace(theta=jnp.asarray(theta, jnp.float32)).offset()),
+                               p @ theta, rtol=1e-5, atol=1e-6)
+    jlora.checkpoint.save(str(tmp_path), tuned, step=1, spec=spec)
+    back = jlora.checkpoint.restore(str(tmp_path), spec=spec, onto=frozen)["trainable"]
+    chex.assert_trees_all_equal(back, tuned)
+    with pytest.raises(ValueError, match=r"body: Subspace\(said=True\) needs dim > 4, the "
+                                         r"number of leaves it scales .* got dim=4"):
+        jlora.apply(params, jlora.Spec({"body": jlora.Subspace(4, said=True)}),
+                    key=jax.random.key(0))
+    with pytest.raises(ValueError, match="Subspace: said must be a bool"):
+        jlora.Subspace(7, said="yes")
