@@ -440,10 +440,63 @@ def _config_tail(fan_in_fan_out: bool, to_save: list, base_model_name_or_path, t
     }
 
 
+def _module_nodes_as_lora(adapted: Any) -> Any:
+    """``adapted`` with each module-level adapter in LoRA's form written as the LoRA it is.
+
+    ``MeFT`` reading the module input, at every position, with a linear activation,
+    no ``c`` and a ``Dense`` module is ``y = x·K + s·(drop(x)·D)·U``: PEFT's LoRA with
+    ``lora_A = Dᵀ``, ``lora_B = Uᵀ``, ``r`` and ``lora_alpha`` as configured, exactly,
+    dropout included. Any other module-level adapter is a ``ValueError`` naming it.
+    """
+    from jlora.methods.reft import MeFTNode
+    from jlora.tree import module_nodes, without_module_nodes
+
+    found = module_nodes(adapted)
+    if not found:
+        return adapted
+    kernels = {}
+    for npath, node in sorted(found.items()):
+        why = (node._why_not() if isinstance(node, MeFTNode) else
+               ["it is a module-level adapter (it acts on a module's call, not on a weight)"])
+        if isinstance(node, MeFTNode):
+            if node.config.read != "input":
+                why.append("it reads the module's output (ReFT's form), not its input")
+            if node.c is not None:
+                why.append("its bias c has no place in a PEFT LoRA")
+        if why:
+            raise ValueError(f"jlora.peft.save: {npath}: {node.method} has no PEFT LoRA "
+                             f"layout: {'; '.join(why)}")
+        kernels[f"{node.path}/kernel" if node.path else "kernel"] = node
+    leaves = dict(leaves_with_paths(adapted))
+
+    def as_lora(path, leaf):
+        node = kernels.get(path)
+        if node is None:
+            return leaf
+        if is_node(leaf):
+            raise ValueError(f"jlora.peft.save: {path} carries a {leaf.method} adapter and its "
+                             f"module a MeFT one; a PEFT LoRA holds one adapter per module")
+        cfg = node.config
+        lora = LoRA(rank=cfg.rank, alpha=cfg.rank if cfg.alpha is None else cfg.alpha,
+                    dropout=cfg.dropout, in_axes=(0,))
+        return lora.build(jax.random.key(0), leaf, path=path).replace(a=node.down, b=node.up)
+
+    missing = sorted(p for p in kernels if p not in leaves)
+    if missing:
+        raise ValueError(f"jlora.peft.save: {missing[0]}: no such kernel for the MeFT adapter "
+                         "of its module")
+    return map_with_paths(as_lora, without_module_nodes(adapted))
+
+
 def save(directory: str, adapted: Any, *, name_map: NameMap = None,
          base_model_name_or_path: str | None = None, task_type: str | None = None,
          adapter_name: str = "default", parameter_order=None) -> None:
     """Write ``adapted``'s adapters as a PEFT LoRA (or AdaLoRA) adapter directory.
+
+    ``MeFT`` in LoRA's form (reading a ``Dense`` module's input at every position,
+    linear, no ``c``) is written as the LoRA it is on that module's kernel
+    (``lora_A = Dᵀ``, ``lora_B = Uᵀ``; it loads back as a ``LoRA`` node); other
+    module-level adapters have no PEFT LoRA layout and are refused.
 
     ``Full()`` leaves go to ``modules_to_save``. PEFT wraps every module whose
     name ends with such an entry (a bare suffix: ``classifier`` also wraps
@@ -481,6 +534,7 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
     values that let PEFT build its config; set them in PEFT before training there.
     """
     require_whole(adapted, "jlora.peft.save")
+    adapted = _module_nodes_as_lora(adapted)
     out = _adapter_folder(directory, adapter_name)
     namer = _module_namer(name_map)
     tensors: dict[str, np.ndarray] = {}

@@ -629,4 +629,9 @@ def test_nnx_apply_names_what_it_serves_merged_and_whose_dropout_does_not_run():
     np.testing.assert_allclose(f64(y), h @ table.T, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="jlora.nnx.apply: strict must be a bool"):
         jlora.nnx.apply(graphdef, adapted, ids, strict="yes")
+    # a mixed batch has no merged table for attend to read: refused, not the base alone
+    trees = [jlora.apply(state, spec, key=jax.random.key(i)) for i in range(2)]
+    with pytest.raises(ValueError, match="emb/embedding: a stacked adapter runs only on the "
+                                         "fast path, which nnx.Embed.attend is not on"):
+        jlora.nnx.apply(graphdef, jlora.compose.stack(trees), ids, adapter_ids=jnp.array([1]))
 

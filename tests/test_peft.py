@@ -4,6 +4,7 @@ and (where torch + peft are installed) jlora -> PEFT -> the same outputs."""
 import importlib.util
 import json
 import os
+import re
 import shutil
 
 import flax.linen as nn
@@ -795,3 +796,42 @@ def test_layers_to_transform_is_checked(tmp_path):
     edit_config(d, layers_to_transform=[0], target_modules=["fc1", "fc2"])
     with pytest.raises(ValueError, match="target_modules does not select module"):
         jlora.peft.load(d, base_params())
+
+
+@needs_torch
+def test_meft_in_lora_form_is_written_as_the_lora_it_is(tmp_path):
+    """MeFT reading a Dense module's input at every position with a linear activation is
+    ``x·K + s·(x·D)·U``: saved as a PEFT LoRA (``lora_A = Dᵀ``, ``lora_B = Uᵀ``), PEFT
+    itself gives jlora's outputs and the float64 numpy reference; the ReFT form and a
+    branch bias ``c`` are refused, naming the path and the reason."""
+    import torch
+    from peft import PeftModel
+
+    params = base_params()
+    spec = jlora.Spec({"fc1": jlora.MeFT(rank=3, alpha=6, dropout=0.1)})
+    adapted = jlora.apply(params, spec, key=jax.random.key(0))
+    rng = np.random.default_rng(0)
+    node = adapted["fc1@meft"]
+    adapted["fc1@meft"] = node = node.replace(
+        up=jnp.asarray(rng.normal(size=node.up.shape), jnp.float32))
+    jlora.peft.save(tmp_path, adapted)
+    cfg = json.load(open(tmp_path / "adapter_config.json"))
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (3, 6, 0.1)
+    model = PeftModel.from_pretrained(torch_tiny(params), str(tmp_path)).eval()
+    with torch.no_grad():
+        y_torch = model(torch.tensor(np.asarray(IDS))).numpy()
+    y_jax = jlora.linen.apply(Tiny(), {"params": adapted}, IDS)
+    emb = f64(params["emb"]["embedding"])[np.asarray(IDS)]
+    k1 = f64(params["fc1"]["kernel"]) + 2.0 * f64(node.down) @ f64(node.up)  # s = 6/3
+    h = np.maximum(emb @ k1 + f64(params["fc1"]["bias"]), 0)
+    want = h @ f64(params["fc2"]["kernel"]) + f64(params["fc2"]["bias"])
+    np.testing.assert_allclose(f64(y_torch), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(f64(y_jax), want, rtol=1e-4, atol=1e-5)
+    for config, why in [(jlora.MeFT(rank=2, read="output"), "reads the module's output"),
+                        (jlora.MeFT(rank=2, bias=True), "its bias c has no place"),
+                        (jlora.MeFT(rank=2, activation="relu"), "activation 'relu'")]:
+        tree = jlora.apply(params, jlora.Spec({"fc1": config}), key=jax.random.key(0))
+        with pytest.raises(ValueError, match=f"jlora.peft.save: fc1@meft: MeFT has no PEFT LoRA "
+                                             f"layout: .*{re.escape(why)}"):
+            jlora.peft.save(str(tmp_path / "no"), tree)
+    assert not os.path.exists(tmp_path / "no")
