@@ -281,10 +281,9 @@ def consumed(graphdef: Any, adapted: Any, *args, **kwargs) -> dict[str, list[str
         nodes.update(_run(graphdef, adapted, args, kwargs, hits=hits, misses=misses,
                           **options)[1])
 
-    jax.eval_shape(run, adapted)
-    paths = [p for p, _ in leaves_with_paths(adapted) if p in nodes]
-    return {"factorized": [p for p in paths if p in hits],
-            "merged": [p for p in paths if p not in hits or p in misses]}
+    jax.eval_shape(run, adapted)  # nodes: every adapter node by path, in the tree's order
+    return {"factorized": [p for p in nodes if p in hits],
+            "merged": [p for p in nodes if p not in hits or p in misses]}
 
 
 def _run(graphdef, adapted, args, kwargs, *, adapter_ids, context, dropout_key, hits: set,

@@ -623,9 +623,10 @@ def test_nnx_apply_names_what_it_serves_merged_and_whose_dropout_does_not_run():
     with pytest.warns(UserWarning) as got:
         y = jlora.nnx.apply(graphdef, adapted, ids)
     assert "dropout" not in str(got[0].message)  # no key: nothing is dropped anywhere
-    table = f64(jlora.merge(adapted)["emb"]["embedding"].get_value())
-    fc = jlora.merge(adapted)["fc"]
-    h = table[np.asarray(ids)] @ f64(fc["kernel"].get_value()) + f64(fc["bias"].get_value())
+    emb, fc = adapted["emb"]["embedding"].get_value(), adapted["fc"]["kernel"].get_value()
+    table = f64(emb.base) + emb.scale * f64(emb.a) @ f64(emb.b)  # K0 + s·a·b
+    kernel = f64(fc.base) + fc.scale * f64(fc.a) @ f64(fc.b)
+    h = table[np.asarray(ids)] @ kernel + f64(adapted["fc"]["bias"].get_value())
     np.testing.assert_allclose(f64(y), h @ table.T, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="jlora.nnx.apply: strict must be a bool"):
         jlora.nnx.apply(graphdef, adapted, ids, strict="yes")
