@@ -474,8 +474,8 @@ class Strategy(FedAvg):
             if self.weighted_by_key in record:
                 w = record[self.weighted_by_key]
                 if (isinstance(w, (int, float)) and not isinstance(w, bool)
-                        and math.isfinite(w) and w > 0):
-                    return float(w)
-                raise ValueError(f"client {node}: {self.weighted_by_key} must be a positive "
+                        and math.isfinite(w) and w >= 0):
+                    return float(w)  # 0: a client with no local data weighs nothing (as FedAvg)
+                raise ValueError(f"client {node}: {self.weighted_by_key} must be a non-negative "
                                  f"finite number, got {w!r}")
         raise ValueError(f"client {node}: reply has no MetricRecord with {self.weighted_by_key!r}")

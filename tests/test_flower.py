@@ -191,12 +191,27 @@ def test_strategy_refuses_bad_replies_naming_the_client():
     negative = Message(RecordDict({"arrays": jf.to_records(client_tree(4, 3)),
                                    "metrics": MetricRecord({"num-examples": -1})}),
                        reply_to=instruction(9))   # a reply not built by jf.reply
-    with pytest.raises(ValueError, match="client 9: num-examples must be a positive"):
+    with pytest.raises(ValueError, match="client 9: num-examples must be a non-negative"):
         st.aggregate_train(1, [good, negative])
     no_metrics = Message(RecordDict({"arrays": jf.to_records(client_tree(4, 3))}),
                          reply_to=instruction(10))
     with pytest.raises(ValueError, match="client 10: reply has no MetricRecord"):
         st.aggregate_train(1, [good, no_metrics])
+
+
+def test_strategy_gives_a_client_without_data_weight_zero_as_flowers_fedavg():
+    from flwr.serverapp.strategy import FedAvg
+
+    empty = jf.reply(instruction(10), client_tree(4, 1), num_examples=0)
+    full = jf.reply(instruction(11), client_tree(4, 2), num_examples=3)
+    ours, _ = jf.Strategy(client_tree(4, 0), rule=weighted_mean).aggregate_train(1, [empty, full])
+    theirs, _ = FedAvg().aggregate_train(1, [empty, full])
+    expected = jf.to_records(client_tree(4, 2))
+    for name in expected:
+        np.testing.assert_array_equal(ours[name].numpy(), expected[name].numpy())
+        np.testing.assert_array_equal(theirs[name].numpy(), expected[name].numpy())
+    with pytest.raises(ValueError, match="all zero"):  # a round where no client had data
+        jf.Strategy(client_tree(4, 0)).aggregate_train(1, [empty, empty])
 
 
 # ---------------------------------------------------------------- with jlora.federated's rules
