@@ -74,6 +74,7 @@ import re
 import shutil
 import stat
 import tempfile
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -518,7 +519,8 @@ def save(directory: str, adapted: Any, *, name_map: NameMap = None,
     Several of them on one module nest in PyTorch's parameter registration
     order, which the Flax tree does not record: ``parameter_order`` lists the
     parameter names in that order (e.g. ``["gate_up_proj", "down_proj"]``);
-    names it leaves out follow, sorted.
+    names it leaves out follow, sorted, with a warning where two or more are
+    left out on one module.
 
     A tree of AdaLoRA adapters (``AdaLoRA`` on Linear-style or Conv kernels, with
     ``Full()`` leaves as ``modules_to_save``) is written as a PEFT ``ADALORA`` adapter;
@@ -986,8 +988,10 @@ def load(directory: str, params: Any, *, name_map: NameMap = None,
     leaf ``<module path>/<parameter name>``: ``(E, in, out)`` kernels get
     ``in_axes=(1,)``, ``(E, out, in)`` ones ``(2,)`` (a square one: ``in_axes``
     given for its path, else ``(1,)``). Wrappers nested on one module are
-    matched in ``parameter_order`` (see :func:`save`), or in the one order the
-    tensors' shapes fit.
+    matched in ``parameter_order`` (see :func:`save`); without it, in the order the
+    tensors' shapes fit. Where more than one fits (an expert MLP's ``(E, D, F)`` and
+    ``(E, F, D)`` projections on one module), it warns and takes the names' sorted
+    order if that fits: pass ``parameter_order`` unless that is the module's order.
 
     ``peft_type: "ADALORA"`` adapters become AdaLoRA nodes with ``init_rank = init_r``,
     ``target_rank = target_r``, ``dropout = lora_dropout`` and
@@ -1605,6 +1609,14 @@ def _save_experts(stacked: dict, namer, parameter_order, put) -> dict[str, dict]
         names[f"{module}.{leaf}"] = path
         by_module[module].append(leaf)
     keys = _wrapper_keys(by_module, order)
+    for module, leaves_of in by_module.items():
+        unordered = sorted(set(leaves_of) - set(order))
+        if len(leaves_of) > 1 and len(unordered) > 1:
+            warnings.warn(f"jlora.peft.save: module {module!r} has target_parameters adapters on "
+                          f"{sorted(leaves_of)}; PEFT nests them in the PyTorch module's parameter "
+                          f"order, which the Flax tree does not record, so the file takes "
+                          f"{_registration_order(leaves_of, order)}. Pass parameter_order= unless "
+                          "that is the module's order", stacklevel=3)
     out = {}
     for name, path in names.items():
         node = stacked[path]
@@ -1689,10 +1701,19 @@ def _load_experts(config: dict, cfg_path: str, weights_path: str, tensors: dict,
             return perm, out
 
         found = fits(tuple(ordered))
-        if found is None:  # another registration order than the default: unique by shapes?
+        if found is None or not order:  # the orders the shapes fit: is the default the only one?
             every = [f for p in itertools.islice(itertools.permutations(ordered), 720)
                      if (f := fits(p)) is not None]
-            found = every[0] if len(every) == 1 else None
+            if len(every) > 1 and not order:
+                found = found or every[0]
+                warnings.warn(
+                    f"jlora.peft.load: {weights_path}: the target_parameters tensors of module "
+                    f"{module!r} fit its parameters in {len(every)} registration orders "
+                    f"({', '.join(str(list(f[0])) for f in every)}), each a different adapter; "
+                    f"took {list(found[0])}. Pass parameter_order= with the PyTorch module's "
+                    "parameter order to choose", stacklevel=4)
+            elif found is None:
+                found = every[0] if len(every) == 1 else None
         if found is None:
             shapes = {leaf: tuple(np.shape(leaves[names[f"{module}.{leaf}"]])) for leaf in ordered}
             raise ValueError(

@@ -4,6 +4,7 @@ float64 reference of PEFT's ``ParamWrapper`` delta."""
 
 import importlib.util
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -145,7 +146,10 @@ def test_jlora_to_peft_and_peft_to_jlora_on_a_torch_moe(tmp_path):
     src.save_pretrained(str(tmp_path / "p2j"))
     with torch.no_grad():
         want = [t.numpy() for t in src(torch.from_numpy(x))]
-    back = jlora.peft.load(tmp_path / "p2j", params)  # nesting order found from the shapes
+    # w_in (E, D, F) and w_out (E, F, D) fit either nesting: a warning, and the names' sorted
+    # order, which is this module's registration order
+    with pytest.warns(UserWarning, match=r"module 'experts' fit its parameters in 2"):
+        back = jlora.peft.load(tmp_path / "p2j", params)
     assert back["shared"]["w"].rank == 2 and back["experts"]["w_in"].a.shape == (E, D, 3)
     for g, w in zip(jax_forward(jlora.merge(back), jnp.asarray(x)), want):
         np.testing.assert_allclose(f64(g), f64(w), rtol=1e-5, atol=1e-5)
@@ -177,3 +181,50 @@ def test_expert_adapters_peft_refusals(tmp_path):
         rank=2)}), key=jax.random.key(0)))
     with pytest.raises(ValueError, match=r"in_axes \(2,\) for fc/kernel"):
         jlora.peft.load(tmp_path / "flat", flat, in_axes={"fc/kernel": (2,)})
+
+
+@needs_torch
+def test_target_parameters_that_fit_in_two_orders_need_parameter_order(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.numpy import load_file
+
+    class Experts(torch.nn.Module):  # gate_up (E, in, out) beside down (E, out, in): both nest
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(torch.randn(3, 6, 8))
+            self.down_proj = torch.nn.Parameter(torch.randn(3, 8, 6))
+
+    torch.manual_seed(0)
+    base = torch.nn.Module()
+    base.experts = Experts()
+    params = {"experts": {n: jnp.asarray(getattr(base.experts, n).detach().numpy())
+                          for n in ("gate_up_proj", "down_proj")}}
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=[], init_lora_weights=False,
+                     target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    peft_model = get_peft_model(base, cfg)
+    peft_model.save_pretrained(str(tmp_path))
+    merged = peft_model.merge_and_unload().experts
+    # both nestings fit the shapes (each with the other orientation): a warning names them
+    with pytest.warns(UserWarning, match=r"module 'experts' fit its parameters in 2 registration "
+                      r"orders \(\['down_proj', 'gate_up_proj'\], \['gate_up_proj', 'down_proj'\]\)"):
+        guessed = jlora.merge(jlora.peft.load(tmp_path, params))
+    assert np.abs(f64(guessed["experts"]["down_proj"])
+                  - f64(merged.down_proj.detach().numpy())).max() > 0.1  # sorted: the wrong one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = jlora.merge(jlora.peft.load(tmp_path, params,
+                                           parameter_order=["gate_up_proj", "down_proj"]))
+    for name in ("gate_up_proj", "down_proj"):
+        np.testing.assert_allclose(f64(back["experts"][name]),
+                                   f64(getattr(merged, name).detach().numpy()), atol=1e-5)
+    # saving two parameters of one module without their order warns too; with it, PEFT's file
+    adapted = jlora.peft.load(tmp_path, params, parameter_order=["gate_up_proj", "down_proj"])
+    with pytest.warns(UserWarning, match=r"jlora.peft.save: module 'experts'.*parameter_order"):
+        jlora.peft.save(tmp_path / "sorted", adapted)
+    jlora.peft.save(tmp_path / "ordered", adapted, parameter_order=["gate_up_proj", "down_proj"])
+    ours = load_file(tmp_path / "ordered" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        np.testing.assert_allclose(f64(ours[key]), f64(theirs[key]), atol=1e-6)
