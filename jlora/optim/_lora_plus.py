@@ -1,8 +1,10 @@
 """LoRA+ (Hayou et al. 2024, arXiv 2402.12354): a larger learning rate for ``b``.
 
-``b`` factors and, as in PEFT's ``create_loraplus_optimizer``, every 1-D adapter
-vector (DoRA's ``m``, VeRA's scales, AdaLoRA's ``λ``) use ``lr·ratio``; every
-other trainable leaf (``a`` factors, ``Full()`` leaves) uses ``lr``.
+``b`` factors (every factor that maps the rank to the output, ``Role.RANK_OUT``:
+AdaLoRA's ``q``, which PEFT stores as ``lora_B``, GLoRA's ``a_d`` and ``b_d``) and,
+as in PEFT's ``create_loraplus_optimizer``, every 1-D adapter vector (DoRA's ``m``,
+VeRA's scales, AdaLoRA's ``λ``) use ``lr·ratio``; every other trainable leaf
+(``a`` factors, ``Full()`` leaves) uses ``lr``.
 
 Example::
 
@@ -26,14 +28,14 @@ import optax
 
 from jlora._validate import function, real
 from jlora.methods.full import FullNode
-from jlora.tree import is_node
+from jlora.tree import Role, is_node
 
 FAST_FIELDS = frozenset({"b"})
 Label = Literal["base", "fast"]
 
 
 def labels(trainable) -> object:
-    """``"fast"`` for ``b`` factors and 1-D adapter vectors, ``"base"`` for the rest
+    """``"fast"`` for ``b``-side factors and 1-D adapter vectors, ``"base"`` for the rest
     (a tree of :data:`Label` in the shape of ``trainable``, for ``optax.partition``)."""
 
     def label(x) -> Any:
@@ -41,8 +43,10 @@ def labels(trainable) -> object:
             return "base"
         adapter = not isinstance(x, FullNode)  # Full(): an ordinary weight, trained at lr
         vector = 1 + (getattr(x.config, "expert_axis", None) is not None)  # one per expert
+        roles = type(x).field_axes
         return x.replace(**{
-            f: ("fast" if adapter and (f in FAST_FIELDS or getattr(x, f).ndim == vector)
+            f: ("fast" if adapter and (f in FAST_FIELDS or roles.get(f) is Role.RANK_OUT
+                                       or getattr(x, f).ndim == vector)
                 else "base")
             for f in x.trainable if getattr(x, f) is not None})
 

@@ -62,3 +62,28 @@ def test_lora_plus_trains_full_vectors_at_lr_and_stacked_adapter_vectors_fast():
     np.testing.assert_allclose(f64(node.m), -1.6, rtol=1e-6)
     np.testing.assert_allclose(f64(node.b), -1.6, rtol=1e-6)
     np.testing.assert_allclose(f64(node.a), -0.1, rtol=1e-6)
+
+
+def test_lora_plus_gives_adalora_q_the_b_rate_as_peft_gives_lora_b():
+    pytest.importorskip("peft")
+    import torch
+    from peft import AdaLoraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+
+    net = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 6)),
+                         AdaLoraConfig(target_modules=["0"], init_r=4, target_r=2, total_step=10))
+    opt = create_loraplus_optimizer(net, optimizer_cls=torch.optim.SGD, lr=0.1, loraplus_lr_ratio=16)
+    names = {id(p): n for n, p in net.named_parameters()}
+    peft_lr = {names[id(p)].split(".")[-2]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert peft_lr["lora_B"] == pytest.approx(1.6) and peft_lr["lora_A"] == pytest.approx(0.1)
+    params = {"w": {"kernel": jnp.ones((8, 6))}}
+    trainable, _ = jlora.split(jlora.apply(
+        params, jlora.Spec({"w/kernel": jlora.AdaLoRA(init_rank=4, target_rank=2)}),
+        key=jax.random.key(0)))
+    tx = jlora.optim.lora_plus(optax.sgd, lr=0.1, ratio=16)
+    upd, _ = tx.update(jax.tree.map(jnp.ones_like, trainable), tx.init(trainable), trainable)
+    node = upd["w"]["kernel"]
+    np.testing.assert_allclose(f64(node.q), -peft_lr["lora_B"], rtol=1e-6)  # q = lora_Bᵀ
+    np.testing.assert_allclose(f64(node.p), -peft_lr["lora_A"], rtol=1e-6)  # p = lora_Aᵀ
+    # λ: a 1-D vector here, fast as DoRA's m (PEFT's lora_E is (r, 1), so it gets lr)
+    np.testing.assert_allclose(f64(node.lam), -1.6, rtol=1e-6)
