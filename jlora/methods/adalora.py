@@ -40,6 +40,7 @@ from jlora.methods.base import (
     Config,
     LinearOp,
     Role,
+    accumulation_dtype,
     base_plus_lowrank,
     dropped_delta_dot,
     freeze_in_axes,
@@ -127,7 +128,9 @@ class AdaLoRANode(AdapterNode):
         return self.config.scale
 
     def delta(self) -> Array:
-        return from_matrix(self.scale * ((self.p * self.lam) @ self.q), self.shape, self.in_axes)
+        acc = accumulation_dtype(self.p.dtype, self.q.dtype)  # one rounding, at the end
+        d = self.scale * ((self.p.astype(acc) * self.lam.astype(acc)) @ self.q.astype(acc))
+        return from_matrix(d, self.shape, self.in_axes).astype(self.q.dtype)
 
     def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
             **context: Any) -> Array:

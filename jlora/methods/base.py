@@ -138,9 +138,11 @@ class AdapterNode(struct.PyTreeNode, NodeBase, kw_only=True):
         raise NotImplementedError(f"{type(self).__name__} defines no delta()")
 
     def materialize(self) -> Array:
-        """``base + delta()`` in the delta's precision, cast back to the base dtype."""
+        """``base + delta()`` in :func:`accumulation_dtype` precision, cast back to the
+        base dtype: bfloat16 factors do not round a float32 base."""
         d = self.delta()
-        return (self.base.astype(d.dtype) + d).astype(self.base.dtype)
+        acc = accumulation_dtype(self.base.dtype, d.dtype)
+        return (self.base.astype(acc) + d.astype(acc)).astype(self.base.dtype)
 
     def dot(self, x: Array, op: LinearOp, *, dropout_key: Array | None = None,
             **context: Any) -> Array:

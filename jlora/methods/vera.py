@@ -44,6 +44,7 @@ from jlora.methods.base import (
     Config,
     LinearOp,
     Role,
+    accumulation_dtype,
     base_plus_lowrank,
     freeze_in_axes,
     from_matrix,
@@ -120,8 +121,10 @@ class VeRANode(AdapterNode):
                   "lambda_d": Role.REPLICATED, "lambda_b": Role.OUT}
 
     def delta(self) -> Array:
-        return from_matrix(((self.a * self.lambda_d) @ self.b) * self.lambda_b,
-                           self.shape, self.in_axes)
+        acc = accumulation_dtype(self.a.dtype, self.lambda_d.dtype)  # one rounding, at the end
+        f = lambda x: x.astype(acc)
+        d = ((f(self.a) * f(self.lambda_d)) @ f(self.b)) * f(self.lambda_b)
+        return from_matrix(d, self.shape, self.in_axes).astype(self.lambda_b.dtype)
 
     def dot(self, x: Array, op: LinearOp, **context: Any) -> Array:
         return base_plus_lowrank(x, op, self, self.a, self.b, mid=self.lambda_d,

@@ -205,3 +205,21 @@ def test_every_bad_option_is_a_value_error_naming_option_and_value(cls, kwargs, 
 def test_unknown_options_are_named():
     with pytest.raises(ValueError, match=r"Full: unknown option\(s\) \['value'\]"):
         jlora.Full(value=1)
+
+
+@pytest.mark.parametrize("config", [
+    jlora.LoRA(rank=4, dtype=jnp.bfloat16), jlora.VeRA(rank=8, dtype=jnp.bfloat16),
+    jlora.AdaLoRA(init_rank=4, target_rank=2, dtype=jnp.bfloat16),
+    jlora.GLoRA(rank=4, dtype=jnp.bfloat16)], ids=lambda c: type(c).__name__)
+def test_bfloat16_factors_do_not_round_a_float32_base_when_merged(config):
+    k0 = jax.random.normal(jax.random.key(0), (64, 32), jnp.float32)
+    node = config.build(jax.random.key(1), k0, path="kernel")
+    assert np.array_equal(np.asarray(node.materialize()), np.asarray(k0))  # ΔK = 0 at init
+    # random factors: K0 + ΔK with ΔK rounded once to bfloat16, K0 itself not rounded
+    rng = np.random.default_rng(2)
+    node = node.replace(**{f: jnp.asarray(rng.normal(size=getattr(node, f).shape) * 0.1,
+                                          getattr(node, f).dtype) for f in node.trainable})
+    delta = f64(node.delta())
+    tol = 2.0 ** -8 * np.abs(delta).max() + 1e-6  # ΔK within bfloat16 rounding
+    np.testing.assert_allclose(f64(node.materialize()), f64(k0) + delta, rtol=0, atol=tol)
+    assert np.abs(f64(k0) - f64(k0.astype(jnp.bfloat16))).max() > 3 * tol  # what rounding K0 costs
