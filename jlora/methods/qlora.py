@@ -37,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import jax
@@ -292,7 +293,9 @@ def from_lora(adapted: Any, quantized: Any = None, *, quant: str = "nf4", block_
 
     Without ``quantized``, each node's float base is quantized with the given
     options. Nodes with PiSSA/OLoRA's initial factors or a stacked axis keep
-    their own class.
+    their own class, and so, with a warning naming them, do nodes that train one
+    factor only (LoRA-FA's ``train_a=False``, MiCA's ``init="mica"``): a QLoRA
+    node trains both.
     """
     from jlora.methods.lora import LoRANode
     from jlora.tree import leaves_with_paths, map_with_paths
@@ -303,8 +306,13 @@ def from_lora(adapted: Any, quantized: Any = None, *, quant: str = "nf4", block_
             quantized, is_leaf=lambda x: isinstance(x, Q.QuantizedArray))
             if isinstance(q, Q.QuantizedArray)}
 
+    one_factor = []
+
     def one(path, node):
         if type(node) is not LoRANode or node.a0 is not None or is_stacked(node):
+            return node
+        if node.trainable != ("a", "b"):
+            one_factor.append(f"{path} (trains {', '.join(node.trainable)} only)")
             return node
         c = node.config
         q = given.get(path)
@@ -321,4 +329,8 @@ def from_lora(adapted: Any, quantized: Any = None, *, quant: str = "nf4", block_
         return QLoRANode(quantized=q, a=node.a, b=node.b, config=cfg, shape=node.shape,
                          in_axes=node.in_axes)
 
-    return map_with_paths(one, adapted)
+    out = map_with_paths(one, adapted)
+    if one_factor:
+        warnings.warn("jlora.methods.qlora.from_lora: kept as LoRA nodes with a float base: "
+                      f"{'; '.join(one_factor)}; a QLoRA node trains both factors", stacklevel=2)
+    return out

@@ -172,6 +172,21 @@ def test_peft_save_is_a_plain_lora_adapter_that_peft_loads_on_bnb_4bit(tmp_path)
                                rtol=1e-5, atol=1e-5)
 
 
+def test_from_lora_keeps_nodes_that_train_one_factor_and_says_so():
+    params = {n: {"kernel": jax.random.normal(jax.random.key(i), (64, 16))}
+              for i, n in enumerate(("fa", "mica", "plain"))}
+    spec = jlora.Spec({"fa/kernel": jlora.LoRA(rank=2, train_a=False),
+                       "mica/kernel": jlora.LoRA(rank=2, init="mica"),
+                       "plain/kernel": jlora.LoRA(rank=2)})
+    adapted = jlora.apply(params, spec, key=jax.random.key(3))
+    with pytest.warns(UserWarning, match=r"fa/kernel \(trains b only\); mica/kernel \(trains a only\)"):
+        out = jlora.methods.qlora.from_lora(adapted)
+    assert out["fa"]["kernel"] is adapted["fa"]["kernel"]
+    assert out["mica"]["kernel"] is adapted["mica"]["kernel"]
+    assert isinstance(out["plain"]["kernel"], jlora.methods.QLoRANode)
+    assert jlora.count_trainable(out) == jlora.count_trainable(adapted)  # nothing unfrozen
+
+
 @pytest.mark.experiments
 def test_study_smoke():
     import argparse
