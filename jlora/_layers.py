@@ -121,6 +121,11 @@ def einsum_equation(module: nn.Einsum, args, kwargs) -> str | None:
     return module.einsum_str if eq is None else eq
 
 
+def as_tuple(v) -> tuple:
+    """A layer option that Flax takes as one int or a sequence of them, as a tuple."""
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
 def contracted_axes(module: nn.Module, method: str, args, kwargs) -> tuple[int, ...] | None:
     """The kernel axes ``module`` contracts with its input in this call, or None."""
     cls = type(module)
@@ -129,9 +134,8 @@ def contracted_axes(module: nn.Module, method: str, args, kwargs) -> tuple[int, 
     if cls is nn.Dense or cls is nn.Embed:
         return (0,)
     if cls is nn.DenseGeneral:
-        axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-        nb = len(module.batch_dims)
-        return tuple(range(nb, nb + len(axis)))
+        nb = len(as_tuple(module.batch_dims))  # Flax takes one int for one batch axis
+        return tuple(range(nb, nb + len(as_tuple(module.axis))))
     if cls is nn.Conv:
         window = module.kernel_size  # Flax also takes one int for a 1-D window
         ndim = (len(window) if isinstance(window, (tuple, list)) else 1) + 2  # window..., in, out
@@ -220,9 +224,10 @@ def orient_spec(spec: Spec, params: Any, found: dict[str, set],
                          f"{type(spec).__name__}")
     groups: dict[tuple[int, Any], list[str]] = {}
     for path, leaf in leaves_with_paths(params):
-        index = next((i for i, r in enumerate(spec.rules) if r.matches(path)), None)
-        if index is None:
+        hits = spec.hits(path, level="leaf")  # as jlora.apply: module rules claim no leaf
+        if not hits:
             continue
+        index = hits[0]
         config = spec.rules[index].config
         shape = tuple(np.shape(leaf))
         has_axes = any(f.name == "in_axes" for f in dataclasses.fields(config))

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora import _layers
-from jlora._layers import register
+from jlora._layers import as_tuple, register
 from jlora.methods.full import FullNode
 from jlora.methods._experts import is_slice, is_stacked
 from jlora.methods.stacked import bind_adapter_ids
@@ -87,8 +87,8 @@ def _dense(module: nn.Dense, node, method, args, kwargs, key):
 
 def _dense_general(module: nn.DenseGeneral, node, method, args, kwargs, key):
     (x,) = args
-    axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-    if module.batch_dims or len(node.in_axes) != len(axis):
+    axis = as_tuple(module.axis)
+    if as_tuple(module.batch_dims) or len(node.in_axes) != len(axis):
         return NotImplemented
     n_in = len(axis)
     op = lambda x, k: _sub_apply(module, k, x, features=tuple(k.shape[n_in:]))
@@ -234,10 +234,6 @@ def _holds_node(module: nn.Module) -> bool:
     return any(is_node(v) for v in module.variables.get("params", {}).values())
 
 
-def _as_tuple(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
-
-
 def _declared_shape(module: nn.Module, args) -> tuple[int, ...] | None:
     """The kernel shape a built-in layer declares for this input (None: not known here).
 
@@ -247,10 +243,10 @@ def _declared_shape(module: nn.Module, args) -> tuple[int, ...] | None:
     cls, x = type(module), args[0] if args else None
     if cls is nn.Dense:
         return (jnp.shape(x)[-1], module.features)
-    if cls is nn.DenseGeneral and not module.batch_dims:
+    if cls is nn.DenseGeneral and not as_tuple(module.batch_dims):
         ndim = jnp.ndim(x)
-        return (tuple(jnp.shape(x)[a % ndim] for a in _as_tuple(module.axis))
-                + _as_tuple(module.features))
+        return (tuple(jnp.shape(x)[a % ndim] for a in as_tuple(module.axis))
+                + as_tuple(module.features))
     if cls is nn.Conv and isinstance(module.kernel_size, (tuple, list)):
         groups = module.feature_group_count
         return tuple(module.kernel_size) + (jnp.shape(x)[-1] // groups, module.features)

@@ -349,3 +349,41 @@ def test_a_jlora_nodes_module_counts_as_factorized():
     assert seen == ["LoRANode"]
     assert jlora.linen.consumed(model, {"params": adapted}, x, sizes) == {
         "factorized": ["experts"], "merged": []}
+
+
+def test_resolve_leaves_leaves_to_leaf_rules_as_apply_does():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(8, name="fc")(x)
+            return nn.Einsum((2, 8, 4), "btd,ndh->btnh", name="ein")(h)
+
+    x = jnp.ones((1, 3, 8))
+    model = Block()
+    variables = model.init(jax.random.key(0), x)
+    # "fc/**" names the module fc for AdaptFormer and, as a glob, also its leaves
+    spec = jlora.Spec({"fc/**": jlora.AdaptFormer(bottleneck=2), "**/kernel": jlora.LoRA(rank=2)})
+    resolved = jlora.linen.resolve(model, variables, x, spec=spec)
+
+    def adapted(s):
+        tree = jlora.apply(variables["params"], s, key=jax.random.key(1))
+        return sorted(p for p, n in jlora.tree.leaves_with_paths(tree) if jlora.is_node(n))
+
+    assert adapted(resolved) == adapted(spec) == ["ein/kernel", "fc/kernel", "fc@adaptformer"]
+    assert resolved.match("ein/kernel").in_axes == (1,)  # the Einsum's orientation, read
+
+
+def test_dense_general_with_an_int_batch_dims_resolves_and_serves_merged():
+    x = jax.random.normal(jax.random.key(1), (2, 5, 7))
+    model = nn.DenseGeneral(4, axis=-1, batch_dims=0)  # Flax reads 0 as (0,)
+    variables = model.init(jax.random.key(0), x)
+    assert variables["params"]["kernel"].shape == (2, 7, 4)
+    spec = jlora.Spec({"kernel": jlora.LoRA(rank=2, expert_axis=0)})
+    resolved = jlora.linen.resolve(model, variables, x, spec=spec)
+    assert resolved.match("kernel").in_axes == (1,)
+    adapted = perturb(jlora.apply(variables["params"], resolved, key=jax.random.key(2)))
+    with pytest.warns(UserWarning, match="merged"):  # a batch axis: no factorized form
+        y = jlora.linen.apply(model, {"params": adapted}, x)
+    k = f64(jlora.merge(adapted)["kernel"])
+    np.testing.assert_allclose(f64(y), np.einsum("bti,bio->bto", f64(x), k)
+                               + f64(variables["params"]["bias"])[:, None], rtol=1e-5, atol=1e-5)
