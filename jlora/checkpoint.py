@@ -185,6 +185,10 @@ def _encode(tree: PyTree, path: str, leaves: list) -> Any:
                              "jitted call?); save the arrays that call returned")
         leaves.append(x)
         return {"leaf": len(leaves) - 1, "shape": list(x.shape), "dtype": x.dtype.name}
+    if type(tree).__module__.startswith("flax.nnx"):  # a State, or a Variable inside one
+        raise ValueError(f"{path or '(root)'}: cannot store a flax.nnx {type(tree).__name__} in "
+                         "a checkpoint; save state.to_pure_dict() (nnx.replace_by_pure_dict(state, "
+                         "restored['trainable']) puts the restored dict back)")
     raise ValueError(f"{path or '(root)'}: cannot store a {type(tree).__name__} in a checkpoint "
                      "(only adapter nodes, optax and jlora state types, dicts, lists, tuples, "
                      "None and arrays)")
@@ -449,7 +453,9 @@ def save(directory: str, trainable: PyTree, *, step: int, opt_state: PyTree | No
     """Write step ``step`` under ``directory`` atomically; returns the step's path.
 
     Args:
-      trainable: the trainable half from ``jlora.split`` (or any array tree).
+      trainable: the trainable half from ``jlora.split`` (or any array tree). An
+        ``nnx.State`` half is saved as its ``to_pure_dict()``, and
+        ``nnx.replace_by_pure_dict(half, restored["trainable"])`` puts it back.
       step: the training step (an int; also the checkpoint's name).
       opt_state: the optax state, if any.
       spec: the ``jlora.Spec`` the adapters came from (restored as a Spec).

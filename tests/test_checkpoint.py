@@ -808,3 +808,23 @@ def test_a_step_left_aside_by_a_killed_overwrite_comes_back(tmp_path):
     assert _listing(tmp_path) == ["1", "2"]
     np.testing.assert_array_equal(jlora.checkpoint.restore(tmp_path, step=1)["trainable"]["w"],
                                   np.zeros(2, np.float32))
+
+
+def test_nnx_state_halves_are_saved_as_pure_dicts_and_named_when_not(tmp_path):
+    from flax import nnx
+
+    _, state = nnx.split(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+    spec = jlora.Spec({"kernel": jlora.LoRA(rank=2)})
+    trainable, frozen = jlora.split(jlora.apply(state, spec, key=jax.random.key(1)))
+    with pytest.raises(ValueError, match=r"flax.nnx State.*to_pure_dict\(\)"):
+        jlora.checkpoint.save(str(tmp_path / "raw"), trainable, step=0, spec=spec)
+    assert not (tmp_path / "raw" / "0").exists()
+    node = trainable["kernel"].get_value()
+    trainable["kernel"].set_value(node.replace(b=node.b + 1.5))  # a trained b
+    jlora.checkpoint.save(str(tmp_path / "pure"), trainable.to_pure_dict(), step=3, spec=spec)
+    back, _ = jlora.split(jlora.apply(state, spec, key=jax.random.key(1)))
+    nnx.replace_by_pure_dict(back, jlora.checkpoint.restore(str(tmp_path / "pure"),
+                                                            spec=spec)["trainable"])
+    np.testing.assert_array_equal(np.asarray(back["kernel"].get_value().b),
+                                  np.asarray(node.b + 1.5))
+    np.testing.assert_array_equal(np.asarray(back["kernel"].get_value().a), np.asarray(node.a))
