@@ -285,6 +285,9 @@ def linear(adapters: Sequence[PyTree], weights, *, peft_compat: bool = False) ->
     combination_type="linear")`` for equal-rank LoRA adapters:
     ``a' = Σ sgn(w_i s_i)√|w_i s_i| a_i``, ``b' = Σ √|w_i s_i| b_i``. That is
     **inexact** (``a'·b'`` has the cross terms ``i ≠ j``); use it only to match PEFT.
+    rsLoRA sources enter through their ``s_i`` and the result has scale 1, as
+    PEFT intends; PEFT 0.21.2 gives its result rsLoRA's scale ``√r`` instead
+    (PEFT #3449), so there the two differ by that factor.
     """
     w = _weights("linear", adapters, weights)
     zip_adapters("linear", adapters)
