@@ -286,16 +286,26 @@ def orient_spec(spec: Spec, params: Any, found: dict[str, set],
 # ---------------------------------------------------------------- fast-path views
 
 
+#: why :func:`leading_view` has no view of a node (the fast path then serves it merged)
+NO_LEADING_VIEW = ("its quantized base is packed in the kernel's layout, whose input axes do "
+                   "not come first")
+
+
 def leading_view(node):
     """The same adapter seen with its input axes first (as layers' kernels are).
 
     Array fields laid out like the base (``field_axes[...] == "base"``) are
     transposed; factors, defined on the ``(fan_in, fan_out)`` view, are unchanged.
+    ``None`` where a field holds the kernel in a form that cannot be transposed (a
+    quantized base, packed in the kernel's own layout): the caller serves merged
+    weights, with :data:`NO_LEADING_VIEW` as the reason.
     """
     ndim = len(node.shape)
     perm = tuple(node.in_axes) + tuple(i for i in range(ndim) if i not in node.in_axes)
     if perm == tuple(range(ndim)):
         return node
+    if any(role == "quantized" for role in node.field_axes.values()):
+        return None
     changes = {name: jnp.transpose(getattr(node, name), perm)
                for name, role in node.field_axes.items()
                if role == "base" and getattr(node, name, None) is not None}

@@ -475,6 +475,11 @@ def _intercepted(model, variables: Any, args: tuple, kwargs: dict, *,
                     on_miss(path)
                 return fallback()
             node = _layers.leading_view(node)
+            if node is None:
+                misses[path] = _layers.NO_LEADING_VIEW
+                if on_miss is not None:
+                    on_miss(path)
+                return fallback()
         key = None if dropout_key is None else path_key(dropout_key, path)
         y = _run_busy(handler, module, node, method, call_args, call_kwargs, key)
         if y is NotImplemented:

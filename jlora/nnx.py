@@ -388,6 +388,8 @@ def _factorized(kind, module, node, call: dict, key, mixed: bool):
         raise _Merged(f"{kind.__name__} contracts kernel axes {axes}, the adapter has in_axes "
                       f"{tuple(node.in_axes)} (jlora.nnx.resolve orients it)")
     node = _layers.leading_view(node)  # input axes first, as the layers' kernels
+    if node is None:
+        raise _Merged(_layers.NO_LEADING_VIEW)
     x = call["inputs"]
     if kind is nnx.Embed:
         return _embed(module, node, x)

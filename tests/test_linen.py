@@ -387,3 +387,24 @@ def test_dense_general_with_an_int_batch_dims_resolves_and_serves_merged():
     k = f64(jlora.merge(adapted)["kernel"])
     np.testing.assert_allclose(f64(y), np.einsum("bti,bio->bto", f64(x), k)
                                + f64(variables["params"]["bias"])[:, None], rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_on_a_kernel_whose_input_axes_do_not_lead_is_served_merged_and_named():
+    model = nn.Einsum((16, 16, 8), "btd,ndh->btnh")  # square (n == d)
+    x = jax.random.normal(jax.random.key(5), (2, 3, 16))
+    variables = model.init(jax.random.key(0), x)
+    spec = jlora.linen.resolve(model, variables, x,
+                               spec=jlora.Spec({"kernel": jlora.QLoRA(rank=2, block_size=16)}))
+    adapted = jlora.apply(variables["params"], spec, key=jax.random.key(1))
+    node = adapted["kernel"]
+    assert node.in_axes == (1,)
+    node = node.replace(b=jax.random.normal(jax.random.key(2), node.b.shape))
+    adapted = {**adapted, "kernel": node}
+    with pytest.raises(ValueError, match="quantized base is packed in the kernel's layout"):
+        jlora.linen.apply(model, {"params": adapted}, x, strict=True)
+    with pytest.warns(UserWarning, match="quantized base"):
+        y = jlora.linen.apply(model, {"params": adapted}, x)
+    k = f64(node.base) + node.scale * np.einsum("dr,rnh->ndh", f64(node.a),
+                                                f64(node.b).reshape(2, 16, 8))
+    ref = np.einsum("btd,ndh->btnh", f64(x), k) + f64(variables["params"]["bias"])
+    np.testing.assert_allclose(f64(y), ref, rtol=1e-5, atol=1e-5)

@@ -636,3 +636,25 @@ def test_nnx_apply_names_what_it_serves_merged_and_whose_dropout_does_not_run():
                                          "fast path, which nnx.Embed.attend is not on"):
         jlora.nnx.apply(graphdef, jlora.compose.stack(trees), ids, adapter_ids=jnp.array([1]))
 
+
+
+def test_qlora_on_a_kernel_whose_input_axes_do_not_lead_is_served_merged_and_named():
+    # (n, d, h) with n == d: the square case, where a wrong layout would still run
+    layer = nnx.Einsum("btd,ndh->btnh", (16, 16, 8), (16, 8), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    x = jax.random.normal(jax.random.key(5), (2, 3, 16))
+    spec = jlora.nnx.resolve(graphdef, state, x,
+                             spec=jlora.Spec({"kernel": jlora.QLoRA(rank=2, block_size=16)}))
+    adapted = jlora.apply(state, spec, key=jax.random.key(1))
+    node = adapted["kernel"].get_value()
+    assert node.in_axes == (1,)
+    node = node.replace(b=jax.random.normal(jax.random.key(2), node.b.shape))  # a trained b
+    adapted["kernel"].set_value(node)
+    with pytest.raises(ValueError, match="quantized base is packed in the kernel's layout"):
+        jlora.nnx.apply(graphdef, adapted, x, strict=True)
+    with pytest.warns(UserWarning, match="kernel.*quantized base"):
+        y = jlora.nnx.apply(graphdef, adapted, x)
+    k = f64(node.base) + node.scale * np.einsum("dr,rnh->ndh", f64(node.a),
+                                                f64(node.b).reshape(2, 16, 8))
+    ref = np.einsum("btd,ndh->btnh", f64(x), k) + f64(state["bias"].get_value())
+    np.testing.assert_allclose(f64(y), ref, rtol=1e-5, atol=1e-5)
