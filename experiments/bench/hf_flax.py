@@ -33,22 +33,11 @@ import optax
 
 import jlora
 from experiments.bench._host import cpu_name, version, warn_if_unoptimized
-from experiments.bench.peers import (BERT_SPECS, adamw_step, have, jlora_step, paired_ratio, peft_model,
-                                     time_group, torch_step)
+from experiments.bench.peers import (BERT_SPECS, adamw_step, have, jlora_step, minilm_batch, paired_ratio,
+                                     peft_model, time_group, torch_minilm, torch_step)
 
 #: ``jlora.presets`` targets for peers.py's BERT target sets
 PRESET_TARGETS = {"qv": "qv", "all": "all-linear"}
-
-
-def minilm_batch(cfg, batch, seq):
-    """peers.py's MiniLM batch: random ids, padding to lengths in [T/2, T], labels, a head."""
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1000, cfg.vocab_size, (batch, seq)).astype(np.int32)
-    lengths = rng.integers(seq // 2, seq + 1, batch)
-    mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
-    labels = rng.integers(0, 2, batch).astype(np.int32)
-    head_w = (rng.normal(size=(cfg.hidden_size, 2)) / np.sqrt(cfg.hidden_size)).astype(np.float32)
-    return ids, mask, labels, head_w
 
 
 def mean_pooled_loss(hidden, mask, head, y):
@@ -77,8 +66,7 @@ def hf_flax_step(hf, params, head, targets, config, data):
 
 
 def case(batch, seq, targets, cache):
-    import torch
-    from transformers import BertModel, FlaxBertModel
+    from transformers import FlaxBertModel
 
     from experiments.models.bert import SentenceClassifier, load_pretrained, minilm_dir
 
@@ -102,21 +90,7 @@ def case(batch, seq, targets, cache):
     v["jlora lora (project model)"] = jlora_step(loss_of, SentenceClassifier(cfg, 2),
                                                  {"bert": bert, "classifier": head}, patterns, lora,
                                                  data)[0]
-    enc = BertModel.from_pretrained(minilm_dir(), add_pooling_layer=False,
-                                    attn_implementation="sdpa").eval()
-    head_t = torch.nn.Linear(cfg.hidden_size, 2)
-    with torch.no_grad():
-        head_t.weight.copy_(torch.tensor(head_w.T))
-        head_t.bias.zero_()
-    head_t.requires_grad_(False)
-
-    def tloss(m, ids, mask, y):
-        h = m(input_ids=ids, attention_mask=mask).last_hidden_state
-        w = mask[..., None].to(h.dtype)
-        logits = head_t((h * w).sum(1) / w.sum(1).clamp(min=1.0))
-        return torch.nn.functional.cross_entropy(logits, y)
-
-    tdata = tuple(torch.tensor(a, dtype=torch.long) for a in (ids_np, mask_np, labels_np))
+    enc, _, tloss, tdata = torch_minilm(cfg, head_w, ids_np, mask_np, labels_np)
     v["peft lora"] = torch_step(peft_model(enc, torch_targets, False), tloss, tdata)
     v["peft dora"] = torch_step(peft_model(enc, torch_targets, True), tloss, tdata)
     return v

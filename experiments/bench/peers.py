@@ -220,18 +220,50 @@ def decoder_case(d_model, args):
     return v, extra
 
 
+def minilm_batch(cfg, batch, seq):
+    """Random ids, padding to lengths drawn from [T/2, T], 2-way labels and a frozen head."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, cfg.vocab_size, (batch, seq)).astype(np.int32)
+    lengths = rng.integers(seq // 2, seq + 1, batch)
+    mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
+    labels = rng.integers(0, 2, batch).astype(np.int32)
+    head_w = (rng.normal(size=(cfg.hidden_size, 2)) / np.sqrt(cfg.hidden_size)).astype(np.float32)
+    return ids, mask, labels, head_w
+
+
+def torch_minilm(cfg, head_w, ids, mask, labels):
+    """PyTorch's side of a MiniLM case: ``(BertModel, logits(m, ids, mask), loss(m, ids, mask, y),
+    torch batch)``, the released weights with SDPA attention and the same frozen head."""
+    import torch
+    from transformers import BertModel
+
+    from experiments.models.bert import minilm_dir
+
+    enc = BertModel.from_pretrained(minilm_dir(), add_pooling_layer=False,
+                                    attn_implementation="sdpa").eval()
+    head = torch.nn.Linear(cfg.hidden_size, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor(head_w.T))
+        head.bias.zero_()
+    head.requires_grad_(False)
+
+    def logits(m, ids, mask):
+        h = m(input_ids=ids, attention_mask=mask).last_hidden_state
+        w = mask[..., None].to(h.dtype)
+        return head((h * w).sum(1) / w.sum(1).clamp(min=1.0))
+
+    loss = lambda m, ids, mask, y: torch.nn.functional.cross_entropy(logits(m, ids, mask), y)
+    data = tuple(torch.tensor(a, dtype=torch.long) for a in (ids, mask, labels))
+    return enc, logits, loss, data
+
+
 def bert_case(batch, seq, targets, args, cache={}):
     from experiments.models.bert import SentenceClassifier, load_pretrained, minilm_dir, packed_size
 
     if "bert" not in cache:
         cache["bert"] = load_pretrained(minilm_dir())
     cfg, bert = cache["bert"]
-    rng = np.random.default_rng(0)
-    ids_np = rng.integers(1000, cfg.vocab_size, (batch, seq)).astype(np.int32)
-    lengths = rng.integers(seq // 2, seq + 1, batch)
-    mask_np = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
-    labels_np = rng.integers(0, 2, batch).astype(np.int32)
-    head_w = (rng.normal(size=(cfg.hidden_size, 2)) / np.sqrt(cfg.hidden_size)).astype(np.float32)
+    ids_np, mask_np, labels_np, head_w = minilm_batch(cfg, batch, seq)
     params = {"bert": bert, "classifier": {"kernel": jnp.asarray(head_w), "bias": jnp.zeros(2)}}
     model = SentenceClassifier(cfg, 2)
     data = tuple(map(jnp.asarray, (ids_np, mask_np, labels_np)))
@@ -252,24 +284,7 @@ def bert_case(batch, seq, targets, args, cache={}):
     v["jlora merged fwd"] = jlora_merged_forward(
         lambda p, ids, mask: model.apply({"params": p}, ids, mask), params, patterns, data[:2])
     if not args.no_torch:
-        import torch
-        from transformers import BertModel
-
-        enc = BertModel.from_pretrained(minilm_dir(), add_pooling_layer=False,
-                                        attn_implementation="sdpa").eval()
-        head = torch.nn.Linear(cfg.hidden_size, 2)
-        with torch.no_grad():
-            head.weight.copy_(torch.tensor(head_w.T))
-            head.bias.zero_()
-        head.requires_grad_(False)
-        ids_t, mask_t, y_t = (torch.tensor(a, dtype=torch.long) for a in (ids_np, mask_np, labels_np))
-
-        def logits(m, ids, mask):
-            h = m(input_ids=ids, attention_mask=mask).last_hidden_state
-            w = mask[..., None].to(h.dtype)
-            return head((h * w).sum(1) / w.sum(1).clamp(min=1.0))
-
-        tloss = lambda m, ids, mask, y: torch.nn.functional.cross_entropy(logits(m, ids, mask), y)
+        enc, logits, tloss, (ids_t, mask_t, y_t) = torch_minilm(cfg, head_w, ids_np, mask_np, labels_np)
         v["peft lora"] = torch_step(peft_model(enc, torch_targets, False), tloss, (ids_t, mask_t, y_t))
         v["peft dora"] = torch_step(peft_model(enc, torch_targets, True), tloss, (ids_t, mask_t, y_t))
         v["torch merged fwd"] = torch_merged_forward(enc, torch_targets, logits, (ids_t, mask_t))
